@@ -1,0 +1,423 @@
+//! The command line: `run`, `replay`, `validate`, `schema`, `simulate`.
+//!
+//! Exit codes: 0 success; 1 the pipeline failed while running; 2 the pipeline file (or the
+//! command line) is invalid.
+
+use std::io::{IsTerminal, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Plan};
+use crate::metrics::{Progress, SharedProgress};
+use crate::runtime::{self, Mode, RunOptions, RunSummary};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "centralflow",
+    version,
+    about = "Stream processor for Azure IoT Central's continuous data export",
+    long_about = "Runs pipelines (YAML) that read IoT Central export messages from Event Hubs, RabbitMQ, \
+webhooks, archived files or a built-in simulator, compute on them (filters, derived fields, event-time \
+windows) and write Parquet, post synthetic telemetry back to IoT Central, or print them.\n\n\
+Secrets come from the environment: write ${VARIABLE} in the pipeline file."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CENTRALFLOW_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (`info`, `debug`, `centralflow=debug,lapin=warn`, ...). RUST_LOG also works.
+    #[arg(long, global = true, env = "CENTRALFLOW_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline as a service, until stopped (SIGINT/SIGTERM) or until its sources end.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Ignore the stored checkpoint and start from the beginning.
+        #[arg(long)]
+        reset_state: bool,
+    },
+    /// Run a pipeline over bounded input (files, a bounded simulator, a time range of a hub)
+    /// as fast as possible, with progress, and exit when the sources are exhausted.
+    Replay {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Ignore the stored checkpoint and start from the beginning.
+        #[arg(long)]
+        reset_state: bool,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Check pipeline files without running them (offline). Exit code 2 when one is invalid.
+    Validate {
+        /// Pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Print the JSON Schema of the pipeline format (for editor completion).
+    Schema,
+    /// Write simulated IoT Central export messages as JSON lines.
+    Simulate {
+        /// Number of devices.
+        #[arg(long, default_value_t = 100)]
+        devices: u32,
+        /// Messages per second of event time.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Number of messages.
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Random seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Event time of the first message (RFC 3339).
+        #[arg(long, default_value = "2026-11-01T00:00:00Z")]
+        start: String,
+        /// Share of late telemetry.
+        #[arg(long, default_value_t = 0.02)]
+        out_of_order: f64,
+        /// Output file (default: standard output).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Entry point; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    init_logging(&cli);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(dispatch(cli))
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info,lapin=warn,azure_core=warn,fe2o3_amqp=warn".into());
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::secret::RedactingWriter);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Validate { pipelines } => validate(&pipelines),
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default()
+            );
+            0
+        }
+        Command::Simulate {
+            devices,
+            rate,
+            count,
+            seed,
+            start,
+            out_of_order,
+            out,
+        } => match simulate(devices, rate, count, seed, &start, out_of_order, out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        },
+        Command::Run {
+            pipeline,
+            reset_state,
+        } => run(&pipeline, Mode::Live, reset_state, false).await,
+        Command::Replay {
+            pipeline,
+            reset_state,
+            no_progress,
+        } => run(&pipeline, Mode::Replay, reset_state, !no_progress).await,
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Plan, i32> {
+    match config::load_file(path) {
+        Ok(plan) => {
+            for w in &plan.warnings {
+                eprintln!(
+                    "{}: warning: {}",
+                    path.display(),
+                    crate::secret::redact(&w.to_string())
+                );
+            }
+            Ok(plan)
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!(
+                    "{}: error: {}",
+                    path.display(),
+                    crate::secret::redact(&e.to_string())
+                );
+            }
+            eprintln!(
+                "{}: {} error{}",
+                path.display(),
+                errors.len(),
+                if errors.len() == 1 { "" } else { "s" }
+            );
+            Err(2)
+        }
+    }
+}
+
+fn validate(paths: &[PathBuf]) -> i32 {
+    let mut code = 0;
+    for p in paths {
+        match load(p) {
+            Ok(plan) => {
+                let names: Vec<String> = plan
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{} ({})", n.name, n.kind))
+                    .collect();
+                println!("{}: ok: {}", p.display(), names.join(", "));
+            }
+            Err(c) => code = c,
+        }
+    }
+    code
+}
+
+fn simulate(
+    devices: u32,
+    rate: f64,
+    count: u64,
+    seed: u64,
+    start: &str,
+    ooo: f64,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use crate::sources::simulator::{Generator, SimulatorConfig};
+    let cfg: SimulatorConfig = serde_json::from_value(serde_json::json!({
+        "devices": devices, "rate": rate, "count": count, "seed": seed, "start": start, "out_of_order": ooo
+    }))?;
+    let g = Generator::new(cfg, crate::time::now_nanos())?;
+    let mut w: Box<dyn std::io::Write> = match out {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(&p)?)),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    for i in 0..count {
+        let line = g.message(i);
+        w.write_all(line.as_bytes())?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+async fn run(path: &std::path::Path, mode: Mode, reset_state: bool, progress_bar: bool) -> i32 {
+    let plan = match load(path) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let progress: SharedProgress = Arc::new(Progress::default());
+    let opts = RunOptions {
+        mode,
+        reset_state,
+        progress: progress.clone(),
+        ..Default::default()
+    };
+    let stop = stop_signal();
+    let started = Instant::now();
+    let reporter = tokio::spawn(report_progress(
+        progress.clone(),
+        progress_bar && mode == Mode::Replay,
+    ));
+    let result = runtime::run_pipeline(&plan, opts, stop).await;
+    reporter.abort();
+    let _ = reporter.await;
+    match result {
+        Ok(summary) => {
+            print_summary(&summary, started.elapsed(), &progress);
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {}", crate::secret::redact(&format!("{e:#}")));
+            1
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return std::future::pending().await;
+        };
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        tokio::spawn(async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            eprintln!("second signal: exiting without the final checkpoint");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn report_progress(p: SharedProgress, bar: bool) {
+    let tty = std::io::stderr().is_terminal();
+    let pb = (bar && tty).then(|| {
+        let pb = indicatif::ProgressBar::new(1000);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] [{bar:30}] {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        pb
+    });
+    let start = Instant::now();
+    let mut last_log = Instant::now();
+    let mut last_events = 0u64;
+    let mut last_t = Instant::now();
+    let mut rate = 0.0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let events = p.events.load(Ordering::Relaxed);
+        let dt = last_t.elapsed().as_secs_f64();
+        if dt >= 1.0 {
+            rate = (events - last_events) as f64 / dt;
+            last_events = events;
+            last_t = Instant::now();
+        } else if rate == 0.0 && start.elapsed().as_secs_f64() > 0.2 {
+            rate = events as f64 / start.elapsed().as_secs_f64();
+        }
+        let (frac, of) = fraction(&p);
+        let msg = format!(
+            "{} events, {}/s{}",
+            human(events as f64),
+            human(rate),
+            frac.map(|f| format!(", {:.1}% of {of}", f * 100.0))
+                .unwrap_or_default()
+        );
+        match &pb {
+            Some(pb) => {
+                pb.set_position((frac.unwrap_or(0.0) * 1000.0) as u64);
+                pb.set_message(msg);
+            }
+            None if bar && last_log.elapsed() >= Duration::from_secs(10) => {
+                tracing::info!("progress: {msg}");
+                last_log = Instant::now();
+            }
+            None => {}
+        }
+    }
+}
+
+fn fraction(p: &Progress) -> (Option<f64>, String) {
+    let total_b = p.total_bytes.load(Ordering::Relaxed);
+    if total_b > 0 {
+        let done = p.done_bytes.load(Ordering::Relaxed).min(total_b);
+        return (
+            Some(done as f64 / total_b as f64),
+            format!("{:.1} MB", total_b as f64 / 1e6),
+        );
+    }
+    let total_e = p.total_events.load(Ordering::Relaxed);
+    if total_e > 0 {
+        let done = p.events.load(Ordering::Relaxed).min(total_e);
+        return (
+            Some(done as f64 / total_e as f64),
+            format!("{} events", human(total_e as f64)),
+        );
+    }
+    (None, String::new())
+}
+
+fn human(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e3 {
+        format!("{:.1}k", x / 1e3)
+    } else {
+        format!("{x:.0}")
+    }
+}
+
+fn print_summary(s: &RunSummary, elapsed: Duration, p: &Progress) {
+    let events = p.events.load(Ordering::Relaxed);
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "done in {:.2}s: {} events from sources ({}/s), {} checkpoint epoch{}{}",
+        secs,
+        events,
+        human(events as f64 / secs),
+        s.epochs,
+        if s.epochs == 1 { "" } else { "s" },
+        s.restored_epoch
+            .map(|e| format!(", resumed after epoch {e}"))
+            .unwrap_or_default()
+    );
+    for c in &s.components {
+        let mut extra = String::new();
+        if c.dead_letters > 0 {
+            extra.push_str(&format!(", {} dead letters", c.dead_letters));
+        }
+        if c.late_events > 0 {
+            extra.push_str(&format!(", {} late", c.late_events));
+        }
+        let io = match c.role {
+            config::Role::Source => format!("{} out", c.events_out),
+            config::Role::Transform => format!("{} in, {} out", c.events_in, c.events_out),
+            config::Role::Sink => format!("{} in, {} written", c.events_in, c.events_out),
+        };
+        eprintln!("  {:<24} {:<12} {io}{extra}", c.name, c.kind);
+    }
+}

@@ -1,0 +1,628 @@
+//! Decoding export JSON into events: the hot path of every pipeline.
+//!
+//! One pass of serde_json over the text, borrowing everything: keys and string values become
+//! spans into the record's bytes, numbers stay as text until read, nested objects below the
+//! first level stay as JSON text. The top-level payload objects (`telemetry`, `enrichments`,
+//! `messageProperties`, audit `actor`/`resource`/`updated`) are decoded one level deep, since
+//! pipelines look into them. Unknown fields are kept in place, in their original order.
+//!
+//! Errors are reasons meant for a dead-letter record: they name the field and what was wrong.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::{MessageSource, MAX_RECORD_BYTES};
+use crate::event::{build, Event, Field, Kind, Nanos, Text, Val, NO_TIME};
+use crate::time;
+
+/// Decodes one input record: a single export message or a JSON array of them. Each message
+/// yields an event or the reason it could not be decoded.
+pub fn decode_record(raw: Bytes) -> Vec<Result<Event, String>> {
+    let mut out = Vec::with_capacity(1);
+    decode_record_into(raw, &mut out);
+    out
+}
+
+/// Like [`decode_record`], appending to `out`.
+pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
+    if raw.len() > MAX_RECORD_BYTES {
+        out.push(Err(format!(
+            "record of {} bytes exceeds the limit of {} bytes (IoT Central's own message limit)",
+            raw.len(),
+            MAX_RECORD_BYTES
+        )));
+        return;
+    }
+    let text = match std::str::from_utf8(&raw) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(Err(format!("invalid UTF-8 at byte {}", e.valid_up_to())));
+            return;
+        }
+    };
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let elems: Vec<&RawValue> = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                out.push(Err(format!("malformed JSON array: {e}")));
+                return;
+            }
+        };
+        for (i, elem) in elems.iter().enumerate() {
+            let part = build::raw_span(text, elem.get());
+            let start = part_offset(text, elem.get());
+            let sub = raw.slice(start..start + part.len());
+            out.push(decode_object(sub).map_err(|e| format!("array element {i}: {e}")));
+        }
+    } else {
+        out.push(decode_object(raw));
+    }
+}
+
+fn part_offset(base: &str, part: &str) -> usize {
+    part.as_ptr() as usize - base.as_ptr() as usize
+}
+
+/// Decodes exactly one export message (no arrays).
+pub fn decode_one(raw: Bytes) -> Result<Event, String> {
+    let mut v = decode_record(raw);
+    match v.len() {
+        1 => v.pop().unwrap(),
+        n => Err(format!("expected one message, found {n}")),
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    root: Vec<Field>,
+    nested: Vec<Field>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Decodes one JSON object (UTF-8 already checked by the caller or checked here).
+pub fn decode_object(raw: Bytes) -> Result<Event, String> {
+    let text = std::str::from_utf8(&raw)
+        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let Scratch { root, nested } = &mut *s;
+        root.clear();
+        nested.clear();
+        let mut arena = String::new();
+        let mut env = Envelope::new();
+        {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let seed = RootSeed {
+                base: text,
+                root,
+                nested,
+                arena: &mut arena,
+                env: &mut env,
+            };
+            seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
+            de.end().map_err(|e| json_error(text, e))?;
+        }
+        let source = env
+            .source
+            .ok_or("not an IoT Central export message: no messageSource field")?;
+        if env.time == NO_TIME {
+            return Err("enqueuedTime is missing".to_string());
+        }
+        let root_len = root.len() as u32;
+        let mut fields = Vec::with_capacity(root.len() + nested.len());
+        fields.extend(root.iter().map(|f| match f.val {
+            Val::Obj { start, len, raw } => Field {
+                key: f.key,
+                val: Val::Obj {
+                    start: start + root_len,
+                    len,
+                    raw,
+                },
+            },
+            _ => *f,
+        }));
+        fields.extend_from_slice(nested);
+        Ok(Event::from_parts(
+            raw.clone(),
+            arena,
+            fields,
+            root_len,
+            env.time,
+            Kind::Export(source),
+        ))
+    })
+}
+
+fn json_error(text: &str, e: serde_json::Error) -> String {
+    let msg = e.to_string();
+    if e.is_syntax() || e.is_eof() {
+        let snippet: String = text.chars().take(60).collect();
+        format!("malformed JSON: {msg} (record starts {snippet:?})")
+    } else {
+        msg
+    }
+}
+
+struct Envelope {
+    source: Option<MessageSource>,
+    time: Nanos,
+}
+
+impl Envelope {
+    fn new() -> Self {
+        Envelope {
+            source: None,
+            time: NO_TIME,
+        }
+    }
+}
+
+/// A string key or value that borrows from the input when it has no escapes.
+struct CowStr<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+fn text_of(base: &str, arena: &mut String, s: &Cow<'_, str>) -> Text {
+    match s {
+        Cow::Borrowed(b) => build::raw_span(base, b),
+        Cow::Owned(o) => build::arena_span(arena, o),
+    }
+}
+
+/// Converts a raw JSON value into a [`Val`] that references the input.
+fn classify(base: &str, arena: &mut String, raw: &str) -> Val {
+    match raw.as_bytes()[0] {
+        b'"' => {
+            let inner = &raw[1..raw.len() - 1];
+            if inner.as_bytes().contains(&b'\\') {
+                let s: String = serde_json::from_str(raw).unwrap_or_default();
+                Val::Str(build::arena_span(arena, &s))
+            } else {
+                Val::Str(build::raw_span(base, inner))
+            }
+        }
+        b't' => Val::Bool(true),
+        b'f' => Val::Bool(false),
+        b'n' => Val::Null,
+        b'{' | b'[' => Val::Json(build::raw_span(base, raw)),
+        _ => Val::Num(build::raw_span(base, raw)),
+    }
+}
+
+struct RootSeed<'s> {
+    base: &'s str,
+    root: &'s mut Vec<Field>,
+    nested: &'s mut Vec<Field>,
+    arena: &'s mut String,
+    env: &'s mut Envelope,
+}
+
+impl<'de, 's> DeserializeSeed<'de> for RootSeed<'s> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for RootSeed<'s> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object (an IoT Central export message)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let RootSeed {
+            base,
+            root,
+            nested,
+            arena,
+            env,
+        } = self;
+        *env = Envelope::new();
+        while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
+            let key_text = text_of(base, arena, &key);
+            let val = match key.as_ref() {
+                "applicationId" | "messageType" | "deviceId" | "schema" | "templateId"
+                | "module" | "component" => {
+                    let v: Option<CowStr<'de>> = map
+                        .next_value()
+                        .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
+                    match v {
+                        Some(CowStr(s)) => Val::Str(text_of(base, arena, &s)),
+                        None => Val::Null,
+                    }
+                }
+                "messageSource" => {
+                    let CowStr(s) = map.next_value().map_err(|e| {
+                        de::Error::custom(format!("messageSource: {}", strip_pos(&e)))
+                    })?;
+                    env.source = Some(MessageSource::parse(&s));
+                    Val::Str(text_of(base, arena, &s))
+                }
+                "enqueuedTime" => {
+                    let CowStr(s) = map.next_value().map_err(|e| {
+                        de::Error::custom(format!("enqueuedTime: {}", strip_pos(&e)))
+                    })?;
+                    env.time = time::parse_rfc3339(&s).ok_or_else(|| {
+                        de::Error::custom(format!(
+                            "enqueuedTime: {s:?} is not an RFC 3339 timestamp"
+                        ))
+                    })?;
+                    Val::Str(text_of(base, arena, &s))
+                }
+                "telemetry" | "enrichments" | "messageProperties" | "actor" | "resource"
+                | "updated" => {
+                    let seed = ObjSeed {
+                        base,
+                        nested: &mut *nested,
+                        arena: &mut *arena,
+                    };
+                    map.next_value_seed(seed)
+                        .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
+                }
+                "properties" => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    let v = classify(base, arena, raw.get());
+                    match v {
+                        Val::Json(_) if raw.get().starts_with('[') => v,
+                        Val::Null => v,
+                        _ => {
+                            return Err(de::Error::custom(
+                                "properties: expected an array of {name, value}",
+                            ))
+                        }
+                    }
+                }
+                _ => {
+                    let raw: &'de RawValue = map.next_value()?;
+                    classify(base, arena, raw.get())
+                }
+            };
+            root.push(Field { key: key_text, val });
+        }
+        Ok(())
+    }
+}
+
+/// serde_json appends " at line L column C"; for a field-level error the field name is clearer.
+fn strip_pos(e: &dyn fmt::Display) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+struct ObjSeed<'s> {
+    base: &'s str,
+    nested: &'s mut Vec<Field>,
+    arena: &'s mut String,
+}
+
+impl<'de, 's> DeserializeSeed<'de> for ObjSeed<'s> {
+    type Value = Val;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Val, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
+    type Value = Val;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Val, E> {
+        Ok(Val::Null)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
+        let ObjSeed {
+            base,
+            nested,
+            arena,
+        } = self;
+        let start = nested.len();
+        let mut first_key: Option<&'de str> = None;
+        let mut all_borrowed = true;
+        let mut last_end: Option<&'de str> = None;
+        while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
+            match &key {
+                Cow::Borrowed(k) if nested.len() == start => first_key = Some(k),
+                Cow::Owned(_) => all_borrowed = false,
+                _ => {}
+            }
+            let key_text = text_of(base, arena, &key);
+            let raw: &'de RawValue = map.next_value()?;
+            last_end = Some(raw.get());
+            let val = classify(base, arena, raw.get());
+            nested.push(Field { key: key_text, val });
+        }
+        let len = nested.len() - start;
+        let raw = match (all_borrowed, first_key, last_end) {
+            (true, Some(k), Some(last)) => object_span(base, k, last).unwrap_or(Text::EMPTY),
+            _ => Text::EMPTY,
+        };
+        Ok(Val::Obj {
+            start: start as u32,
+            len: len as u32,
+            raw,
+        })
+    }
+}
+
+/// Recovers the text of an object from its first key and its last value: the `{` is the
+/// first non-blank byte before the key's opening quote, the `}` the first after the value.
+fn object_span(base: &str, first_key: &str, last_val: &str) -> Option<Text> {
+    let b = base.as_bytes();
+    let mut open = part_offset(base, first_key).checked_sub(2)?; // skip the opening quote
+    while b.get(open)?.is_ascii_whitespace() {
+        open = open.checked_sub(1)?;
+    }
+    if b[open] != b'{' {
+        return None;
+    }
+    let mut close = part_offset(base, last_val) + last_val.len();
+    while b.get(close)?.is_ascii_whitespace() {
+        close += 1;
+    }
+    if b[close] != b'}' {
+        return None;
+    }
+    Some(build::raw_span(base, &base[open..=close]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ValRef;
+
+    fn ok(json: &str) -> Event {
+        decode_one(Bytes::from(json.to_string())).unwrap_or_else(|e| panic!("{e}: {json}"))
+    }
+    fn err(json: &[u8]) -> String {
+        decode_one(Bytes::from(json.to_vec())).expect_err("should fail")
+    }
+
+    const TELEMETRY: &str = r#"{
+    "applicationId": "1dffa667-9bee-4f16-b243-25ad4151475e",
+    "messageSource": "telemetry",
+    "deviceId": "1vzb5ghlsg1",
+    "schema": "default@v1",
+    "templateId": "urn:qugj6vbw5:___qbj_27r",
+    "enqueuedTime": "2020-08-05T22:26:55.455Z",
+    "telemetry": {
+        "Activity": "running",
+        "BloodPressure": { "Diastolic": 7, "Systolic": 71 },
+        "BodyTemperature": 98.73447010562934,
+        "HeartRate": 88,
+        "HeartRateVariability": 17,
+        "RespiratoryRate": 13
+    },
+    "enrichments": { "userSpecifiedKey": "sampleValue" },
+    "module": "VitalsModule",
+    "component": "DeviceComponent",
+    "messageProperties": { "messageProp": "value" }
+}"#;
+
+    #[test]
+    fn telemetry_sample_from_the_docs() {
+        let ev = ok(TELEMETRY);
+        assert_eq!(ev.kind, Kind::Export(MessageSource::Telemetry));
+        assert_eq!(
+            crate::time::format_rfc3339(ev.time),
+            "2020-08-05T22:26:55.455Z"
+        );
+        assert_eq!(ev.get_str("deviceId"), Some("1vzb5ghlsg1"));
+        assert_eq!(ev.get_str("component"), Some("DeviceComponent"));
+        assert_eq!(
+            ev.get_path(&["telemetry", "Activity"]).unwrap().as_str(),
+            Some("running")
+        );
+        assert_eq!(
+            ev.get_path(&["telemetry", "HeartRate"]).unwrap().as_f64(),
+            Some(88.0)
+        );
+        assert_eq!(
+            ev.get_path(&["telemetry", "BloodPressure", "Systolic"])
+                .unwrap()
+                .as_f64(),
+            Some(71.0)
+        );
+        assert_eq!(
+            ev.get_path(&["enrichments", "userSpecifiedKey"])
+                .unwrap()
+                .as_str(),
+            Some("sampleValue")
+        );
+        assert_eq!(
+            ev.get_path(&["messageProperties", "messageProp"])
+                .unwrap()
+                .as_str(),
+            Some("value")
+        );
+        // unmodified: the telemetry object's own text is kept for archiving
+        match ev.get("telemetry").unwrap() {
+            ValRef::Obj(o) => {
+                let raw = o.raw_json().expect("raw kept");
+                assert!(raw.starts_with('{') && raw.ends_with('}'));
+                let v: serde_json::Value = serde_json::from_str(raw).unwrap();
+                assert_eq!(v["HeartRate"], 88);
+            }
+            other => panic!("{other:?}"),
+        }
+        // whole message round-trips
+        let a: serde_json::Value = serde_json::from_str(TELEMETRY).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn every_message_kind_decodes() {
+        let samples = [
+            (MessageSource::Telemetry, TELEMETRY.to_string()),
+            (MessageSource::Properties, r#"{"applicationId":"fb74969c-8682-4708-af01-33499a7f7d98","messageSource":"properties","deviceId":"Pepjmh1Hcc","enqueuedTime":"2023-03-02T10:35:39.281Z","enrichments":{},"messageType":"devicePropertyReportedChange","schema":"default@v1","templateId":"dtmi:azureiot:ddzig4ascxz","properties":[{"component":"device_info","name":"swVersion","value":"12"}]}"#.to_string()),
+            (MessageSource::DeviceConnectivity, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceConnectivity","messageType":"connected","deviceId":"1vzb5ghlsg1","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-04-05T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+            (MessageSource::DeviceLifecycle, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceLifecycle","messageType":"registered","deviceId":"1vzb5ghlsg1","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-01-01T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+            (MessageSource::DeviceTemplateLifecycle, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceTemplateLifecycle","messageType":"created","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-01-01T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+            (MessageSource::Audit, r#"{"actor":{"id":"test-audit","type":"apiToken"},"applicationId":"570c2d7b-1111-2222-abcd-000000000000","enqueuedTime":"2022-07-25T21:54:40.000Z","enrichments":{},"messageSource":"audit","messageType":"created","resource":{"displayName":"Sensor 1","id":"sensor","type":"device"},"schema":"default@v1"}"#.to_string()),
+        ];
+        for (kind, json) in samples {
+            let ev = ok(&json);
+            assert_eq!(ev.kind, Kind::Export(kind), "{json}");
+            let a: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+            assert_eq!(a, b, "lossless for {kind:?}");
+        }
+        let audit = ok(
+            r#"{"actor":{"id":"a","type":"apiToken"},"enqueuedTime":"2022-07-25T21:54:40Z","messageSource":"audit","messageType":"updated","resource":{"id":"sensor"},"updated":{"displayName":"x"}}"#,
+        );
+        assert_eq!(
+            audit.get_path(&["actor", "type"]).unwrap().as_str(),
+            Some("apiToken")
+        );
+        assert_eq!(
+            audit
+                .get_path(&["updated", "displayName"])
+                .unwrap()
+                .as_str(),
+            Some("x")
+        );
+        assert!(
+            audit.get("deviceId").is_none(),
+            "optional envelope fields stay optional"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_any_order_and_escapes_are_kept() {
+        let json = r#"{"zzz":[1,2,{"a":null}],"enqueuedTime":"2021-01-29T16:45:39.143Z","telemetry":{"t\u00e9mp":8.5,"s":"a\"b","n":null,"b":true,"geo":{"lat":1.5,"lon":-2}},"messageSource":"telemetry","deviceId":"dev\\1","messageProperties":{"iothub-creation-time-utc":"2021-01-29T16:45:39.021Z"},"future":{"x":1}}"#;
+        let ev = ok(json);
+        assert_eq!(ev.get_str("deviceId"), Some("dev\\1"));
+        assert_eq!(
+            ev.get_path(&["telemetry", "témp"]).unwrap().as_f64(),
+            Some(8.5)
+        );
+        assert_eq!(
+            ev.get_path(&["telemetry", "s"]).unwrap().as_str(),
+            Some("a\"b")
+        );
+        assert_eq!(ev.get_path(&["telemetry", "n"]), Some(ValRef::Null));
+        assert_eq!(ev.get_path(&["telemetry", "b"]), Some(ValRef::Bool(true)));
+        assert_eq!(
+            ev.get_path(&["telemetry", "geo", "lon"]).unwrap().as_f64(),
+            Some(-2.0)
+        );
+        assert_eq!(
+            ev.get_path(&["messageProperties", "iothub-creation-time-utc"])
+                .unwrap()
+                .as_time(),
+            crate::time::parse_rfc3339("2021-01-29T16:45:39.021Z")
+        );
+        assert_eq!(ev.get_path(&["future", "x"]).unwrap().as_f64(), Some(1.0));
+        let a: serde_json::Value = serde_json::from_str(json).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(
+            ev.root().iter().next().unwrap().0,
+            "zzz",
+            "original order kept"
+        );
+    }
+
+    #[test]
+    fn json_arrays_are_several_messages() {
+        let rec = format!(
+            "[{TELEMETRY}, {}]",
+            r#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":"b","telemetry":{}}"#
+        );
+        let out = decode_record(Bytes::from(rec));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].as_ref().unwrap().get_str("deviceId"), Some("b"));
+        let bad = decode_record(Bytes::from_static(
+            br#"[{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z"}, 5]"#,
+        ));
+        assert!(bad[0].is_ok());
+        assert!(
+            bad[1].as_ref().unwrap_err().starts_with("array element 1:"),
+            "{:?}",
+            bad[1]
+        );
+    }
+
+    #[test]
+    fn bad_input_gives_reasons() {
+        assert!(err(b"{\"messageSource\": \"telemetry\", ").starts_with("malformed JSON"));
+        assert!(err(b"not json").starts_with("malformed JSON"));
+        assert_eq!(
+            err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"}\xff"),
+            "invalid UTF-8 at byte 69"
+        );
+        assert!(err(br#"{"enqueuedTime":"2020-08-05T22:26:56Z"}"#).contains("no messageSource"));
+        assert_eq!(
+            err(br#"{"messageSource":"telemetry"}"#),
+            "enqueuedTime is missing"
+        );
+        assert!(
+            err(br#"{"messageSource":"telemetry","enqueuedTime":"yesterday"}"#)
+                .contains("enqueuedTime: \"yesterday\" is not an RFC 3339 timestamp")
+        );
+        let e = err(
+            br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":5}"#,
+        );
+        assert!(
+            e.starts_with("deviceId: invalid type: integer `5`, expected a string"),
+            "{e}"
+        );
+        let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","telemetry":[1]}"#);
+        assert!(
+            e.starts_with("telemetry: invalid type: sequence, expected an object"),
+            "{e}"
+        );
+        let e = err(br#"{"messageSource":"properties","enqueuedTime":"2020-08-05T22:26:56Z","properties":"x"}"#);
+        assert!(e.starts_with("properties: expected an array"), "{e}");
+        let big = format!(
+            r#"{{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","telemetry":{{"blob":"{}"}}}}"#,
+            "x".repeat(MAX_RECORD_BYTES)
+        );
+        assert!(err(big.as_bytes()).contains("exceeds the limit of 262144 bytes"));
+        assert!(err(
+            b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"} trailing"
+        )
+        .starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn unknown_message_sources_are_kept() {
+        let ev = ok(r#"{"messageSource":"somethingNew","enqueuedTime":"2020-08-05T22:26:56Z"}"#);
+        assert_eq!(ev.kind, Kind::Export(MessageSource::Other));
+        assert_eq!(ev.get_str("messageSource"), Some("somethingNew"));
+    }
+}

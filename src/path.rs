@@ -1,0 +1,234 @@
+//! Field paths as users write them in pipelines: `deviceId`, `telemetry.temperature`,
+//! `temperature` (short for `telemetry.temperature`), `telemetry.BloodPressure.Systolic`,
+//! `enrichments.site`, `messageProperties.iothub-creation-time-utc`, `meta.partition`.
+//!
+//! A path whose first segment is not a top-level field of the event is looked up inside
+//! `telemetry`, so telemetry names work bare. `meta.*` reads where the event came from.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use crate::event::{Event, ValRef, Value, NO_TIME};
+
+/// A parsed field path.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct FieldPath {
+    parts: Vec<String>,
+    text: String,
+}
+
+impl fmt::Debug for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.text)
+    }
+}
+
+impl fmt::Display for FieldPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FieldPath {
+    /// Parses `a.b.c`. Segments may contain anything but dots (`iothub-creation-time-utc`).
+    pub fn parse(s: &str) -> Result<FieldPath, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err("empty field path".into());
+        }
+        let parts: Vec<String> = t.split('.').map(str::to_string).collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(format!("{t:?} is not a field path (empty segment)"));
+        }
+        Ok(FieldPath {
+            parts,
+            text: t.to_string(),
+        })
+    }
+
+    /// The path as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// The last segment (used to name output columns: `temperature` for `telemetry.temperature`).
+    pub fn leaf(&self) -> &str {
+        self.parts.last().map(String::as_str).unwrap_or("")
+    }
+
+    /// Segments.
+    pub fn parts(&self) -> &[String] {
+        &self.parts
+    }
+
+    /// Whether the path is a single segment.
+    pub fn is_bare(&self) -> bool {
+        self.parts.len() == 1
+    }
+
+    /// The value at this path, if any.
+    pub fn get<'e>(&self, ev: &'e Event) -> Option<ValRef<'e>> {
+        let first = self.parts[0].as_str();
+        if let Some(v) = ev.get(first) {
+            return descend(v, &self.parts[1..]);
+        }
+        if first == "meta" && self.parts.len() == 2 {
+            return meta(ev, &self.parts[1]);
+        }
+        match ev.get("telemetry") {
+            Some(ValRef::Obj(t)) => descend(t.get(first)?, &self.parts[1..]),
+            _ => None,
+        }
+    }
+
+    /// The concrete path to write to: an existing top-level field, else inside `telemetry` when
+    /// the event has a telemetry object, else top level.
+    pub fn target(&self, ev: &Event) -> Vec<String> {
+        let first = self.parts[0].as_str();
+        if ev.get(first).is_some() || first == "telemetry" {
+            return self.parts.clone();
+        }
+        if matches!(ev.get("telemetry"), Some(ValRef::Obj(t)) if t.get(first).is_some())
+            || (matches!(ev.get("telemetry"), Some(ValRef::Obj(_))) && self.is_bare())
+        {
+            let mut p = vec!["telemetry".to_string()];
+            p.extend(self.parts.iter().cloned());
+            return p;
+        }
+        self.parts.clone()
+    }
+
+    /// Sets the value at this path (see [`FieldPath::target`]).
+    pub fn set(&self, ev: &mut Event, v: Value) -> bool {
+        let target = self.target(ev);
+        let refs: Vec<&str> = target.iter().map(String::as_str).collect();
+        ev.set(&refs, v)
+    }
+
+    /// Removes the value at this path.
+    pub fn remove(&self, ev: &mut Event) -> bool {
+        let target = self.target(ev);
+        let refs: Vec<&str> = target.iter().map(String::as_str).collect();
+        ev.remove(&refs)
+    }
+
+    /// Renames: a bare `to` stays in the same object as `self`.
+    pub fn rename(&self, to: &FieldPath, ev: &mut Event) -> bool {
+        let from = self.target(ev);
+        let dest: Vec<String> = if to.is_bare() {
+            let mut d = from[..from.len() - 1].to_vec();
+            d.push(to.parts[0].clone());
+            d
+        } else {
+            to.parts.clone()
+        };
+        let f: Vec<&str> = from.iter().map(String::as_str).collect();
+        let t: Vec<&str> = dest.iter().map(String::as_str).collect();
+        ev.rename(&f, &t)
+    }
+}
+
+fn descend<'e>(mut v: ValRef<'e>, rest: &[String]) -> Option<ValRef<'e>> {
+    for key in rest {
+        v = match v {
+            ValRef::Obj(o) => o.get(key)?,
+            ValRef::Json(text) => crate::event::json_lookup(text, key)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+fn meta<'e>(ev: &'e Event, key: &str) -> Option<ValRef<'e>> {
+    match key {
+        "partition" => Some(ValRef::Int(ev.meta.partition as i64)),
+        "offset" => Some(ValRef::Int(ev.meta.offset)),
+        "source" => Some(ValRef::Int(ev.meta.source as i64)),
+        "origin" => ev
+            .meta
+            .origin
+            .as_deref()
+            .map(|o| ValRef::Str(Cow::Borrowed(o))),
+        "enqueued_time" if ev.meta.enqueued != NO_TIME => Some(ValRef::Time(ev.meta.enqueued)),
+        _ => None,
+    }
+}
+
+/// A group-by key part or output value for a path: its string form (numbers as written).
+pub fn key_string(v: &ValRef<'_>) -> String {
+    match v {
+        ValRef::Str(s) => s.to_string(),
+        ValRef::Num(s) | ValRef::Json(s) => s.to_string(),
+        other => other.to_json(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn ev() -> Event {
+        crate::model::decode::decode_one(Bytes::from_static(
+            br#"{"messageSource":"telemetry","deviceId":"d1","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"temperature":21.5,"BloodPressure":{"Systolic":71}},"enrichments":{"site":"p1"},"messageProperties":{"iothub-creation-time-utc":"2026-11-01T00:00:01Z"}}"#,
+        ))
+        .unwrap()
+    }
+
+    fn check(path: &str, expected: Option<&str>) {
+        let e = ev();
+        let got = FieldPath::parse(path).unwrap().get(&e).map(|v| v.to_json());
+        assert_eq!(got.as_deref(), expected, "{path}");
+    }
+
+    #[test]
+    fn lookups() {
+        check("deviceId", Some("\"d1\""));
+        check("temperature", Some("21.5"));
+        check("telemetry.temperature", Some("21.5"));
+        check("telemetry.BloodPressure.Systolic", Some("71"));
+        check("BloodPressure.Systolic", Some("71"));
+        check("enrichments.site", Some("\"p1\""));
+        check(
+            "messageProperties.iothub-creation-time-utc",
+            Some("\"2026-11-01T00:00:01Z\""),
+        );
+        check("meta.partition", Some("0"));
+        check("nope", None);
+        check("telemetry.nope.deeper", None);
+        assert!(FieldPath::parse("a..b").is_err());
+        assert!(FieldPath::parse(" ").is_err());
+    }
+
+    #[test]
+    fn writes_go_where_reads_come_from() {
+        let mut e = ev();
+        assert!(FieldPath::parse("temperature_f")
+            .unwrap()
+            .set(&mut e, Value::Float(70.7)));
+        assert_eq!(
+            e.get_path(&["telemetry", "temperature_f"])
+                .unwrap()
+                .as_f64(),
+            Some(70.7)
+        );
+        assert!(FieldPath::parse("deviceId")
+            .unwrap()
+            .set(&mut e, "d2".into()));
+        assert_eq!(e.get_str("deviceId"), Some("d2"));
+        assert!(FieldPath::parse("temperature")
+            .unwrap()
+            .rename(&FieldPath::parse("temp_c").unwrap(), &mut e));
+        assert_eq!(
+            e.get_path(&["telemetry", "temp_c"]).unwrap().as_f64(),
+            Some(21.5)
+        );
+        assert!(FieldPath::parse("enrichments.site").unwrap().remove(&mut e));
+        assert!(e.get_path(&["enrichments", "site"]).is_none());
+        let mut row = Event::row();
+        assert!(FieldPath::parse("count")
+            .unwrap()
+            .set(&mut row, Value::Int(1)));
+        assert_eq!(row.get("count").unwrap().as_i64(), Some(1));
+    }
+}

@@ -1,0 +1,209 @@
+//! Checkpoints: the state of every component at one barrier epoch, written as one object.
+//!
+//! Layout under the store's location: `{pipeline}/checkpoints/ckpt-{epoch:012}.bin` (postcard).
+//! Writing one object is atomic on every store (local files are written to a temporary name and
+//! renamed), so a checkpoint is either all there or absent. The newest three are kept.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use object_store::{path::Path, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::Location;
+
+/// The state of one component.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ComponentState {
+    /// Hash of the component's configuration: state is only restored into the same config.
+    pub fingerprint: u64,
+    pub state: Vec<u8>,
+}
+
+/// One checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    pub epoch: u64,
+    /// Wall-clock time it was written (ns), for the checkpoint-age metric only.
+    pub written_at: i64,
+    pub components: BTreeMap<String, ComponentState>,
+}
+
+/// Where checkpoints live.
+#[derive(Clone, Debug)]
+pub struct CheckpointStore {
+    loc: Location,
+    dir: Path,
+    keep: usize,
+}
+
+impl CheckpointStore {
+    pub fn new(loc: Location, pipeline: &str) -> CheckpointStore {
+        let dir = loc.child(&format!("{}/checkpoints", sanitize(pipeline)));
+        CheckpointStore { loc, dir, keep: 3 }
+    }
+
+    /// The location this store writes to (other per-pipeline state lives next to it).
+    pub fn location(&self) -> &Location {
+        &self.loc
+    }
+
+    fn path_of(&self, epoch: u64) -> Path {
+        self.dir.clone().join(format!("ckpt-{epoch:012}.bin"))
+    }
+
+    async fn epochs(&self) -> anyhow::Result<Vec<u64>> {
+        let list: Vec<_> = match self.loc.store.list(Some(&self.dir)).try_collect().await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("listing checkpoints in {}", self.loc.display))
+            }
+        };
+        let mut epochs: Vec<u64> = list
+            .iter()
+            .filter_map(|m| {
+                let name = m.location.filename()?;
+                name.strip_prefix("ckpt-")?
+                    .strip_suffix(".bin")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        epochs.sort_unstable();
+        Ok(epochs)
+    }
+
+    /// The newest checkpoint, if any. A checkpoint that cannot be read is an error (not
+    /// silently skipped: starting over would replay or lose data).
+    pub async fn latest(&self) -> anyhow::Result<Option<Checkpoint>> {
+        let Some(epoch) = self.epochs().await?.last().copied() else {
+            return Ok(None);
+        };
+        let path = self.path_of(epoch);
+        let bytes = self
+            .loc
+            .store
+            .get(&path)
+            .await?
+            .bytes()
+            .await
+            .with_context(|| format!("reading checkpoint {path}"))?;
+        let ck: Checkpoint = postcard::from_bytes(&bytes)
+            .with_context(|| format!("checkpoint {path} is corrupt"))?;
+        Ok(Some(ck))
+    }
+
+    /// Writes a checkpoint and prunes old ones.
+    pub async fn write(&self, ck: &Checkpoint) -> anyhow::Result<()> {
+        let bytes = postcard::to_allocvec(ck).context("encoding checkpoint")?;
+        let path = self.path_of(ck.epoch);
+        self.loc
+            .store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .with_context(|| format!("writing checkpoint {} to {}", ck.epoch, self.loc.display))?;
+        let epochs = self.epochs().await?;
+        if epochs.len() > self.keep {
+            for e in &epochs[..epochs.len() - self.keep] {
+                let _ = self.loc.store.delete(&self.path_of(*e)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a small named object stored beside the checkpoints (device caches, instance ids).
+    pub async fn get_aux(&self, name: &str) -> anyhow::Result<Option<bytes::Bytes>> {
+        let path = self.dir.clone().join(format!("aux-{name}"));
+        match self.loc.store.get(&path).await {
+            Ok(r) => Ok(Some(r.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a small named object beside the checkpoints.
+    pub async fn put_aux(&self, name: &str, data: Vec<u8>) -> anyhow::Result<()> {
+        let path = self.dir.clone().join(format!("aux-{name}"));
+        self.loc.store.put(&path, PutPayload::from(data)).await?;
+        Ok(())
+    }
+}
+
+/// Makes a name safe as one path segment.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// A stable 64-bit fingerprint of a component's configuration.
+pub fn fingerprint(v: &serde_json::Value) -> u64 {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(v.to_string().as_bytes());
+    u64::from_le_bytes(h[..8].try_into().unwrap())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn write_latest_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = crate::storage::open(dir.path().to_str().unwrap(), &Default::default()).unwrap();
+        let store = CheckpointStore::new(loc, "my pipeline");
+        assert_eq!(store.latest().await.unwrap(), None);
+        for epoch in 1..=5 {
+            let mut ck = Checkpoint {
+                epoch,
+                written_at: 7,
+                components: BTreeMap::new(),
+            };
+            ck.components.insert(
+                "w".into(),
+                ComponentState {
+                    fingerprint: 9,
+                    state: vec![epoch as u8; 3],
+                },
+            );
+            store.write(&ck).await.unwrap();
+        }
+        let latest = store.latest().await.unwrap().unwrap();
+        assert_eq!(latest.epoch, 5);
+        assert_eq!(latest.components["w"].state, vec![5, 5, 5]);
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("my_pipeline/checkpoints"))
+            .unwrap()
+            .collect();
+        assert_eq!(files.len(), 3, "only the newest three are kept");
+        store.put_aux("cache", b"abc".to_vec()).await.unwrap();
+        assert_eq!(
+            store.get_aux("cache").await.unwrap().unwrap().as_ref(),
+            b"abc"
+        );
+        assert_eq!(store.get_aux("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn corrupt_checkpoints_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = crate::storage::open(dir.path().to_str().unwrap(), &Default::default()).unwrap();
+        let store = CheckpointStore::new(loc, "p");
+        std::fs::create_dir_all(dir.path().join("p/checkpoints")).unwrap();
+        std::fs::write(
+            dir.path().join("p/checkpoints/ckpt-000000000001.bin"),
+            b"\xff\xff\xff",
+        )
+        .unwrap();
+        let err = store.latest().await.unwrap_err();
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Channels between components: bounded queues of [`Msg`], with barrier alignment on the
+//! receiving side.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use tokio::sync::mpsc;
+
+use crate::event::{Batch, Event};
+
+/// What flows on an edge.
+#[derive(Debug, Clone)]
+pub enum Msg {
+    Batch(Arc<Batch>),
+    /// Checkpoint barrier: everything before it belongs to this epoch.
+    Barrier(u64),
+    /// The upstream component will send nothing more.
+    End(EndReason),
+}
+
+/// Why a stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The sources read everything there was (end of a replay).
+    Exhausted,
+    /// The pipeline was asked to stop (signal, reload); state goes into the checkpoint.
+    Stopped,
+}
+
+impl EndReason {
+    /// Combining the reasons of several inputs: stopped wins.
+    pub fn merge(self, other: EndReason) -> EndReason {
+        if self == EndReason::Stopped || other == EndReason::Stopped {
+            EndReason::Stopped
+        } else {
+            EndReason::Exhausted
+        }
+    }
+}
+
+/// One item received by a component, after barrier alignment.
+#[derive(Debug)]
+pub enum Item {
+    Batch(Arc<Batch>),
+    Barrier(u64),
+    End(EndReason),
+}
+
+/// The receiving ends of a component's input edges. A barrier is delivered once it has
+/// arrived on every input that has not ended; until then, inputs that already delivered it
+/// are not read (aligned checkpoints).
+pub struct Inputs {
+    rx: Vec<mpsc::Receiver<Msg>>,
+    ended: Vec<bool>,
+    blocked: Vec<bool>,
+    barrier: Option<u64>,
+    reason: Option<EndReason>,
+    next: usize,
+    done: bool,
+}
+
+impl Inputs {
+    pub fn new(rx: Vec<mpsc::Receiver<Msg>>) -> Inputs {
+        let n = rx.len();
+        Inputs {
+            rx,
+            ended: vec![false; n],
+            blocked: vec![false; n],
+            barrier: None,
+            reason: None,
+            next: 0,
+            done: false,
+        }
+    }
+
+    /// The next item. Cancel-safe. After `End` it keeps returning `End`.
+    pub async fn recv(&mut self) -> Item {
+        let n = self.rx.len();
+        loop {
+            if let Some(e) = self.barrier {
+                if (0..n).all(|i| self.ended[i] || self.blocked[i]) {
+                    self.barrier = None;
+                    self.blocked.iter_mut().for_each(|b| *b = false);
+                    return Item::Barrier(e);
+                }
+            }
+            if self.ended.iter().all(|e| *e) {
+                self.done = true;
+                return Item::End(self.reason.unwrap_or(EndReason::Exhausted));
+            }
+            let (i, msg) = poll_fn(|cx| {
+                for k in 0..n {
+                    let i = (self.next + k) % n;
+                    if self.ended[i] || self.blocked[i] {
+                        continue;
+                    }
+                    if let Poll::Ready(m) = self.rx[i].poll_recv(cx) {
+                        return Poll::Ready((i, m));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            self.next = (i + 1) % n;
+            match msg {
+                Some(Msg::Batch(b)) => return Item::Batch(b),
+                Some(Msg::Barrier(e)) => {
+                    if let Some(cur) = self.barrier {
+                        debug_assert_eq!(cur, e, "barriers of two epochs interleaved");
+                    }
+                    self.barrier = Some(e);
+                    self.blocked[i] = true;
+                }
+                Some(Msg::End(r)) => {
+                    self.ended[i] = true;
+                    self.reason = Some(self.reason.map_or(r, |x| x.merge(r)));
+                }
+                None => {
+                    // The upstream task went away without an End: it failed. Treat as stopped so
+                    // that state is kept rather than flushed as if complete.
+                    self.ended[i] = true;
+                    self.reason = Some(EndReason::Stopped);
+                }
+            }
+        }
+    }
+
+    /// True once `End` was returned.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+/// The sending ends of a component's output ports (port 0 is the main output).
+#[derive(Clone, Default)]
+pub struct Outputs {
+    ports: Vec<Vec<mpsc::Sender<Msg>>>,
+}
+
+/// A downstream component stopped reading.
+#[derive(Debug, thiserror::Error)]
+#[error("a downstream component has stopped")]
+pub struct Disconnected;
+
+impl Outputs {
+    pub fn new(ports: Vec<Vec<mpsc::Sender<Msg>>>) -> Outputs {
+        Outputs { ports }
+    }
+
+    /// Whether anything reads `port`.
+    pub fn is_connected(&self, port: usize) -> bool {
+        self.ports.get(port).is_some_and(|p| !p.is_empty())
+    }
+
+    /// Sends a batch on a port (to every edge of it). Waits while a receiver is full.
+    pub async fn send(&self, port: usize, batch: Batch) -> Result<(), Disconnected> {
+        let Some(edges) = self.ports.get(port) else {
+            return Ok(());
+        };
+        if edges.is_empty() || batch.is_empty() {
+            return Ok(());
+        }
+        let b = Arc::new(batch);
+        for tx in edges {
+            tx.send(Msg::Batch(b.clone()))
+                .await
+                .map_err(|_| Disconnected)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a control message on every port.
+    pub async fn broadcast(&self, msg: Msg) -> Result<(), Disconnected> {
+        for edges in &self.ports {
+            for tx in edges {
+                tx.send(msg.clone()).await.map_err(|_| Disconnected)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Collects what a transform emits on each port during one call.
+#[derive(Debug)]
+pub struct Emitter {
+    ports: Vec<Vec<Event>>,
+}
+
+impl Emitter {
+    pub fn new(ports: usize) -> Emitter {
+        Emitter {
+            ports: (0..ports.max(1)).map(|_| Vec::new()).collect(),
+        }
+    }
+    /// Emits an event on the main output.
+    pub fn emit(&mut self, ev: Event) {
+        self.ports[0].push(ev);
+    }
+    /// Emits an event on a secondary port (1 = first declared secondary output).
+    pub fn emit_to(&mut self, port: usize, ev: Event) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.push(ev);
+        }
+    }
+    /// Emits many events on the main output.
+    pub fn emit_all(&mut self, evs: impl IntoIterator<Item = Event>) {
+        self.ports[0].extend(evs);
+    }
+    /// Replaces the main output with a whole vector (cheapest for pass-through transforms).
+    pub fn set_main(&mut self, evs: Vec<Event>) {
+        if self.ports[0].is_empty() {
+            self.ports[0] = evs;
+        } else {
+            self.ports[0].extend(evs);
+        }
+    }
+    /// Takes the events of every port, leaving the emitter empty.
+    pub fn take(&mut self) -> Vec<Vec<Event>> {
+        self.ports.iter_mut().map(std::mem::take).collect()
+    }
+    /// Events emitted on a port so far (for tests).
+    pub fn port(&self, port: usize) -> &[Event] {
+        &self.ports[port]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(n: usize) -> Msg {
+        Msg::Batch(Arc::new(Batch::new((0..n).map(|_| Event::row()).collect())))
+    }
+
+    #[tokio::test]
+    async fn barriers_are_aligned_across_inputs() {
+        let (ta, ra) = mpsc::channel(8);
+        let (tb, rb) = mpsc::channel(8);
+        let mut inputs = Inputs::new(vec![ra, rb]);
+        ta.send(batch(1)).await.unwrap();
+        ta.send(Msg::Barrier(1)).await.unwrap();
+        ta.send(batch(2)).await.unwrap(); // after the barrier: must wait for b's barrier
+        tb.send(batch(3)).await.unwrap();
+        tb.send(Msg::Barrier(1)).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(match inputs.recv().await {
+                Item::Batch(b) => format!("b{}", b.len()),
+                Item::Barrier(e) => format!("B{e}"),
+                Item::End(_) => "E".into(),
+            });
+        }
+        // batches 1 and 3 (any order) come before the barrier, batch 2 after it
+        let barrier_at = seen.iter().position(|s| s == "B1").unwrap();
+        assert_eq!(barrier_at, 2, "{seen:?}");
+        assert!(seen[..2].contains(&"b1".to_string()) && seen[..2].contains(&"b3".to_string()));
+        assert_eq!(seen[3], "b2");
+    }
+
+    #[tokio::test]
+    async fn end_arrives_after_all_inputs_end_and_stopped_wins() {
+        let (ta, ra) = mpsc::channel(8);
+        let (tb, rb) = mpsc::channel(8);
+        let mut inputs = Inputs::new(vec![ra, rb]);
+        ta.send(Msg::End(EndReason::Exhausted)).await.unwrap();
+        tb.send(Msg::Barrier(4)).await.unwrap(); // an ended input does not hold a barrier back
+        assert!(matches!(inputs.recv().await, Item::Barrier(4)));
+        tb.send(Msg::End(EndReason::Stopped)).await.unwrap();
+        assert!(matches!(inputs.recv().await, Item::End(EndReason::Stopped)));
+        assert!(inputs.is_done());
+    }
+
+    #[tokio::test]
+    async fn dropped_upstream_counts_as_stopped() {
+        let (ta, ra) = mpsc::channel::<Msg>(8);
+        let mut inputs = Inputs::new(vec![ra]);
+        drop(ta);
+        assert!(matches!(inputs.recv().await, Item::End(EndReason::Stopped)));
+    }
+}

@@ -1,0 +1,239 @@
+//! The runtime: runs a validated pipeline as one task per component, connected by bounded
+//! channels of micro-batches, and coordinates checkpoints with barriers.
+//!
+//! Delivery protocol (see ARCHITECTURE.md): the coordinator asks every source to inject barrier
+//! `n`; each source emits it between two batches and reports its position; transforms snapshot
+//! their state when the barrier has arrived on all inputs and pass it on; sinks `flush(n)`
+//! (stage their output) when it reaches them. Once every component has reported, the
+//! checkpoint (positions + states + staged outputs) is written, and only then are sinks told to
+//! `commit(n)` (make staged files visible) and sources to commit (acknowledge, store offsets).
+
+pub mod checkpoint;
+mod coordinator;
+pub mod io;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::event::{Batch, Event, Nanos};
+use crate::metrics::{ComponentMetrics, SharedProgress};
+pub use coordinator::{run_pipeline, RunOptions, RunSummary};
+pub use io::{Emitter, EndReason, Item, Msg, Outputs};
+
+/// Live (`centralflow run`) or replay (`centralflow replay`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Unbounded: paced sources, idle-partition detection by wall clock, ops endpoint.
+    Live,
+    /// Bounded: read everything as fast as possible, then flush and exit.
+    Replay,
+}
+
+/// Messages from the coordinator to a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Sources: inject barrier `n` now.
+    Barrier(u64),
+    /// Sinks whose inputs have all ended: flush for epoch `n` without waiting for a barrier.
+    Flush(u64),
+    /// Checkpoint `n` is durable: commit what it covers.
+    Commit(u64),
+    /// Sources: stop reading, end the stream.
+    Stop,
+    /// Everything is committed: exit.
+    Shutdown,
+}
+
+/// Messages from components to the coordinator.
+#[derive(Debug)]
+pub(crate) enum Report {
+    Snapshot {
+        node: usize,
+        epoch: u64,
+        state: Vec<u8>,
+    },
+    Finished {
+        node: usize,
+        state: Vec<u8>,
+    },
+    Drained {
+        node: usize,
+    },
+    Failed {
+        node: usize,
+        error: String,
+    },
+    RequestCheckpoint,
+}
+
+/// A component that brings events in from the outside world.
+#[async_trait]
+pub trait Source: Send {
+    /// Produces events until the input is exhausted or [`Control::Stop`] arrives. It must serve
+    /// [`Control::Barrier`] (via [`SourceCx::barrier`]) and may act on [`Control::Commit`].
+    async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason>;
+    /// Commits what checkpoint `epoch` covers (acknowledgements, stored offsets).
+    async fn commit(&mut self, _epoch: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The current position, as stored in a checkpoint.
+    fn snapshot(&self) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+/// A synchronous stage: no I/O, no awaiting.
+pub trait Transform: Send {
+    /// Processes one batch, emitting on `out`.
+    fn process(&mut self, batch: Batch, out: &mut Emitter);
+    /// Called about once a second in live mode with the wall clock (idle-partition detection).
+    fn on_tick(&mut self, _now: Nanos, _out: &mut Emitter) {}
+    /// All inputs ended. `flush` says whether to emit everything still held (end of a replay,
+    /// or a stop without a checkpoint store) or to keep it for the final checkpoint.
+    fn on_end(&mut self, _flush: bool, _out: &mut Emitter) {}
+    /// State for a checkpoint.
+    fn snapshot(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+}
+
+/// A component that writes events to the outside world.
+#[async_trait]
+pub trait Sink: Send {
+    /// Called once before any write; `restored` is the state of the last checkpoint, whose
+    /// staged output must now be committed.
+    async fn start(&mut self, _restored: Option<&[u8]>) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()>;
+    /// Makes everything written so far durable but not yet visible; returns the state that lets
+    /// [`Sink::commit`] (or a restart) finish the job.
+    async fn flush(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>>;
+    /// Checkpoint `epoch` is durable: make its output visible.
+    async fn commit(&mut self, epoch: u64) -> anyhow::Result<()>;
+    /// Called about once a second (time-based rolling).
+    async fn on_tick(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn close(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a source sees of the runtime.
+pub struct SourceCx {
+    pub name: Arc<str>,
+    pub mode: Mode,
+    pub metrics: ComponentMetrics,
+    pub progress: SharedProgress,
+    node: usize,
+    source_index: u16,
+    outputs: Outputs,
+    ctrl: mpsc::UnboundedReceiver<Control>,
+    reports: mpsc::UnboundedSender<Report>,
+    deferred: VecDeque<Control>,
+    warned_dead_letters: u64,
+}
+
+impl SourceCx {
+    /// Sends a batch on the main output, stamping each event with this source's index.
+    pub async fn send(&mut self, mut batch: Batch) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for ev in &mut batch.events {
+            ev.meta.source = self.source_index;
+        }
+        self.metrics.events_out.inc_by(batch.len() as u64);
+        self.progress
+            .events
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.outputs.send(0, batch).await?;
+        Ok(())
+    }
+
+    /// Sends records that could not be processed to the `dead_letter` output. When nothing
+    /// reads that output, each record is logged instead (never dropped silently).
+    pub async fn dead_letter(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.metrics.dead_letters.inc_by(events.len() as u64);
+        if self.outputs.is_connected(1) {
+            self.outputs.send(1, Batch::new(events)).await?;
+        } else {
+            log_unrouted_dead_letters(&self.name, &events, &mut self.warned_dead_letters);
+        }
+        Ok(())
+    }
+
+    /// Waits for the next control message.
+    pub async fn control(&mut self) -> Control {
+        if let Some(c) = self.deferred.pop_front() {
+            return c;
+        }
+        self.ctrl.recv().await.unwrap_or(Control::Stop)
+    }
+
+    /// The next control message, if one is waiting.
+    pub fn try_control(&mut self) -> Option<Control> {
+        if let Some(c) = self.deferred.pop_front() {
+            return Some(c);
+        }
+        self.ctrl.try_recv().ok()
+    }
+
+    /// Injects barrier `epoch` after everything sent so far and records `position` for it.
+    pub async fn barrier(&mut self, epoch: u64, position: Vec<u8>) -> anyhow::Result<()> {
+        self.outputs.broadcast(Msg::Barrier(epoch)).await?;
+        let _ = self.reports.send(Report::Snapshot {
+            node: self.node,
+            epoch,
+            state: position,
+        });
+        Ok(())
+    }
+
+    /// Asks for a checkpoint soon (e.g. unacknowledged deliveries near the broker's prefetch limit).
+    pub fn request_checkpoint(&self) {
+        let _ = self.reports.send(Report::RequestCheckpoint);
+    }
+}
+
+/// Logs dead letters that no component consumes: the first ten of each component, then every
+/// thousandth, so that a flood of bad input does not flood the log.
+pub(crate) fn log_unrouted_dead_letters(component: &str, events: &[Event], warned: &mut u64) {
+    for ev in events {
+        *warned += 1;
+        if *warned <= 10 || *warned % 1000 == 0 {
+            tracing::warn!(
+                component,
+                reason = ev.get_str("reason").unwrap_or(""),
+                origin = ev.get_str("origin").unwrap_or(""),
+                count = *warned,
+                "dead letter (route `{component}.dead_letter` to a sink to keep them)"
+            );
+        }
+    }
+}
+
+/// Options for building one component.
+pub struct BuildCx<'a> {
+    pub pipeline: &'a str,
+    pub name: &'a str,
+    pub mode: Mode,
+    /// State from the last checkpoint for this component (same configuration only).
+    pub restored: Option<Vec<u8>>,
+    /// Where checkpoints (and caches that live beside them) are kept, if configured.
+    pub state: Option<checkpoint::CheckpointStore>,
+    /// Identifies this process among instances writing to the same places.
+    pub instance: &'a str,
+    pub metrics: ComponentMetrics,
+}
+
+/// How often transforms and sinks get ticks.
+pub(crate) const TICK: Duration = Duration::from_secs(1);

@@ -1,0 +1,95 @@
+//! `jsonl`: writes events as JSON lines to a local file (or `-` for standard output), for
+//! debugging and for small outputs that other tools read. Lines are flushed at every checkpoint.
+
+use std::io::Write as _;
+use std::sync::Arc;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Checker, Spec};
+use crate::event::Batch;
+use crate::metrics::ComponentMetrics;
+use crate::runtime::{BuildCx, Sink};
+
+/// Writes JSON lines.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    pub inputs: Vec<String>,
+    /// A local file path, or `-` for standard output.
+    pub path: String,
+    /// Append to the file instead of replacing it.
+    #[serde(default)]
+    pub append: bool,
+}
+
+impl Spec for JsonlConfig {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        if self.path.trim().is_empty() {
+            cx.error(&format!("{ptr}/path"), "is empty");
+        }
+    }
+    fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+}
+
+pub struct JsonlSink {
+    out: Box<dyn std::io::Write + Send>,
+    metrics: ComponentMetrics,
+}
+
+impl JsonlSink {
+    pub fn new(cfg: JsonlConfig, cx: &BuildCx<'_>) -> anyhow::Result<JsonlSink> {
+        let out: Box<dyn std::io::Write + Send> = if cfg.path == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            let p = std::path::Path::new(&cfg.path);
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(cfg.append)
+                .truncate(!cfg.append)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?;
+            Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
+        };
+        Ok(JsonlSink {
+            out,
+            metrics: cx.metrics.clone(),
+        })
+    }
+}
+
+#[async_trait]
+impl Sink for JsonlSink {
+    async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()> {
+        let mut s = String::with_capacity(batch.len() * 256);
+        for ev in &batch.events {
+            ev.write_json(&mut s);
+            s.push('\n');
+        }
+        self.out.write_all(s.as_bytes())?;
+        self.metrics.events_out.inc_by(batch.len() as u64);
+        self.metrics.bytes_out.inc_by(s.len() as u64);
+        Ok(())
+    }
+    async fn flush(&mut self, _epoch: u64) -> anyhow::Result<Vec<u8>> {
+        self.out.flush()?;
+        Ok(Vec::new())
+    }
+    async fn commit(&mut self, _epoch: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn close(&mut self) -> anyhow::Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1081 @@
+//! `parquet`: Parquet files in a local folder or object storage, committed atomically.
+//!
+//! Two layouts:
+//! - `export` (raw export messages): one column per envelope field under its export name
+//!   (`applicationId`, `messageSource`, `messageType`, `deviceId`, `schema`, `templateId`,
+//!   `enqueuedTime` as a UTC timestamp, `module`, `component`), the payload objects as JSON text
+//!   (`telemetry`, `properties`, `enrichments`, `messageProperties`, audit `actor`, `resource`,
+//!   `updated`) and any other top-level field in `extra`. The schema never changes, so a device
+//!   that adds a telemetry field does not split the dataset into incompatible files; query
+//!   telemetry with JSON functions (`telemetry->>'temperature'` in DuckDB).
+//! - `rows` (derived rows such as window output): one column per top-level field, typed from the
+//!   values; a batch with new columns starts a new file.
+//!
+//! Delivery: files are written to `_staging/…parquet.inprogress` and closed at every checkpoint
+//! barrier (and when they reach the rolling limits); a staged file is renamed to its final name
+//! only after the checkpoint that covers it is durable. Readers never see a partial file, and a
+//! crash leaves every record in exactly one visible file once the replay is done.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use arrow::array::{
+    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder,
+    StringBuilder, TimestampNanosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use object_store::buffered::BufWriter;
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
+use parquet::arrow::AsyncArrowWriter;
+use parquet::basic::{Compression as PqCompression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Checker, Spec};
+use crate::event::{Batch, Event, Kind, ValRef, NO_TIME};
+use crate::metrics::ComponentMetrics;
+use crate::path::FieldPath;
+use crate::runtime::{BuildCx, Sink};
+use crate::storage::{self, Location};
+
+/// Writes Parquet files.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ParquetConfig {
+    pub inputs: Vec<String>,
+    /// Folder or object-store URL (`./out`, `s3://bucket/prefix`, `az://container/prefix`, `gs://...`).
+    pub url: String,
+    /// `zstd` (default), `snappy` or `none`.
+    #[serde(default)]
+    pub compression: Compression,
+    /// Rows per row group.
+    #[serde(default = "d_row_group")]
+    pub row_group_size: usize,
+    /// When to start a new file (besides every checkpoint).
+    #[serde(default)]
+    pub roll: Roll,
+    /// Hive-style partition path from the event time (strftime) and fields (`{path}`), e.g.
+    /// `date=%Y-%m-%d/hour=%H` or `site={enrichments.site}/date=%Y-%m-%d`.
+    #[serde(default)]
+    pub partition_by: Option<String>,
+    /// The timestamp field for `partition_by` (default: the event time: `enqueuedTime` for
+    /// export messages, `window_start` for window output).
+    #[serde(default)]
+    pub partition_time: Option<String>,
+    /// `auto` (export layout for export messages, rows otherwise), `export` or `rows`.
+    #[serde(default)]
+    pub layout: ParquetLayout,
+    /// Add `_partition`, `_offset`, `_origin` and `_enqueued_time` columns (where an event came from).
+    #[serde(default)]
+    pub metadata_columns: bool,
+    /// File name prefix.
+    #[serde(default = "d_prefix")]
+    pub file_prefix: String,
+    /// Object-store options (lower-case keys of the cloud's environment variables).
+    #[serde(default)]
+    pub storage: BTreeMap<String, String>,
+}
+
+fn d_row_group() -> usize {
+    1_000_000
+}
+fn d_prefix() -> String {
+    "part".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Snappy,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ParquetLayout {
+    #[default]
+    Auto,
+    Export,
+    Rows,
+}
+
+/// Rolling limits; each is optional.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Roll {
+    /// Rows per file.
+    #[serde(default)]
+    pub rows: Option<u64>,
+    /// Bytes per file, e.g. `128MiB`.
+    #[serde(default)]
+    pub bytes: Option<String>,
+    /// Age of a file, e.g. `5m`.
+    #[serde(default)]
+    pub interval: Option<String>,
+}
+
+impl Spec for ParquetConfig {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        cx.url(&format!("{ptr}/url"), &self.url);
+        if self.row_group_size == 0 {
+            cx.error(&format!("{ptr}/row_group_size"), "must be at least 1");
+        }
+        if self.roll.rows == Some(0) {
+            cx.error(&format!("{ptr}/roll/rows"), "must be at least 1");
+        }
+        if let Some(b) = &self.roll.bytes {
+            if let Err(e) = parse_bytes(b) {
+                cx.error(&format!("{ptr}/roll/bytes"), e);
+            }
+        }
+        if let Some(i) = &self.roll.interval {
+            cx.positive_duration(&format!("{ptr}/roll/interval"), i);
+        }
+        if let Some(p) = &self.partition_by {
+            if let Err(e) = PartitionTemplate::parse(p) {
+                cx.error(&format!("{ptr}/partition_by"), e);
+            }
+        }
+        if let Some(p) = &self.partition_time {
+            if let Err(e) = FieldPath::parse(p) {
+                cx.error(&format!("{ptr}/partition_time"), e);
+            }
+        }
+        if self.file_prefix.is_empty() || self.file_prefix.contains('/') {
+            cx.error(
+                &format!("{ptr}/file_prefix"),
+                "must be a non-empty name without `/`",
+            );
+        }
+        cx.storage_options(&format!("{ptr}/storage"), &self.storage);
+    }
+    fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("{s:?} is not a size like 128MiB ({e})"))
+}
+
+// ---------------------------------------------------------------- partition paths
+
+#[derive(Debug, Clone)]
+enum Seg {
+    Lit(String),
+    Time(String),
+    Field(FieldPath),
+}
+
+/// A parsed `partition_by` template.
+#[derive(Debug, Clone)]
+pub struct PartitionTemplate {
+    segs: Vec<Seg>,
+    /// Width of the time bucket within which the time part of the path does not change.
+    granularity: i64,
+    has_fields: bool,
+}
+
+impl PartitionTemplate {
+    pub fn parse(t: &str) -> Result<PartitionTemplate, String> {
+        let mut segs = Vec::new();
+        let mut lit = String::new();
+        let mut chars = t.chars().peekable();
+        let mut granularity = 86_400i64;
+        let mut has_fields = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '%' => {
+                    let d = chars.next().ok_or("a `%` at the end")?;
+                    if !lit.is_empty() {
+                        segs.push(Seg::Lit(std::mem::take(&mut lit)));
+                    }
+                    let g = match d {
+                        'Y' | 'y' | 'C' | 'G' | 'g' => 86_400 * 366,
+                        'm' | 'b' | 'B' | 'h' => 86_400 * 28,
+                        'd' | 'e' | 'j' | 'F' | 'a' | 'A' | 'u' | 'w' | 'D' => 86_400,
+                        'H' | 'k' | 'I' | 'l' | 'p' | 'P' => 3_600,
+                        'M' | 'R' => 60,
+                        'S' | 'T' | 's' => 1,
+                        '%' => {
+                            lit.push('%');
+                            continue;
+                        }
+                        other => return Err(format!("`%{other}` is not supported in partition paths (use %Y %m %d %H %M %S %j %F)")),
+                    };
+                    granularity = granularity.min(g);
+                    segs.push(Seg::Time(format!("%{d}")));
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err("unclosed `{`".into()),
+                        }
+                    }
+                    if !lit.is_empty() {
+                        segs.push(Seg::Lit(std::mem::take(&mut lit)));
+                    }
+                    segs.push(Seg::Field(FieldPath::parse(&name)?));
+                    has_fields = true;
+                }
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            segs.push(Seg::Lit(lit));
+        }
+        if t.starts_with('/') || t.contains("..") {
+            return Err("must be a relative path without `..`".into());
+        }
+        // day granularity and coarser are not aligned to the bucket (months differ); only
+        // hour and finer are cached by bucket
+        Ok(PartitionTemplate {
+            segs,
+            granularity,
+            has_fields,
+        })
+    }
+
+    fn render(&self, ev: &Event, time: i64, out: &mut String) {
+        let dt = (time != NO_TIME).then(|| crate::time::to_chrono(time));
+        for s in &self.segs {
+            match s {
+                Seg::Lit(l) => out.push_str(l),
+                Seg::Time(f) => match &dt {
+                    Some(d) => {
+                        use std::fmt::Write as _;
+                        let _ = write!(out, "{}", d.format(f));
+                    }
+                    None => out.push_str("unknown"),
+                },
+                Seg::Field(p) => {
+                    let v = p
+                        .get(ev)
+                        .map(|v| crate::path::key_string(&v))
+                        .unwrap_or_else(|| "null".into());
+                    out.push_str(&sanitize_segment(&v));
+                }
+            }
+        }
+    }
+}
+
+fn sanitize_segment(v: &str) -> String {
+    let s: String = v
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if s.is_empty() || s == "." || s == ".." {
+        "_".into()
+    } else {
+        s
+    }
+}
+
+/// Computes partition paths, caching the last time bucket.
+struct Partitioner {
+    template: Option<PartitionTemplate>,
+    time_path: Option<FieldPath>,
+    cache: Option<(i64, i64, String)>,
+}
+
+impl Partitioner {
+    fn path(&mut self, ev: &Event) -> String {
+        let Some(t) = &self.template else {
+            return String::new();
+        };
+        let time = match &self.time_path {
+            Some(p) => p.get(ev).and_then(|v| v.as_time()).unwrap_or(NO_TIME),
+            None => ev.time,
+        };
+        if !t.has_fields && t.granularity <= 3_600 && time != NO_TIME {
+            if let Some((lo, hi, s)) = &self.cache {
+                if time >= *lo && time < *hi {
+                    return s.clone();
+                }
+            }
+            let g = t.granularity * 1_000_000_000;
+            let lo = time.div_euclid(g) * g;
+            let mut s = String::new();
+            t.render(ev, time, &mut s);
+            self.cache = Some((lo, lo + g, s.clone()));
+            return s;
+        }
+        let mut s = String::new();
+        t.render(ev, time, &mut s);
+        s
+    }
+}
+
+// ---------------------------------------------------------------- encoding
+
+const EXPORT_STRINGS: [&str; 8] = [
+    "applicationId",
+    "messageSource",
+    "messageType",
+    "deviceId",
+    "schema",
+    "templateId",
+    "module",
+    "component",
+];
+const EXPORT_JSON: [&str; 7] = [
+    "telemetry",
+    "properties",
+    "enrichments",
+    "messageProperties",
+    "actor",
+    "resource",
+    "updated",
+];
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The schema of the export layout.
+pub fn export_schema(metadata_columns: bool) -> SchemaRef {
+    let mut fields: Vec<Field> = Vec::new();
+    for name in &EXPORT_STRINGS[..6] {
+        fields.push(Field::new(*name, DataType::Utf8, true));
+    }
+    fields.push(Field::new("enqueuedTime", ts_type(), true));
+    for name in &EXPORT_STRINGS[6..] {
+        fields.push(Field::new(*name, DataType::Utf8, true));
+    }
+    for name in EXPORT_JSON {
+        fields.push(Field::new(name, DataType::Utf8, true));
+    }
+    fields.push(Field::new("extra", DataType::Utf8, true));
+    if metadata_columns {
+        fields.extend(meta_fields());
+    }
+    Arc::new(Schema::new(fields))
+}
+
+fn meta_fields() -> Vec<Field> {
+    vec![
+        Field::new("_partition", DataType::Int32, false),
+        Field::new("_offset", DataType::Int64, false),
+        Field::new("_origin", DataType::Utf8, true),
+        Field::new("_enqueued_time", ts_type(), true),
+    ]
+}
+
+fn push_meta(events: &[&Event], cols: &mut Vec<ArrayRef>) {
+    let mut p = Int32Builder::with_capacity(events.len());
+    let mut o = Int64Builder::with_capacity(events.len());
+    let mut g = StringBuilder::new();
+    let mut q = TimestampNanosecondBuilder::with_capacity(events.len()).with_timezone("UTC");
+    for ev in events {
+        p.append_value(ev.meta.partition as i32);
+        o.append_value(ev.meta.offset);
+        g.append_option(ev.meta.origin.as_deref());
+        q.append_option((ev.meta.enqueued != NO_TIME).then_some(ev.meta.enqueued));
+    }
+    cols.push(Arc::new(p.finish()));
+    cols.push(Arc::new(o.finish()));
+    cols.push(Arc::new(g.finish()));
+    cols.push(Arc::new(q.finish()));
+}
+
+/// Encodes export messages.
+pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Result<RecordBatch> {
+    let n = events.len();
+    let mut strings: Vec<StringBuilder> = (0..EXPORT_STRINGS.len())
+        .map(|_| StringBuilder::with_capacity(n, n * 24))
+        .collect();
+    let mut jsons: Vec<StringBuilder> = (0..EXPORT_JSON.len())
+        .map(|_| StringBuilder::with_capacity(n, n * 64))
+        .collect();
+    let mut extra = StringBuilder::new();
+    let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut buf = String::new();
+    for ev in events {
+        let mut seen_s = [false; EXPORT_STRINGS.len()];
+        let mut seen_j = [false; EXPORT_JSON.len()];
+        let mut extra_buf: Option<String> = None;
+        for (k, v) in ev.root().iter() {
+            if k == "enqueuedTime" {
+                continue;
+            }
+            if let Some(i) = EXPORT_STRINGS.iter().position(|s| *s == k) {
+                match &v {
+                    ValRef::Str(s) => strings[i].append_value(s),
+                    ValRef::Null => strings[i].append_null(),
+                    other => strings[i].append_value(other.to_json()),
+                }
+                seen_s[i] = true;
+            } else if let Some(i) = EXPORT_JSON.iter().position(|s| *s == k) {
+                if v.is_null() {
+                    jsons[i].append_null();
+                } else {
+                    buf.clear();
+                    v.write_json(&mut buf);
+                    jsons[i].append_value(&buf);
+                }
+                seen_j[i] = true;
+            } else {
+                let e = extra_buf.get_or_insert_with(|| String::from("{"));
+                if e.len() > 1 {
+                    e.push(',');
+                }
+                crate::event::write_json_str(e, k);
+                e.push(':');
+                v.write_json(e);
+            }
+        }
+        for (i, s) in seen_s.iter().enumerate() {
+            if !s {
+                strings[i].append_null();
+            }
+        }
+        for (i, s) in seen_j.iter().enumerate() {
+            if !s {
+                jsons[i].append_null();
+            }
+        }
+        match extra_buf {
+            Some(mut e) => {
+                e.push('}');
+                extra.append_value(e);
+            }
+            None => extra.append_null(),
+        }
+        time.append_option((ev.time != NO_TIME).then_some(ev.time));
+    }
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    let mut strings = strings.into_iter();
+    for _ in 0..6 {
+        cols.push(Arc::new(strings.next().unwrap().finish()));
+    }
+    cols.push(Arc::new(time.finish()));
+    for mut s in strings {
+        cols.push(Arc::new(s.finish()));
+    }
+    for mut j in jsons {
+        cols.push(Arc::new(j.finish()));
+    }
+    cols.push(Arc::new(extra.finish()));
+    if metadata_columns {
+        push_meta(events, &mut cols);
+    }
+    Ok(RecordBatch::try_new(export_schema(metadata_columns), cols)?)
+}
+
+/// Infers the columns of derived rows: each top-level field, typed from its values.
+pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef {
+    let mut cols: Vec<(String, DataType)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for ev in events {
+        for (k, v) in ev.root().iter() {
+            let t = match v {
+                ValRef::Null => DataType::Null,
+                ValRef::Bool(_) => DataType::Boolean,
+                ValRef::Int(_) => DataType::Int64,
+                ValRef::Float(_) => DataType::Float64,
+                ValRef::Num(s) => {
+                    if s.contains(['.', 'e', 'E']) {
+                        DataType::Float64
+                    } else {
+                        DataType::Int64
+                    }
+                }
+                ValRef::Time(_) => ts_type(),
+                ValRef::Bytes(_) => DataType::Binary,
+                ValRef::Str(_) | ValRef::Obj(_) | ValRef::Json(_) => DataType::Utf8,
+            };
+            match index.get(k) {
+                Some(&i) => cols[i].1 = merge_type(&cols[i].1, &t),
+                None => {
+                    index.insert(k.to_string(), cols.len());
+                    cols.push((k.to_string(), t));
+                }
+            }
+        }
+    }
+    let mut fields: Vec<Field> = cols
+        .into_iter()
+        .map(|(k, t)| {
+            Field::new(
+                k,
+                if t == DataType::Null {
+                    DataType::Utf8
+                } else {
+                    t
+                },
+                true,
+            )
+        })
+        .collect();
+    if metadata_columns {
+        fields.extend(meta_fields());
+    }
+    Arc::new(Schema::new(fields))
+}
+
+fn merge_type(a: &DataType, b: &DataType) -> DataType {
+    use DataType::*;
+    match (a, b) {
+        (x, y) if x == y => x.clone(),
+        (Null, y) => y.clone(),
+        (x, Null) => x.clone(),
+        (Int64, Float64) | (Float64, Int64) => Float64,
+        _ => Utf8,
+    }
+}
+
+/// Whether every column of `b` exists in `a` with a type `a` can hold.
+fn schema_covers(a: &Schema, b: &Schema) -> bool {
+    b.fields()
+        .iter()
+        .all(|f| match a.field_with_name(f.name()) {
+            Ok(x) => {
+                x.data_type() == f.data_type()
+                    || (x.data_type() == &DataType::Float64 && f.data_type() == &DataType::Int64)
+                    || x.data_type() == &DataType::Utf8
+            }
+            Err(_) => false,
+        })
+}
+
+/// Encodes rows into `schema`.
+pub fn encode_rows(
+    events: &[&Event],
+    schema: &SchemaRef,
+    metadata_columns: bool,
+) -> anyhow::Result<RecordBatch> {
+    let n = events.len();
+    let data_fields = if metadata_columns {
+        schema.fields().len() - 4
+    } else {
+        schema.fields().len()
+    };
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let mut buf = String::new();
+    for f in schema.fields().iter().take(data_fields) {
+        let name = f.name().as_str();
+        let col: ArrayRef = match f.data_type() {
+            DataType::Boolean => {
+                let mut b = BooleanBuilder::with_capacity(n);
+                for ev in events {
+                    b.append_option(match ev.get(name) {
+                        Some(ValRef::Bool(x)) => Some(x),
+                        _ => None,
+                    });
+                }
+                Arc::new(b.finish())
+            }
+            DataType::Int64 => {
+                let mut b = Int64Builder::with_capacity(n);
+                for ev in events {
+                    b.append_option(ev.get(name).and_then(|v| v.as_i64()));
+                }
+                Arc::new(b.finish())
+            }
+            DataType::Float64 => {
+                let mut b = Float64Builder::with_capacity(n);
+                for ev in events {
+                    b.append_option(ev.get(name).and_then(|v| v.as_f64()));
+                }
+                Arc::new(b.finish())
+            }
+            DataType::Timestamp(_, _) => {
+                let mut b = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+                for ev in events {
+                    b.append_option(ev.get(name).and_then(|v| v.as_time()));
+                }
+                Arc::new(b.finish())
+            }
+            DataType::Binary => {
+                let mut b = BinaryBuilder::new();
+                for ev in events {
+                    match ev.get(name) {
+                        Some(ValRef::Bytes(x)) => b.append_value(x),
+                        Some(ValRef::Null) | None => b.append_null(),
+                        Some(other) => b.append_value(other.to_json()),
+                    }
+                }
+                Arc::new(b.finish())
+            }
+            _ => {
+                let mut b = StringBuilder::with_capacity(n, n * 16);
+                for ev in events {
+                    match ev.get(name) {
+                        None | Some(ValRef::Null) => b.append_null(),
+                        Some(ValRef::Str(s)) => b.append_value(s),
+                        Some(ValRef::Time(t)) => b.append_value(crate::time::format_rfc3339(t)),
+                        Some(other) => {
+                            buf.clear();
+                            other.write_json(&mut buf);
+                            b.append_value(&buf);
+                        }
+                    }
+                }
+                Arc::new(b.finish())
+            }
+        };
+        cols.push(col);
+    }
+    if metadata_columns {
+        push_meta(events, &mut cols);
+    }
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+// ---------------------------------------------------------------- the sink
+
+/// A staged file waiting for its checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Staged {
+    epoch: u64,
+    staged: String,
+    target: String,
+}
+
+struct OpenFile {
+    writer: AsyncArrowWriter<BufWriter>,
+    staged: Path,
+    target: Path,
+    schema: SchemaRef,
+    rows: u64,
+    opened: Instant,
+}
+
+pub struct ParquetSink {
+    cfg: ParquetConfig,
+    loc: Location,
+    props: WriterProperties,
+    partitioner: Partitioner,
+    open: HashMap<String, OpenFile>,
+    pending: Vec<Staged>,
+    instance: String,
+    /// The epoch whose data is being written now (last flushed + 1).
+    epoch: u64,
+    seq: u64,
+    roll_bytes: Option<u64>,
+    roll_interval: Option<std::time::Duration>,
+    layout: Option<ParquetLayout>,
+    metrics: ComponentMetrics,
+}
+
+impl ParquetSink {
+    pub async fn new(cfg: ParquetConfig, cx: &BuildCx<'_>) -> anyhow::Result<ParquetSink> {
+        let loc = storage::open(&cfg.url, &cfg.storage)
+            .with_context(|| format!("opening {}", cfg.url))?;
+        storage::probe(&loc).await?;
+        let compression = match cfg.compression {
+            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::None => PqCompression::UNCOMPRESSED,
+        };
+        let props = WriterProperties::builder()
+            .set_compression(compression)
+            .set_max_row_group_row_count(Some(cfg.row_group_size))
+            .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
+            .build();
+        let template = cfg
+            .partition_by
+            .as_deref()
+            .map(PartitionTemplate::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let time_path = cfg
+            .partition_time
+            .as_deref()
+            .map(FieldPath::parse)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let roll_bytes = cfg
+            .roll
+            .bytes
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let roll_interval = cfg
+            .roll
+            .interval
+            .as_deref()
+            .map(crate::time::parse_duration)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        let layout = match cfg.layout {
+            ParquetLayout::Auto => None,
+            l => Some(l),
+        };
+        Ok(ParquetSink {
+            loc,
+            props,
+            partitioner: Partitioner {
+                template,
+                time_path,
+                cache: None,
+            },
+            open: HashMap::new(),
+            pending: Vec::new(),
+            instance: cx.instance.to_string(),
+            epoch: 1,
+            seq: 0,
+            roll_bytes,
+            roll_interval,
+            layout,
+            metrics: cx.metrics.clone(),
+            cfg,
+        })
+    }
+
+    fn file_name(&mut self) -> String {
+        self.seq += 1;
+        format!(
+            "{}-{}-{:08}-{:05}.parquet",
+            self.cfg.file_prefix, self.instance, self.epoch, self.seq
+        )
+    }
+
+    fn paths(&mut self, partition: &str) -> (Path, Path) {
+        let name = self.file_name();
+        let rel = if partition.is_empty() {
+            name.clone()
+        } else {
+            format!("{partition}/{name}")
+        };
+        let staged = self.loc.child(&format!("_staging/{rel}.inprogress"));
+        (staged, self.loc.child(&rel))
+    }
+
+    async fn close_file(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some(f) = self.open.remove(key) else {
+            return Ok(());
+        };
+        let bytes = f.writer.bytes_written() as u64;
+        f.writer
+            .close()
+            .await
+            .with_context(|| format!("finishing {}", f.staged))?;
+        self.metrics.bytes_out.inc_by(bytes);
+        self.pending.push(Staged {
+            epoch: self.epoch,
+            staged: f.staged.to_string(),
+            target: f.target.to_string(),
+        });
+        Ok(())
+    }
+
+    async fn write_group(&mut self, key: String, events: &[&Event]) -> anyhow::Result<()> {
+        let layout = *self.layout.get_or_insert_with(|| {
+            if matches!(events.first().map(|e| e.kind), Some(Kind::Export(_))) {
+                ParquetLayout::Export
+            } else {
+                ParquetLayout::Rows
+            }
+        });
+        let meta = self.cfg.metadata_columns;
+        let schema = match layout {
+            ParquetLayout::Export => export_schema(meta),
+            _ => infer_rows_schema(events, meta),
+        };
+        // a rows batch that does not fit the open file's schema starts a new file
+        if let Some(f) = self.open.get(&key) {
+            if !schema_covers(&f.schema, &schema) {
+                self.close_file(&key).await?;
+            }
+        }
+        if !self.open.contains_key(&key) {
+            let (staged, target) = self.paths(&key);
+            let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
+            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.props.clone()))?;
+            self.open.insert(
+                key.clone(),
+                OpenFile {
+                    writer,
+                    staged,
+                    target,
+                    schema: schema.clone(),
+                    rows: 0,
+                    opened: Instant::now(),
+                },
+            );
+        }
+        let file_schema = self.open[&key].schema.clone();
+        // encode in parallel chunks, write in order
+        let chunks: Vec<anyhow::Result<RecordBatch>> = events
+            .par_chunks(8192)
+            .map(|part| match layout {
+                ParquetLayout::Export => encode_export(part, meta),
+                _ => encode_rows(part, &file_schema, meta),
+            })
+            .collect();
+        let f = self.open.get_mut(&key).unwrap();
+        for rb in chunks {
+            let rb = rb?;
+            f.writer
+                .write(&rb)
+                .await
+                .with_context(|| format!("writing {}", f.staged))?;
+            f.rows += rb.num_rows() as u64;
+        }
+        self.metrics.events_out.inc_by(events.len() as u64);
+        let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
+            || self.roll_bytes.is_some_and(|b| {
+                (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b
+            });
+        if full {
+            self.close_file(&key).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes a staged file visible under its final name (idempotent).
+async fn commit_staged(
+    store: Arc<dyn object_store::ObjectStore>,
+    s: &Staged,
+) -> anyhow::Result<()> {
+    {
+        let staged = Path::from(s.staged.as_str());
+        let target = Path::from(s.target.as_str());
+        match store.rename(&staged, &target).await {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => {
+                // committed before a crash: the target must be there
+                match store.head(&target).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(anyhow::anyhow!(
+                        "staged file {} is gone and {} does not exist: {e}",
+                        s.staged,
+                        s.target
+                    )),
+                }
+            }
+            Err(e) => Err(e).with_context(|| format!("committing {}", s.target)),
+        }
+    }
+}
+
+#[async_trait]
+impl Sink for ParquetSink {
+    async fn start(&mut self, restored: Option<&[u8]>) -> anyhow::Result<()> {
+        let mut keep: Vec<String> = Vec::new();
+        if let Some(state) = restored.filter(|s| !s.is_empty()) {
+            let (epoch, pending): (u64, Vec<Staged>) = postcard::from_bytes(state)
+                .context("parquet sink state in the checkpoint is corrupt")?;
+            // everything staged up to the checkpoint is covered by it: commit now
+            for s in &pending {
+                commit_staged(self.loc.store.clone(), s).await?;
+            }
+            keep.extend(pending.iter().map(|s| s.staged.clone()));
+            self.epoch = epoch + 1;
+        }
+        // staged files of this instance that no checkpoint covers are from a crashed run: the
+        // replay writes their records again
+        let staging = self.loc.child("_staging");
+        let listed: Vec<object_store::ObjectMeta> =
+            match self.loc.store.list(Some(&staging)).try_collect().await {
+                Ok(l) => l,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(e).context("listing staged files"),
+            };
+        let mine = format!("{}-{}-", self.cfg.file_prefix, self.instance);
+        for m in listed {
+            let name = m.location.filename().unwrap_or("");
+            if name.starts_with(&mine) && !keep.contains(&m.location.to_string()) {
+                tracing::info!(file = %m.location, "removing a staged file no checkpoint covers");
+                let _ = self.loc.store.delete(&m.location).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // group by partition path, keeping order within each group
+        let mut groups: Vec<(String, Vec<&Event>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for ev in &batch.events {
+            let key = self.partitioner.path(ev);
+            match index.get(&key) {
+                Some(&i) => groups[i].1.push(ev),
+                None => {
+                    index.insert(key.clone(), groups.len());
+                    groups.push((key, vec![ev]));
+                }
+            }
+        }
+        for (key, evs) in groups {
+            self.write_group(key, &evs).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
+        let keys: Vec<String> = self.open.keys().cloned().collect();
+        for k in keys {
+            self.close_file(&k).await?;
+        }
+        // files of this epoch carry its number; the next ones the next
+        for s in self.pending.iter_mut().filter(|s| s.epoch >= self.epoch) {
+            s.epoch = epoch;
+        }
+        self.epoch = epoch + 1;
+        self.seq = 0;
+        Ok(postcard::to_allocvec(&(epoch, &self.pending))?)
+    }
+
+    async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
+        let (now, later): (Vec<Staged>, Vec<Staged>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|s| s.epoch <= epoch);
+        self.pending = later;
+        for (i, s) in now.iter().enumerate() {
+            if let Err(e) = commit_staged(self.loc.store.clone(), s).await {
+                // keep what is not committed: the checkpoint state still lists it
+                self.pending.splice(0..0, now[i..].iter().cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_tick(&mut self) -> anyhow::Result<()> {
+        if let Some(max) = self.roll_interval {
+            let old: Vec<String> = self
+                .open
+                .iter()
+                .filter(|(_, f)| f.opened.elapsed() >= max)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in old {
+                self.close_file(&k).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> anyhow::Result<()> {
+        // after the final checkpoint nothing is open; anything still open was never covered
+        for (_, f) in self.open.drain() {
+            drop(f);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_templates() {
+        let ev = crate::model::decode::decode_one(bytes::Bytes::from_static(
+            br#"{"messageSource":"telemetry","deviceId":"a/b","enqueuedTime":"2026-11-01T13:05:00Z","enrichments":{"site":"plant-1"}}"#,
+        ))
+        .unwrap();
+        let mut p = Partitioner {
+            template: Some(PartitionTemplate::parse("date=%Y-%m-%d/hour=%H").unwrap()),
+            time_path: None,
+            cache: None,
+        };
+        assert_eq!(p.path(&ev), "date=2026-11-01/hour=13");
+        assert_eq!(p.path(&ev), "date=2026-11-01/hour=13", "cached");
+        let mut p = Partitioner {
+            template: Some(
+                PartitionTemplate::parse("site={enrichments.site}/dev={deviceId}/%F").unwrap(),
+            ),
+            time_path: None,
+            cache: None,
+        };
+        assert_eq!(p.path(&ev), "site=plant-1/dev=a_b/2026-11-01");
+        assert!(PartitionTemplate::parse("%Q").is_err());
+        assert!(PartitionTemplate::parse("{unclosed").is_err());
+        assert!(PartitionTemplate::parse("/abs").is_err());
+    }
+
+    #[test]
+    fn row_types_are_inferred_and_merged() {
+        let mut a = Event::row();
+        a.push("deviceId", "d".into());
+        a.push("n", crate::event::Value::Int(1));
+        a.push("t", crate::event::Value::Time(5));
+        let mut b = Event::row();
+        b.push("n", crate::event::Value::Float(1.5));
+        b.push("x", crate::event::Value::Null);
+        let s = infer_rows_schema(&[&a, &b], false);
+        let types: Vec<(String, DataType)> = s
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.data_type().clone()))
+            .collect();
+        assert_eq!(
+            types,
+            vec![
+                ("deviceId".into(), DataType::Utf8),
+                ("n".into(), DataType::Float64),
+                ("t".into(), ts_type()),
+                ("x".into(), DataType::Utf8)
+            ]
+        );
+        let rb = encode_rows(&[&a, &b], &s, false).unwrap();
+        assert_eq!(rb.num_rows(), 2);
+        assert!(schema_covers(&s, &infer_rows_schema(&[&a], false)));
+        assert!(!schema_covers(&infer_rows_schema(&[&a], false), &s));
+    }
+
+    #[test]
+    fn export_layout_keeps_every_field() {
+        let ev = crate::model::decode::decode_one(bytes::Bytes::from_static(
+            br#"{"actor":{"id":"x"},"messageSource":"audit","enqueuedTime":"2022-07-25T21:54:40Z","future":1,"other":"y"}"#,
+        ))
+        .unwrap();
+        let rb = encode_export(&[&ev], true).unwrap();
+        let col = |n: &str| rb.column_by_name(n).unwrap().clone();
+        let s = arrow::util::display::ArrayFormatter::try_new(
+            col("extra").as_ref(),
+            &Default::default(),
+        )
+        .unwrap()
+        .value(0)
+        .to_string();
+        assert_eq!(s, r#"{"future":1,"other":"y"}"#);
+        let a = arrow::util::display::ArrayFormatter::try_new(
+            col("actor").as_ref(),
+            &Default::default(),
+        )
+        .unwrap()
+        .value(0)
+        .to_string();
+        assert_eq!(a, r#"{"id":"x"}"#);
+        assert_eq!(col("deviceId").null_count(), 1);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_bytes("1000").unwrap(), 1000);
+        assert!(parse_bytes("lots").is_err());
+    }
+}

@@ -1,0 +1,27 @@
+//! Sources: where events come from. One module per `type`; add a new one by writing its
+//! module (config struct implementing [`Spec`](crate::config::Spec), a
+//! [`Source`](crate::runtime::Source)), one line in the enum below and one arm in [`build`].
+
+pub mod files;
+pub mod simulator;
+
+use crate::runtime::{BuildCx, Source};
+
+crate::component_enum! {
+    /// A source: `type` selects the kind.
+    SourceConfig {
+        Files("files", files::FilesConfig),
+        Simulator("simulator", simulator::SimulatorConfig),
+    }
+}
+
+/// Output ports of every source: the events, and the records that could not be decoded.
+pub const SOURCE_PORTS: [&str; 2] = ["", "dead_letter"];
+
+/// Builds a source from its configuration.
+pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Source>> {
+    Ok(match cfg {
+        SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
+        SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
+    })
+}

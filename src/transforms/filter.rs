@@ -1,0 +1,146 @@
+//! `filter`: keeps the events for which a condition is true.
+//!
+//! A condition that fails to evaluate (a type error, say) sends the event to the transform's
+//! `dead_letter` output with the reason; `()` (a missing field) counts as false.
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{dead_letter_of, PARALLEL_BATCH};
+use crate::config::{Checker, Spec};
+use crate::event::Batch;
+use crate::expr::Expr;
+use crate::metrics::ComponentMetrics;
+use crate::runtime::{BuildCx, Emitter, Transform};
+
+/// Keeps events matching a condition.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    pub inputs: Vec<String>,
+    /// An expression that is true for the events to keep, e.g. `messageSource == "telemetry"`.
+    pub condition: String,
+}
+
+impl Spec for FilterConfig {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        cx.expr(&format!("{ptr}/condition"), &self.condition);
+    }
+    fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+    fn ports(&self) -> Vec<&'static str> {
+        vec!["", "dead_letter"]
+    }
+}
+
+pub struct Filter {
+    expr: Expr,
+    name: String,
+    metrics: ComponentMetrics,
+}
+
+impl Filter {
+    pub fn new(cfg: &FilterConfig, cx: &BuildCx<'_>) -> anyhow::Result<Filter> {
+        let expr = Expr::compile(&cfg.condition).map_err(anyhow::Error::msg)?;
+        Ok(Filter {
+            expr,
+            name: cx.name.to_string(),
+            metrics: cx.metrics.clone(),
+        })
+    }
+}
+
+impl Transform for Filter {
+    fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        let expr = &self.expr;
+        let verdicts: Vec<Result<bool, String>> = if batch.len() >= PARALLEL_BATCH {
+            batch
+                .events
+                .par_iter()
+                .map(|ev| expr.eval_bool(ev))
+                .collect()
+        } else {
+            batch.events.iter().map(|ev| expr.eval_bool(ev)).collect()
+        };
+        let mut keep = Vec::with_capacity(batch.len());
+        for (ev, verdict) in batch.events.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(true) => keep.push(ev),
+                Ok(false) => {}
+                Err(reason) => {
+                    self.metrics.dead_letters.inc();
+                    out.emit_to(1, dead_letter_of(&ev, &reason, &self.name));
+                }
+            }
+        }
+        out.set_main(keep);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    fn events(lines: &[&str]) -> Batch {
+        Batch::new(
+            lines
+                .iter()
+                .map(|l| {
+                    crate::model::decode::decode_one(bytes::Bytes::from(l.to_string())).unwrap()
+                })
+                .collect(),
+        )
+    }
+
+    fn run(condition: &str, input: Batch) -> (Vec<Event>, Vec<Event>) {
+        let cfg = FilterConfig {
+            inputs: vec![],
+            condition: condition.into(),
+        };
+        let mut f = Filter {
+            expr: Expr::compile(&cfg.condition).unwrap(),
+            name: "f".into(),
+            metrics: ComponentMetrics::new("f", "filter"),
+        };
+        let mut em = Emitter::new(2);
+        f.process(input, &mut em);
+        let mut ports = em.take().into_iter();
+        (ports.next().unwrap(), ports.next().unwrap())
+    }
+
+    #[test]
+    fn keeps_matching_and_dead_letters_errors() {
+        let input = events(&[
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"t":1}}"#,
+            r#"{"messageSource":"properties","enqueuedTime":"2026-11-01T00:00:00Z"}"#,
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"t":"x"}}"#,
+        ]);
+        let (kept, dead) = run("t > 0", input.clone());
+        assert_eq!(kept.len(), 1);
+        assert_eq!(dead.len(), 1);
+        assert!(
+            dead[0].get_str("reason").unwrap().contains("t > 0"),
+            "{:?}",
+            dead[0].get_str("reason")
+        );
+        let (kept, dead) = run(r#"messageSource == "telemetry""#, input);
+        assert_eq!((kept.len(), dead.len()), (2, 0));
+    }
+
+    #[test]
+    fn large_batches_keep_their_order() {
+        let lines: Vec<String> = (0..3000)
+            .map(|i| format!(r#"{{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{{"n":{i}}}}}"#))
+            .collect();
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let (kept, _) = run("n % 3 == 0", events(&refs));
+        let ns: Vec<i64> = kept
+            .iter()
+            .map(|e| e.get_path(&["telemetry", "n"]).unwrap().as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, (0..3000).filter(|n| n % 3 == 0).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,43 @@
+//! Transforms: synchronous stages between sources and sinks. Add a new one by writing its
+//! module (a config implementing [`Spec`](crate::config::Spec) and a
+//! [`Transform`](crate::runtime::Transform)), one line in the enum below and one arm in [`build`].
+//! [`dew_point`] is the example of a compiled-in Rust stage.
+
+pub mod dew_point;
+pub mod filter;
+pub mod map;
+
+use crate::event::Event;
+use crate::runtime::{BuildCx, Transform};
+
+crate::component_enum! {
+    /// A transform: `type` selects the kind.
+    TransformConfig {
+        Filter("filter", filter::FilterConfig),
+        Map("map", map::MapConfig),
+        DewPoint("dew_point", dew_point::DewPointConfig),
+    }
+}
+
+/// Builds a transform from its configuration.
+pub fn build(cfg: &TransformConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Transform>> {
+    Ok(match cfg {
+        TransformConfig::Filter(c) => Box::new(filter::Filter::new(c, cx)?),
+        TransformConfig::Map(c) => Box::new(map::Map::new(c, cx)?),
+        TransformConfig::DewPoint(c) => Box::new(dew_point::DewPoint::new(c, cx)?),
+    })
+}
+
+/// A dead-letter record for an event a transform could not process.
+pub(crate) fn dead_letter_of(ev: &Event, reason: &str, component: &str) -> Event {
+    let origin = match &ev.meta.origin {
+        Some(o) => format!("{o}:{}", ev.meta.offset),
+        None => format!("partition {} offset {}", ev.meta.partition, ev.meta.offset),
+    };
+    let mut dl = Event::dead_letter(bytes::Bytes::from(ev.to_json()), reason, &origin, component);
+    dl.meta = ev.meta.clone();
+    dl
+}
+
+/// Batches at least this large are evaluated on the rayon pool.
+pub(crate) const PARALLEL_BATCH: usize = 1024;
