@@ -108,10 +108,7 @@ pub fn main() -> i32 {
         }
     };
     init_logging(&cli);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -129,14 +126,10 @@ fn init_logging(cli: &Cli) {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info,lapin=warn,azure_core=warn,fe2o3_amqp=warn".into());
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::secret::RedactingWriter);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::secret::RedactingWriter);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
     };
 }
 
@@ -144,36 +137,22 @@ async fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Validate { pipelines } => validate(&pipelines),
         Command::Schema => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
             0
         }
-        Command::Simulate {
-            devices,
-            rate,
-            count,
-            seed,
-            start,
-            out_of_order,
-            out,
-        } => match simulate(devices, rate, count, seed, &start, out_of_order, out) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                2
+        Command::Simulate { devices, rate, count, seed, start, out_of_order, out } => {
+            match simulate(devices, rate, count, seed, &start, out_of_order, out) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    2
+                }
             }
-        },
-        Command::Run {
-            pipeline,
-            reset_state,
-        } => run(&pipeline, Mode::Live, reset_state, false).await,
-        Command::Replay {
-            pipeline,
-            reset_state,
-            no_progress,
-        } => run(&pipeline, Mode::Replay, reset_state, !no_progress).await,
+        }
+        Command::Run { pipeline, reset_state } => run(&pipeline, Mode::Live, reset_state, false).await,
+        Command::Replay { pipeline, reset_state, no_progress } => {
+            run(&pipeline, Mode::Replay, reset_state, !no_progress).await
+        }
     }
 }
 
@@ -181,28 +160,15 @@ fn load(path: &std::path::Path) -> Result<Plan, i32> {
     match config::load_file(path) {
         Ok(plan) => {
             for w in &plan.warnings {
-                eprintln!(
-                    "{}: warning: {}",
-                    path.display(),
-                    crate::secret::redact(&w.to_string())
-                );
+                eprintln!("{}: warning: {}", path.display(), crate::secret::redact(&w.to_string()));
             }
             Ok(plan)
         }
         Err(errors) => {
             for e in &errors {
-                eprintln!(
-                    "{}: error: {}",
-                    path.display(),
-                    crate::secret::redact(&e.to_string())
-                );
+                eprintln!("{}: error: {}", path.display(), crate::secret::redact(&e.to_string()));
             }
-            eprintln!(
-                "{}: {} error{}",
-                path.display(),
-                errors.len(),
-                if errors.len() == 1 { "" } else { "s" }
-            );
+            eprintln!("{}: {} error{}", path.display(), errors.len(), if errors.len() == 1 { "" } else { "s" });
             Err(2)
         }
     }
@@ -213,11 +179,7 @@ fn validate(paths: &[PathBuf]) -> i32 {
     for p in paths {
         match load(p) {
             Ok(plan) => {
-                let names: Vec<String> = plan
-                    .nodes
-                    .iter()
-                    .map(|n| format!("{} ({})", n.name, n.kind))
-                    .collect();
+                let names: Vec<String> = plan.nodes.iter().map(|n| format!("{} ({})", n.name, n.kind)).collect();
                 println!("{}: ok: {}", p.display(), names.join(", "));
             }
             Err(c) => code = c,
@@ -259,18 +221,10 @@ async fn run(path: &std::path::Path, mode: Mode, reset_state: bool, progress_bar
         Err(c) => return c,
     };
     let progress: SharedProgress = Arc::new(Progress::default());
-    let opts = RunOptions {
-        mode,
-        reset_state,
-        progress: progress.clone(),
-        ..Default::default()
-    };
+    let opts = RunOptions { mode, reset_state, progress: progress.clone(), ..Default::default() };
     let stop = stop_signal();
     let started = Instant::now();
-    let reporter = tokio::spawn(report_progress(
-        progress.clone(),
-        progress_bar && mode == Mode::Replay,
-    ));
+    let reporter = tokio::spawn(report_progress(progress.clone(), progress_bar && mode == Mode::Replay));
     let result = runtime::run_pipeline(&plan, opts, stop).await;
     reporter.abort();
     let _ = reporter.await;
@@ -291,10 +245,7 @@ async fn stop_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
+        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             return std::future::pending().await;
         };
         tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
@@ -315,11 +266,9 @@ async fn report_progress(p: SharedProgress, bar: bool) {
     let pb = (bar && tty).then(|| {
         let pb = indicatif::ProgressBar::new(1000);
         pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] [{bar:30}] {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30}] {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         pb
     });
@@ -344,8 +293,7 @@ async fn report_progress(p: SharedProgress, bar: bool) {
             "{} events, {}/s{}",
             human(events as f64),
             human(rate),
-            frac.map(|f| format!(", {:.1}% of {of}", f * 100.0))
-                .unwrap_or_default()
+            frac.map(|f| format!(", {:.1}% of {of}", f * 100.0)).unwrap_or_default()
         );
         match &pb {
             Some(pb) => {
@@ -365,18 +313,12 @@ fn fraction(p: &Progress) -> (Option<f64>, String) {
     let total_b = p.total_bytes.load(Ordering::Relaxed);
     if total_b > 0 {
         let done = p.done_bytes.load(Ordering::Relaxed).min(total_b);
-        return (
-            Some(done as f64 / total_b as f64),
-            format!("{:.1} MB", total_b as f64 / 1e6),
-        );
+        return (Some(done as f64 / total_b as f64), format!("{:.1} MB", total_b as f64 / 1e6));
     }
     let total_e = p.total_events.load(Ordering::Relaxed);
     if total_e > 0 {
         let done = p.events.load(Ordering::Relaxed).min(total_e);
-        return (
-            Some(done as f64 / total_e as f64),
-            format!("{} events", human(total_e as f64)),
-        );
+        return (Some(done as f64 / total_e as f64), format!("{} events", human(total_e as f64)));
     }
     (None, String::new())
 }
@@ -401,9 +343,7 @@ fn print_summary(s: &RunSummary, elapsed: Duration, p: &Progress) {
         human(events as f64 / secs),
         s.epochs,
         if s.epochs == 1 { "" } else { "s" },
-        s.restored_epoch
-            .map(|e| format!(", resumed after epoch {e}"))
-            .unwrap_or_default()
+        s.restored_epoch.map(|e| format!(", resumed after epoch {e}")).unwrap_or_default()
     );
     for c in &s.components {
         let mut extra = String::new();

@@ -92,22 +92,17 @@ fn engine() -> &'static Engine {
         e.on_print(|_| {});
         e.on_debug(|_, _, _| {});
         e.register_type_with_name::<ObjHandle>("Object");
-        e.register_indexer_get(
-            |h: &mut ObjHandle, key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
-                let owner = h.owner;
-                let (start, len) = (h.start, h.len);
-                with_current(|ev| {
-                    if ev as *const Event as usize != owner {
-                        return Err("an object of another event was used".into());
-                    }
-                    Ok(obj_of(ev, start, len)
-                        .get(key)
-                        .map(|v| to_dynamic(ev, v))
-                        .unwrap_or(Dynamic::UNIT))
-                })
-                .unwrap_or_else(|| Err("an object was used outside of its event".into()))
-            },
-        );
+        e.register_indexer_get(|h: &mut ObjHandle, key: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+            let owner = h.owner;
+            let (start, len) = (h.start, h.len);
+            with_current(|ev| {
+                if ev as *const Event as usize != owner {
+                    return Err("an object of another event was used".into());
+                }
+                Ok(obj_of(ev, start, len).get(key).map(|v| to_dynamic(ev, v)).unwrap_or(Dynamic::UNIT))
+            })
+            .unwrap_or_else(|| Err("an object was used outside of its event".into()))
+        });
         e.register_fn("keys", |h: &mut ObjHandle| -> Dynamic {
             let (start, len) = (h.start, h.len);
             with_current(|ev| {
@@ -129,9 +124,7 @@ fn engine() -> &'static Engine {
             number_of(&x).map(Dynamic::from).unwrap_or(Dynamic::UNIT)
         });
         e.register_fn("time_ms", |s: &str| -> Dynamic {
-            crate::time::parse_rfc3339(s)
-                .map(|t| Dynamic::from(t / 1_000_000))
-                .unwrap_or(Dynamic::UNIT)
+            crate::time::parse_rfc3339(s).map(|t| Dynamic::from(t / 1_000_000)).unwrap_or(Dynamic::UNIT)
         });
         // Rhai marks `on_var` deprecated only to say it is volatile; the version is pinned.
         #[allow(deprecated)]
@@ -147,10 +140,7 @@ fn number_of(x: &Dynamic) -> Option<f64> {
     if let Ok(i) = x.as_int() {
         return Some(i as f64);
     }
-    x.clone()
-        .into_immutable_string()
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    x.clone().into_immutable_string().ok().and_then(|s| s.trim().parse().ok())
 }
 
 fn obj_of(ev: &Event, start: u32, len: u32) -> ObjRef<'_> {
@@ -183,17 +173,12 @@ fn meta_map(ev: &Event) -> Dynamic {
     m.insert("offset".into(), Dynamic::from(ev.meta.offset));
     m.insert("source".into(), Dynamic::from(ev.meta.source as i64));
     if let Some(o) = &ev.meta.origin {
-        m.insert(
-            "origin".into(),
-            Dynamic::from(ImmutableString::from(o.as_ref())),
-        );
+        m.insert("origin".into(), Dynamic::from(ImmutableString::from(o.as_ref())));
     }
     if ev.meta.enqueued != crate::event::NO_TIME {
         m.insert(
             "enqueued_time".into(),
-            Dynamic::from(ImmutableString::from(crate::time::format_rfc3339(
-                ev.meta.enqueued,
-            ))),
+            Dynamic::from(ImmutableString::from(crate::time::format_rfc3339(ev.meta.enqueued))),
         );
     }
     m.into()
@@ -213,18 +198,12 @@ fn to_dynamic(ev: &Event, v: ValRef<'_>) -> Dynamic {
         ValRef::Time(t) => Dynamic::from(ImmutableString::from(crate::time::format_rfc3339(t))),
         ValRef::Obj(o) => {
             let (start, len) = o.range();
-            Dynamic::from(ObjHandle {
-                start,
-                len,
-                owner: ev as *const Event as usize,
-            })
+            Dynamic::from(ObjHandle { start, len, owner: ev as *const Event as usize })
         }
-        ValRef::Json(s) => serde_json::from_str::<serde_json::Value>(s)
-            .map(|j| json_to_dynamic(&j))
-            .unwrap_or(Dynamic::UNIT),
-        ValRef::Bytes(b) => {
-            Dynamic::from(ImmutableString::from(String::from_utf8_lossy(b).as_ref()))
+        ValRef::Json(s) => {
+            serde_json::from_str::<serde_json::Value>(s).map(|j| json_to_dynamic(&j)).unwrap_or(Dynamic::UNIT)
         }
+        ValRef::Bytes(b) => Dynamic::from(ImmutableString::from(String::from_utf8_lossy(b).as_ref())),
     }
 }
 
@@ -239,10 +218,7 @@ fn json_to_dynamic(j: &serde_json::Value) -> Dynamic {
         serde_json::Value::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
         serde_json::Value::Array(a) => a.iter().map(json_to_dynamic).collect::<Vec<_>>().into(),
         serde_json::Value::Object(o) => {
-            let m: Map = o
-                .iter()
-                .map(|(k, v)| (k.as_str().into(), json_to_dynamic(v)))
-                .collect();
+            let m: Map = o.iter().map(|(k, v)| (k.as_str().into(), json_to_dynamic(v))).collect();
             m.into()
         }
     }
@@ -259,9 +235,7 @@ fn dynamic_to_json(d: &Dynamic) -> serde_json::Value {
         return i.into();
     }
     if let Ok(f) = d.as_float() {
-        return serde_json::Number::from_f64(f)
-            .map(serde_json::Value::Number)
-            .unwrap_or(serde_json::Value::Null);
+        return serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null);
     }
     if let Some(s) = d.read_lock::<ImmutableString>() {
         return serde_json::Value::String(s.to_string());
@@ -270,11 +244,7 @@ fn dynamic_to_json(d: &Dynamic) -> serde_json::Value {
         return serde_json::Value::Array(a.iter().map(dynamic_to_json).collect());
     }
     if let Some(m) = d.read_lock::<Map>() {
-        return serde_json::Value::Object(
-            m.iter()
-                .map(|(k, v)| (k.to_string(), dynamic_to_json(v)))
-                .collect(),
-        );
+        return serde_json::Value::Object(m.iter().map(|(k, v)| (k.to_string(), dynamic_to_json(v))).collect());
     }
     if let Some(h) = d.read_lock::<ObjHandle>() {
         let (start, len) = (h.start, h.len);
@@ -317,11 +287,7 @@ impl Expr {
                 _ => e.0.to_string(),
             }
         })?;
-        Ok(Expr {
-            src: src.into(),
-            ast: Arc::new(ast),
-            fast: fast_compare(src),
-        })
+        Ok(Expr { src: src.into(), ast: Arc::new(ast), fast: fast_compare(src) })
     }
 
     /// The expression's text.
@@ -332,9 +298,7 @@ impl Expr {
     /// Evaluates against an event.
     pub fn eval(&self, ev: &Event) -> Result<Value, String> {
         let _g = CurrentGuard::set(ev);
-        let d: Dynamic = engine()
-            .eval_ast(&self.ast)
-            .map_err(|e| format!("{e} in `{}`", self.src))?;
+        let d: Dynamic = engine().eval_ast(&self.ast).map_err(|e| format!("{e} in `{}`", self.src))?;
         Ok(dynamic_to_value(d))
     }
 
@@ -348,21 +312,17 @@ impl Expr {
 
     fn eval_bool_interpreted(&self, ev: &Event) -> Result<bool, String> {
         let _g = CurrentGuard::set(ev);
-        let d: Dynamic = engine()
-            .eval_ast(&self.ast)
-            .map_err(|e| format!("{e} in `{}`", self.src))?;
+        let d: Dynamic = engine().eval_ast(&self.ast).map_err(|e| format!("{e} in `{}`", self.src))?;
         if d.is_unit() {
             return Ok(false);
         }
-        d.as_bool()
-            .map_err(|t| format!("`{}` gave a {t}, not a boolean", self.src))
+        d.as_bool().map_err(|t| format!("`{}` gave a {t}, not a boolean", self.src))
     }
 }
 
 impl FastCompare {
     fn eval(&self, ev: &Event) -> bool {
-        let eq =
-            matches!(lookup(ev, &self.var), Some(ValRef::Str(s)) if s == self.literal.as_str());
+        let eq = matches!(lookup(ev, &self.var), Some(ValRef::Str(s)) if s == self.literal.as_str());
         eq != self.negate
     }
 }
@@ -384,12 +344,8 @@ fn fast_compare(src: &str) -> Option<FastCompare> {
         matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
             && x.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
     };
-    let is_lit = |x: &str| {
-        x.len() >= 2
-            && x.starts_with('"')
-            && x.ends_with('"')
-            && !x[1..x.len() - 1].contains(['"', '\\'])
-    };
+    let is_lit =
+        |x: &str| x.len() >= 2 && x.starts_with('"') && x.ends_with('"') && !x[1..x.len() - 1].contains(['"', '\\']);
     let (var, lit) = if is_ident(a) && is_lit(b) {
         (a, b)
     } else if is_ident(b) && is_lit(a) {
@@ -401,11 +357,7 @@ fn fast_compare(src: &str) -> Option<FastCompare> {
     if matches!(var, "true" | "false" | "this" | "fn" | "if" | "else") {
         return None;
     }
-    Some(FastCompare {
-        var: var.to_string(),
-        literal: lit[1..lit.len() - 1].to_string(),
-        negate,
-    })
+    Some(FastCompare { var: var.to_string(), literal: lit[1..lit.len() - 1].to_string(), negate })
 }
 
 #[cfg(test)]
@@ -422,11 +374,7 @@ mod tests {
 
     fn check(src: &str, expected: Value) {
         let e = Expr::compile(src).unwrap_or_else(|e| panic!("{src}: {e}"));
-        assert_eq!(
-            e.eval(&ev(MSG)).unwrap_or_else(|e| panic!("{src}: {e}")),
-            expected,
-            "{src}"
-        );
+        assert_eq!(e.eval(&ev(MSG)).unwrap_or_else(|e| panic!("{src}: {e}")), expected, "{src}");
     }
 
     #[test]
@@ -437,69 +385,37 @@ mod tests {
         check("battery + 1", Value::Int(51));
         check("telemetry.BloodPressure.Systolic", Value::Int(71));
         check("enrichments.site", Value::Str("plant-1".into()));
-        check(
-            r#"messageProperties["iothub-creation-time-utc"]"#,
-            Value::Str("2026-11-01T00:00:00Z".into()),
-        );
+        check(r#"messageProperties["iothub-creation-time-utc"]"#, Value::Str("2026-11-01T00:00:00Z".into()));
         check("telemetry.missing", Value::Null);
         check("nothing_here", Value::Null);
         check("meta.partition", Value::Int(0));
-        check(
-            r#"parse_float(telemetry.data.split(",")[1].trim())"#,
-            Value::Float(60.0),
-        );
+        check(r#"parse_float(telemetry.data.split(", ")[1])"#, Value::Float(60.0));
         check("round(21.456, 1)", Value::Float(21.5));
-        check(
-            "if temperature > 20 { \"warm\" } else { \"cold\" }",
-            Value::Str("warm".into()),
-        );
+        check("if temperature > 20 { \"warm\" } else { \"cold\" }", Value::Str("warm".into()));
         check("time_ms(enqueuedTime)", Value::Int(1_793_491_200_000));
-        check("telemetry", Value::Json(r#"{"BloodPressure":{"Systolic":71},"battery":50,"data":"20.5, 60, 47.6, -122.3","status":"ok","temperature":21.5}"#.into()));
+        check("telemetry", Value::Json(r#"{"temperature":21.5,"battery":50,"status":"ok","data":"20.5, 60, 47.6, -122.3","BloodPressure":{"Systolic":71}}"#.into()));
     }
 
     #[test]
     fn conditions() {
         let e = ev(MSG);
-        assert!(Expr::compile("temperature > 20 && status == \"ok\"")
-            .unwrap()
-            .eval_bool(&e)
-            .unwrap());
-        assert!(
-            !Expr::compile("missing_field")
-                .unwrap()
-                .eval_bool(&e)
-                .unwrap(),
-            "() is false"
-        );
-        assert!(Expr::compile("temperature + 1")
-            .unwrap()
-            .eval_bool(&e)
-            .unwrap_err()
-            .contains("not a boolean"));
-        assert!(Expr::compile("telemetry.status * 2")
-            .unwrap()
-            .eval(&e)
-            .is_err());
+        assert!(Expr::compile("temperature > 20 && status == \"ok\"").unwrap().eval_bool(&e).unwrap());
+        assert!(!Expr::compile("missing_field").unwrap().eval_bool(&e).unwrap(), "() is false");
+        assert!(Expr::compile("temperature + 1").unwrap().eval_bool(&e).unwrap_err().contains("not a boolean"));
+        assert!(Expr::compile("telemetry.status * 2").unwrap().eval(&e).is_err());
     }
 
     #[test]
     fn compile_errors_name_the_place() {
         let err = Expr::compile("temperature > ").unwrap_err();
         assert!(err.contains("at character"), "{err}");
-        assert!(
-            Expr::compile("let x = 1; x").is_err(),
-            "statements are not expressions"
-        );
+        assert!(Expr::compile("let x = 1; x").is_err(), "statements are not expressions");
     }
 
     #[test]
     fn fast_path_is_recognised() {
         assert!(fast_compare(r#"messageSource == "telemetry""#).is_some());
-        assert!(
-            fast_compare(r#""telemetry" != messageSource"#)
-                .unwrap()
-                .negate
-        );
+        assert!(fast_compare(r#""telemetry" != messageSource"#).unwrap().negate);
         assert!(fast_compare(r#"a == "x" || b == "y""#).is_none());
         assert!(fast_compare(r#"a == "x\"y""#).is_none());
         assert!(fast_compare("a == b").is_none());

@@ -78,77 +78,21 @@ impl Metrics {
             checkpoint_epoch: Gauge::default(),
             checkpoints_failed: Counter::default(),
         };
-        r.register(
-            "events_in",
-            "Events received by a component",
-            m.events_in.clone(),
-        );
-        r.register(
-            "events_out",
-            "Events emitted or written by a component",
-            m.events_out.clone(),
-        );
-        r.register(
-            "bytes_in",
-            "Bytes received by a component (source text)",
-            m.bytes_in.clone(),
-        );
+        r.register("events_in", "Events received by a component", m.events_in.clone());
+        r.register("events_out", "Events emitted or written by a component", m.events_out.clone());
+        r.register("bytes_in", "Bytes received by a component (source text)", m.bytes_in.clone());
         r.register("bytes_out", "Bytes written by a sink", m.bytes_out.clone());
-        r.register(
-            "errors",
-            "Errors (retried or not) in a component",
-            m.errors.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Records sent to a dead-letter output",
-            m.dead_letters.clone(),
-        );
-        r.register(
-            "late_events",
-            "Events later than the allowed lateness",
-            m.late_events.clone(),
-        );
-        r.register(
-            "skipped_values",
-            "Aggregated values that were missing or not numeric",
-            m.skipped_values.clone(),
-        );
-        r.register(
-            "batch_seconds",
-            "Time to process one batch",
-            m.batch_seconds.clone(),
-        );
-        r.register(
-            "watermark_lag_seconds",
-            "Wall clock minus watermark",
-            m.watermark_lag_seconds.clone(),
-        );
-        r.register(
-            "watermark_ms",
-            "Current watermark, Unix milliseconds",
-            m.watermark.clone(),
-        );
-        r.register(
-            "open_windows",
-            "Open (group, window) states",
-            m.open_windows.clone(),
-        );
-        r.register(
-            "source_connected",
-            "1 when a source's connection is up",
-            m.connected.clone(),
-        );
-        r.register(
-            "source_reconnects",
-            "Reconnections of a source",
-            m.reconnects.clone(),
-        );
-        r.register(
-            "consumer_lag",
-            "Messages waiting at the broker, where known",
-            m.consumer_lag.clone(),
-        );
+        r.register("errors", "Errors (retried or not) in a component", m.errors.clone());
+        r.register("dead_letters", "Records sent to a dead-letter output", m.dead_letters.clone());
+        r.register("late_events", "Events later than the allowed lateness", m.late_events.clone());
+        r.register("skipped_values", "Aggregated values that were missing or not numeric", m.skipped_values.clone());
+        r.register("batch_seconds", "Time to process one batch", m.batch_seconds.clone());
+        r.register("watermark_lag_seconds", "Wall clock minus watermark", m.watermark_lag_seconds.clone());
+        r.register("watermark_ms", "Current watermark, Unix milliseconds", m.watermark.clone());
+        r.register("open_windows", "Open (group, window) states", m.open_windows.clone());
+        r.register("source_connected", "1 when a source's connection is up", m.connected.clone());
+        r.register("source_reconnects", "Reconnections of a source", m.reconnects.clone());
+        r.register("consumer_lag", "Messages waiting at the broker, where known", m.consumer_lag.clone());
         r.register(
             "checkpoint_duration_seconds",
             "Time from barrier to durable checkpoint",
@@ -159,16 +103,8 @@ impl Metrics {
             "Time since the last durable checkpoint",
             m.checkpoint_age_seconds.clone(),
         );
-        r.register(
-            "checkpoint_epoch",
-            "Epoch of the last durable checkpoint",
-            m.checkpoint_epoch.clone(),
-        );
-        r.register(
-            "checkpoints_failed",
-            "Checkpoints that could not be written",
-            m.checkpoints_failed.clone(),
-        );
+        r.register("checkpoint_epoch", "Epoch of the last durable checkpoint", m.checkpoint_epoch.clone());
+        r.register("checkpoints_failed", "Checkpoints that could not be written", m.checkpoints_failed.clone());
         *m.registry.lock().unwrap() = r;
         m
     }
@@ -211,10 +147,7 @@ pub struct ComponentMetrics {
 impl ComponentMetrics {
     pub fn new(component: &str, kind: &str) -> ComponentMetrics {
         let m = global();
-        let label = ComponentLabel {
-            component: component.to_string(),
-            kind: kind.to_string(),
-        };
+        let label = ComponentLabel { component: component.to_string(), kind: kind.to_string() };
         ComponentMetrics {
             events_in: m.events_in.get_or_create(&label).clone(),
             events_out: m.events_out.get_or_create(&label).clone(),
@@ -257,13 +190,9 @@ mod tests {
         c.dead_letters.inc();
         let text = global().encode();
         assert!(
-            text.contains(
-                r#"centralflow_events_out_total{component="test_metrics_src",kind="files"} 5"#
-            ),
+            text.contains(r#"centralflow_events_out_total{component="test_metrics_src",kind="files"} 5"#),
             "{text}"
         );
-        assert!(text.contains(
-            r#"centralflow_dead_letters_total{component="test_metrics_src",kind="files"} 1"#
-        ));
+        assert!(text.contains(r#"centralflow_dead_letters_total{component="test_metrics_src",kind="files"} 1"#));
     }
 }

@@ -40,10 +40,7 @@ impl FieldPath {
         if parts.iter().any(|p| p.is_empty()) {
             return Err(format!("{t:?} is not a field path (empty segment)"));
         }
-        Ok(FieldPath {
-            parts,
-            text: t.to_string(),
-        })
+        Ok(FieldPath { parts, text: t.to_string() })
     }
 
     /// The path as written.
@@ -144,11 +141,7 @@ fn meta<'e>(ev: &'e Event, key: &str) -> Option<ValRef<'e>> {
         "partition" => Some(ValRef::Int(ev.meta.partition as i64)),
         "offset" => Some(ValRef::Int(ev.meta.offset)),
         "source" => Some(ValRef::Int(ev.meta.source as i64)),
-        "origin" => ev
-            .meta
-            .origin
-            .as_deref()
-            .map(|o| ValRef::Str(Cow::Borrowed(o))),
+        "origin" => ev.meta.origin.as_deref().map(|o| ValRef::Str(Cow::Borrowed(o))),
         "enqueued_time" if ev.meta.enqueued != NO_TIME => Some(ValRef::Time(ev.meta.enqueued)),
         _ => None,
     }
@@ -189,10 +182,7 @@ mod tests {
         check("telemetry.BloodPressure.Systolic", Some("71"));
         check("BloodPressure.Systolic", Some("71"));
         check("enrichments.site", Some("\"p1\""));
-        check(
-            "messageProperties.iothub-creation-time-utc",
-            Some("\"2026-11-01T00:00:01Z\""),
-        );
+        check("messageProperties.iothub-creation-time-utc", Some("\"2026-11-01T00:00:01Z\""));
         check("meta.partition", Some("0"));
         check("nope", None);
         check("telemetry.nope.deeper", None);
@@ -203,32 +193,16 @@ mod tests {
     #[test]
     fn writes_go_where_reads_come_from() {
         let mut e = ev();
-        assert!(FieldPath::parse("temperature_f")
-            .unwrap()
-            .set(&mut e, Value::Float(70.7)));
-        assert_eq!(
-            e.get_path(&["telemetry", "temperature_f"])
-                .unwrap()
-                .as_f64(),
-            Some(70.7)
-        );
-        assert!(FieldPath::parse("deviceId")
-            .unwrap()
-            .set(&mut e, "d2".into()));
+        assert!(FieldPath::parse("temperature_f").unwrap().set(&mut e, Value::Float(70.7)));
+        assert_eq!(e.get_path(&["telemetry", "temperature_f"]).unwrap().as_f64(), Some(70.7));
+        assert!(FieldPath::parse("deviceId").unwrap().set(&mut e, "d2".into()));
         assert_eq!(e.get_str("deviceId"), Some("d2"));
-        assert!(FieldPath::parse("temperature")
-            .unwrap()
-            .rename(&FieldPath::parse("temp_c").unwrap(), &mut e));
-        assert_eq!(
-            e.get_path(&["telemetry", "temp_c"]).unwrap().as_f64(),
-            Some(21.5)
-        );
+        assert!(FieldPath::parse("temperature").unwrap().rename(&FieldPath::parse("temp_c").unwrap(), &mut e));
+        assert_eq!(e.get_path(&["telemetry", "temp_c"]).unwrap().as_f64(), Some(21.5));
         assert!(FieldPath::parse("enrichments.site").unwrap().remove(&mut e));
         assert!(e.get_path(&["enrichments", "site"]).is_none());
         let mut row = Event::row();
-        assert!(FieldPath::parse("count")
-            .unwrap()
-            .set(&mut row, Value::Int(1)));
+        assert!(FieldPath::parse("count").unwrap().set(&mut row, Value::Int(1)));
         assert_eq!(row.get("count").unwrap().as_i64(), Some(1));
     }
 }

@@ -81,10 +81,7 @@ pub fn register(s: &str) {
     for kv in s.split(';') {
         if let Some((k, v)) = kv.split_once('=') {
             let k = k.trim().to_ascii_lowercase();
-            if (k.contains("key")
-                || k.contains("signature")
-                || k.contains("password")
-                || k.contains("token"))
+            if (k.contains("key") || k.contains("signature") || k.contains("password") || k.contains("token"))
                 && v.len() >= 4
             {
                 parts.push(v.to_string());
@@ -151,7 +148,9 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let s = Secret::new("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=listen;SharedAccessKey=c2VjcmV0LWtleQ==");
+        let s = Secret::new(
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=listen;SharedAccessKey=c2VjcmV0LWtleQ==",
+        );
         assert_eq!(format!("{s:?}"), "Secret(***)");
         assert_eq!(format!("{s}"), "***");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
@@ -164,9 +163,6 @@ mod tests {
     #[test]
     fn url_passwords_are_registered() {
         let _ = Secret::new("amqps://user:p%40ssw0rd-xyz@broker:5671/vhost");
-        assert_eq!(
-            redact("auth failed for p@ssw0rd-xyz"),
-            "auth failed for ***"
-        );
+        assert_eq!(redact("auth failed for p@ssw0rd-xyz"), "auth failed for ***");
     }
 }

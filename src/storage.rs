@@ -49,9 +49,7 @@ pub fn scheme_of(url: &str) -> Result<Scheme, String> {
         None => Ok(Scheme::Local),
         Some((s, rest)) => {
             if rest.is_empty() {
-                return Err(format!(
-                    "{url:?} has no bucket, container or path after the scheme"
-                ));
+                return Err(format!("{url:?} has no bucket, container or path after the scheme"));
             }
             match s.to_ascii_lowercase().as_str() {
                 "file" => Ok(Scheme::Local),
@@ -76,31 +74,19 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             let abs = if path.is_absolute() {
                 path
             } else {
-                std::env::current_dir()
-                    .context("current directory")?
-                    .join(path)
+                std::env::current_dir().context("current directory")?.join(path)
             };
             let abs = normalize(&abs);
             let store = LocalFileSystem::new();
-            let prefix = Path::from_absolute_path(&abs)
-                .with_context(|| format!("{} is not a usable path", abs.display()))?;
-            Ok(Location {
-                store: Arc::new(store),
-                prefix,
-                scheme,
-                display: url.to_string(),
-                local_path: Some(abs),
-            })
+            let prefix =
+                Path::from_absolute_path(&abs).with_context(|| format!("{} is not a usable path", abs.display()))?;
+            Ok(Location { store: Arc::new(store), prefix, scheme, display: url.to_string(), local_path: Some(abs) })
         }
         Scheme::S3 => {
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
             let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(url);
             for (k, v) in options {
-                b = b.with_config(
-                    k.parse()
-                        .with_context(|| format!("unknown S3 option {k:?}"))?,
-                    v,
-                );
+                b = b.with_config(k.parse().with_context(|| format!("unknown S3 option {k:?}"))?, v);
             }
             let store = b.build().with_context(|| format!("opening {url}"))?;
             Ok(Location {
@@ -115,11 +101,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
             for (k, v) in options {
-                b = b.with_config(
-                    k.parse()
-                        .with_context(|| format!("unknown Azure option {k:?}"))?,
-                    v,
-                );
+                b = b.with_config(k.parse().with_context(|| format!("unknown Azure option {k:?}"))?, v);
             }
             let store = b.build().with_context(|| format!("opening {url}"))?;
             Ok(Location {
@@ -134,11 +116,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
             let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
             for (k, v) in options {
-                b = b.with_config(
-                    k.parse()
-                        .with_context(|| format!("unknown GCS option {k:?}"))?,
-                    v,
-                );
+                b = b.with_config(k.parse().with_context(|| format!("unknown GCS option {k:?}"))?, v);
             }
             let store = b.build().with_context(|| format!("opening {url}"))?;
             Ok(Location {
@@ -176,11 +154,7 @@ fn normalize(p: &std::path::Path) -> PathBuf {
 impl Location {
     /// A path below the prefix.
     pub fn child(&self, rel: &str) -> Path {
-        let mut parts: Vec<String> = self
-            .prefix
-            .parts()
-            .map(|p| p.as_ref().to_string())
-            .collect();
+        let mut parts: Vec<String> = self.prefix.parts().map(|p| p.as_ref().to_string()).collect();
         parts.extend(rel.split('/').filter(|s| !s.is_empty()).map(str::to_string));
         Path::from_iter(parts)
     }
@@ -188,10 +162,7 @@ impl Location {
     /// The path relative to the prefix.
     pub fn relative(&self, p: &Path) -> String {
         match p.prefix_match(&self.prefix) {
-            Some(parts) => parts
-                .map(|p| p.as_ref().to_string())
-                .collect::<Vec<_>>()
-                .join("/"),
+            Some(parts) => parts.map(|p| p.as_ref().to_string()).collect::<Vec<_>>().join("/"),
             None => p.to_string(),
         }
     }
@@ -240,9 +211,7 @@ mod tests {
         assert_eq!(scheme_of("s3://bucket/p").unwrap(), Scheme::S3);
         assert_eq!(scheme_of("az://container/p").unwrap(), Scheme::Azure);
         assert_eq!(scheme_of("gs://b").unwrap(), Scheme::Gcs);
-        assert!(scheme_of("ftp://x/y")
-            .unwrap_err()
-            .contains("unsupported storage scheme"));
+        assert!(scheme_of("ftp://x/y").unwrap_err().contains("unsupported storage scheme"));
         assert!(scheme_of("s3://").unwrap_err().contains("no bucket"));
     }
 
@@ -253,10 +222,7 @@ mod tests {
         assert_eq!(loc.local_path.unwrap(), cwd.join("b/out"));
         assert!(loc.prefix.as_ref().ends_with("b/out"));
         let loc = open("file:///tmp/x", &BTreeMap::new()).unwrap();
-        assert_eq!(
-            loc.child("date=1/part.parquet").as_ref(),
-            "tmp/x/date=1/part.parquet"
-        );
+        assert_eq!(loc.child("date=1/part.parquet").as_ref(), "tmp/x/date=1/part.parquet");
         assert_eq!(loc.relative(&loc.child("a/b")), "a/b");
     }
 
@@ -270,10 +236,6 @@ mod tests {
         o.insert("azure_storage_use_emulator".into(), "true".into());
         let loc = open("az://container/x/y", &o).unwrap();
         assert_eq!(loc.prefix.as_ref(), "x/y");
-        assert!(open(
-            "s3://bucket/x",
-            &[("nonsense".to_string(), "1".to_string())].into()
-        )
-        .is_err());
+        assert!(open("s3://bucket/x", &[("nonsense".to_string(), "1".to_string())].into()).is_err());
     }
 }

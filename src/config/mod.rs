@@ -145,24 +145,25 @@ pub struct Checker<'a> {
 
 impl<'a> Checker<'a> {
     pub fn new(map: &'a SourceMap) -> Checker<'a> {
-        Checker {
-            errors: Vec::new(),
-            warnings: Vec::new(),
-            map,
-        }
+        Checker { errors: Vec::new(), warnings: Vec::new(), map }
     }
 
     fn make(&self, pointer: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            path: dotted(pointer),
-            pos: self.map.locate(pointer),
-            message: message.into(),
-        }
+        ConfigError { path: dotted(pointer), pos: self.map.locate(pointer), message: message.into() }
     }
 
     /// Records an error at a pointer.
     pub fn error(&mut self, pointer: &str, message: impl Into<String>) {
         let e = self.make(pointer, message);
+        self.errors.push(e);
+    }
+
+    /// Records an error about a key itself (an unknown field): located at the key.
+    pub fn error_at_key(&mut self, pointer: &str, message: impl Into<String>) {
+        let mut e = self.make(pointer, message);
+        if let Some(p) = self.map.keys.get(pointer) {
+            e.pos = Some(*p);
+        }
         self.errors.push(e);
     }
 
@@ -197,10 +198,7 @@ impl<'a> Checker<'a> {
     pub fn timestamp(&mut self, pointer: &str, s: &str) -> Option<crate::event::Nanos> {
         let t = crate::time::parse_rfc3339(s);
         if t.is_none() {
-            self.error(
-                pointer,
-                format!("{s:?} is not an RFC 3339 timestamp (like 2026-11-01T13:00:00Z)"),
-            );
+            self.error(pointer, format!("{s:?} is not an RFC 3339 timestamp (like 2026-11-01T13:00:00Z)"));
         }
         t
     }
@@ -230,10 +228,7 @@ impl<'a> Checker<'a> {
         }
         match self.map.from_env.get(pointer) {
             Some(u) if u.whole => {}
-            _ => self.error(
-                pointer,
-                "is a secret and must come from the environment: write it as ${VARIABLE}",
-            ),
+            _ => self.error(pointer, "is a secret and must come from the environment: write it as ${VARIABLE}"),
         }
     }
 
@@ -241,18 +236,13 @@ impl<'a> Checker<'a> {
     pub fn storage_options(&mut self, pointer: &str, opts: &BTreeMap<String, String>) {
         for (k, v) in opts {
             let lk = k.to_ascii_lowercase();
-            let secret = ["key", "secret", "token", "password", "sas", "credential"]
-                .iter()
-                .any(|s| lk.contains(s))
+            let secret = ["key", "secret", "token", "password", "sas", "credential"].iter().any(|s| lk.contains(s))
                 && !lk.ends_with("_name")
                 && !lk.ends_with("_id")
                 && !lk.contains("key_id")
                 && !lk.contains("keyname");
             if secret {
-                self.secret(
-                    &format!("{pointer}/{}", yaml::pointer_escape(k)),
-                    !v.is_empty(),
-                );
+                self.secret(&format!("{pointer}/{}", yaml::pointer_escape(k)), !v.is_empty());
                 crate::secret::register(v);
             }
         }
@@ -339,16 +329,9 @@ pub fn json_schema() -> serde_json::Value {
 /// Reads and validates a pipeline file, interpolating from the process environment.
 pub fn load_file(path: &std::path::Path) -> Result<Plan, Vec<ConfigError>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        vec![ConfigError {
-            path: String::new(),
-            pos: None,
-            message: format!("cannot read {}: {e}", path.display()),
-        }]
+        vec![ConfigError { path: String::new(), pos: None, message: format!("cannot read {}: {e}", path.display()) }]
     })?;
-    let default_name = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_else(|| "pipeline".into());
+    let default_name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "pipeline".into());
     load_str(&text, &default_name, &|k| std::env::var(k).ok())
 }
 
@@ -358,40 +341,86 @@ pub fn load_str(
     default_name: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Plan, Vec<ConfigError>> {
-    let (mut value, map, issues) = yaml::parse(text, env).map_err(|i| {
-        vec![ConfigError {
-            path: yaml_path(&i.pointer),
-            pos: i.pos,
-            message: i.message,
-        }]
-    })?;
+    let (mut value, map, issues) = yaml::parse(text, env)
+        .map_err(|i| vec![ConfigError { path: yaml_path(&i.pointer), pos: i.pos, message: i.message }])?;
     let mut cx = Checker::new(&map);
     for i in issues {
-        cx.errors.push(ConfigError {
-            path: yaml_path(&i.pointer),
-            pos: i.pos,
-            message: i.message,
-        });
+        cx.errors.push(ConfigError { path: yaml_path(&i.pointer), pos: i.pos, message: i.message });
     }
     structure(&mut value, &mut cx);
-    if !cx.errors.is_empty() {
-        return Err(sorted(cx.errors));
-    }
-    let config: PipelineConfig = match serde_path_to_error::deserialize(&value) {
-        Ok(c) => c,
-        Err(e) => {
-            let ptr = format!("/{}", e.path().to_string().replace('.', "/"));
-            cx.error(&ptr, e.inner().to_string());
-            return Err(sorted(cx.errors));
-        }
-    };
-    let plan = semantic(config, &value, default_name, &mut cx);
+    // Components with structural errors are left out of the later passes (but still count as
+    // existing, so that nothing else is reported about them); the rest are checked fully, so
+    // that one run reports every mistake.
+    let invalid: std::collections::BTreeSet<String> =
+        cx.errors.iter().filter_map(|e| component_of(&e.path)).collect();
+    let config = typed(&value, &invalid, &mut cx);
+    let plan = semantic(config, &value, default_name, &invalid, &mut cx);
     if !cx.errors.is_empty() {
         return Err(sorted(cx.errors));
     }
     let mut plan = plan.expect("a plan when there are no errors");
     plan.warnings = cx.warnings;
     Ok(plan)
+}
+
+/// `sources.a.url` -> `a` (the component an error is about, if any).
+fn component_of(dotted_path: &str) -> Option<String> {
+    let mut parts = dotted_path.splitn(3, '.');
+    match (parts.next(), parts.next()) {
+        (Some("sources" | "transforms" | "sinks"), Some(name)) => {
+            Some(name.split('[').next().unwrap_or(name).to_string())
+        }
+        _ => None,
+    }
+}
+
+/// Deserializes the document, leaving out invalid components.
+fn typed(
+    value: &serde_json::Value,
+    invalid: &std::collections::BTreeSet<String>,
+    cx: &mut Checker<'_>,
+) -> PipelineConfig {
+    fn section<T: serde::de::DeserializeOwned>(
+        value: &serde_json::Value,
+        name: &str,
+        invalid: &std::collections::BTreeSet<String>,
+        cx: &mut Checker<'_>,
+    ) -> IndexMap<String, T> {
+        let mut out = IndexMap::new();
+        if let Some(obj) = value.get(name).and_then(|v| v.as_object()) {
+            for (k, v) in obj {
+                if invalid.contains(k) {
+                    continue;
+                }
+                match serde_path_to_error::deserialize::<_, T>(v) {
+                    Ok(c) => {
+                        out.insert(k.clone(), c);
+                    }
+                    Err(e) => {
+                        let ptr =
+                            format!("/{name}/{}/{}", yaml::pointer_escape(k), e.path().to_string().replace('.', "/"));
+                        cx.error(ptr.trim_end_matches('/'), e.inner().to_string());
+                    }
+                }
+            }
+        }
+        out
+    }
+    let opt = |key: &str, cx: &mut Checker<'_>| -> Option<serde_json::Value> {
+        let v = value.get(key).filter(|v| !v.is_null())?;
+        let _ = cx;
+        Some(v.clone())
+    };
+    let checkpoint = opt("checkpoint", cx).and_then(|v| serde_json::from_value(v).ok());
+    let api = opt("api", cx).and_then(|v| serde_json::from_value(v).ok());
+    PipelineConfig {
+        name: value.get("name").and_then(|n| n.as_str()).map(str::to_string),
+        sources: section(value, "sources", invalid, cx),
+        transforms: section(value, "transforms", invalid, cx),
+        sinks: section(value, "sinks", invalid, cx),
+        checkpoint,
+        api,
+    }
 }
 
 fn yaml_path(ptr: &str) -> String {
@@ -404,31 +433,18 @@ fn sorted(mut errs: Vec<ConfigError>) -> Vec<ConfigError> {
     errs
 }
 
-const TOP_LEVEL: [&str; 6] = [
-    "name",
-    "sources",
-    "transforms",
-    "sinks",
-    "checkpoint",
-    "api",
-];
+const TOP_LEVEL: [&str; 6] = ["name", "sources", "transforms", "sinks", "checkpoint", "api"];
 
 /// Pass 1: the shape of the document and of each component, against JSON Schemas.
 fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
     let Some(root) = value.as_object_mut() else {
-        cx.error(
-            "",
-            "a pipeline file is a mapping with `sources`, `transforms` and `sinks`",
-        );
+        cx.error("", "a pipeline file is a mapping with `sources`, `transforms` and `sinks`");
         return;
     };
     for key in root.keys() {
         if !TOP_LEVEL.contains(&key.as_str()) {
             let hint = suggest(key, &TOP_LEVEL);
-            cx.error(
-                &format!("/{}", yaml::pointer_escape(key)),
-                format!("unknown field `{key}`{hint}"),
-            );
+            cx.error_at_key(&format!("/{}", yaml::pointer_escape(key)), format!("unknown field `{key}`{hint}"));
         }
     }
     if let Some(name) = root.get("name") {
@@ -436,11 +452,9 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
             cx.error("/name", "must be a string");
         }
     }
-    for (section, types) in [
-        ("sources", crate::sources::TYPES),
-        ("transforms", crate::transforms::TYPES),
-        ("sinks", crate::sinks::TYPES),
-    ] {
+    for (section, types) in
+        [("sources", crate::sources::TYPES), ("transforms", crate::transforms::TYPES), ("sinks", crate::sinks::TYPES)]
+    {
         let Some(sec) = root.get_mut(section) else {
             continue;
         };
@@ -449,21 +463,13 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
             continue;
         }
         let Some(sec) = sec.as_object_mut() else {
-            cx.error(
-                &format!("/{section}"),
-                "must be a mapping of component names to components",
-            );
+            cx.error(&format!("/{section}"), "must be a mapping of component names to components");
             continue;
         };
         for (name, comp) in sec.iter_mut() {
             let ptr = format!("/{section}/{}", yaml::pointer_escape(name));
             if !valid_name(name) {
-                cx.error(
-                    &ptr,
-                    format!(
-                        "`{name}` is not a valid component name (letters, digits, `_` and `-`)"
-                    ),
-                );
+                cx.error(&ptr, format!("`{name}` is not a valid component name (letters, digits, `_` and `-`)"));
             }
             let Some(obj) = comp.as_object_mut() else {
                 cx.error(&ptr, "must be a mapping with a `type`");
@@ -476,10 +482,7 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
                     continue;
                 }
                 None => {
-                    cx.error(
-                        &ptr,
-                        format!("has no `type` (one of: {})", types.join(", ")),
-                    );
+                    cx.error(&ptr, format!("has no `type` (one of: {})", types.join(", ")));
                     continue;
                 }
             };
@@ -510,14 +513,8 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
         }
     }
     for (key, schema) in [
-        (
-            "checkpoint",
-            serde_json::to_value(schemars::schema_for!(CheckpointConfig)).unwrap(),
-        ),
-        (
-            "api",
-            serde_json::to_value(schemars::schema_for!(ApiConfig)).unwrap(),
-        ),
+        ("checkpoint", serde_json::to_value(schemars::schema_for!(CheckpointConfig)).unwrap()),
+        ("api", serde_json::to_value(schemars::schema_for!(ApiConfig)).unwrap()),
     ] {
         if let Some(v) = root.get_mut(key) {
             if !v.is_null() {
@@ -528,19 +525,12 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
 }
 
 fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Validates `value` against `schema`, reporting every error; strings that came from the
 /// environment are converted to numbers or booleans where the schema wants those.
-fn validate_against(
-    schema: &serde_json::Value,
-    value: &mut serde_json::Value,
-    base: &str,
-    cx: &mut Checker<'_>,
-) {
+fn validate_against(schema: &serde_json::Value, value: &mut serde_json::Value, base: &str, cx: &mut Checker<'_>) {
     let validator = match jsonschema::validator_for(schema) {
         Ok(v) => v,
         Err(e) => {
@@ -630,33 +620,26 @@ impl SchemaErrorKind {
         use jsonschema::error::ValidationErrorKind as K;
         match k {
             K::AdditionalProperties { unexpected } => SchemaErrorKind::Unknown(unexpected.clone()),
-            K::Required { property } => {
-                SchemaErrorKind::Required(property.as_str().unwrap_or("?").to_string())
+            K::Required { property } => SchemaErrorKind::Required(property.as_str().unwrap_or("?").to_string()),
+            K::Type { kind } => {
+                let dbg = format!("{kind:?}").to_ascii_lowercase();
+                let mut found: Vec<(usize, &str)> =
+                    ["integer", "number", "string", "boolean", "array", "object", "null"]
+                        .iter()
+                        .filter_map(|t| dbg.find(t).map(|i| (i, *t)))
+                        .collect();
+                found.sort();
+                SchemaErrorKind::Type(found.iter().map(|(_, t)| *t).collect::<Vec<_>>().join(" | "))
             }
-            K::Type { kind } => SchemaErrorKind::Type(
-                format!("{kind:?}")
-                    .to_ascii_lowercase()
-                    .replace("single(", "")
-                    .replace("multiple(", "")
-                    .replace(')', ""),
-            ),
             K::Enum { options } => SchemaErrorKind::Enum(
-                options
-                    .as_array()
-                    .map(|a| a.iter().map(|o| o.to_string()).collect())
-                    .unwrap_or_default(),
+                options.as_array().map(|a| a.iter().map(|o| o.to_string()).collect()).unwrap_or_default(),
             ),
             _ => SchemaErrorKind::Other,
         }
     }
 }
 
-fn report_schema_error(
-    schema: &serde_json::Value,
-    base: &str,
-    e: &SchemaError,
-    cx: &mut Checker<'_>,
-) {
+fn report_schema_error(schema: &serde_json::Value, base: &str, e: &SchemaError, cx: &mut Checker<'_>) {
     let ptr = format!("{base}{}", e.path);
     match &e.kind {
         SchemaErrorKind::Unknown(unexpected) => {
@@ -664,12 +647,9 @@ fn report_schema_error(
             let known_refs: Vec<&str> = known.iter().map(String::as_str).collect();
             for u in unexpected {
                 let hint = suggest(u, &known_refs);
-                let list = if known.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (known fields: {})", known.join(", "))
-                };
-                cx.error(
+                let list =
+                    if known.is_empty() { String::new() } else { format!(" (known fields: {})", known.join(", ")) };
+                cx.error_at_key(
                     &format!("{ptr}/{}", yaml::pointer_escape(u)),
                     format!("unknown field `{u}`{hint}{list}"),
                 );
@@ -679,13 +659,7 @@ fn report_schema_error(
             cx.error(&ptr, format!("missing required field `{property}`"));
         }
         SchemaErrorKind::Type(wanted) => {
-            cx.error(
-                &ptr,
-                format!(
-                    "must be {}",
-                    wanted.replace("null", "nothing").replace(" | ", " or ")
-                ),
-            );
+            cx.error(&ptr, format!("must be {}", wanted.replace("null", "nothing").replace(" | ", " or ")));
         }
         SchemaErrorKind::Enum(opts) => {
             cx.error(&ptr, format!("must be one of {}", opts.join(", ")));
@@ -707,10 +681,7 @@ fn known_properties(schema: &serde_json::Value, schema_path: &str) -> Vec<String
         if seg == "$ref" {
             continue;
         }
-        cur = match cur
-            .get(&seg)
-            .or_else(|| seg.parse::<usize>().ok().and_then(|i| cur.get(i)))
-        {
+        cur = match cur.get(&seg).or_else(|| seg.parse::<usize>().ok().and_then(|i| cur.get(i))) {
             Some(c) => c,
             None => return Vec::new(),
         };
@@ -722,10 +693,7 @@ fn known_properties(schema: &serde_json::Value, schema_path: &str) -> Vec<String
             }
         }
     }
-    cur.get("properties")
-        .and_then(|p| p.as_object())
-        .map(|p| p.keys().cloned().collect())
-        .unwrap_or_default()
+    cur.get("properties").and_then(|p| p.as_object()).map(|p| p.keys().cloned().collect()).unwrap_or_default()
 }
 
 /// ` (did you mean `x`?)` when a known name is close.
@@ -746,16 +714,15 @@ fn semantic(
     config: PipelineConfig,
     value: &serde_json::Value,
     default_name: &str,
+    invalid: &std::collections::BTreeSet<String>,
     cx: &mut Checker<'_>,
 ) -> Option<Plan> {
-    let name = config
-        .name
-        .clone()
-        .unwrap_or_else(|| default_name.to_string());
-    if config.sources.is_empty() {
+    let name = config.name.clone().unwrap_or_else(|| default_name.to_string());
+    let declared = |sec: &str| value.get(sec).and_then(|v| v.as_object()).map_or(0, |o| o.len());
+    if declared("sources") == 0 {
         cx.error("/sources", "a pipeline needs at least one source");
     }
-    if config.sinks.is_empty() {
+    if declared("sinks") == 0 {
         cx.error("/sinks", "a pipeline needs at least one sink");
     }
     if let Some(c) = &config.checkpoint {
@@ -767,10 +734,7 @@ fn semantic(
     }
     if let Some(a) = &config.api {
         if a.address.parse::<std::net::SocketAddr>().is_err() {
-            cx.error(
-                "/api/address",
-                format!("{:?} is not an address like 127.0.0.1:8686", a.address),
-            );
+            cx.error("/api/address", format!("{:?} is not an address like 127.0.0.1:8686", a.address));
         }
     }
     // nodes, with names unique across sections
@@ -819,11 +783,7 @@ fn semantic(
     for node in &nodes {
         if let Some(prev) = seen.insert(node.name.clone(), node.role) {
             cx.error(
-                &format!(
-                    "/{}/{}",
-                    node.role.section(),
-                    yaml::pointer_escape(&node.name)
-                ),
+                &format!("/{}/{}", node.role.section(), yaml::pointer_escape(&node.name)),
                 format!(
                     "the name `{}` is also used in `{}`: component names must be unique",
                     node.name,
@@ -833,7 +793,7 @@ fn semantic(
         }
     }
     // edges
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).chain(invalid.iter().cloned()).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     for i in 0..nodes.len() {
         let (role, inputs) = match &nodes[i].config {
@@ -841,11 +801,7 @@ fn semantic(
             ComponentConfig::Transform(t) => (Role::Transform, t.inputs().to_vec()),
             ComponentConfig::Sink(s) => (Role::Sink, s.inputs().to_vec()),
         };
-        let base = format!(
-            "/{}/{}/inputs",
-            role.section(),
-            yaml::pointer_escape(&nodes[i].name)
-        );
+        let base = format!("/{}/{}/inputs", role.section(), yaml::pointer_escape(&nodes[i].name));
         if inputs.is_empty() {
             cx.error(&base, "needs at least one input");
         }
@@ -856,11 +812,11 @@ fn semantic(
                 Some((c, p)) => (c, p),
                 None => (input.as_str(), ""),
             };
+            if invalid.contains(comp) {
+                continue; // already reported
+            }
             let Some(up) = nodes.iter().position(|n| n.name == comp) else {
-                cx.error(
-                    &ptr,
-                    format!("unknown input `{comp}`{}", suggest(comp, &name_refs)),
-                );
+                cx.error(&ptr, format!("unknown input `{comp}`{}", suggest(comp, &name_refs)));
                 continue;
             };
             if nodes[up].role == Role::Sink {
@@ -868,20 +824,12 @@ fn semantic(
                 continue;
             }
             let Some(p) = nodes[up].ports.iter().position(|x| *x == port) else {
-                let named: Vec<&str> = nodes[up]
-                    .ports
-                    .iter()
-                    .copied()
-                    .filter(|p| !p.is_empty())
-                    .collect();
+                let named: Vec<&str> = nodes[up].ports.iter().copied().filter(|p| !p.is_empty()).collect();
                 cx.error(
                     &ptr,
                     format!(
                         "`{comp}` has no output `{port}` (its outputs: `{comp}`{})",
-                        named
-                            .iter()
-                            .map(|p| format!(", `{comp}.{p}`"))
-                            .collect::<String>()
+                        named.iter().map(|p| format!(", `{comp}.{p}`")).collect::<String>()
                     ),
                 );
                 continue;
@@ -899,25 +847,13 @@ fn semantic(
         let first = &nodes[cycle[0]];
         let path: Vec<&str> = cycle.iter().map(|&i| nodes[i].name.as_str()).collect();
         cx.error(
-            &format!(
-                "/{}/{}/inputs",
-                first.role.section(),
-                yaml::pointer_escape(&first.name)
-            ),
-            format!(
-                "the inputs form a cycle: {} -> {}",
-                path.join(" -> "),
-                path[0]
-            ),
+            &format!("/{}/{}/inputs", first.role.section(), yaml::pointer_escape(&first.name)),
+            format!("the inputs form a cycle: {} -> {}", path.join(" -> "), path[0]),
         );
     }
     // components whose output nobody reads (warning: probably a mistake)
     for (i, n) in nodes.iter().enumerate() {
-        if n.role != Role::Sink
-            && !nodes
-                .iter()
-                .any(|m| m.inputs.iter().any(|(u, p)| *u == i && *p == 0))
-        {
+        if n.role != Role::Sink && !nodes.iter().any(|m| m.inputs.iter().any(|(u, p)| *u == i && *p == 0)) {
             cx.warn(
                 &format!("/{}/{}", n.role.section(), yaml::pointer_escape(&n.name)),
                 "its output is not read by any component",
@@ -939,23 +875,12 @@ fn semantic(
             inp.0 = remap[inp.0];
         }
     }
-    Some(Plan {
-        name,
-        nodes: ordered,
-        checkpoint: config.checkpoint,
-        api: config.api,
-        warnings: Vec::new(),
-    })
+    Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
 }
 
 fn find_cycle(nodes: &[PlanNode]) -> Option<Vec<usize>> {
     // colours: 0 new, 1 on stack, 2 done
-    fn visit(
-        i: usize,
-        nodes: &[PlanNode],
-        colour: &mut [u8],
-        stack: &mut Vec<usize>,
-    ) -> Option<Vec<usize>> {
+    fn visit(i: usize, nodes: &[PlanNode], colour: &mut [u8], stack: &mut Vec<usize>) -> Option<Vec<usize>> {
         colour[i] = 1;
         stack.push(i);
         for &(up, _) in &nodes[i].inputs {

@@ -1,1 +1,222 @@
+use super::*;
 
+fn env(name: &str) -> Option<String> {
+    match name {
+        "OUT" => Some("/tmp/out".into()),
+        "DEVICES" => Some("25".into()),
+        "KEY" => Some("c2VjcmV0LWtleS12YWx1ZQ==".into()),
+        _ => None,
+    }
+}
+
+fn load(text: &str) -> Result<Plan, Vec<ConfigError>> {
+    load_str(text, "test", &env)
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match load(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const GOOD: &str = r#"
+sources:
+  sim:
+    type: simulator
+    devices: ${DEVICES}
+    count: 100
+transforms:
+  telemetry:
+    type: filter
+    inputs: [sim]
+    condition: messageSource == "telemetry"
+  both:
+    type: map
+    inputs: [telemetry, sim.dead_letter]
+    set:
+      f: temperature * 2
+sinks:
+  lake:
+    type: parquet
+    inputs: [both]
+    url: ${OUT}/x
+  dl:
+    type: jsonl
+    inputs: [both.dead_letter, telemetry.dead_letter]
+    path: /tmp/dl.jsonl
+"#;
+
+#[test]
+fn a_good_pipeline_becomes_an_ordered_plan() {
+    let plan = load(GOOD).unwrap();
+    assert_eq!(plan.name, "test");
+    let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+    // every node after its inputs
+    for (i, n) in plan.nodes.iter().enumerate() {
+        for (up, _) in &n.inputs {
+            assert!(*up < i, "{names:?}");
+        }
+    }
+    let both = &plan.nodes[plan.node("both").unwrap()];
+    assert_eq!(both.inputs.len(), 2);
+    assert!(both.inputs.contains(&(plan.node("sim").unwrap(), 1)), "sim.dead_letter is port 1");
+    match &plan.nodes[plan.node("sim").unwrap()].config {
+        ComponentConfig::Source(SourceConfig::Simulator(s)) => assert_eq!(s.devices, 25, "interpolated number"),
+        other => panic!("{other:?}"),
+    }
+    match &plan.nodes[plan.node("lake").unwrap()].config {
+        ComponentConfig::Sink(SinkConfig::Parquet(p)) => assert_eq!(p.url, "/tmp/out/x"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn three_mistakes_give_three_located_errors() {
+    let text = r#"sources:
+  sim:
+    type: simulator
+    count: 10
+    devcies: 5
+transforms:
+  w:
+    type: filter
+    inputs: [simm]
+    condition: temperature >
+sinks:
+  out:
+    type: console
+    inputs: [w]
+"#;
+    let errs = errors(text);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(
+        errs[0].starts_with("sources.sim.devcies: unknown field `devcies` (did you mean `devices`?)"),
+        "{}",
+        errs[0]
+    );
+    assert!(errs[0].ends_with("(line 5, column 5)"), "{}", errs[0]);
+    assert!(errs[1].starts_with("transforms.w.inputs[0]: unknown input `simm` (did you mean `sim`?)"), "{}", errs[1]);
+    assert!(errs[1].ends_with("(line 9, column 14)"), "{}", errs[1]);
+    assert!(errs[2].starts_with("transforms.w.condition: invalid expression"), "{}", errs[2]);
+    assert!(errs[2].ends_with("(line 10, column 16)"), "{}", errs[2]);
+}
+
+#[test]
+fn structural_errors_are_all_reported() {
+    let text = r#"sourcs: {}
+sources:
+  a:
+    type: simulator
+    count: "many"
+    rate: -1
+  b:
+    type: nosuch
+  c:
+    url: x
+transforms:
+  m:
+    type: map
+    inputs: [a]
+sinks:
+  s:
+    type: parquet
+    inputs: [a]
+    compression: lz9
+"#;
+    let errs = errors(text);
+    let joined = errs.join("\n");
+    for want in [
+        "sourcs: unknown field `sourcs` (did you mean `sources`?) (line 1, column 1)",
+        "sources.a.count: must be integer or nothing (line 5, column 12)",
+        "sources.b.type: unknown source type `nosuch`",
+        "sources.c: has no `type` (one of: files, simulator",
+        "sinks.s: missing required field `url`",
+        "sinks.s.compression: must be one of \"zstd\", \"snappy\", \"none\" (line 19, column 18)",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn value_and_graph_errors() {
+    let text = r#"sources:
+  a:
+    type: simulator
+    count: 10
+    duration: 1 fortnight
+    start: yesterday
+transforms:
+  x:
+    type: map
+    inputs: [y]
+    set: {f: "1"}
+  y:
+    type: map
+    inputs: [x]
+    set: {g: "2"}
+  z:
+    type: filter
+    inputs: [a.nope]
+    condition: "true"
+sinks:
+  out:
+    type: console
+    inputs: [y, out]
+"#;
+    let joined = errors(text).join("\n");
+    for want in [
+        "sources.a.duration: \"1 fortnight\" is not a duration",
+        "sources.a.start: \"yesterday\" is not an RFC 3339 timestamp",
+        "transforms.z.inputs[0]: `a` has no output `nope` (its outputs: `a`, `a.dead_letter`)",
+        "sinks.out.inputs[1]: `out` is a sink and has no output",
+        "the inputs form a cycle",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+    }
+}
+
+#[test]
+fn missing_environment_variables_are_located() {
+    let errs = errors("sources:\n  a:\n    type: files\n    url: ${NOT_SET_ANYWHERE}\nsinks:\n  o:\n    type: console\n    inputs: [a]\n");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("sources.a.url: environment variable NOT_SET_ANYWHERE is not set"), "{}", errs[0]);
+    assert!(errs[0].ends_with("(line 4, column 10)"), "{}", errs[0]);
+}
+
+#[test]
+fn secrets_must_come_from_the_environment_and_are_not_printed() {
+    let literal = "sources:\n  a:\n    type: files\n    url: s3://b/p\n    storage:\n      aws_secret_access_key: hunter2-literal\nsinks:\n  o:\n    type: console\n    inputs: [a]\n";
+    let errs = errors(literal);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("is a secret and must come from the environment"), "{}", errs[0]);
+    assert!(!errs[0].contains("hunter2-literal"));
+    let from_env = literal.replace("hunter2-literal", "${KEY}");
+    let plan = load(&from_env).unwrap();
+    let dbg = format!("{plan:?}");
+    assert!(dbg.contains("aws_secret_access_key"));
+    // the value is registered for redaction wherever it might be printed
+    assert_eq!(crate::secret::redact("key c2VjcmV0LWtleS12YWx1ZQ== leaked"), "key *** leaked");
+}
+
+#[test]
+fn duplicate_names_and_empty_pipelines() {
+    let joined = errors("sources:\n  a:\n    type: simulator\n    count: 1\ntransforms:\n  a:\n    type: filter\n    inputs: [a]\n    condition: 'true'\nsinks: {}\n").join("\n");
+    assert!(joined.contains("the name `a` is also used in `sources`"), "{joined}");
+    assert!(joined.contains("a pipeline needs at least one sink"), "{joined}");
+}
+
+#[test]
+fn the_json_schema_describes_every_component_type() {
+    let schema = json_schema().to_string();
+    for t in crate::sources::TYPES.iter().chain(crate::transforms::TYPES).chain(crate::sinks::TYPES) {
+        assert!(schema.contains(&format!("\"{t}\"")), "type {t} missing from the schema");
+    }
+}
+
+#[test]
+fn dotted_paths() {
+    assert_eq!(dotted("/transforms/a/inputs/0"), "transforms.a.inputs[0]");
+    assert_eq!(dotted("/sources/x~1y/url"), "sources.x/y.url");
+    assert_eq!(dotted(""), "");
+}

@@ -57,11 +57,7 @@ impl<'de> Deserialize<'de> for Node {
                 Ok(Node::Int(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Node, E> {
-                Ok(if v <= i64::MAX as u64 {
-                    Node::Int(v as i64)
-                } else {
-                    Node::Float(v as f64)
-                })
+                Ok(if v <= i64::MAX as u64 { Node::Int(v as i64) } else { Node::Float(v as f64) })
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Node, E> {
                 Ok(Node::Float(v))
@@ -83,14 +79,7 @@ impl<'de> Deserialize<'de> for Node {
                 let mut out = Vec::new();
                 while let Some(k) = map.next_key::<Spanned<KeyString>>()? {
                     let v = map.next_value::<Spanned<Node>>()?;
-                    out.push((
-                        Spanned {
-                            value: k.value.0,
-                            referenced: k.referenced,
-                            defined: k.defined,
-                        },
-                        v,
-                    ));
+                    out.push((Spanned { value: k.value.0, referenced: k.referenced, defined: k.defined }, v));
                 }
                 Ok(Node::Map(out))
             }
@@ -134,10 +123,7 @@ impl<'de> Deserialize<'de> for KeyString {
 }
 
 fn pos_of<T>(s: &Spanned<T>) -> Pos {
-    Pos {
-        line: s.referenced.line(),
-        column: s.referenced.column(),
-    }
+    Pos { line: s.referenced.line(), column: s.referenced.column() }
 }
 
 /// What we know about each node after conversion, by JSON pointer.
@@ -195,7 +181,13 @@ pub fn parse(
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(serde_json::Value, SourceMap, Vec<YamlIssue>), YamlIssue> {
-    let root: Spanned<Node> = serde_saphyr::from_str(text).map_err(|e| YamlIssue {
+    // YAML 1.2 booleans only (`n`, `no`, `off` are strings), and duplicate keys reach us so that
+    // they are reported with their position among the other errors.
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::PassThrough,
+    };
+    let root: Spanned<Node> = serde_saphyr::from_str_with_options(text, options).map_err(|e| YamlIssue {
         pointer: String::new(),
         pos: None,
         message: format!("not valid YAML: {}", first_line(&e.to_string())),
@@ -223,33 +215,22 @@ fn convert(
         Node::Null => J::Null,
         Node::Bool(b) => J::Bool(*b),
         Node::Int(i) => J::from(*i),
-        Node::Float(f) => serde_json::Number::from_f64(*f)
-            .map(J::Number)
-            .unwrap_or(J::Null),
+        Node::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
         Node::Str(s) => match interpolate(s, env) {
             Ok((out, used)) => {
                 if !used.is_empty() {
                     let whole = is_single_placeholder(s);
-                    map.from_env
-                        .insert(ptr.clone(), EnvUse { whole, vars: used });
+                    map.from_env.insert(ptr.clone(), EnvUse { whole, vars: used });
                 }
                 J::String(out)
             }
             Err(msg) => {
-                issues.push(YamlIssue {
-                    pointer: ptr.clone(),
-                    pos: Some(pos_of(node)),
-                    message: msg,
-                });
+                issues.push(YamlIssue { pointer: ptr.clone(), pos: Some(pos_of(node)), message: msg });
                 J::String(String::new())
             }
         },
         Node::Seq(items) => J::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, n)| convert(n, format!("{ptr}/{i}"), map, issues, env))
-                .collect(),
+            items.iter().enumerate().map(|(i, n)| convert(n, format!("{ptr}/{i}"), map, issues, env)).collect(),
         ),
         Node::Map(entries) => {
             let mut obj = serde_json::Map::new();
@@ -278,10 +259,7 @@ fn is_single_placeholder(s: &str) -> bool {
 
 /// Expands `${VAR}`, `${VAR:-default}` and `$${` (a literal `${`). Returns the text and the
 /// variables used, or a message naming the first variable that is not set.
-pub fn interpolate(
-    s: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(String, Vec<String>), String> {
+pub fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(String, Vec<String>), String> {
     if !s.contains("${") {
         return Ok((s.to_string(), Vec::new()));
     }
@@ -297,16 +275,16 @@ pub fn interpolate(
         }
         out.push_str(&rest[..i]);
         let after = &rest[i + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unclosed `${{` in {s:?}"))?;
         let inner = &after[..end];
         let (name, default) = match inner.find(":-") {
             Some(j) => (&inner[..j], Some(&inner[j + 2..])),
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`${{{inner}}}` is not a valid variable reference (use ${{NAME}} or ${{NAME:-default}})"));
+            return Err(format!(
+                "`${{{inner}}}` is not a valid variable reference (use ${{NAME}} or ${{NAME:-default}})"
+            ));
         }
         match env(name).filter(|v| !v.is_empty() || default.is_none()) {
             Some(v) => out.push_str(&v),
@@ -367,28 +345,10 @@ mod tests {
         let (v, map, issues) = parse(text, &env).unwrap();
         assert!(issues.is_empty());
         assert_eq!(v["sources"]["a"]["url"], "/home/x");
-        assert_eq!(
-            map.values["/sources/a/url"],
-            Pos {
-                line: 4,
-                column: 10
-            }
-        );
+        assert_eq!(map.values["/sources/a/url"], Pos { line: 4, column: 10 });
         assert_eq!(map.keys["/sources/a/n"], Pos { line: 5, column: 5 });
-        assert_eq!(
-            map.from_env["/sources/a/url"],
-            EnvUse {
-                whole: true,
-                vars: vec!["HOME_DIR".into()]
-            }
-        );
-        assert_eq!(
-            map.locate("/sources/a/url/deeper"),
-            Some(Pos {
-                line: 4,
-                column: 10
-            })
-        );
+        assert_eq!(map.from_env["/sources/a/url"], EnvUse { whole: true, vars: vec!["HOME_DIR".into()] });
+        assert_eq!(map.locate("/sources/a/url/deeper"), Some(Pos { line: 4, column: 10 }));
     }
 
     #[test]
@@ -398,18 +358,12 @@ mod tests {
         match r {
             Ok((_, _, issues)) => {
                 assert!(
-                    issues
-                        .iter()
-                        .any(|i| i.message.contains("NOPE")
-                            && i.pos == Some(Pos { line: 1, column: 4 })),
+                    issues.iter().any(|i| i.message.contains("NOPE") && i.pos == Some(Pos { line: 1, column: 4 })),
                     "{issues:?}"
                 );
             }
             Err(e) => assert!(e.message.contains("duplicate"), "{e:?}"),
         }
-        assert!(parse("a: [1, 2\n", &env)
-            .unwrap_err()
-            .message
-            .starts_with("not valid YAML"));
+        assert!(parse("a: [1, 2\n", &env).unwrap_err().message.starts_with("not valid YAML"));
     }
 }

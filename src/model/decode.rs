@@ -90,8 +90,7 @@ thread_local! {
 
 /// Decodes one JSON object (UTF-8 already checked by the caller or checked here).
 pub fn decode_object(raw: Bytes) -> Result<Event, String> {
-    let text = std::str::from_utf8(&raw)
-        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let text = std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let Scratch { root, nested } = &mut *s;
@@ -101,44 +100,22 @@ pub fn decode_object(raw: Bytes) -> Result<Event, String> {
         let mut env = Envelope::new();
         {
             let mut de = serde_json::Deserializer::from_str(text);
-            let seed = RootSeed {
-                base: text,
-                root,
-                nested,
-                arena: &mut arena,
-                env: &mut env,
-            };
+            let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env };
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
             de.end().map_err(|e| json_error(text, e))?;
         }
-        let source = env
-            .source
-            .ok_or("not an IoT Central export message: no messageSource field")?;
+        let source = env.source.ok_or("not an IoT Central export message: no messageSource field")?;
         if env.time == NO_TIME {
             return Err("enqueuedTime is missing".to_string());
         }
         let root_len = root.len() as u32;
         let mut fields = Vec::with_capacity(root.len() + nested.len());
         fields.extend(root.iter().map(|f| match f.val {
-            Val::Obj { start, len, raw } => Field {
-                key: f.key,
-                val: Val::Obj {
-                    start: start + root_len,
-                    len,
-                    raw,
-                },
-            },
+            Val::Obj { start, len, raw } => Field { key: f.key, val: Val::Obj { start: start + root_len, len, raw } },
             _ => *f,
         }));
         fields.extend_from_slice(nested);
-        Ok(Event::from_parts(
-            raw.clone(),
-            arena,
-            fields,
-            root_len,
-            env.time,
-            Kind::Export(source),
-        ))
+        Ok(Event::from_parts(raw.clone(), arena, fields, root_len, env.time, Kind::Export(source)))
     })
 }
 
@@ -159,10 +136,7 @@ struct Envelope {
 
 impl Envelope {
     fn new() -> Self {
-        Envelope {
-            source: None,
-            time: NO_TIME,
-        }
+        Envelope { source: None, time: NO_TIME }
     }
 }
 
@@ -240,54 +214,36 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let RootSeed {
-            base,
-            root,
-            nested,
-            arena,
-            env,
-        } = self;
+        let RootSeed { base, root, nested, arena, env } = self;
         *env = Envelope::new();
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             let key_text = text_of(base, arena, &key);
             let val = match key.as_ref() {
-                "applicationId" | "messageType" | "deviceId" | "schema" | "templateId"
-                | "module" | "component" => {
-                    let v: Option<CowStr<'de>> = map
-                        .next_value()
-                        .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
+                "applicationId" | "messageType" | "deviceId" | "schema" | "templateId" | "module" | "component" => {
+                    let v: Option<CowStr<'de>> =
+                        map.next_value().map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
                     match v {
                         Some(CowStr(s)) => Val::Str(text_of(base, arena, &s)),
                         None => Val::Null,
                     }
                 }
                 "messageSource" => {
-                    let CowStr(s) = map.next_value().map_err(|e| {
-                        de::Error::custom(format!("messageSource: {}", strip_pos(&e)))
-                    })?;
+                    let CowStr(s) =
+                        map.next_value().map_err(|e| de::Error::custom(format!("messageSource: {}", strip_pos(&e))))?;
                     env.source = Some(MessageSource::parse(&s));
                     Val::Str(text_of(base, arena, &s))
                 }
                 "enqueuedTime" => {
-                    let CowStr(s) = map.next_value().map_err(|e| {
-                        de::Error::custom(format!("enqueuedTime: {}", strip_pos(&e)))
-                    })?;
+                    let CowStr(s) =
+                        map.next_value().map_err(|e| de::Error::custom(format!("enqueuedTime: {}", strip_pos(&e))))?;
                     env.time = time::parse_rfc3339(&s).ok_or_else(|| {
-                        de::Error::custom(format!(
-                            "enqueuedTime: {s:?} is not an RFC 3339 timestamp"
-                        ))
+                        de::Error::custom(format!("enqueuedTime: {s:?} is not an RFC 3339 timestamp"))
                     })?;
                     Val::Str(text_of(base, arena, &s))
                 }
-                "telemetry" | "enrichments" | "messageProperties" | "actor" | "resource"
-                | "updated" => {
-                    let seed = ObjSeed {
-                        base,
-                        nested: &mut *nested,
-                        arena: &mut *arena,
-                    };
-                    map.next_value_seed(seed)
-                        .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
+                "telemetry" | "enrichments" | "messageProperties" | "actor" | "resource" | "updated" => {
+                    let seed = ObjSeed { base, nested: &mut *nested, arena: &mut *arena };
+                    map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
                 }
                 "properties" => {
                     let raw: &'de RawValue = map.next_value()?;
@@ -295,11 +251,7 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                     match v {
                         Val::Json(_) if raw.get().starts_with('[') => v,
                         Val::Null => v,
-                        _ => {
-                            return Err(de::Error::custom(
-                                "properties: expected an array of {name, value}",
-                            ))
-                        }
+                        _ => return Err(de::Error::custom("properties: expected an array of {name, value}")),
                     }
                 }
                 _ => {
@@ -344,11 +296,7 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
         Ok(Val::Null)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
-        let ObjSeed {
-            base,
-            nested,
-            arena,
-        } = self;
+        let ObjSeed { base, nested, arena } = self;
         let start = nested.len();
         let mut first_key: Option<&'de str> = None;
         let mut all_borrowed = true;
@@ -370,11 +318,7 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
             (true, Some(k), Some(last)) => object_span(base, k, last).unwrap_or(Text::EMPTY),
             _ => Text::EMPTY,
         };
-        Ok(Val::Obj {
-            start: start as u32,
-            len: len as u32,
-            raw,
-        })
+        Ok(Val::Obj { start: start as u32, len: len as u32, raw })
     }
 }
 
@@ -436,38 +380,14 @@ mod tests {
     fn telemetry_sample_from_the_docs() {
         let ev = ok(TELEMETRY);
         assert_eq!(ev.kind, Kind::Export(MessageSource::Telemetry));
-        assert_eq!(
-            crate::time::format_rfc3339(ev.time),
-            "2020-08-05T22:26:55.455Z"
-        );
+        assert_eq!(crate::time::format_rfc3339(ev.time), "2020-08-05T22:26:55.455Z");
         assert_eq!(ev.get_str("deviceId"), Some("1vzb5ghlsg1"));
         assert_eq!(ev.get_str("component"), Some("DeviceComponent"));
-        assert_eq!(
-            ev.get_path(&["telemetry", "Activity"]).unwrap().as_str(),
-            Some("running")
-        );
-        assert_eq!(
-            ev.get_path(&["telemetry", "HeartRate"]).unwrap().as_f64(),
-            Some(88.0)
-        );
-        assert_eq!(
-            ev.get_path(&["telemetry", "BloodPressure", "Systolic"])
-                .unwrap()
-                .as_f64(),
-            Some(71.0)
-        );
-        assert_eq!(
-            ev.get_path(&["enrichments", "userSpecifiedKey"])
-                .unwrap()
-                .as_str(),
-            Some("sampleValue")
-        );
-        assert_eq!(
-            ev.get_path(&["messageProperties", "messageProp"])
-                .unwrap()
-                .as_str(),
-            Some("value")
-        );
+        assert_eq!(ev.get_path(&["telemetry", "Activity"]).unwrap().as_str(), Some("running"));
+        assert_eq!(ev.get_path(&["telemetry", "HeartRate"]).unwrap().as_f64(), Some(88.0));
+        assert_eq!(ev.get_path(&["telemetry", "BloodPressure", "Systolic"]).unwrap().as_f64(), Some(71.0));
+        assert_eq!(ev.get_path(&["enrichments", "userSpecifiedKey"]).unwrap().as_str(), Some("sampleValue"));
+        assert_eq!(ev.get_path(&["messageProperties", "messageProp"]).unwrap().as_str(), Some("value"));
         // unmodified: the telemetry object's own text is kept for archiving
         match ev.get("telemetry").unwrap() {
             ValRef::Obj(o) => {
@@ -504,21 +424,9 @@ mod tests {
         let audit = ok(
             r#"{"actor":{"id":"a","type":"apiToken"},"enqueuedTime":"2022-07-25T21:54:40Z","messageSource":"audit","messageType":"updated","resource":{"id":"sensor"},"updated":{"displayName":"x"}}"#,
         );
-        assert_eq!(
-            audit.get_path(&["actor", "type"]).unwrap().as_str(),
-            Some("apiToken")
-        );
-        assert_eq!(
-            audit
-                .get_path(&["updated", "displayName"])
-                .unwrap()
-                .as_str(),
-            Some("x")
-        );
-        assert!(
-            audit.get("deviceId").is_none(),
-            "optional envelope fields stay optional"
-        );
+        assert_eq!(audit.get_path(&["actor", "type"]).unwrap().as_str(), Some("apiToken"));
+        assert_eq!(audit.get_path(&["updated", "displayName"]).unwrap().as_str(), Some("x"));
+        assert!(audit.get("deviceId").is_none(), "optional envelope fields stay optional");
     }
 
     #[test]
@@ -526,35 +434,20 @@ mod tests {
         let json = r#"{"zzz":[1,2,{"a":null}],"enqueuedTime":"2021-01-29T16:45:39.143Z","telemetry":{"t\u00e9mp":8.5,"s":"a\"b","n":null,"b":true,"geo":{"lat":1.5,"lon":-2}},"messageSource":"telemetry","deviceId":"dev\\1","messageProperties":{"iothub-creation-time-utc":"2021-01-29T16:45:39.021Z"},"future":{"x":1}}"#;
         let ev = ok(json);
         assert_eq!(ev.get_str("deviceId"), Some("dev\\1"));
-        assert_eq!(
-            ev.get_path(&["telemetry", "témp"]).unwrap().as_f64(),
-            Some(8.5)
-        );
-        assert_eq!(
-            ev.get_path(&["telemetry", "s"]).unwrap().as_str(),
-            Some("a\"b")
-        );
+        assert_eq!(ev.get_path(&["telemetry", "témp"]).unwrap().as_f64(), Some(8.5));
+        assert_eq!(ev.get_path(&["telemetry", "s"]).unwrap().as_str(), Some("a\"b"));
         assert_eq!(ev.get_path(&["telemetry", "n"]), Some(ValRef::Null));
         assert_eq!(ev.get_path(&["telemetry", "b"]), Some(ValRef::Bool(true)));
+        assert_eq!(ev.get_path(&["telemetry", "geo", "lon"]).unwrap().as_f64(), Some(-2.0));
         assert_eq!(
-            ev.get_path(&["telemetry", "geo", "lon"]).unwrap().as_f64(),
-            Some(-2.0)
-        );
-        assert_eq!(
-            ev.get_path(&["messageProperties", "iothub-creation-time-utc"])
-                .unwrap()
-                .as_time(),
+            ev.get_path(&["messageProperties", "iothub-creation-time-utc"]).unwrap().as_time(),
             crate::time::parse_rfc3339("2021-01-29T16:45:39.021Z")
         );
         assert_eq!(ev.get_path(&["future", "x"]).unwrap().as_f64(), Some(1.0));
         let a: serde_json::Value = serde_json::from_str(json).unwrap();
         let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(
-            ev.root().iter().next().unwrap().0,
-            "zzz",
-            "original order kept"
-        );
+        assert_eq!(ev.root().iter().next().unwrap().0, "zzz", "original order kept");
     }
 
     #[test]
@@ -570,11 +463,7 @@ mod tests {
             br#"[{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z"}, 5]"#,
         ));
         assert!(bad[0].is_ok());
-        assert!(
-            bad[1].as_ref().unwrap_err().starts_with("array element 1:"),
-            "{:?}",
-            bad[1]
-        );
+        assert!(bad[1].as_ref().unwrap_err().starts_with("array element 1:"), "{:?}", bad[1]);
     }
 
     #[test]
@@ -583,29 +472,16 @@ mod tests {
         assert!(err(b"not json").starts_with("malformed JSON"));
         assert_eq!(
             err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"}\xff"),
-            "invalid UTF-8 at byte 69"
+            "invalid UTF-8 at byte 67"
         );
         assert!(err(br#"{"enqueuedTime":"2020-08-05T22:26:56Z"}"#).contains("no messageSource"));
-        assert_eq!(
-            err(br#"{"messageSource":"telemetry"}"#),
-            "enqueuedTime is missing"
-        );
-        assert!(
-            err(br#"{"messageSource":"telemetry","enqueuedTime":"yesterday"}"#)
-                .contains("enqueuedTime: \"yesterday\" is not an RFC 3339 timestamp")
-        );
-        let e = err(
-            br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":5}"#,
-        );
-        assert!(
-            e.starts_with("deviceId: invalid type: integer `5`, expected a string"),
-            "{e}"
-        );
+        assert_eq!(err(br#"{"messageSource":"telemetry"}"#), "enqueuedTime is missing");
+        assert!(err(br#"{"messageSource":"telemetry","enqueuedTime":"yesterday"}"#)
+            .contains("enqueuedTime: \"yesterday\" is not an RFC 3339 timestamp"));
+        let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":5}"#);
+        assert!(e.starts_with("deviceId: invalid type: integer `5`, expected a string"), "{e}");
         let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","telemetry":[1]}"#);
-        assert!(
-            e.starts_with("telemetry: invalid type: sequence, expected an object"),
-            "{e}"
-        );
+        assert!(e.starts_with("telemetry: invalid type: sequence, expected an object"), "{e}");
         let e = err(br#"{"messageSource":"properties","enqueuedTime":"2020-08-05T22:26:56Z","properties":"x"}"#);
         assert!(e.starts_with("properties: expected an array"), "{e}");
         let big = format!(
@@ -613,10 +489,8 @@ mod tests {
             "x".repeat(MAX_RECORD_BYTES)
         );
         assert!(err(big.as_bytes()).contains("exceeds the limit of 262144 bytes"));
-        assert!(err(
-            b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"} trailing"
-        )
-        .starts_with("malformed JSON"));
+        assert!(err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"} trailing")
+            .starts_with("malformed JSON"));
     }
 
     #[test]

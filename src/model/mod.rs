@@ -61,16 +61,8 @@ impl MessageSource {
 }
 
 /// Envelope field names, in the export's spelling, as they appear as columns in raw Parquet.
-pub const ENVELOPE_STRING_FIELDS: [&str; 8] = [
-    "applicationId",
-    "messageSource",
-    "messageType",
-    "deviceId",
-    "schema",
-    "templateId",
-    "module",
-    "component",
-];
+pub const ENVELOPE_STRING_FIELDS: [&str; 8] =
+    ["applicationId", "messageSource", "messageType", "deviceId", "schema", "templateId", "module", "component"];
 
 /// IoT Central's limit for one device-to-cloud message, which we also apply to input records.
 pub const MAX_RECORD_BYTES: usize = 256 * 1024;

@@ -57,19 +57,13 @@ impl CheckpointStore {
         let list: Vec<_> = match self.loc.store.list(Some(&self.dir)).try_collect().await {
             Ok(l) => l,
             Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("listing checkpoints in {}", self.loc.display))
-            }
+            Err(e) => return Err(e).with_context(|| format!("listing checkpoints in {}", self.loc.display)),
         };
         let mut epochs: Vec<u64> = list
             .iter()
             .filter_map(|m| {
                 let name = m.location.filename()?;
-                name.strip_prefix("ckpt-")?
-                    .strip_suffix(".bin")?
-                    .parse()
-                    .ok()
+                name.strip_prefix("ckpt-")?.strip_suffix(".bin")?.parse().ok()
             })
             .collect();
         epochs.sort_unstable();
@@ -83,16 +77,9 @@ impl CheckpointStore {
             return Ok(None);
         };
         let path = self.path_of(epoch);
-        let bytes = self
-            .loc
-            .store
-            .get(&path)
-            .await?
-            .bytes()
-            .await
-            .with_context(|| format!("reading checkpoint {path}"))?;
-        let ck: Checkpoint = postcard::from_bytes(&bytes)
-            .with_context(|| format!("checkpoint {path} is corrupt"))?;
+        let bytes =
+            self.loc.store.get(&path).await?.bytes().await.with_context(|| format!("reading checkpoint {path}"))?;
+        let ck: Checkpoint = postcard::from_bytes(&bytes).with_context(|| format!("checkpoint {path} is corrupt"))?;
         Ok(Some(ck))
     }
 
@@ -134,15 +121,7 @@ impl CheckpointStore {
 
 /// Makes a name safe as one path segment.
 pub fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect()
 }
 
 /// A stable 64-bit fingerprint of a component's configuration.
@@ -163,32 +142,17 @@ mod tests {
         let store = CheckpointStore::new(loc, "my pipeline");
         assert_eq!(store.latest().await.unwrap(), None);
         for epoch in 1..=5 {
-            let mut ck = Checkpoint {
-                epoch,
-                written_at: 7,
-                components: BTreeMap::new(),
-            };
-            ck.components.insert(
-                "w".into(),
-                ComponentState {
-                    fingerprint: 9,
-                    state: vec![epoch as u8; 3],
-                },
-            );
+            let mut ck = Checkpoint { epoch, written_at: 7, components: BTreeMap::new() };
+            ck.components.insert("w".into(), ComponentState { fingerprint: 9, state: vec![epoch as u8; 3] });
             store.write(&ck).await.unwrap();
         }
         let latest = store.latest().await.unwrap().unwrap();
         assert_eq!(latest.epoch, 5);
         assert_eq!(latest.components["w"].state, vec![5, 5, 5]);
-        let files: Vec<_> = std::fs::read_dir(dir.path().join("my_pipeline/checkpoints"))
-            .unwrap()
-            .collect();
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("my_pipeline/checkpoints")).unwrap().collect();
         assert_eq!(files.len(), 3, "only the newest three are kept");
         store.put_aux("cache", b"abc".to_vec()).await.unwrap();
-        assert_eq!(
-            store.get_aux("cache").await.unwrap().unwrap().as_ref(),
-            b"abc"
-        );
+        assert_eq!(store.get_aux("cache").await.unwrap().unwrap().as_ref(), b"abc");
         assert_eq!(store.get_aux("nope").await.unwrap(), None);
     }
 
@@ -198,11 +162,7 @@ mod tests {
         let loc = crate::storage::open(dir.path().to_str().unwrap(), &Default::default()).unwrap();
         let store = CheckpointStore::new(loc, "p");
         std::fs::create_dir_all(dir.path().join("p/checkpoints")).unwrap();
-        std::fs::write(
-            dir.path().join("p/checkpoints/ckpt-000000000001.bin"),
-            b"\xff\xff\xff",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("p/checkpoints/ckpt-000000000001.bin"), b"\xff\xff\xff").unwrap();
         let err = store.latest().await.unwrap_err();
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
     }

@@ -11,9 +11,7 @@ use tokio::task::JoinSet;
 
 use super::checkpoint::{Checkpoint, CheckpointStore, ComponentState};
 use super::io::{Inputs, Item, Msg, Outputs};
-use super::{
-    BuildCx, Control, Emitter, EndReason, Mode, Report, Sink, Source, SourceCx, Transform, TICK,
-};
+use super::{BuildCx, Control, Emitter, EndReason, Mode, Report, Sink, Source, SourceCx, Transform, TICK};
 use crate::config::{ComponentConfig, Plan, Role};
 use crate::metrics::{self, ComponentMetrics, SharedProgress};
 
@@ -30,12 +28,7 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions {
-            mode: Mode::Replay,
-            channel_capacity: 4,
-            reset_state: false,
-            progress: Default::default(),
-        }
+        RunOptions { mode: Mode::Replay, channel_capacity: 4, reset_state: false, progress: Default::default() }
     }
 }
 
@@ -84,23 +77,15 @@ pub async fn run_pipeline(
     opts: RunOptions,
     stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunSummary> {
-    let store = match plan
-        .checkpoint
-        .as_ref()
-        .and_then(|c| c.url.as_ref().map(|u| (u, c)))
-    {
+    let store = match plan.checkpoint.as_ref().and_then(|c| c.url.as_ref().map(|u| (u, c))) {
         Some((url, c)) => {
-            let loc = crate::storage::open(url, &c.storage)
-                .with_context(|| format!("opening the checkpoint store {url}"))?;
+            let loc =
+                crate::storage::open(url, &c.storage).with_context(|| format!("opening the checkpoint store {url}"))?;
             Some(CheckpointStore::new(loc, &plan.name))
         }
         None => None,
     };
-    let interval = plan
-        .checkpoint
-        .as_ref()
-        .map(|c| c.interval())
-        .unwrap_or(Duration::from_secs(10));
+    let interval = plan.checkpoint.as_ref().map(|c| c.interval()).unwrap_or(Duration::from_secs(10));
     let restored = match (&store, opts.reset_state) {
         (Some(s), false) => s.latest().await.context("reading the last checkpoint")?,
         _ => None,
@@ -114,11 +99,8 @@ pub async fn run_pipeline(
     let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
     let n = plan.nodes.len();
     // edges
-    let mut out_ports: Vec<Vec<Vec<mpsc::Sender<Msg>>>> = plan
-        .nodes
-        .iter()
-        .map(|p| vec![Vec::new(); p.ports.len().max(1)])
-        .collect();
+    let mut out_ports: Vec<Vec<Vec<mpsc::Sender<Msg>>>> =
+        plan.nodes.iter().map(|p| vec![Vec::new(); p.ports.len().max(1)]).collect();
     let mut in_rx: Vec<Vec<mpsc::Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
     for (i, node) in plan.nodes.iter().enumerate() {
         for &(up, port) in &node.inputs {
@@ -160,9 +142,7 @@ pub async fn run_pipeline(
         let mut has_ctrl = true;
         match &node.config {
             ComponentConfig::Source(cfg) => {
-                let src = crate::sources::build(cfg, &bcx)
-                    .await
-                    .with_context(|| format!("source {}", node.name))?;
+                let src = crate::sources::build(cfg, &bcx).await.with_context(|| format!("source {}", node.name))?;
                 let cx = SourceCx {
                     name: node.name.as_str().into(),
                     mode: opts.mode,
@@ -177,45 +157,21 @@ pub async fn run_pipeline(
                     warned_dead_letters: 0,
                 };
                 source_index += 1;
-                tasks.spawn(tracing::Instrument::instrument(
-                    source_task(src, cx, i, reports),
-                    span,
-                ));
+                tasks.spawn(tracing::Instrument::instrument(source_task(src, cx, i, reports), span));
             }
             ComponentConfig::Transform(cfg) => {
-                let t = crate::transforms::build(cfg, &bcx)
-                    .with_context(|| format!("transform {}", node.name))?;
+                let t = crate::transforms::build(cfg, &bcx).with_context(|| format!("transform {}", node.name))?;
                 has_ctrl = false;
                 let ports = node.ports.len();
                 tasks.spawn(tracing::Instrument::instrument(
-                    transform_task(
-                        t,
-                        inputs,
-                        outputs,
-                        ports,
-                        i,
-                        reports,
-                        opts.mode,
-                        persist,
-                        metrics.clone(),
-                    ),
+                    transform_task(t, inputs, outputs, ports, i, reports, opts.mode, persist, metrics.clone()),
                     span,
                 ));
             }
             ComponentConfig::Sink(cfg) => {
-                let s = crate::sinks::build(cfg, &bcx)
-                    .await
-                    .with_context(|| format!("sink {}", node.name))?;
+                let s = crate::sinks::build(cfg, &bcx).await.with_context(|| format!("sink {}", node.name))?;
                 tasks.spawn(tracing::Instrument::instrument(
-                    sink_task(
-                        s,
-                        inputs,
-                        ctrl_rx,
-                        i,
-                        reports,
-                        restored_state,
-                        metrics.clone(),
-                    ),
+                    sink_task(s, inputs, ctrl_rx, i, reports, restored_state, metrics.clone()),
                     span,
                 ));
             }
@@ -306,13 +262,7 @@ pub async fn run_pipeline(
                     .states
                     .iter()
                     .map(|(&i, s)| {
-                        (
-                            rt[i].name.clone(),
-                            ComponentState {
-                                fingerprint: rt[i].fingerprint,
-                                state: s.clone(),
-                            },
-                        )
+                        (rt[i].name.clone(), ComponentState { fingerprint: rt[i].fingerprint, state: s.clone() })
                     })
                     .collect::<BTreeMap<_, _>>(),
             };
@@ -321,10 +271,7 @@ pub async fn run_pipeline(
                     Ok(()) => true,
                     Err(e) => {
                         metrics::global().checkpoints_failed.inc();
-                        tracing::error!(
-                            "checkpoint {} not written, its output stays staged: {e:#}",
-                            p.epoch
-                        );
+                        tracing::error!("checkpoint {} not written, its output stays staged: {e:#}", p.epoch);
                         if p.is_final {
                             failure = Some(format!("final checkpoint could not be written: {e:#}"));
                         }
@@ -335,8 +282,7 @@ pub async fn run_pipeline(
             };
             if written {
                 let m = metrics::global();
-                m.checkpoint_seconds
-                    .observe(p.started.elapsed().as_secs_f64());
+                m.checkpoint_seconds.observe(p.started.elapsed().as_secs_f64());
                 m.checkpoint_epoch.set(p.epoch as i64);
                 last_durable = Instant::now();
                 for r in rt.iter().filter(|r| r.role != Role::Transform) {
@@ -347,9 +293,7 @@ pub async fn run_pipeline(
                 final_done = true;
             }
         }
-        metrics::global()
-            .checkpoint_age_seconds
-            .set(last_durable.elapsed().as_secs_f64());
+        metrics::global().checkpoint_age_seconds.set(last_durable.elapsed().as_secs_f64());
         // when everything has drained, one last epoch covers the rest
         if pending.is_none() && !final_done && rt.iter().all(|r| r.done) {
             epoch += 1;
@@ -398,13 +342,7 @@ fn send(r: &NodeRt, c: Control) {
 }
 
 fn start_epoch(rt: &[NodeRt], epoch: u64, is_final: bool) -> Pending {
-    let mut p = Pending {
-        epoch,
-        started: Instant::now(),
-        waiting: HashSet::new(),
-        states: HashMap::new(),
-        is_final,
-    };
+    let mut p = Pending { epoch, started: Instant::now(), waiting: HashSet::new(), states: HashMap::new(), is_final };
     for (i, r) in rt.iter().enumerate() {
         match (r.role, r.done) {
             (Role::Sink, true) => {
@@ -422,8 +360,7 @@ fn start_epoch(rt: &[NodeRt], epoch: u64, is_final: bool) -> Pending {
                 p.waiting.insert(i);
             }
             (_, true) => {
-                p.states
-                    .insert(i, r.final_state.clone().unwrap_or_default());
+                p.states.insert(i, r.final_state.clone().unwrap_or_default());
             }
         }
     }
@@ -452,35 +389,21 @@ async fn instance_id(store: Option<&CheckpointStore>) -> anyhow::Result<String> 
     }
 }
 
-async fn source_task(
-    mut src: Box<dyn Source>,
-    mut cx: SourceCx,
-    node: usize,
-    reports: mpsc::UnboundedSender<Report>,
-) {
+async fn source_task(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, reports: mpsc::UnboundedSender<Report>) {
     let reason = match src.run(&mut cx).await {
         Ok(r) => r,
         Err(e) => {
-            let _ = reports.send(Report::Failed {
-                node,
-                error: format!("{e:#}"),
-            });
+            let _ = reports.send(Report::Failed { node, error: format!("{e:#}") });
             return;
         }
     };
     let _ = cx.outputs.broadcast(Msg::End(reason)).await;
-    let _ = reports.send(Report::Finished {
-        node,
-        state: src.snapshot(),
-    });
+    let _ = reports.send(Report::Finished { node, state: src.snapshot() });
     loop {
         match cx.control().await {
             Control::Commit(e) => {
                 if let Err(err) = src.commit(e).await {
-                    let _ = reports.send(Report::Failed {
-                        node,
-                        error: format!("commit of epoch {e}: {err:#}"),
-                    });
+                    let _ = reports.send(Report::Failed { node, error: format!("commit of epoch {e}: {err:#}") });
                     return;
                 }
             }
@@ -532,11 +455,7 @@ async fn transform_task(
             Item::Barrier(e) => {
                 match t.snapshot() {
                     Ok(state) => {
-                        let _ = reports.send(Report::Snapshot {
-                            node,
-                            epoch: e,
-                            state,
-                        });
+                        let _ = reports.send(Report::Snapshot { node, epoch: e, state });
                     }
                     Err(err) => return fail(format!("snapshot: {err:#}")),
                 }
@@ -561,11 +480,7 @@ async fn transform_task(
     }
 }
 
-async fn emit(
-    em: &mut Emitter,
-    outputs: &Outputs,
-    metrics: &ComponentMetrics,
-) -> Result<(), super::io::Disconnected> {
+async fn emit(em: &mut Emitter, outputs: &Outputs, metrics: &ComponentMetrics) -> Result<(), super::io::Disconnected> {
     for (port, events) in em.take().into_iter().enumerate() {
         if events.is_empty() {
             continue;
@@ -588,10 +503,7 @@ async fn sink_task(
     metrics: ComponentMetrics,
 ) {
     let fail = |e: anyhow::Error| {
-        let _ = reports.send(Report::Failed {
-            node,
-            error: format!("{e:#}"),
-        });
+        let _ = reports.send(Report::Failed { node, error: format!("{e:#}") });
     };
     if let Err(e) = s.start(restored.as_deref()).await {
         return fail(e);

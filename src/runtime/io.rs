@@ -63,15 +63,7 @@ pub struct Inputs {
 impl Inputs {
     pub fn new(rx: Vec<mpsc::Receiver<Msg>>) -> Inputs {
         let n = rx.len();
-        Inputs {
-            rx,
-            ended: vec![false; n],
-            blocked: vec![false; n],
-            barrier: None,
-            reason: None,
-            next: 0,
-            done: false,
-        }
+        Inputs { rx, ended: vec![false; n], blocked: vec![false; n], barrier: None, reason: None, next: 0, done: false }
     }
 
     /// The next item. Cancel-safe. After `End` it keeps returning `End`.
@@ -163,9 +155,7 @@ impl Outputs {
         }
         let b = Arc::new(batch);
         for tx in edges {
-            tx.send(Msg::Batch(b.clone()))
-                .await
-                .map_err(|_| Disconnected)?;
+            tx.send(Msg::Batch(b.clone())).await.map_err(|_| Disconnected)?;
         }
         Ok(())
     }
@@ -189,9 +179,7 @@ pub struct Emitter {
 
 impl Emitter {
     pub fn new(ports: usize) -> Emitter {
-        Emitter {
-            ports: (0..ports.max(1)).map(|_| Vec::new()).collect(),
-        }
+        Emitter { ports: (0..ports.max(1)).map(|_| Vec::new()).collect() }
     }
     /// Emits an event on the main output.
     pub fn emit(&mut self, ev: Event) {

@@ -51,22 +51,10 @@ pub enum Control {
 /// Messages from components to the coordinator.
 #[derive(Debug)]
 pub(crate) enum Report {
-    Snapshot {
-        node: usize,
-        epoch: u64,
-        state: Vec<u8>,
-    },
-    Finished {
-        node: usize,
-        state: Vec<u8>,
-    },
-    Drained {
-        node: usize,
-    },
-    Failed {
-        node: usize,
-        error: String,
-    },
+    Snapshot { node: usize, epoch: u64, state: Vec<u8> },
+    Finished { node: usize, state: Vec<u8> },
+    Drained { node: usize },
+    Failed { node: usize, error: String },
     RequestCheckpoint,
 }
 
@@ -149,9 +137,7 @@ impl SourceCx {
             ev.meta.source = self.source_index;
         }
         self.metrics.events_out.inc_by(batch.len() as u64);
-        self.progress
-            .events
-            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.progress.events.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.outputs.send(0, batch).await?;
         Ok(())
     }
@@ -190,11 +176,7 @@ impl SourceCx {
     /// Injects barrier `epoch` after everything sent so far and records `position` for it.
     pub async fn barrier(&mut self, epoch: u64, position: Vec<u8>) -> anyhow::Result<()> {
         self.outputs.broadcast(Msg::Barrier(epoch)).await?;
-        let _ = self.reports.send(Report::Snapshot {
-            node: self.node,
-            epoch,
-            state: position,
-        });
+        let _ = self.reports.send(Report::Snapshot { node: self.node, epoch, state: position });
         Ok(())
     }
 

@@ -50,13 +50,7 @@ pub struct ConsoleSink {
 
 impl ConsoleSink {
     pub fn new(cfg: ConsoleConfig, cx: &BuildCx<'_>) -> ConsoleSink {
-        ConsoleSink {
-            cfg,
-            name: cx.name.to_string(),
-            printed: 0,
-            hidden: 0,
-            metrics: cx.metrics.clone(),
-        }
+        ConsoleSink { cfg, name: cx.name.to_string(), printed: 0, hidden: 0, metrics: cx.metrics.clone() }
     }
 }
 
@@ -107,12 +101,7 @@ impl Sink for ConsoleSink {
     }
     async fn close(&mut self) -> anyhow::Result<()> {
         if self.hidden > 0 {
-            println!(
-                "({}: {} more events not shown, limit {})",
-                self.name,
-                self.hidden,
-                self.cfg.limit.unwrap_or(0)
-            );
+            println!("({}: {} more events not shown, limit {})", self.name, self.hidden, self.cfg.limit.unwrap_or(0));
         }
         std::io::stdout().flush()?;
         Ok(())

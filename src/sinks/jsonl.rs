@@ -49,8 +49,7 @@ impl JsonlSink {
         } else {
             let p = std::path::Path::new(&cfg.path);
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             let f = std::fs::OpenOptions::new()
                 .create(true)
@@ -61,10 +60,7 @@ impl JsonlSink {
                 .with_context(|| format!("opening {}", p.display()))?;
             Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
         };
-        Ok(JsonlSink {
-            out,
-            metrics: cx.metrics.clone(),
-        })
+        Ok(JsonlSink { out, metrics: cx.metrics.clone() })
     }
 }
 

@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder,
-    StringBuilder, TimestampNanosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampNanosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
@@ -152,10 +152,7 @@ impl Spec for ParquetConfig {
             }
         }
         if self.file_prefix.is_empty() || self.file_prefix.contains('/') {
-            cx.error(
-                &format!("{ptr}/file_prefix"),
-                "must be a non-empty name without `/`",
-            );
+            cx.error(&format!("{ptr}/file_prefix"), "must be a non-empty name without `/`");
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
     }
@@ -214,7 +211,11 @@ impl PartitionTemplate {
                             lit.push('%');
                             continue;
                         }
-                        other => return Err(format!("`%{other}` is not supported in partition paths (use %Y %m %d %H %M %S %j %F)")),
+                        other => {
+                            return Err(format!(
+                                "`%{other}` is not supported in partition paths (use %Y %m %d %H %M %S %j %F)"
+                            ))
+                        }
                     };
                     granularity = granularity.min(g);
                     segs.push(Seg::Time(format!("%{d}")));
@@ -245,11 +246,7 @@ impl PartitionTemplate {
         }
         // day granularity and coarser are not aligned to the bucket (months differ); only
         // hour and finer are cached by bucket
-        Ok(PartitionTemplate {
-            segs,
-            granularity,
-            has_fields,
-        })
+        Ok(PartitionTemplate { segs, granularity, has_fields })
     }
 
     fn render(&self, ev: &Event, time: i64, out: &mut String) {
@@ -265,10 +262,7 @@ impl PartitionTemplate {
                     None => out.push_str("unknown"),
                 },
                 Seg::Field(p) => {
-                    let v = p
-                        .get(ev)
-                        .map(|v| crate::path::key_string(&v))
-                        .unwrap_or_else(|| "null".into());
+                    let v = p.get(ev).map(|v| crate::path::key_string(&v)).unwrap_or_else(|| "null".into());
                     out.push_str(&sanitize_segment(&v));
                 }
             }
@@ -277,16 +271,7 @@ impl PartitionTemplate {
 }
 
 fn sanitize_segment(v: &str) -> String {
-    let s: String = v
-        .chars()
-        .map(|c| {
-            if c == '/' || c == '\\' || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
+    let s: String = v.chars().map(|c| if c == '/' || c == '\\' || c.is_control() { '_' } else { c }).collect();
     if s.is_empty() || s == "." || s == ".." {
         "_".into()
     } else {
@@ -331,25 +316,10 @@ impl Partitioner {
 
 // ---------------------------------------------------------------- encoding
 
-const EXPORT_STRINGS: [&str; 8] = [
-    "applicationId",
-    "messageSource",
-    "messageType",
-    "deviceId",
-    "schema",
-    "templateId",
-    "module",
-    "component",
-];
-const EXPORT_JSON: [&str; 7] = [
-    "telemetry",
-    "properties",
-    "enrichments",
-    "messageProperties",
-    "actor",
-    "resource",
-    "updated",
-];
+const EXPORT_STRINGS: [&str; 8] =
+    ["applicationId", "messageSource", "messageType", "deviceId", "schema", "templateId", "module", "component"];
+const EXPORT_JSON: [&str; 7] =
+    ["telemetry", "properties", "enrichments", "messageProperties", "actor", "resource", "updated"];
 
 fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
@@ -404,12 +374,10 @@ fn push_meta(events: &[&Event], cols: &mut Vec<ArrayRef>) {
 /// Encodes export messages.
 pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Result<RecordBatch> {
     let n = events.len();
-    let mut strings: Vec<StringBuilder> = (0..EXPORT_STRINGS.len())
-        .map(|_| StringBuilder::with_capacity(n, n * 24))
-        .collect();
-    let mut jsons: Vec<StringBuilder> = (0..EXPORT_JSON.len())
-        .map(|_| StringBuilder::with_capacity(n, n * 64))
-        .collect();
+    let mut strings: Vec<StringBuilder> =
+        (0..EXPORT_STRINGS.len()).map(|_| StringBuilder::with_capacity(n, n * 24)).collect();
+    let mut jsons: Vec<StringBuilder> =
+        (0..EXPORT_JSON.len()).map(|_| StringBuilder::with_capacity(n, n * 64)).collect();
     let mut extra = StringBuilder::new();
     let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut buf = String::new();
@@ -518,17 +486,7 @@ pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef
     }
     let mut fields: Vec<Field> = cols
         .into_iter()
-        .map(|(k, t)| {
-            Field::new(
-                k,
-                if t == DataType::Null {
-                    DataType::Utf8
-                } else {
-                    t
-                },
-                true,
-            )
-        })
+        .map(|(k, t)| Field::new(k, if t == DataType::Null { DataType::Utf8 } else { t }, true))
         .collect();
     if metadata_columns {
         fields.extend(meta_fields());
@@ -549,30 +507,20 @@ fn merge_type(a: &DataType, b: &DataType) -> DataType {
 
 /// Whether every column of `b` exists in `a` with a type `a` can hold.
 fn schema_covers(a: &Schema, b: &Schema) -> bool {
-    b.fields()
-        .iter()
-        .all(|f| match a.field_with_name(f.name()) {
-            Ok(x) => {
-                x.data_type() == f.data_type()
-                    || (x.data_type() == &DataType::Float64 && f.data_type() == &DataType::Int64)
-                    || x.data_type() == &DataType::Utf8
-            }
-            Err(_) => false,
-        })
+    b.fields().iter().all(|f| match a.field_with_name(f.name()) {
+        Ok(x) => {
+            x.data_type() == f.data_type()
+                || (x.data_type() == &DataType::Float64 && f.data_type() == &DataType::Int64)
+                || x.data_type() == &DataType::Utf8
+        }
+        Err(_) => false,
+    })
 }
 
 /// Encodes rows into `schema`.
-pub fn encode_rows(
-    events: &[&Event],
-    schema: &SchemaRef,
-    metadata_columns: bool,
-) -> anyhow::Result<RecordBatch> {
+pub fn encode_rows(events: &[&Event], schema: &SchemaRef, metadata_columns: bool) -> anyhow::Result<RecordBatch> {
     let n = events.len();
-    let data_fields = if metadata_columns {
-        schema.fields().len() - 4
-    } else {
-        schema.fields().len()
-    };
+    let data_fields = if metadata_columns { schema.fields().len() - 4 } else { schema.fields().len() };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut buf = String::new();
     for f in schema.fields().iter().take(data_fields) {
@@ -683,8 +631,7 @@ pub struct ParquetSink {
 
 impl ParquetSink {
     pub async fn new(cfg: ParquetConfig, cx: &BuildCx<'_>) -> anyhow::Result<ParquetSink> {
-        let loc = storage::open(&cfg.url, &cfg.storage)
-            .with_context(|| format!("opening {}", cfg.url))?;
+        let loc = storage::open(&cfg.url, &cfg.storage).with_context(|| format!("opening {}", cfg.url))?;
         storage::probe(&loc).await?;
         let compression = match cfg.compression {
             Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
@@ -696,32 +643,12 @@ impl ParquetSink {
             .set_max_row_group_row_count(Some(cfg.row_group_size))
             .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let template = cfg
-            .partition_by
-            .as_deref()
-            .map(PartitionTemplate::parse)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        let time_path = cfg
-            .partition_time
-            .as_deref()
-            .map(FieldPath::parse)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        let roll_bytes = cfg
-            .roll
-            .bytes
-            .as_deref()
-            .map(parse_bytes)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
-        let roll_interval = cfg
-            .roll
-            .interval
-            .as_deref()
-            .map(crate::time::parse_duration)
-            .transpose()
-            .map_err(anyhow::Error::msg)?;
+        let template =
+            cfg.partition_by.as_deref().map(PartitionTemplate::parse).transpose().map_err(anyhow::Error::msg)?;
+        let time_path = cfg.partition_time.as_deref().map(FieldPath::parse).transpose().map_err(anyhow::Error::msg)?;
+        let roll_bytes = cfg.roll.bytes.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
+        let roll_interval =
+            cfg.roll.interval.as_deref().map(crate::time::parse_duration).transpose().map_err(anyhow::Error::msg)?;
         let layout = match cfg.layout {
             ParquetLayout::Auto => None,
             l => Some(l),
@@ -729,11 +656,7 @@ impl ParquetSink {
         Ok(ParquetSink {
             loc,
             props,
-            partitioner: Partitioner {
-                template,
-                time_path,
-                cache: None,
-            },
+            partitioner: Partitioner { template, time_path, cache: None },
             open: HashMap::new(),
             pending: Vec::new(),
             instance: cx.instance.to_string(),
@@ -749,19 +672,12 @@ impl ParquetSink {
 
     fn file_name(&mut self) -> String {
         self.seq += 1;
-        format!(
-            "{}-{}-{:08}-{:05}.parquet",
-            self.cfg.file_prefix, self.instance, self.epoch, self.seq
-        )
+        format!("{}-{}-{:08}-{:05}.parquet", self.cfg.file_prefix, self.instance, self.epoch, self.seq)
     }
 
     fn paths(&mut self, partition: &str) -> (Path, Path) {
         let name = self.file_name();
-        let rel = if partition.is_empty() {
-            name.clone()
-        } else {
-            format!("{partition}/{name}")
-        };
+        let rel = if partition.is_empty() { name.clone() } else { format!("{partition}/{name}") };
         let staged = self.loc.child(&format!("_staging/{rel}.inprogress"));
         (staged, self.loc.child(&rel))
     }
@@ -771,16 +687,9 @@ impl ParquetSink {
             return Ok(());
         };
         let bytes = f.writer.bytes_written() as u64;
-        f.writer
-            .close()
-            .await
-            .with_context(|| format!("finishing {}", f.staged))?;
+        f.writer.close().await.with_context(|| format!("finishing {}", f.staged))?;
         self.metrics.bytes_out.inc_by(bytes);
-        self.pending.push(Staged {
-            epoch: self.epoch,
-            staged: f.staged.to_string(),
-            target: f.target.to_string(),
-        });
+        self.pending.push(Staged { epoch: self.epoch, staged: f.staged.to_string(), target: f.target.to_string() });
         Ok(())
     }
 
@@ -809,14 +718,7 @@ impl ParquetSink {
             let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.props.clone()))?;
             self.open.insert(
                 key.clone(),
-                OpenFile {
-                    writer,
-                    staged,
-                    target,
-                    schema: schema.clone(),
-                    rows: 0,
-                    opened: Instant::now(),
-                },
+                OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
             );
         }
         let file_schema = self.open[&key].schema.clone();
@@ -831,17 +733,12 @@ impl ParquetSink {
         let f = self.open.get_mut(&key).unwrap();
         for rb in chunks {
             let rb = rb?;
-            f.writer
-                .write(&rb)
-                .await
-                .with_context(|| format!("writing {}", f.staged))?;
+            f.writer.write(&rb).await.with_context(|| format!("writing {}", f.staged))?;
             f.rows += rb.num_rows() as u64;
         }
         self.metrics.events_out.inc_by(events.len() as u64);
         let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
-            || self.roll_bytes.is_some_and(|b| {
-                (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b
-            });
+            || self.roll_bytes.is_some_and(|b| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b);
         if full {
             self.close_file(&key).await?;
         }
@@ -850,10 +747,7 @@ impl ParquetSink {
 }
 
 /// Makes a staged file visible under its final name (idempotent).
-async fn commit_staged(
-    store: Arc<dyn object_store::ObjectStore>,
-    s: &Staged,
-) -> anyhow::Result<()> {
+async fn commit_staged(store: Arc<dyn object_store::ObjectStore>, s: &Staged) -> anyhow::Result<()> {
     {
         let staged = Path::from(s.staged.as_str());
         let target = Path::from(s.target.as_str());
@@ -863,11 +757,9 @@ async fn commit_staged(
                 // committed before a crash: the target must be there
                 match store.head(&target).await {
                     Ok(_) => Ok(()),
-                    Err(e) => Err(anyhow::anyhow!(
-                        "staged file {} is gone and {} does not exist: {e}",
-                        s.staged,
-                        s.target
-                    )),
+                    Err(e) => {
+                        Err(anyhow::anyhow!("staged file {} is gone and {} does not exist: {e}", s.staged, s.target))
+                    }
                 }
             }
             Err(e) => Err(e).with_context(|| format!("committing {}", s.target)),
@@ -880,8 +772,8 @@ impl Sink for ParquetSink {
     async fn start(&mut self, restored: Option<&[u8]>) -> anyhow::Result<()> {
         let mut keep: Vec<String> = Vec::new();
         if let Some(state) = restored.filter(|s| !s.is_empty()) {
-            let (epoch, pending): (u64, Vec<Staged>) = postcard::from_bytes(state)
-                .context("parquet sink state in the checkpoint is corrupt")?;
+            let (epoch, pending): (u64, Vec<Staged>) =
+                postcard::from_bytes(state).context("parquet sink state in the checkpoint is corrupt")?;
             // everything staged up to the checkpoint is covered by it: commit now
             for s in &pending {
                 commit_staged(self.loc.store.clone(), s).await?;
@@ -892,12 +784,11 @@ impl Sink for ParquetSink {
         // staged files of this instance that no checkpoint covers are from a crashed run: the
         // replay writes their records again
         let staging = self.loc.child("_staging");
-        let listed: Vec<object_store::ObjectMeta> =
-            match self.loc.store.list(Some(&staging)).try_collect().await {
-                Ok(l) => l,
-                Err(object_store::Error::NotFound { .. }) => Vec::new(),
-                Err(e) => return Err(e).context("listing staged files"),
-            };
+        let listed: Vec<object_store::ObjectMeta> = match self.loc.store.list(Some(&staging)).try_collect().await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(e).context("listing staged files"),
+        };
         let mine = format!("{}-{}-", self.cfg.file_prefix, self.instance);
         for m in listed {
             let name = m.location.filename().unwrap_or("");
@@ -947,9 +838,8 @@ impl Sink for ParquetSink {
     }
 
     async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
-        let (now, later): (Vec<Staged>, Vec<Staged>) = std::mem::take(&mut self.pending)
-            .into_iter()
-            .partition(|s| s.epoch <= epoch);
+        let (now, later): (Vec<Staged>, Vec<Staged>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|s| s.epoch <= epoch);
         self.pending = later;
         for (i, s) in now.iter().enumerate() {
             if let Err(e) = commit_staged(self.loc.store.clone(), s).await {
@@ -963,12 +853,8 @@ impl Sink for ParquetSink {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         if let Some(max) = self.roll_interval {
-            let old: Vec<String> = self
-                .open
-                .iter()
-                .filter(|(_, f)| f.opened.elapsed() >= max)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let old: Vec<String> =
+                self.open.iter().filter(|(_, f)| f.opened.elapsed() >= max).map(|(k, _)| k.clone()).collect();
             for k in old {
                 self.close_file(&k).await?;
             }
@@ -1003,9 +889,7 @@ mod tests {
         assert_eq!(p.path(&ev), "date=2026-11-01/hour=13");
         assert_eq!(p.path(&ev), "date=2026-11-01/hour=13", "cached");
         let mut p = Partitioner {
-            template: Some(
-                PartitionTemplate::parse("site={enrichments.site}/dev={deviceId}/%F").unwrap(),
-            ),
+            template: Some(PartitionTemplate::parse("site={enrichments.site}/dev={deviceId}/%F").unwrap()),
             time_path: None,
             cache: None,
         };
@@ -1025,11 +909,8 @@ mod tests {
         b.push("n", crate::event::Value::Float(1.5));
         b.push("x", crate::event::Value::Null);
         let s = infer_rows_schema(&[&a, &b], false);
-        let types: Vec<(String, DataType)> = s
-            .fields()
-            .iter()
-            .map(|f| (f.name().clone(), f.data_type().clone()))
-            .collect();
+        let types: Vec<(String, DataType)> =
+            s.fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
         assert_eq!(
             types,
             vec![
@@ -1053,21 +934,15 @@ mod tests {
         .unwrap();
         let rb = encode_export(&[&ev], true).unwrap();
         let col = |n: &str| rb.column_by_name(n).unwrap().clone();
-        let s = arrow::util::display::ArrayFormatter::try_new(
-            col("extra").as_ref(),
-            &Default::default(),
-        )
-        .unwrap()
-        .value(0)
-        .to_string();
+        let s = arrow::util::display::ArrayFormatter::try_new(col("extra").as_ref(), &Default::default())
+            .unwrap()
+            .value(0)
+            .to_string();
         assert_eq!(s, r#"{"future":1,"other":"y"}"#);
-        let a = arrow::util::display::ArrayFormatter::try_new(
-            col("actor").as_ref(),
-            &Default::default(),
-        )
-        .unwrap()
-        .value(0)
-        .to_string();
+        let a = arrow::util::display::ArrayFormatter::try_new(col("actor").as_ref(), &Default::default())
+            .unwrap()
+            .value(0)
+            .to_string();
         assert_eq!(a, r#"{"id":"x"}"#);
         assert_eq!(col("deviceId").null_count(), 1);
     }

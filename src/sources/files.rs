@@ -89,14 +89,8 @@ pub enum Layout {
 impl Spec for FilesConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
         cx.url(&format!("{ptr}/url"), &self.url);
-        let from = self
-            .from
-            .as_ref()
-            .and_then(|f| cx.timestamp(&format!("{ptr}/from"), f));
-        let to = self
-            .to
-            .as_ref()
-            .and_then(|t| cx.timestamp(&format!("{ptr}/to"), t));
+        let from = self.from.as_ref().and_then(|f| cx.timestamp(&format!("{ptr}/from"), f));
+        let to = self.to.as_ref().and_then(|t| cx.timestamp(&format!("{ptr}/to"), t));
         if let (Some(f), Some(t)) = (from, to) {
             if f >= t {
                 cx.error(&format!("{ptr}/to"), "must be later than `from`");
@@ -145,38 +139,17 @@ impl FilesSource {
         let mut pos = Position::default();
         let mut restored = false;
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
-            pos = postcard::from_bytes(state)
-                .context("files source position in the checkpoint is corrupt")?;
+            pos = postcard::from_bytes(state).context("files source position in the checkpoint is corrupt")?;
             restored = true;
         }
-        let from = cfg
-            .from
-            .as_deref()
-            .and_then(crate::time::parse_rfc3339)
-            .unwrap_or(i64::MIN);
-        let to = cfg
-            .to
-            .as_deref()
-            .and_then(crate::time::parse_rfc3339)
-            .unwrap_or(i64::MAX);
-        Ok(FilesSource {
-            cfg,
-            name: cx.name.to_string(),
-            pos,
-            restored,
-            from,
-            to,
-        })
+        let from = cfg.from.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MIN);
+        let to = cfg.to.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MAX);
+        Ok(FilesSource { cfg, name: cx.name.to_string(), pos, restored, from, to })
     }
 }
 
 /// Lists the files of a location in reading order.
-async fn list_files(
-    loc: &Location,
-    cfg: &FilesConfig,
-    from: Nanos,
-    to: Nanos,
-) -> anyhow::Result<Vec<FileEntry>> {
+async fn list_files(loc: &Location, cfg: &FilesConfig, from: Nanos, to: Nanos) -> anyhow::Result<Vec<FileEntry>> {
     // a single local file
     if let Some(p) = &loc.local_path {
         let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
@@ -199,29 +172,20 @@ async fn list_files(
             display: loc.display.clone().into(),
         }]);
     }
-    let metas: Vec<object_store::ObjectMeta> = loc
-        .store
-        .list(Some(&loc.prefix))
-        .try_collect()
-        .await
-        .with_context(|| format!("listing {}", loc.display))?;
+    let metas: Vec<object_store::ObjectMeta> =
+        loc.store.list(Some(&loc.prefix)).try_collect().await.with_context(|| format!("listing {}", loc.display))?;
     let mut files: Vec<FileEntry> = Vec::new();
     for m in metas {
         let rel = loc.relative(&m.location);
         let name = m.location.filename().unwrap_or("");
-        let hidden = rel
-            .split('/')
-            .any(|seg| seg.starts_with('.') || seg.starts_with('_'));
+        let hidden = rel.split('/').any(|seg| seg.starts_with('.') || seg.starts_with('_'));
         if hidden {
             continue;
         }
-        if !cfg.extensions.is_empty() && !cfg.extensions.iter().any(|e| name.ends_with(e.as_str()))
-        {
+        if !cfg.extensions.is_empty() && !cfg.extensions.iter().any(|e| name.ends_with(e.as_str())) {
             continue;
         }
-        let (partition, minute) = parse_blob_layout(&rel)
-            .map(|(p, m)| (p, Some(m)))
-            .unwrap_or((0, None));
+        let (partition, minute) = parse_blob_layout(&rel).map(|(p, m)| (p, Some(m))).unwrap_or((0, None));
         files.push(FileEntry {
             display: loc.describe(&m.location).into(),
             path: m.location,
@@ -252,9 +216,7 @@ async fn list_files(
             let m = f.minute.unwrap();
             m + 60_000_000_000 + slack > from && m - slack < to
         });
-        files.sort_by(|a, b| {
-            (a.minute, a.partition, a.path.as_ref()).cmp(&(b.minute, b.partition, b.path.as_ref()))
-        });
+        files.sort_by(|a, b| (a.minute, a.partition, a.path.as_ref()).cmp(&(b.minute, b.partition, b.path.as_ref())));
     } else {
         for f in &mut files {
             f.partition = 0;
@@ -272,44 +234,24 @@ fn parse_blob_layout(rel: &str) -> Option<(u32, Nanos)> {
     }
     let n = segs.len();
     // the layout may sit below a prefix: match from the end
-    let (part, y, mo, d, h, mi) = (
-        segs[n - 7],
-        segs[n - 6],
-        segs[n - 5],
-        segs[n - 4],
-        segs[n - 3],
-        segs[n - 2],
-    );
+    let (part, y, mo, d, h, mi) = (segs[n - 7], segs[n - 6], segs[n - 5], segs[n - 4], segs[n - 3], segs[n - 2]);
     let num = |s: &str, len: usize| {
-        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse::<u32>().ok())
-            .flatten()
+        (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u32>().ok()).flatten()
     };
     let partition = part.parse::<u32>().ok()?;
-    let ts = format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:00Z",
-        num(y, 4)?,
-        num(mo, 2)?,
-        num(d, 2)?,
-        num(h, 2)?,
-        num(mi, 2)?
-    );
+    let ts = format!("{:04}-{:02}-{:02}T{:02}:{:02}:00Z", num(y, 4)?, num(mo, 2)?, num(d, 2)?, num(h, 2)?, num(mi, 2)?);
     Some((partition, crate::time::parse_rfc3339(&ts)?))
 }
 
 enum ReaderMsg {
-    Batch {
-        events: Vec<Event>,
-        dead: Vec<Event>,
-        pos: Position,
-    },
+    Batch { events: Vec<Event>, dead: Vec<Event>, pos: Position },
 }
 
 #[async_trait]
 impl Source for FilesSource {
     async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason> {
-        let loc = storage::open(&self.cfg.url, &self.cfg.storage)
-            .with_context(|| format!("opening {}", self.cfg.url))?;
+        let loc =
+            storage::open(&self.cfg.url, &self.cfg.storage).with_context(|| format!("opening {}", self.cfg.url))?;
         let files = list_files(&loc, &self.cfg, self.from, self.to).await?;
         if files.is_empty() {
             tracing::warn!(url = %self.cfg.url, "no input files");
@@ -332,9 +274,7 @@ impl Source for FilesSource {
         let total: u64 = files.iter().map(|f| f.size).sum();
         let done_before: u64 = files.iter().take(self.pos.file).map(|f| f.size).sum();
         cx.progress.total_bytes.fetch_add(total, Ordering::Relaxed);
-        cx.progress
-            .done_bytes
-            .fetch_add(done_before, Ordering::Relaxed);
+        cx.progress.done_bytes.fetch_add(done_before, Ordering::Relaxed);
 
         let (tx, mut rx) = mpsc::channel::<ReaderMsg>(2);
         let reader = Reader {
@@ -406,9 +346,7 @@ struct Counting<R> {
 impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.progress
-            .done_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.progress.done_bytes.fetch_add(n as u64, Ordering::Relaxed);
         self.metrics.bytes_in.inc_by(n as u64);
         Ok(n)
     }
@@ -422,40 +360,21 @@ impl Reader {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let skip = if idx == self.start.file {
-                self.start.line
-            } else {
-                0
-            };
+            let skip = if idx == self.start.file { self.start.line } else { 0 };
             if let Err(e) = self.read_file(idx, skip, tx, stop) {
                 if e.downcast_ref::<Closed>().is_some() {
                     return;
                 }
                 // An unreadable file (corrupt gzip, vanished object) is a dead letter, not the end.
                 let f = &self.files[idx];
-                let dl = Event::dead_letter(
-                    Bytes::new(),
-                    &format!("cannot read file: {e:#}"),
-                    &f.display,
-                    &self.component,
-                );
+                let dl =
+                    Event::dead_letter(Bytes::new(), &format!("cannot read file: {e:#}"), &f.display, &self.component);
                 let pos = Position {
                     file: idx + 1,
-                    path: self
-                        .files
-                        .get(idx + 1)
-                        .map(|f| f.path.to_string())
-                        .unwrap_or_default(),
+                    path: self.files.get(idx + 1).map(|f| f.path.to_string()).unwrap_or_default(),
                     line: 0,
                 };
-                if tx
-                    .blocking_send(ReaderMsg::Batch {
-                        events: vec![],
-                        dead: vec![dl],
-                        pos,
-                    })
-                    .is_err()
-                {
+                if tx.blocking_send(ReaderMsg::Batch { events: vec![], dead: vec![dl], pos }).is_err() {
                     return;
                 }
             }
@@ -466,29 +385,18 @@ impl Reader {
         let raw: Box<dyn Read + Send> = match &self.loc.local_path {
             Some(_) => {
                 let p = std::path::PathBuf::from(format!("/{}", f.path));
-                Box::new(
-                    std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?,
-                )
+                Box::new(std::fs::File::open(&p).with_context(|| format!("opening {}", p.display()))?)
             }
             None => {
                 let store = self.loc.store.clone();
                 let path = f.path.clone();
-                let get = self
-                    .handle
-                    .block_on(async move { store.get(&path).await })?;
+                let get = self.handle.block_on(async move { store.get(&path).await })?;
                 let stream = get.into_stream().map_err(std::io::Error::other);
                 let reader = tokio_util::io::StreamReader::new(stream);
-                Box::new(tokio_util::io::SyncIoBridge::new_with_handle(
-                    reader,
-                    self.handle.clone(),
-                ))
+                Box::new(tokio_util::io::SyncIoBridge::new_with_handle(reader, self.handle.clone()))
             }
         };
-        let counted = Counting {
-            inner: raw,
-            progress: self.progress.clone(),
-            metrics: self.metrics.clone(),
-        };
+        let counted = Counting { inner: raw, progress: self.progress.clone(), metrics: self.metrics.clone() };
         let mut buffered = BufReader::with_capacity(1 << 20, counted);
         let head = buffered.fill_buf()?;
         if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
@@ -630,34 +538,19 @@ impl Reader {
                 dead.extend(d);
             }
             let last_line = group.last().map(|l| l.0 + 1).unwrap_or(first_line);
-            let pos = Position {
-                file: idx,
-                path: f.path.to_string(),
-                line: last_line,
-            };
-            tx.blocking_send(ReaderMsg::Batch { events, dead, pos })
-                .map_err(|_| Closed)?;
+            let pos = Position { file: idx, path: f.path.to_string(), line: last_line };
+            tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
         }
         Ok(consumed)
     }
 
     /// Sends the messages of a JSON-array file; the position counts elements, so that a restart
     /// skips the `skip` already sent.
-    fn emit_array_file(
-        &self,
-        idx: usize,
-        all: Bytes,
-        skip: u64,
-        tx: &mpsc::Sender<ReaderMsg>,
-    ) -> anyhow::Result<()> {
+    fn emit_array_file(&self, idx: usize, all: Bytes, skip: u64, tx: &mpsc::Sender<ReaderMsg>) -> anyhow::Result<()> {
         let f = &self.files[idx];
         let mut out = Vec::new();
         decode_record_into_unbounded(all.clone(), &mut out);
-        let here = |line: u64| Position {
-            file: idx,
-            path: f.path.to_string(),
-            line,
-        };
+        let here = |line: u64| Position { file: idx, path: f.path.to_string(), line };
         let mut events = Vec::new();
         let mut dead = Vec::new();
         for (i, r) in out.into_iter().enumerate().skip(skip as usize) {
@@ -670,17 +563,8 @@ impl Reader {
                 }
                 Ok(_) => {}
                 Err(reason) => {
-                    let payload = if all.len() <= crate::model::MAX_RECORD_BYTES {
-                        all.clone()
-                    } else {
-                        Bytes::new()
-                    };
-                    dead.push(Event::dead_letter(
-                        payload,
-                        &reason,
-                        &format!("{}[{i}]", f.display),
-                        &self.component,
-                    ));
+                    let payload = if all.len() <= crate::model::MAX_RECORD_BYTES { all.clone() } else { Bytes::new() };
+                    dead.push(Event::dead_letter(payload, &reason, &format!("{}[{i}]", f.display), &self.component));
                 }
             }
             if events.len() >= self.batch_size.max(1) {
@@ -695,19 +579,10 @@ impl Reader {
         }
         let next = Position {
             file: idx + 1,
-            path: self
-                .files
-                .get(idx + 1)
-                .map(|f| f.path.to_string())
-                .unwrap_or_default(),
+            path: self.files.get(idx + 1).map(|f| f.path.to_string()).unwrap_or_default(),
             line: 0,
         };
-        tx.blocking_send(ReaderMsg::Batch {
-            events,
-            dead,
-            pos: next,
-        })
-        .map_err(|_| Closed)?;
+        tx.blocking_send(ReaderMsg::Batch { events, dead, pos: next }).map_err(|_| Closed)?;
         Ok(())
     }
 }
@@ -763,10 +638,7 @@ mod tests {
         let (p, m) = parse_blob_layout("6e9d8f3c-2b1a/3/2026/11/01/13/05/a1b2.json").unwrap();
         assert_eq!(p, 3);
         assert_eq!(crate::time::format_rfc3339(m), "2026-11-01T13:05:00.000Z");
-        assert!(
-            parse_blob_layout("prefix/app/0/2026/11/01/13/05/x.json").is_some(),
-            "below a prefix"
-        );
+        assert!(parse_blob_layout("prefix/app/0/2026/11/01/13/05/x.json").is_some(), "below a prefix");
         assert!(parse_blob_layout("app/x/2026/11/01/13/05/f").is_none());
         assert!(parse_blob_layout("app/0/26/11/01/13/05/f").is_none());
         assert!(parse_blob_layout("export.jsonl").is_none());
@@ -774,15 +646,9 @@ mod tests {
 
     #[test]
     fn array_files_are_told_from_json_lines() {
-        assert!(looks_like_array_file(
-            b"[\n {\"a\":1},\n {\"a\":2}\n]\n",
-            true
-        ));
+        assert!(looks_like_array_file(b"[\n {\"a\":1},\n {\"a\":2}\n]\n", true));
         assert!(looks_like_array_file(b"[{\"a\":1},{\"a\":2}]", true));
-        assert!(
-            !looks_like_array_file(b"[{\"a\":1}]\n[{\"a\":2}]\n", true),
-            "JSON lines of arrays"
-        );
+        assert!(!looks_like_array_file(b"[{\"a\":1}]\n[{\"a\":2}]\n", true), "JSON lines of arrays");
         assert!(!looks_like_array_file(b"{\"a\":1}\n", true));
         assert!(!looks_like_array_file(b"  ", true));
     }

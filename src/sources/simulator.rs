@@ -123,12 +123,7 @@ pub struct Mix {
 
 impl Default for Mix {
     fn default() -> Self {
-        Mix {
-            telemetry: d_mix_t(),
-            properties: d_mix_p(),
-            connectivity: d_mix_c(),
-            lifecycle: d_mix_l(),
-        }
+        Mix { telemetry: d_mix_t(), properties: d_mix_p(), connectivity: d_mix_c(), lifecycle: d_mix_l() }
     }
 }
 
@@ -151,10 +146,7 @@ fn d_app() -> String {
     "6e9d8f3c-2b1a-4c8e-9f0d-1a2b3c4d5e6f".into()
 }
 fn d_templates() -> Vec<String> {
-    vec![
-        "dtmi:contoso:EnvSensor;1".into(),
-        "dtmi:contoso:Freezer;2".into(),
-    ]
+    vec!["dtmi:contoso:EnvSensor;1".into(), "dtmi:contoso:Freezer;2".into()]
 }
 fn d_component_share() -> f64 {
     0.2
@@ -184,46 +176,12 @@ fn d_mix_l() -> f64 {
 /// The default telemetry fields (the same as the benchmark's export generator).
 pub fn default_fields() -> IndexMap<String, FieldSpec> {
     let mut m = IndexMap::new();
-    m.insert(
-        "temperature".into(),
-        FieldSpec::Normal {
-            mean: 20.0,
-            stddev: 2.0,
-            device_spread: 1.0,
-            decimals: 3,
-        },
-    );
-    m.insert(
-        "humidity".into(),
-        FieldSpec::Uniform {
-            min: 40.0,
-            max: 60.0,
-            decimals: 3,
-        },
-    );
-    m.insert(
-        "pressure".into(),
-        FieldSpec::Normal {
-            mean: 1000.0,
-            stddev: 5.0,
-            device_spread: 0.0,
-            decimals: 2,
-        },
-    );
+    m.insert("temperature".into(), FieldSpec::Normal { mean: 20.0, stddev: 2.0, device_spread: 1.0, decimals: 3 });
+    m.insert("humidity".into(), FieldSpec::Uniform { min: 40.0, max: 60.0, decimals: 3 });
+    m.insert("pressure".into(), FieldSpec::Normal { mean: 1000.0, stddev: 5.0, device_spread: 0.0, decimals: 2 });
     m.insert("battery".into(), FieldSpec::Integer { min: 0, max: 100 });
-    m.insert(
-        "status".into(),
-        FieldSpec::Choice {
-            values: vec!["ok".into(), "ok".into(), "ok".into(), "warn".into()],
-        },
-    );
-    m.insert(
-        "location".into(),
-        FieldSpec::Geopoint {
-            lat: 47.6,
-            lon: -122.3,
-        },
-    );
+    m.insert("status".into(), FieldSpec::Choice { values: vec!["ok".into(), "ok".into(), "ok".into(), "warn".into()] });
+    m.insert("location".into(), FieldSpec::Geopoint { lat: 47.6, lon: -122.3 });
     m
 }
 
@@ -233,10 +191,7 @@ impl Spec for SimulatorConfig {
             cx.error(&format!("{ptr}/devices"), "must be at least 1");
         }
         if !(self.rate > 0.0 && self.rate.is_finite()) {
-            cx.error(
-                &format!("{ptr}/rate"),
-                "must be a positive number of messages per second",
-            );
+            cx.error(&format!("{ptr}/rate"), "must be a positive number of messages per second");
         }
         if let Some(d) = &self.duration {
             cx.positive_duration(&format!("{ptr}/duration"), d);
@@ -246,33 +201,19 @@ impl Spec for SimulatorConfig {
         }
         cx.duration(&format!("{ptr}/max_delay"), &self.max_delay);
         if !(0.0..=1.0).contains(&self.out_of_order) {
-            cx.error(
-                &format!("{ptr}/out_of_order"),
-                "must be a share between 0 and 1",
-            );
+            cx.error(&format!("{ptr}/out_of_order"), "must be a share between 0 and 1");
         }
         if !(0.0..=1.0).contains(&self.component_share) {
-            cx.error(
-                &format!("{ptr}/component_share"),
-                "must be a share between 0 and 1",
-            );
+            cx.error(&format!("{ptr}/component_share"), "must be a share between 0 and 1");
         }
         let m = &self.mix;
-        if [m.telemetry, m.properties, m.connectivity, m.lifecycle]
-            .iter()
-            .any(|x| *x < 0.0)
+        if [m.telemetry, m.properties, m.connectivity, m.lifecycle].iter().any(|x| *x < 0.0)
             || m.telemetry + m.properties + m.connectivity + m.lifecycle <= 0.0
         {
-            cx.error(
-                &format!("{ptr}/mix"),
-                "shares must be non-negative with a positive sum",
-            );
+            cx.error(&format!("{ptr}/mix"), "shares must be non-negative with a positive sum");
         }
         if self.templates.is_empty() {
-            cx.error(
-                &format!("{ptr}/templates"),
-                "needs at least one template id",
-            );
+            cx.error(&format!("{ptr}/templates"), "needs at least one template id");
         }
         if self.sites == 0 {
             cx.error(&format!("{ptr}/sites"), "must be at least 1");
@@ -280,18 +221,10 @@ impl Spec for SimulatorConfig {
         for (name, f) in &self.fields {
             let p = format!("{ptr}/fields/{}", crate::config::yaml::pointer_escape(name));
             match f {
-                FieldSpec::Normal { stddev, .. } if *stddev < 0.0 => {
-                    cx.error(&p, "stddev must not be negative")
-                }
-                FieldSpec::Uniform { min, max, .. } if min > max => {
-                    cx.error(&p, "min must not exceed max")
-                }
-                FieldSpec::Integer { min, max } if min > max => {
-                    cx.error(&p, "min must not exceed max")
-                }
-                FieldSpec::Choice { values } if values.is_empty() => {
-                    cx.error(&p, "needs at least one value")
-                }
+                FieldSpec::Normal { stddev, .. } if *stddev < 0.0 => cx.error(&p, "stddev must not be negative"),
+                FieldSpec::Uniform { min, max, .. } if min > max => cx.error(&p, "min must not exceed max"),
+                FieldSpec::Integer { min, max } if min > max => cx.error(&p, "min must not exceed max"),
+                FieldSpec::Choice { values } if values.is_empty() => cx.error(&p, "needs at least one value"),
                 _ => {}
             }
         }
@@ -349,34 +282,24 @@ impl Generator {
     pub fn new(cfg: SimulatorConfig, now: Nanos) -> anyhow::Result<Generator> {
         let start = match cfg.start.as_deref() {
             None | Some("now") => now / 1_000_000 * 1_000_000,
-            Some(s) => crate::time::parse_rfc3339(s)
-                .with_context(|| format!("start {s:?} is not an RFC 3339 timestamp"))?,
+            Some(s) => {
+                crate::time::parse_rfc3339(s).with_context(|| format!("start {s:?} is not an RFC 3339 timestamp"))?
+            }
         };
         let step = 1e9 / cfg.rate;
-        let max_delay = crate::time::parse_duration(&cfg.max_delay)
-            .map_err(anyhow::Error::msg)?
-            .as_nanos() as Nanos;
+        let max_delay = crate::time::parse_duration(&cfg.max_delay).map_err(anyhow::Error::msg)?.as_nanos() as Nanos;
         let by_duration = match &cfg.duration {
-            Some(d) => Some(
-                (crate::time::parse_duration(d)
-                    .map_err(anyhow::Error::msg)?
-                    .as_nanos() as f64
-                    / step)
-                    .ceil() as u64,
-            ),
+            Some(d) => {
+                Some((crate::time::parse_duration(d).map_err(anyhow::Error::msg)?.as_nanos() as f64 / step).ceil()
+                    as u64)
+            }
             None => None,
         };
         let limit = match (cfg.count, by_duration) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        Ok(Generator {
-            cfg,
-            start,
-            step,
-            max_delay,
-            limit,
-        })
+        Ok(Generator { cfg, start, step, max_delay, limit })
     }
 
     /// How many messages it will produce, if bounded.
@@ -423,35 +346,21 @@ impl Generator {
                 s.push(':');
                 write_value(&mut s, spec, dev, &mut r);
             }
-            let _ = write!(
-                s,
-                r#"}},"messageProperties":{{"iothub-creation-time-utc":"{ts}"}}"#
-            );
+            let _ = write!(s, r#"}},"messageProperties":{{"iothub-creation-time-utc":"{ts}"}}"#);
             let component_devices = (c.component_share * c.devices as f64).round() as u64;
             if dev < component_devices {
                 s.push_str(r#","component":"thermostat1""#);
             }
         } else if x < m.telemetry + m.properties {
-            let mt = if r.unit() < 0.5 {
-                "devicePropertyReportedChange"
-            } else {
-                "cloudPropertyChange"
-            };
+            let mt = if r.unit() < 0.5 { "devicePropertyReportedChange" } else { "cloudPropertyChange" };
             let _ = write!(
                 s,
                 r#","messageSource":"properties","messageType":"{mt}","properties":[{{"name":"firmwareVersion","value":"1.{}.0"}}]"#,
                 dev % 4
             );
         } else if x < m.telemetry + m.properties + m.connectivity {
-            let mt = if r.unit() < 0.7 {
-                "connected"
-            } else {
-                "disconnected"
-            };
-            let _ = write!(
-                s,
-                r#","messageSource":"deviceConnectivity","messageType":"{mt}""#
-            );
+            let mt = if r.unit() < 0.7 { "connected" } else { "disconnected" };
+            let _ = write!(s, r#","messageSource":"deviceConnectivity","messageType":"{mt}""#);
         } else {
             s.push_str(r#","messageSource":"deviceLifecycle","messageType":"registered""#);
         }
@@ -466,12 +375,7 @@ fn write_value(s: &mut String, spec: &FieldSpec, dev: u64, r: &mut Rng) {
         (x * m).round() / m
     };
     match spec {
-        FieldSpec::Normal {
-            mean,
-            stddev,
-            device_spread,
-            decimals,
-        } => {
+        FieldSpec::Normal { mean, stddev, device_spread, decimals } => {
             let v = mean + device_spread * (dev % 10) as f64 + stddev * r.gauss();
             crate::event::write_json_f64(s, round(v, *decimals));
         }
@@ -487,12 +391,7 @@ fn write_value(s: &mut String, spec: &FieldSpec, dev: u64, r: &mut Rng) {
             crate::event::write_json_str(s, v);
         }
         FieldSpec::Geopoint { lat, lon } => {
-            let _ = write!(
-                s,
-                r#"{{"lat":{},"lon":{},"alt":12.0}}"#,
-                round(lat + dev as f64 * 1e-4, 6),
-                round(*lon, 6)
-            );
+            let _ = write!(s, r#"{{"lat":{},"lon":{},"alt":12.0}}"#, round(lat + dev as f64 * 1e-4, 6), round(*lon, 6));
         }
     }
 }
@@ -511,19 +410,14 @@ impl SimulatorSource {
         }
         let mut next = 0;
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
-            let (n, start): (u64, Nanos) = postcard::from_bytes(state)
-                .context("simulator state in the checkpoint is corrupt")?;
+            let (n, start): (u64, Nanos) =
+                postcard::from_bytes(state).context("simulator state in the checkpoint is corrupt")?;
             next = n;
             // keep the original start so that event times continue where they were
             let mut cfg = cfg.clone();
             cfg.start = Some(crate::time::format_rfc3339(start));
             let batch = cfg.batch_size;
-            return Ok(SimulatorSource {
-                gen: Generator::new(cfg, 0)?,
-                next,
-                name: cx.name.to_string(),
-                batch,
-            });
+            return Ok(SimulatorSource { gen: Generator::new(cfg, 0)?, next, name: cx.name.to_string(), batch });
         }
         let batch = cfg.batch_size;
         Ok(SimulatorSource {
@@ -544,12 +438,9 @@ impl SimulatorSource {
                     ev.meta.offset = i as i64;
                     events.push(ev);
                 }
-                Err(reason) => dead.push(Event::dead_letter(
-                    text,
-                    &reason,
-                    &format!("simulator message {i}"),
-                    &self.name,
-                )),
+                Err(reason) => {
+                    dead.push(Event::dead_letter(text, &reason, &format!("simulator message {i}"), &self.name))
+                }
             }
         }
         (events, dead)
@@ -565,9 +456,7 @@ impl Source for SimulatorSource {
     async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason> {
         let limit = self.gen.limit().unwrap_or(u64::MAX);
         if let Some(l) = self.gen.limit() {
-            cx.progress
-                .total_events
-                .fetch_add(l, std::sync::atomic::Ordering::Relaxed);
+            cx.progress.total_events.fetch_add(l, std::sync::atomic::Ordering::Relaxed);
         }
         let paced = cx.mode == Mode::Live;
         // in live mode, message i is due at t0 + i/rate (resuming: continue from now)
@@ -589,11 +478,7 @@ impl Source for SimulatorSource {
                 let due_now = ((elapsed.as_nanos() as f64) / self.gen.step).floor() as u64 + 1;
                 end = end.min(due_now.max(self.next));
                 if end <= self.next {
-                    let wait = self
-                        .gen
-                        .due(self.next)
-                        .saturating_sub(elapsed)
-                        .min(Duration::from_millis(100));
+                    let wait = self.gen.due(self.next).saturating_sub(elapsed).min(Duration::from_millis(100));
                     tokio::select! {
                         c = cx.control() => match c {
                             Control::Barrier(e) => cx.barrier(e, self.position()).await?,
@@ -622,7 +507,10 @@ mod tests {
     use super::*;
 
     fn cfg() -> SimulatorConfig {
-        serde_json::from_value(serde_json::json!({"devices": 50, "rate": 10, "count": 2000, "start": "2026-11-01T00:00:00Z", "seed": 7})).unwrap()
+        serde_json::from_value(
+            serde_json::json!({"devices": 50, "rate": 10, "count": 2000, "start": "2026-11-01T00:00:00Z", "seed": 7}),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -635,30 +523,18 @@ mod tests {
             let m = g.message(i);
             assert_eq!(m, g2.message(i));
             let ev = decode_object(Bytes::from(m.clone())).unwrap_or_else(|e| panic!("{e}: {m}"));
-            *kinds
-                .entry(ev.get_str("messageSource").unwrap().to_string())
-                .or_insert(0) += 1;
-            let nominal = crate::time::parse_rfc3339("2026-11-01T00:00:00Z").unwrap()
-                + i as i64 * 100_000_000;
-            assert!(
-                ev.time <= nominal && ev.time >= nominal - 20_000_000_000,
-                "message {i} time"
-            );
+            *kinds.entry(ev.get_str("messageSource").unwrap().to_string()).or_insert(0) += 1;
+            let nominal = crate::time::parse_rfc3339("2026-11-01T00:00:00Z").unwrap() + i as i64 * 100_000_000;
+            assert!(ev.time <= nominal && ev.time >= nominal - 20_000_000_000, "message {i} time");
             if ev.time < nominal {
                 late += 1;
             }
             if ev.get_str("messageSource") == Some("telemetry") {
-                let t = ev
-                    .get_path(&["telemetry", "temperature"])
-                    .unwrap()
-                    .as_f64()
-                    .unwrap();
+                let t = ev.get_path(&["telemetry", "temperature"]).unwrap().as_f64().unwrap();
                 assert!((0.0..50.0).contains(&t));
                 assert!(ev.get_path(&["telemetry", "location", "lat"]).is_some());
                 assert_eq!(
-                    ev.get_path(&["messageProperties", "iothub-creation-time-utc"])
-                        .unwrap()
-                        .as_time(),
+                    ev.get_path(&["messageProperties", "iothub-creation-time-utc"]).unwrap().as_time(),
                     Some(ev.time)
                 );
             }

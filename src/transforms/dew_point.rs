@@ -43,11 +43,7 @@ fn d_o() -> String {
 
 impl Spec for DewPointConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
-        for (field, v) in [
-            ("temperature", &self.temperature),
-            ("humidity", &self.humidity),
-            ("output", &self.output),
-        ] {
+        for (field, v) in [("temperature", &self.temperature), ("humidity", &self.humidity), ("output", &self.output)] {
             if let Err(e) = FieldPath::parse(v) {
                 cx.error(&format!("{ptr}/{field}"), e);
             }
@@ -96,8 +92,7 @@ impl Transform for DewPoint {
             match (t, h) {
                 (Some(t), Some(h)) => match dew_point(t, h) {
                     Some(d) => {
-                        self.output
-                            .set(ev, Value::Float((d * 100.0).round() / 100.0));
+                        self.output.set(ev, Value::Float((d * 100.0).round() / 100.0));
                     }
                     None => {
                         self.metrics.skipped_values.inc();
@@ -129,10 +124,8 @@ mod tests {
 
     #[test]
     fn adds_the_field_and_skips_incomplete_events() {
-        let mk =
-            |j: &str| crate::model::decode::decode_one(bytes::Bytes::from(j.to_string())).unwrap();
-        let cfg: DewPointConfig =
-            serde_json::from_value(serde_json::json!({"inputs": []})).unwrap();
+        let mk = |j: &str| crate::model::decode::decode_one(bytes::Bytes::from(j.to_string())).unwrap();
+        let cfg: DewPointConfig = serde_json::from_value(serde_json::json!({"inputs": []})).unwrap();
         let mut d = DewPoint {
             temperature: FieldPath::parse(&cfg.temperature).unwrap(),
             humidity: FieldPath::parse(&cfg.humidity).unwrap(),
@@ -148,13 +141,7 @@ mod tests {
             &mut em,
         );
         let out = em.take().remove(0);
-        assert_eq!(
-            out[0]
-                .get_path(&["telemetry", "dew_point"])
-                .unwrap()
-                .as_f64(),
-            Some(9.26)
-        );
+        assert_eq!(out[0].get_path(&["telemetry", "dew_point"]).unwrap().as_f64(), Some(9.26));
         assert!(out[1].get_path(&["telemetry", "dew_point"]).is_none());
         assert_eq!(d.metrics.skipped_values.get(), 1);
     }

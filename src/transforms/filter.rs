@@ -44,11 +44,7 @@ pub struct Filter {
 impl Filter {
     pub fn new(cfg: &FilterConfig, cx: &BuildCx<'_>) -> anyhow::Result<Filter> {
         let expr = Expr::compile(&cfg.condition).map_err(anyhow::Error::msg)?;
-        Ok(Filter {
-            expr,
-            name: cx.name.to_string(),
-            metrics: cx.metrics.clone(),
-        })
+        Ok(Filter { expr, name: cx.name.to_string(), metrics: cx.metrics.clone() })
     }
 }
 
@@ -56,11 +52,7 @@ impl Transform for Filter {
     fn process(&mut self, batch: Batch, out: &mut Emitter) {
         let expr = &self.expr;
         let verdicts: Vec<Result<bool, String>> = if batch.len() >= PARALLEL_BATCH {
-            batch
-                .events
-                .par_iter()
-                .map(|ev| expr.eval_bool(ev))
-                .collect()
+            batch.events.par_iter().map(|ev| expr.eval_bool(ev)).collect()
         } else {
             batch.events.iter().map(|ev| expr.eval_bool(ev)).collect()
         };
@@ -88,18 +80,13 @@ mod tests {
         Batch::new(
             lines
                 .iter()
-                .map(|l| {
-                    crate::model::decode::decode_one(bytes::Bytes::from(l.to_string())).unwrap()
-                })
+                .map(|l| crate::model::decode::decode_one(bytes::Bytes::from(l.to_string())).unwrap())
                 .collect(),
         )
     }
 
     fn run(condition: &str, input: Batch) -> (Vec<Event>, Vec<Event>) {
-        let cfg = FilterConfig {
-            inputs: vec![],
-            condition: condition.into(),
-        };
+        let cfg = FilterConfig { inputs: vec![], condition: condition.into() };
         let mut f = Filter {
             expr: Expr::compile(&cfg.condition).unwrap(),
             name: "f".into(),
@@ -118,14 +105,13 @@ mod tests {
             r#"{"messageSource":"properties","enqueuedTime":"2026-11-01T00:00:00Z"}"#,
             r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"t":"x"}}"#,
         ]);
-        let (kept, dead) = run("t > 0", input.clone());
+        // arithmetic on a string, or on a missing field, is an error: both go to dead_letter
+        let (kept, dead) = run("t / 1 > 0", input.clone());
         assert_eq!(kept.len(), 1);
-        assert_eq!(dead.len(), 1);
-        assert!(
-            dead[0].get_str("reason").unwrap().contains("t > 0"),
-            "{:?}",
-            dead[0].get_str("reason")
-        );
+        assert_eq!(dead.len(), 2);
+        let reason = dead[0].get_str("reason").unwrap();
+        assert!(reason.contains("t / 1 > 0"), "{reason}");
+        assert!(matches!(dead[0].get("payload"), Some(crate::event::ValRef::Bytes(b)) if b.starts_with(b"{")));
         let (kept, dead) = run(r#"messageSource == "telemetry""#, input);
         assert_eq!((kept.len(), dead.len()), (2, 0));
     }
@@ -133,14 +119,15 @@ mod tests {
     #[test]
     fn large_batches_keep_their_order() {
         let lines: Vec<String> = (0..3000)
-            .map(|i| format!(r#"{{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{{"n":{i}}}}}"#))
+            .map(|i| {
+                format!(
+                    r#"{{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{{"n":{i}}}}}"#
+                )
+            })
             .collect();
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
         let (kept, _) = run("n % 3 == 0", events(&refs));
-        let ns: Vec<i64> = kept
-            .iter()
-            .map(|e| e.get_path(&["telemetry", "n"]).unwrap().as_i64().unwrap())
-            .collect();
+        let ns: Vec<i64> = kept.iter().map(|e| e.get_path(&["telemetry", "n"]).unwrap().as_i64().unwrap()).collect();
         assert_eq!(ns, (0..3000).filter(|n| n % 3 == 0).collect::<Vec<_>>());
     }
 }

@@ -48,10 +48,7 @@ pub enum OnError {
 impl Spec for MapConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
         if self.set.is_empty() && self.rename.is_empty() && self.remove.is_empty() {
-            cx.error(
-                ptr,
-                "does nothing: give at least one of `set`, `rename`, `remove`",
-            );
+            cx.error(ptr, "does nothing: give at least one of `set`, `rename`, `remove`");
         }
         for (k, v) in &self.set {
             let p = format!("{ptr}/set/{}", crate::config::yaml::pointer_escape(k));
@@ -103,16 +100,8 @@ impl Map {
                 .iter()
                 .map(|(k, v)| Ok((path(k)?, Expr::compile(v).map_err(anyhow::Error::msg)?)))
                 .collect::<anyhow::Result<_>>()?,
-            rename: cfg
-                .rename
-                .iter()
-                .map(|(k, v)| Ok((path(k)?, path(v)?)))
-                .collect::<anyhow::Result<_>>()?,
-            remove: cfg
-                .remove
-                .iter()
-                .map(|r| path(r))
-                .collect::<anyhow::Result<_>>()?,
+            rename: cfg.rename.iter().map(|(k, v)| Ok((path(k)?, path(v)?))).collect::<anyhow::Result<_>>()?,
+            remove: cfg.remove.iter().map(|r| path(r)).collect::<anyhow::Result<_>>()?,
             on_error: cfg.on_error,
             name: cx.name.to_string(),
             metrics: cx.metrics.clone(),
@@ -131,9 +120,7 @@ impl Map {
                 Err(reason) => return Err(format!("set {p}: {reason}")),
             };
             if !p.set(ev, v) {
-                return Err(format!(
-                    "set {p}: the path crosses a value that is not an object"
-                ));
+                return Err(format!("set {p}: the path crosses a value that is not an object"));
             }
         }
         for (from, to) in &self.rename {
@@ -149,11 +136,7 @@ impl Map {
 impl Transform for Map {
     fn process(&mut self, mut batch: Batch, out: &mut Emitter) {
         let results: Vec<Result<(), String>> = if batch.len() >= PARALLEL_BATCH {
-            batch
-                .events
-                .par_iter_mut()
-                .map(|ev| self.apply(ev))
-                .collect()
+            batch.events.par_iter_mut().map(|ev| self.apply(ev)).collect()
         } else {
             batch.events.iter_mut().map(|ev| self.apply(ev)).collect()
         };
@@ -178,16 +161,8 @@ mod tests {
     fn map(yaml: serde_json::Value) -> Map {
         let cfg: MapConfig = serde_json::from_value(yaml).unwrap();
         Map {
-            set: cfg
-                .set
-                .iter()
-                .map(|(k, v)| (path(k).unwrap(), Expr::compile(v).unwrap()))
-                .collect(),
-            rename: cfg
-                .rename
-                .iter()
-                .map(|(k, v)| (path(k).unwrap(), path(v).unwrap()))
-                .collect(),
+            set: cfg.set.iter().map(|(k, v)| (path(k).unwrap(), Expr::compile(v).unwrap())).collect(),
+            rename: cfg.rename.iter().map(|(k, v)| (path(k).unwrap(), path(v).unwrap())).collect(),
             remove: cfg.remove.iter().map(|r| path(r).unwrap()).collect(),
             on_error: cfg.on_error,
             name: "m".into(),
@@ -226,18 +201,11 @@ mod tests {
         m.process(Batch::new(vec![ev(MSG)]), &mut em);
         assert_eq!(em.port(0).len(), 0);
         assert_eq!(em.port(1).len(), 1);
-        assert!(em.port(1)[0]
-            .get_str("reason")
-            .unwrap()
-            .starts_with("set bad:"));
-        let mut m =
-            map(serde_json::json!({"inputs": [], "set": {"bad": "data * 2"}, "on_error": "null"}));
+        assert!(em.port(1)[0].get_str("reason").unwrap().starts_with("set bad:"));
+        let mut m = map(serde_json::json!({"inputs": [], "set": {"bad": "data * 2"}, "on_error": "null"}));
         let mut em = Emitter::new(2);
         m.process(Batch::new(vec![ev(MSG)]), &mut em);
         assert_eq!(em.port(0).len(), 1);
-        assert_eq!(
-            em.port(0)[0].get_path(&["telemetry", "bad"]),
-            Some(crate::event::ValRef::Null)
-        );
+        assert_eq!(em.port(0)[0].get_path(&["telemetry", "bad"]), Some(crate::event::ValRef::Null));
     }
 }
