@@ -351,8 +351,7 @@ pub fn load_str(
     // Components with structural errors are left out of the later passes (but still count as
     // existing, so that nothing else is reported about them); the rest are checked fully, so
     // that one run reports every mistake.
-    let invalid: std::collections::BTreeSet<String> =
-        cx.errors.iter().filter_map(|e| component_of(&e.path)).collect();
+    let invalid: std::collections::BTreeSet<String> = cx.errors.iter().filter_map(|e| component_of(&e.path)).collect();
     let config = typed(&value, &invalid, &mut cx);
     let plan = semantic(config, &value, default_name, &invalid, &mut cx);
     if !cx.errors.is_empty() {

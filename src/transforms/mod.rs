@@ -6,6 +6,7 @@
 pub mod dew_point;
 pub mod filter;
 pub mod map;
+pub mod window;
 
 use crate::event::Event;
 use crate::runtime::{BuildCx, Transform};
@@ -16,6 +17,7 @@ crate::component_enum! {
         Filter("filter", filter::FilterConfig),
         Map("map", map::MapConfig),
         DewPoint("dew_point", dew_point::DewPointConfig),
+        Window("window", window::WindowConfig),
     }
 }
 
@@ -25,6 +27,7 @@ pub fn build(cfg: &TransformConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn 
         TransformConfig::Filter(c) => Box::new(filter::Filter::new(c, cx)?),
         TransformConfig::Map(c) => Box::new(map::Map::new(c, cx)?),
         TransformConfig::DewPoint(c) => Box::new(dew_point::DewPoint::new(c, cx)?),
+        TransformConfig::Window(c) => Box::new(window::Window::new(c, cx)?),
     })
 }
 

@@ -1,0 +1,630 @@
+//! `window`: event-time windowed aggregation (tumbling, hopping, session) with watermarks,
+//! allowed lateness and a `late` output.
+//!
+//! Time is the event's own: `enqueuedTime` by default, or any timestamp field. The watermark is
+//! the largest event time seen minus `allowed_lateness`, per input partition, and the minimum
+//! over partitions (a partition idle for `idle_timeout` of wall time stops holding it back, in
+//! `run` only). It is advanced event by event, so which events are late does not depend on how
+//! the input happened to be batched: a replay and a live run of the same messages give the same
+//! rows. A window is emitted once, when the watermark reaches its end; at the end of a replay
+//! every open window is emitted. An event whose windows have all been emitted is late: it goes
+//! to `NAME.late` (or is dropped and counted, with `late: drop`).
+//!
+//! Rows: the group-by fields, `window_start`, `window_end`, `count`, then `FIELD_AGG` for each
+//! aggregate, ordered by window and group. Their event time is `window_start`.
+
+pub mod agg;
+mod watermark;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ahash::AHashMap;
+use anyhow::Context;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sketches_ddsketch::DDSketch;
+
+use self::agg::{AggFn, AggPlan, Skipped};
+use self::watermark::Watermark;
+use crate::config::{Checker, Spec};
+use crate::event::{Batch, Event, Kind, Nanos, ValRef, Value, NO_TIME};
+use crate::metrics::ComponentMetrics;
+use crate::path::FieldPath;
+use crate::runtime::{BuildCx, Emitter, Transform};
+
+/// Event-time windowed aggregation.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    pub inputs: Vec<String>,
+    /// The windows: `{kind: tumbling, size: 1m}`, `{kind: hopping, size: 10m, hop: 1m}` or
+    /// `{kind: session, gap: 5m, max_duration: 1h}`.
+    pub window: WindowSpec,
+    /// The timestamp field (default: `enqueuedTime`, or `window_start` for window output).
+    #[serde(default)]
+    pub time: Option<String>,
+    /// How far behind the largest event time seen an event may arrive and still count.
+    #[serde(default = "d_zero")]
+    pub allowed_lateness: String,
+    /// In `run`: a partition without events for this long stops holding the watermark back.
+    #[serde(default = "d_idle")]
+    pub idle_timeout: String,
+    /// Fields to group by.
+    #[serde(default = "d_group")]
+    pub group_by: Vec<String>,
+    /// `field: [aggregates]`: count, sum, avg, min, max, first, last, stddev, stddev_pop,
+    /// median, pNN (p95, p99), qX (q0.999).
+    #[serde(default)]
+    pub aggregates: IndexMap<String, Vec<String>>,
+    /// Late events: `output` (to `NAME.late`) or `drop` (counted in `late_events`).
+    #[serde(default)]
+    pub late: LateMode,
+}
+
+fn d_zero() -> String {
+    "0s".into()
+}
+fn d_idle() -> String {
+    "1m".into()
+}
+fn d_group() -> Vec<String> {
+    vec!["deviceId".into()]
+}
+
+/// The kind of window.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WindowSpec {
+    /// Fixed, non-overlapping windows aligned to the Unix epoch.
+    Tumbling { size: String },
+    /// Windows of `size` starting every `hop`.
+    Hopping { size: String, hop: String },
+    /// Activity sessions: a session ends after `gap` without events. With `max_duration`, no
+    /// session crosses a multiple of it (counted from the Unix epoch).
+    Session {
+        gap: String,
+        #[serde(default)]
+        max_duration: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LateMode {
+    #[default]
+    Output,
+    Drop,
+}
+
+impl Spec for WindowConfig {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        let w = format!("{ptr}/window");
+        match &self.window {
+            WindowSpec::Tumbling { size } => {
+                cx.positive_duration(&format!("{w}/size"), size);
+            }
+            WindowSpec::Hopping { size, hop } => {
+                let s = cx.positive_duration(&format!("{w}/size"), size);
+                let h = cx.positive_duration(&format!("{w}/hop"), hop);
+                if let (Some(s), Some(h)) = (s, h) {
+                    if h > s {
+                        cx.error(&format!("{w}/hop"), "must not be longer than `size` (windows would leave gaps)");
+                    } else if s.as_nanos() % h.as_nanos() != 0 {
+                        cx.error(&format!("{w}/hop"), "`size` must be a multiple of `hop`");
+                    } else if s.as_nanos() / h.as_nanos() > 1000 {
+                        cx.error(&format!("{w}/hop"), "more than 1000 windows overlap: use a larger hop");
+                    }
+                }
+            }
+            WindowSpec::Session { gap, max_duration } => {
+                let g = cx.positive_duration(&format!("{w}/gap"), gap);
+                if let Some(m) = max_duration {
+                    let m = cx.positive_duration(&format!("{w}/max_duration"), m);
+                    if let (Some(g), Some(m)) = (g, m) {
+                        if m <= g {
+                            cx.error(&format!("{w}/max_duration"), "must be longer than `gap`");
+                        }
+                    }
+                }
+            }
+        }
+        cx.duration(&format!("{ptr}/allowed_lateness"), &self.allowed_lateness);
+        cx.positive_duration(&format!("{ptr}/idle_timeout"), &self.idle_timeout);
+        if let Some(t) = &self.time {
+            if let Err(e) = FieldPath::parse(t) {
+                cx.error(&format!("{ptr}/time"), e);
+            }
+        }
+        for (i, g) in self.group_by.iter().enumerate() {
+            if let Err(e) = FieldPath::parse(g) {
+                cx.error(&format!("{ptr}/group_by/{i}"), e);
+            }
+        }
+        let mut columns = BTreeSet::new();
+        for (field, fns) in &self.aggregates {
+            let p = format!("{ptr}/aggregates/{}", crate::config::yaml::pointer_escape(field));
+            let path = match FieldPath::parse(field) {
+                Ok(p) => p,
+                Err(e) => {
+                    cx.error(&p, e);
+                    continue;
+                }
+            };
+            if fns.is_empty() {
+                cx.error(&p, "lists no aggregates");
+            }
+            for (i, f) in fns.iter().enumerate() {
+                match AggFn::parse(f) {
+                    Ok(func) => {
+                        let col = format!("{}_{}", agg::column_name(&path), func.suffix());
+                        if !columns.insert(col.clone()) {
+                            cx.error(&format!("{p}/{i}"), format!("the column `{col}` is produced twice"));
+                        }
+                    }
+                    Err(e) => cx.error(&format!("{p}/{i}"), e),
+                }
+            }
+        }
+    }
+    fn inputs(&self) -> &[String] {
+        &self.inputs
+    }
+    fn ports(&self) -> Vec<&'static str> {
+        vec!["", "late", "dead_letter"]
+    }
+}
+
+const LATE: usize = 1;
+const DEAD: usize = 2;
+
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Tumbling { size: i64 },
+    Hopping { size: i64, hop: i64 },
+    Session { gap: i64, max: Option<i64> },
+}
+
+/// The (group, window) states of one tumbling or hopping window.
+#[derive(Default, Serialize, Deserialize)]
+struct Pane {
+    #[serde(skip)]
+    index: AHashMap<Box<str>, u32>,
+    keys: Vec<Box<str>>,
+    cells: Vec<f64>,
+    sketches: Vec<DDSketch>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Session {
+    first: Nanos,
+    last: Nanos,
+    cells: Vec<f64>,
+    sketches: Vec<DDSketch>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct State {
+    watermark: Watermark,
+    panes: BTreeMap<Nanos, Pane>,
+    sessions: BTreeMap<Box<str>, Vec<Session>>,
+}
+
+pub struct Window {
+    shape: Shape,
+    time: Option<FieldPath>,
+    group_by: Vec<FieldPath>,
+    group_cols: Vec<String>,
+    plan: AggPlan,
+    late: LateMode,
+    state: State,
+    /// Session end times, for closing them in order: (end, key, first).
+    timers: BTreeSet<(Nanos, Box<str>, Nanos)>,
+    key: String,
+    skipped: Skipped,
+    name: String,
+    metrics: ComponentMetrics,
+    last_pane: Option<Nanos>,
+}
+
+/// End of a session: `gap` after its last event, but not past its `max_duration` boundary.
+fn session_end(shape: Shape, first: Nanos, last: Nanos) -> Nanos {
+    match shape {
+        Shape::Session { gap, max: Some(m) } => (last + gap).min((first.div_euclid(m) + 1) * m),
+        Shape::Session { gap, max: None } => last + gap,
+        _ => last,
+    }
+}
+
+fn nanos(s: &str) -> anyhow::Result<i64> {
+    Ok(crate::time::parse_duration(s).map_err(anyhow::Error::msg)?.as_nanos() as i64)
+}
+
+impl Window {
+    pub fn new(cfg: &WindowConfig, cx: &BuildCx<'_>) -> anyhow::Result<Window> {
+        let mut w = Window::from_config(cfg, cx.name, cx.metrics.clone())?;
+        if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
+            w.restore(state).context("window state in the checkpoint is corrupt")?;
+        }
+        Ok(w)
+    }
+
+    /// Builds the transform (without restoring state).
+    pub fn from_config(cfg: &WindowConfig, name: &str, metrics: ComponentMetrics) -> anyhow::Result<Window> {
+        let shape = match &cfg.window {
+            WindowSpec::Tumbling { size } => Shape::Tumbling { size: nanos(size)? },
+            WindowSpec::Hopping { size, hop } => Shape::Hopping { size: nanos(size)?, hop: nanos(hop)? },
+            WindowSpec::Session { gap, max_duration } => {
+                Shape::Session { gap: nanos(gap)?, max: max_duration.as_deref().map(nanos).transpose()? }
+            }
+        };
+        let p = |s: &str| FieldPath::parse(s).map_err(anyhow::Error::msg);
+        let time = match cfg.time.as_deref() {
+            None => None,
+            Some(t) => Some(p(t)?),
+        };
+        let group_by: Vec<FieldPath> = cfg.group_by.iter().map(|g| p(g)).collect::<anyhow::Result<_>>()?;
+        let group_cols = group_by.iter().map(|g| g.as_str().replace('.', "_")).collect();
+        let spec: Vec<(FieldPath, Vec<AggFn>)> = cfg
+            .aggregates
+            .iter()
+            .map(|(f, fns)| {
+                Ok((
+                    p(f)?,
+                    fns.iter()
+                        .map(|x| AggFn::parse(x).map_err(anyhow::Error::msg))
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let lateness = nanos(&cfg.allowed_lateness)?;
+        let idle = nanos(&cfg.idle_timeout)?;
+        Ok(Window {
+            shape,
+            time,
+            group_by,
+            group_cols,
+            plan: AggPlan::new(&spec),
+            late: cfg.late,
+            state: State { watermark: Watermark::new(lateness, idle), ..Default::default() },
+            timers: BTreeSet::new(),
+            key: String::new(),
+            skipped: Skipped::default(),
+            name: name.to_string(),
+            metrics,
+            last_pane: None,
+        })
+    }
+
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut st: State = postcard::from_bytes(bytes)?;
+        for pane in st.panes.values_mut() {
+            pane.index = pane.keys.iter().enumerate().map(|(i, k)| (k.clone(), i as u32)).collect();
+        }
+        self.timers = st
+            .sessions
+            .iter()
+            .flat_map(|(k, ss)| ss.iter().map(|s| (session_end(self.shape, s.first, s.last), k.clone(), s.first)))
+            .collect();
+        let lateness = self.state.watermark.lateness;
+        let idle = self.state.watermark.idle_timeout;
+        self.state = st;
+        self.state.watermark.lateness = lateness;
+        self.state.watermark.idle_timeout = idle;
+        Ok(())
+    }
+
+    fn gap(&self) -> Nanos {
+        match self.shape {
+            Shape::Session { gap, .. } => gap,
+            _ => 0,
+        }
+    }
+
+    /// The event's time, if it has a usable one.
+    fn event_time(&self, ev: &Event) -> Option<Nanos> {
+        match &self.time {
+            None => (ev.time != NO_TIME).then_some(ev.time),
+            Some(p) if p.as_str() == "enqueuedTime" && matches!(ev.kind, Kind::Export(_)) => {
+                (ev.time != NO_TIME).then_some(ev.time)
+            }
+            Some(p) => p.get(ev).and_then(|v| v.as_time()),
+        }
+    }
+
+    /// Builds the group key of an event into `self.key`: per field a type tag and the text.
+    fn build_key(&mut self, ev: &Event) {
+        self.key.clear();
+        for (i, g) in self.group_by.iter().enumerate() {
+            if i > 0 {
+                self.key.push('\u{1f}');
+            }
+            match g.get(ev) {
+                None | Some(ValRef::Null) => self.key.push('z'),
+                Some(ValRef::Str(s)) => {
+                    self.key.push('s');
+                    self.key.push_str(&s);
+                }
+                Some(ValRef::Num(n)) => {
+                    self.key.push('n');
+                    self.key.push_str(n);
+                }
+                Some(ValRef::Int(n)) => {
+                    self.key.push('n');
+                    self.key.push_str(&n.to_string());
+                }
+                Some(ValRef::Float(f)) => {
+                    self.key.push('n');
+                    self.key.push_str(&f.to_string());
+                }
+                Some(ValRef::Bool(b)) => self.key.push_str(if b { "btrue" } else { "bfalse" }),
+                Some(ValRef::Time(t)) => {
+                    self.key.push('t');
+                    self.key.push_str(&t.to_string());
+                }
+                Some(other) => {
+                    self.key.push('j');
+                    self.key.push_str(&other.to_json());
+                }
+            }
+        }
+    }
+
+    fn key_values(key: &str) -> Vec<Value> {
+        key.split('\u{1f}')
+            .map(|part| {
+                let (tag, rest) = part.split_at(1);
+                match tag {
+                    "s" => Value::Str(rest.to_string()),
+                    "n" => rest
+                        .parse::<i64>()
+                        .map(Value::Int)
+                        .unwrap_or_else(|_| Value::Float(rest.parse().unwrap_or(f64::NAN))),
+                    "b" => Value::Bool(rest == "true"),
+                    "t" => Value::Time(rest.parse().unwrap_or(NO_TIME)),
+                    "j" => Value::Json(rest.to_string()),
+                    _ => Value::Null,
+                }
+            })
+            .collect()
+    }
+
+    fn add_to_pane(&mut self, start: Nanos, ev: &Event, t: Nanos) {
+        let plan = &self.plan;
+        let pane = self.state.panes.entry(start).or_default();
+        let slot = match pane.index.get(self.key.as_str()) {
+            Some(&s) => s as usize,
+            None => {
+                let s = pane.keys.len();
+                let k: Box<str> = self.key.as_str().into();
+                pane.index.insert(k.clone(), s as u32);
+                pane.keys.push(k);
+                plan.init(&mut pane.cells);
+                plan.init_sketches(&mut pane.sketches);
+                s
+            }
+        };
+        let stride = plan.stride;
+        let ns = plan.sketches;
+        plan.add(
+            ev,
+            t,
+            &mut pane.cells[slot * stride..(slot + 1) * stride],
+            &mut pane.sketches[slot * ns..(slot + 1) * ns],
+            &mut self.skipped,
+        );
+    }
+
+    /// Adds an event to sessions; false when it is late.
+    fn add_to_session(&mut self, ev: &Event, t: Nanos, gap: Nanos, max: Option<Nanos>, wm: Nanos) -> bool {
+        if let Some(m) = max {
+            self.key.push('\u{1e}');
+            self.key.push_str(&t.div_euclid(m).to_string());
+        }
+        let shape = self.shape;
+        let key: Box<str> = self.key.as_str().into();
+        let sessions = self.state.sessions.entry(key.clone()).or_default();
+        // sessions this event touches: t within (first - gap, last + gap)
+        let touching: Vec<usize> = sessions
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| t > s.first - gap && t < s.last + gap)
+            .map(|(i, _)| i)
+            .collect();
+        if touching.is_empty() && session_end(shape, t, t) <= wm {
+            if sessions.is_empty() {
+                self.state.sessions.remove(&key);
+            }
+            return false;
+        }
+        let plan = &self.plan;
+        let mut merged = Session { first: t, last: t, cells: Vec::with_capacity(plan.stride), sketches: Vec::new() };
+        plan.init(&mut merged.cells);
+        plan.init_sketches(&mut merged.sketches);
+        // Sessions that touch the same event never share an event time, so the order of merging
+        // does not matter; the new event is added last, which breaks first/last ties by arrival.
+        for &i in touching.iter().rev() {
+            let mut acc = sessions.remove(i);
+            self.timers.remove(&(session_end(shape, acc.first, acc.last), key.clone(), acc.first));
+            plan.merge(&mut acc.cells, &mut acc.sketches, &merged.cells, &merged.sketches);
+            acc.first = acc.first.min(merged.first);
+            acc.last = acc.last.max(merged.last);
+            merged = acc;
+        }
+        plan.add(ev, t, &mut merged.cells, &mut merged.sketches, &mut self.skipped);
+        merged.first = merged.first.min(t);
+        merged.last = merged.last.max(t);
+        self.timers.insert((session_end(shape, merged.first, merged.last), key, merged.first));
+        let pos = sessions.iter().position(|s| s.first > merged.first).unwrap_or(sessions.len());
+        sessions.insert(pos, merged);
+        true
+    }
+
+    /// Handles one event: assigns it to its windows, or to the late output.
+    fn on_event(&mut self, ev: Event, out: &mut Emitter) {
+        let Some(t) = self.event_time(&ev) else {
+            let what = self.time.as_ref().map(|p| p.as_str().to_string()).unwrap_or_else(|| "enqueuedTime".into());
+            out.emit_to(DEAD, super::dead_letter_of(&ev, &format!("no usable event time in `{what}`"), &self.name));
+            self.metrics.dead_letters.inc();
+            return;
+        };
+        let wm = self.state.watermark.current();
+        self.build_key(&ev);
+        let accepted = match self.shape {
+            Shape::Tumbling { size } => {
+                let start = t.div_euclid(size) * size;
+                if start + size <= wm {
+                    false
+                } else {
+                    self.add_to_pane(start, &ev, t);
+                    true
+                }
+            }
+            Shape::Hopping { size, hop } => {
+                let mut start = t.div_euclid(hop) * hop;
+                let mut any = false;
+                while start + size > t {
+                    if start + size > wm {
+                        self.add_to_pane(start, &ev, t);
+                        any = true;
+                    }
+                    start -= hop;
+                }
+                any
+            }
+            Shape::Session { gap, max } => self.add_to_session(&ev, t, gap, max, wm),
+        };
+        if accepted {
+            self.state.watermark.observe(ev.meta.source, ev.meta.partition, t);
+        } else {
+            self.metrics.late_events.inc();
+            if self.late == LateMode::Output {
+                out.emit_to(LATE, ev);
+            }
+        }
+    }
+
+    fn row(&self, key: &str, start: Nanos, end: Nanos, cells: &[f64], sketches: &[DDSketch]) -> Event {
+        let mut row = Event::row();
+        let key = key.split('\u{1e}').next().unwrap_or(key);
+        for (col, v) in self.group_cols.iter().zip(Self::key_values(key)) {
+            row.push(col, v);
+        }
+        row.push("window_start", Value::Time(start));
+        row.push("window_end", Value::Time(end));
+        row.push("count", Value::Int(cells[0] as i64));
+        self.plan.finish(cells, sketches, &mut row);
+        row.time = start;
+        row
+    }
+
+    /// Emits every window that the watermark has passed (all of them with `all`).
+    fn emit_ready(&mut self, all: bool, out: &mut Emitter) {
+        let wm = self.state.watermark.current();
+        match self.shape {
+            Shape::Tumbling { size } | Shape::Hopping { size, .. } => {
+                while let Some((&start, _)) = self.state.panes.first_key_value() {
+                    if !all && start + size > wm {
+                        break;
+                    }
+                    let pane = self.state.panes.remove(&start).unwrap();
+                    let mut order: Vec<usize> = (0..pane.keys.len()).collect();
+                    order.sort_unstable_by(|a, b| pane.keys[*a].cmp(&pane.keys[*b]));
+                    let (stride, ns) = (self.plan.stride, self.plan.sketches);
+                    let rows: Vec<Event> = order
+                        .into_iter()
+                        .map(|i| {
+                            self.row(
+                                &pane.keys[i],
+                                start,
+                                start + size,
+                                &pane.cells[i * stride..(i + 1) * stride],
+                                &pane.sketches[i * ns..(i + 1) * ns],
+                            )
+                        })
+                        .collect();
+                    out.emit_all(rows);
+                }
+                self.last_pane = None;
+            }
+            Shape::Session { .. } => {
+                while let Some((end, key, first)) = self.timers.first().cloned() {
+                    if !all && end > wm {
+                        break;
+                    }
+                    self.timers.pop_first();
+                    let Some(list) = self.state.sessions.get_mut(&key) else { continue };
+                    let Some(i) = list.iter().position(|s| s.first == first) else { continue };
+                    let s = list.remove(i);
+                    if list.is_empty() {
+                        self.state.sessions.remove(&key);
+                    }
+                    let row = self.row(&key, s.first, end, &s.cells, &s.sketches);
+                    out.emit(row);
+                }
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let open: usize = self.state.panes.values().map(|p| p.keys.len()).sum::<usize>() + self.timers.len();
+        self.metrics.open_windows.set(open as i64);
+        let wm = self.state.watermark.current();
+        if wm != i64::MIN {
+            self.metrics.watermark.set(wm / 1_000_000);
+        }
+    }
+
+    /// Open (group, window) states.
+    pub fn open_states(&self) -> usize {
+        self.state.panes.values().map(|p| p.keys.len()).sum::<usize>() + self.timers.len()
+    }
+
+    /// Bytes held by open window state (heap of the accumulators and keys), for the memory report.
+    pub fn state_bytes(&self) -> usize {
+        let mut b = 0;
+        for p in self.state.panes.values() {
+            b += p.cells.capacity() * 8;
+            b += p.keys.capacity() * std::mem::size_of::<Box<str>>() + p.keys.iter().map(|k| k.len()).sum::<usize>();
+            b += p.index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1);
+            b += p.index.keys().map(|k| k.len()).sum::<usize>();
+            b += p.sketches.len() * std::mem::size_of::<DDSketch>();
+        }
+        b
+    }
+}
+
+impl Transform for Window {
+    fn process(&mut self, batch: Batch, out: &mut Emitter) {
+        let before = self.skipped.0;
+        for ev in batch.events {
+            self.on_event(ev, out);
+        }
+        self.metrics.skipped_values.inc_by(self.skipped.0 - before);
+        self.emit_ready(false, out);
+    }
+
+    fn on_tick(&mut self, now: Nanos, out: &mut Emitter) {
+        if self.state.watermark.tick(now) {
+            self.emit_ready(false, out);
+        }
+        let wm = self.state.watermark.current();
+        if wm != i64::MIN {
+            self.metrics.watermark_lag.set((now - wm) as f64 / 1e9);
+        }
+    }
+
+    fn on_end(&mut self, flush: bool, out: &mut Emitter) {
+        if flush {
+            self.emit_ready(true, out);
+        }
+    }
+
+    fn snapshot(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(postcard::to_allocvec(&self.state)?)
+    }
+}
+
+#[cfg(test)]
+mod tests;
