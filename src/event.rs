@@ -128,6 +128,11 @@ pub struct Event {
     root_raw: Text,
     /// Cached event time (IoT Central `enqueuedTime`, or the row's time column).
     pub time: Nanos,
+    /// Set by the decoder, cleared by any change: every top-level key is one of the export
+    /// format's, so a bare telemetry name cannot also be a top-level field.
+    known_keys: bool,
+    /// Where `telemetry` probably is among the top-level fields (checked on use).
+    tele_hint: u8,
     pub kind: Kind,
     pub meta: Meta,
 }
@@ -191,17 +196,29 @@ impl std::fmt::Debug for ObjRef<'_> {
 }
 
 impl<'a> ObjRef<'a> {
-    /// The value of `key`, if present (the last one wins for duplicate keys, as in JSON.parse).
+    /// The value of `key`, if present (the first one, should an object repeat a key).
     pub fn get(&self, key: &str) -> Option<ValRef<'a>> {
         self.get_val(key).map(|v| self.ev.val_ref(v))
     }
     /// The raw [`Val`] of `key`.
     pub fn get_val(&self, key: &str) -> Option<Val> {
-        let fields = self.fields();
-        fields.iter().rev().find(|f| self.ev.text(f.key) == key).map(|f| f.val)
+        // lengths first: most keys differ in length, and that needs no text at all
+        self.fields().iter().find(|f| f.key.len() == key.len() && eq_short(self.ev.text(f.key), key)).map(|f| f.val)
     }
     fn fields(&self) -> &'a [Field] {
         &self.ev.fields[self.start as usize..(self.start + self.len) as usize]
+    }
+    /// The field at position `i`.
+    pub fn field_at(&self, i: usize) -> Option<(&'a str, ValRef<'a>)> {
+        let f = self.fields().get(i)?;
+        Some((self.ev.text(f.key), self.ev.val_ref(f.val)))
+    }
+    /// The value of `key`, looking at position `i` first (rows of one producer share a layout).
+    pub fn get_at(&self, i: usize, key: &str) -> Option<ValRef<'a>> {
+        match self.fields().get(i) {
+            Some(f) if f.key.len() == key.len() && eq_short(self.ev.text(f.key), key) => Some(self.ev.val_ref(f.val)),
+            _ => self.get(key),
+        }
     }
     /// Number of fields.
     pub fn len(&self) -> usize {
@@ -338,6 +355,32 @@ impl<'a> ValRef<'a> {
     }
 }
 
+/// String equality tuned for short keys: compares whole words instead of calling `memcmp`,
+/// which costs more than the comparison itself for keys of a few bytes.
+#[inline]
+pub fn eq_short(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n >= 8 {
+        if n <= 16 {
+            let w = |x: &[u8], at: usize| u64::from_le_bytes(x[at..at + 8].try_into().unwrap());
+            return w(a, 0) == w(b, 0) && w(a, n - 8) == w(b, n - 8);
+        }
+        return a == b;
+    }
+    let mut i = 0;
+    while i < n {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// Writes a float as JSON (non-finite values become null, as JSON has no NaN).
 pub fn write_json_f64(out: &mut String, f: f64) {
     if f.is_finite() {
@@ -429,13 +472,20 @@ impl Default for Event {
 impl Event {
     /// An empty derived row.
     pub fn row() -> Event {
+        Event::with_capacity(0, 0)
+    }
+
+    /// An empty derived row with room for `fields` fields and `text` bytes of keys and strings.
+    pub fn with_capacity(fields: usize, text: usize) -> Event {
         Event {
             raw: Bytes::new(),
-            arena: String::new(),
-            fields: Vec::new(),
+            arena: String::with_capacity(text),
+            fields: Vec::with_capacity(fields),
             root: (0, 0),
             root_raw: Text::EMPTY,
             time: NO_TIME,
+            known_keys: false,
+            tele_hint: u8::MAX,
             kind: Kind::Row,
             meta: Meta::default(),
         }
@@ -451,7 +501,42 @@ impl Event {
         kind: Kind,
     ) -> Event {
         let root_raw = Text::raw(0, raw.len());
-        Event { raw, arena, fields, root: (0, root_len), root_raw, time, kind, meta: Meta::default() }
+        Event {
+            raw,
+            arena,
+            fields,
+            root: (0, root_len),
+            root_raw,
+            time,
+            known_keys: false,
+            tele_hint: u8::MAX,
+            kind,
+            meta: Meta::default(),
+        }
+    }
+
+    pub(crate) fn set_layout_hints(&mut self, known_keys: bool, telemetry: Option<u8>) {
+        self.known_keys = known_keys;
+        self.tele_hint = telemetry.unwrap_or(u8::MAX);
+    }
+
+    /// Whether every top-level key is one of the export format's (see [`crate::path`]).
+    pub fn has_only_export_keys(&self) -> bool {
+        self.known_keys
+    }
+
+    /// The `telemetry` object, if the event has one.
+    pub fn telemetry(&self) -> Option<ObjRef<'_>> {
+        let root = self.root();
+        if let Some((k, ValRef::Obj(o))) = root.field_at(self.tele_hint as usize) {
+            if eq_short(k, "telemetry") {
+                return Some(o);
+            }
+        }
+        match root.get("telemetry") {
+            Some(ValRef::Obj(o)) => Some(o),
+            _ => None,
+        }
     }
 
     /// A dead-letter record for `payload`, which could not be processed for `reason`.
@@ -485,12 +570,13 @@ impl Event {
         if t.len & IN_ARENA != 0 {
             &self.arena[off..off + len]
         } else {
-            // Spans into `raw` are only created by the decoder, over text it validated as UTF-8,
-            // at character boundaries (JSON string contents, numbers, keys).
-            match std::str::from_utf8(&self.raw[off..off + len]) {
-                Ok(s) => s,
-                Err(_) => "",
-            }
+            let bytes = &self.raw[off..off + len];
+            debug_assert!(std::str::from_utf8(bytes).is_ok());
+            // SAFETY: text spans into `raw` are only created by the decoder (`build::raw_span`),
+            // over input it validated as UTF-8 as a whole, at the boundaries of JSON tokens (which
+            // are character boundaries). Bytes that need not be UTF-8 (dead-letter payloads) are
+            // `Val::Bytes` and are only read through `bytes_of`.
+            unsafe { std::str::from_utf8_unchecked(bytes) }
         }
     }
 
@@ -615,6 +701,7 @@ impl Event {
         self.fields.push(f);
         self.root.1 += 1;
         self.root_raw = Text::EMPTY;
+        self.known_keys = false;
     }
 
     /// Appends a top-level field (no check for an existing key: use [`Event::set`] for that).
@@ -722,7 +809,8 @@ impl Event {
     }
 
     fn find(&self, start: u32, len: u32, key: &str) -> Option<usize> {
-        (start as usize..(start + len) as usize).rev().find(|&i| self.text(self.fields[i].key) == key)
+        (start as usize..(start + len) as usize)
+            .find(|&i| self.fields[i].key.len() == key.len() && eq_short(self.text(self.fields[i].key), key))
     }
 
     /// Appends a field to the object at `start..start+len`, moving it to the end of the vector
@@ -754,6 +842,9 @@ impl Event {
 
     fn clear_raw(&mut self, chain: &[(u32, u32)], keys: &[&str]) {
         self.root_raw = Text::EMPTY;
+        if chain.len() == 1 {
+            self.known_keys = false; // a top-level field was added or removed
+        }
         for idx in 1..chain.len() {
             let (ps, pl) = chain[idx - 1];
             if let Some(i) = self.find(ps, pl, keys[idx - 1]) {
@@ -943,5 +1034,20 @@ mod tests {
         assert_eq!(ev.kind, Kind::DeadLetter);
         assert_eq!(ev.get("payload"), Some(ValRef::Bytes(b"\xff\xfe{")));
         assert!(ev.to_json().contains("\"payload\":\"//57\""), "base64 for non-UTF-8: {}", ev.to_json());
+    }
+}
+
+#[cfg(test)]
+mod eq_tests {
+    use super::eq_short;
+
+    #[test]
+    fn short_equality_matches_std() {
+        let words = ["", "a", "ab", "deviceId", "deviceIe", "telemetry", "telemetrx", "messageSource", "applicationId", "messageProperties", "messagePropertiez", "abcdefghijklmnop", "abcdefghijklmnoq"];
+        for a in words {
+            for b in words {
+                assert_eq!(eq_short(a, b), a == b, "{a} {b}");
+            }
+        }
     }
 }

@@ -322,7 +322,7 @@ impl Expr {
 
 impl FastCompare {
     fn eval(&self, ev: &Event) -> bool {
-        let eq = matches!(lookup(ev, &self.var), Some(ValRef::Str(s)) if s == self.literal.as_str());
+        let eq = matches!(lookup(ev, &self.var), Some(ValRef::Str(s)) if crate::event::eq_short(&s, &self.literal));
         eq != self.negate
     }
 }

@@ -15,6 +15,8 @@ use crate::event::{Event, ValRef, Value, NO_TIME};
 pub struct FieldPath {
     parts: Vec<String>,
     text: String,
+    /// The first segment is a key of the export format (`deviceId`, `telemetry`, ...).
+    export_key: bool,
 }
 
 impl fmt::Debug for FieldPath {
@@ -40,7 +42,8 @@ impl FieldPath {
         if parts.iter().any(|p| p.is_empty()) {
             return Err(format!("{t:?} is not a field path (empty segment)"));
         }
-        Ok(FieldPath { parts, text: t.to_string() })
+        let export_key = EXPORT_KEYS.contains(&parts[0].as_str());
+        Ok(FieldPath { parts, text: t.to_string(), export_key })
     }
 
     /// The path as written.
@@ -66,16 +69,17 @@ impl FieldPath {
     /// The value at this path, if any.
     pub fn get<'e>(&self, ev: &'e Event) -> Option<ValRef<'e>> {
         let first = self.parts[0].as_str();
-        if let Some(v) = ev.get(first) {
-            return descend(v, &self.parts[1..]);
+        // An export message whose top-level keys are all the format's cannot have a top-level
+        // field by a telemetry name: go to telemetry directly.
+        if !(ev.has_only_export_keys() && !self.export_key) {
+            if let Some(v) = ev.get(first) {
+                return descend(v, &self.parts[1..]);
+            }
         }
         if first == "meta" && self.parts.len() == 2 {
             return meta(ev, &self.parts[1]);
         }
-        match ev.get("telemetry") {
-            Some(ValRef::Obj(t)) => descend(t.get(first)?, &self.parts[1..]),
-            _ => None,
-        }
+        descend(ev.telemetry()?.get(first)?, &self.parts[1..])
     }
 
     /// The concrete path to write to: an existing top-level field, else inside `telemetry` when
@@ -124,6 +128,27 @@ impl FieldPath {
         ev.rename(&f, &t)
     }
 }
+
+/// Top-level keys of the export format (all kinds).
+const EXPORT_KEYS: [&str; 17] = [
+    "applicationId",
+    "messageSource",
+    "messageType",
+    "deviceId",
+    "schema",
+    "templateId",
+    "enqueuedTime",
+    "enrichments",
+    "telemetry",
+    "properties",
+    "module",
+    "component",
+    "messageProperties",
+    "actor",
+    "resource",
+    "updated",
+    "meta",
+];
 
 fn descend<'e>(mut v: ValRef<'e>, rest: &[String]) -> Option<ValRef<'e>> {
     for key in rest {

@@ -58,10 +58,10 @@ pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
             let part = build::raw_span(text, elem.get());
             let start = part_offset(text, elem.get());
             let sub = raw.slice(start..start + part.len());
-            out.push(decode_object(sub).map_err(|e| format!("array element {i}: {e}")));
+            out.push(decode_valid(sub).map_err(|e| format!("array element {i}: {e}")));
         }
     } else {
-        out.push(decode_object(raw));
+        out.push(decode_valid(raw));
     }
 }
 
@@ -90,8 +90,16 @@ thread_local! {
 
 /// Decodes one JSON object (UTF-8 already checked by the caller or checked here).
 pub fn decode_object(raw: Bytes) -> Result<Event, String> {
-    let text = std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
-    SCRATCH.with(|s| {
+    std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    decode_valid(raw)
+}
+
+/// Decodes one JSON object whose bytes the caller has checked to be UTF-8.
+fn decode_valid(raw: Bytes) -> Result<Event, String> {
+    // SAFETY: every caller has validated `raw` as UTF-8: `decode_object` just now, and
+    // `decode_record_into` for the whole record, of which array elements are token-aligned slices.
+    let text = unsafe { std::str::from_utf8_unchecked(&raw) };
+    let parts = SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         let Scratch { root, nested } = &mut *s;
         root.clear();
@@ -115,8 +123,12 @@ pub fn decode_object(raw: Bytes) -> Result<Event, String> {
             _ => *f,
         }));
         fields.extend_from_slice(nested);
-        Ok(Event::from_parts(raw.clone(), arena, fields, root_len, env.time, Kind::Export(source)))
-    })
+        Ok((arena, fields, root_len, env.time, source, env.known_keys, env.telemetry))
+    })?;
+    let (arena, fields, root_len, time, source, known, tele) = parts;
+    let mut ev = Event::from_parts(raw, arena, fields, root_len, time, Kind::Export(source));
+    ev.set_layout_hints(known, tele);
+    Ok(ev)
 }
 
 fn json_error(text: &str, e: serde_json::Error) -> String {
@@ -132,11 +144,15 @@ fn json_error(text: &str, e: serde_json::Error) -> String {
 struct Envelope {
     source: Option<MessageSource>,
     time: Nanos,
+    /// No top-level key outside the export format.
+    known_keys: bool,
+    /// Position of `telemetry` among the top-level fields.
+    telemetry: Option<u8>,
 }
 
 impl Envelope {
     fn new() -> Self {
-        Envelope { source: None, time: NO_TIME }
+        Envelope { source: None, time: NO_TIME, known_keys: true, telemetry: None }
     }
 }
 
@@ -218,8 +234,14 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
         *env = Envelope::new();
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             let key_text = text_of(base, arena, &key);
-            let val = match key.as_ref() {
-                "applicationId" | "messageType" | "deviceId" | "schema" | "templateId" | "module" | "component" => {
+            let kind = key_kind(&key);
+            if kind == KeyKind::Other {
+                env.known_keys = false;
+            } else if kind == KeyKind::Object && key.as_ref() == "telemetry" && root.len() < 255 {
+                env.telemetry = Some(root.len() as u8);
+            }
+            let val = match kind {
+                KeyKind::EnvString => {
                     let v: Option<CowStr<'de>> =
                         map.next_value().map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
                     match v {
@@ -227,13 +249,13 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                         None => Val::Null,
                     }
                 }
-                "messageSource" => {
+                KeyKind::MessageSource => {
                     let CowStr(s) =
                         map.next_value().map_err(|e| de::Error::custom(format!("messageSource: {}", strip_pos(&e))))?;
                     env.source = Some(MessageSource::parse(&s));
                     Val::Str(text_of(base, arena, &s))
                 }
-                "enqueuedTime" => {
+                KeyKind::EnqueuedTime => {
                     let CowStr(s) =
                         map.next_value().map_err(|e| de::Error::custom(format!("enqueuedTime: {}", strip_pos(&e))))?;
                     env.time = time::parse_rfc3339(&s).ok_or_else(|| {
@@ -241,11 +263,11 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                     })?;
                     Val::Str(text_of(base, arena, &s))
                 }
-                "telemetry" | "enrichments" | "messageProperties" | "actor" | "resource" | "updated" => {
+                KeyKind::Object => {
                     let seed = ObjSeed { base, nested: &mut *nested, arena: &mut *arena };
                     map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
                 }
-                "properties" => {
+                KeyKind::Properties => {
                     let raw: &'de RawValue = map.next_value()?;
                     let v = classify(base, arena, raw.get());
                     match v {
@@ -254,7 +276,7 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                         _ => return Err(de::Error::custom("properties: expected an array of {name, value}")),
                     }
                 }
-                _ => {
+                KeyKind::Other => {
                     let raw: &'de RawValue = map.next_value()?;
                     classify(base, arena, raw.get())
                 }
@@ -262,6 +284,44 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
             root.push(Field { key: key_text, val });
         }
         Ok(())
+    }
+}
+
+/// How the decoder treats a top-level key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    /// Envelope strings (`deviceId`, ...): must be strings or null.
+    EnvString,
+    MessageSource,
+    EnqueuedTime,
+    /// Payload objects decoded one level deep (`telemetry`, ...).
+    Object,
+    Properties,
+    Other,
+}
+
+/// Dispatches on length first, then compares at most two candidates word-wise: faster than a
+/// string `match`, which calls `memcmp` for every candidate of the same length.
+fn key_kind(k: &str) -> KeyKind {
+    use crate::event::eq_short as eq;
+    use KeyKind::*;
+    match k.len() {
+        5 if eq(k, "actor") => Object,
+        6 if eq(k, "schema") || eq(k, "module") => EnvString,
+        7 if eq(k, "updated") => Object,
+        8 if eq(k, "deviceId") => EnvString,
+        8 if eq(k, "resource") => Object,
+        9 if eq(k, "telemetry") => Object,
+        9 if eq(k, "component") => EnvString,
+        10 if eq(k, "templateId") => EnvString,
+        10 if eq(k, "properties") => Properties,
+        11 if eq(k, "messageType") => EnvString,
+        11 if eq(k, "enrichments") => Object,
+        12 if eq(k, "enqueuedTime") => EnqueuedTime,
+        13 if eq(k, "messageSource") => MessageSource,
+        13 if eq(k, "applicationId") => EnvString,
+        17 if eq(k, "messageProperties") => Object,
+        _ => Other,
     }
 }
 

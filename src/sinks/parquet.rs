@@ -453,28 +453,39 @@ pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Resul
     Ok(RecordBatch::try_new(export_schema(metadata_columns), cols)?)
 }
 
+fn type_of(v: &ValRef<'_>) -> DataType {
+    match v {
+        ValRef::Null => DataType::Null,
+        ValRef::Bool(_) => DataType::Boolean,
+        ValRef::Int(_) => DataType::Int64,
+        ValRef::Float(_) => DataType::Float64,
+        ValRef::Num(s) if s.contains(['.', 'e', 'E']) => DataType::Float64,
+        ValRef::Num(_) => DataType::Int64,
+        ValRef::Time(_) => ts_type(),
+        ValRef::Bytes(_) => DataType::Binary,
+        ValRef::Str(_) | ValRef::Obj(_) | ValRef::Json(_) => DataType::Utf8,
+    }
+}
+
 /// Infers the columns of derived rows: each top-level field, typed from its values.
 pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef {
     let mut cols: Vec<(String, DataType)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for ev in events {
-        for (k, v) in ev.root().iter() {
-            let t = match v {
-                ValRef::Null => DataType::Null,
-                ValRef::Bool(_) => DataType::Boolean,
-                ValRef::Int(_) => DataType::Int64,
-                ValRef::Float(_) => DataType::Float64,
-                ValRef::Num(s) => {
-                    if s.contains(['.', 'e', 'E']) {
-                        DataType::Float64
-                    } else {
-                        DataType::Int64
-                    }
+        let root = ev.root();
+        // rows of one producer share their layout: compare by position before hashing
+        let same_layout =
+            root.len() == cols.len() && root.iter().zip(&cols).all(|((k, _), (c, _))| k.len() == c.len() && k == c);
+        if same_layout {
+            for ((_, v), col) in root.iter().zip(cols.iter_mut()) {
+                if col.1 != DataType::Utf8 {
+                    col.1 = merge_type(&col.1, &type_of(&v));
                 }
-                ValRef::Time(_) => ts_type(),
-                ValRef::Bytes(_) => DataType::Binary,
-                ValRef::Str(_) | ValRef::Obj(_) | ValRef::Json(_) => DataType::Utf8,
-            };
+            }
+            continue;
+        }
+        for (k, v) in root.iter() {
+            let t = type_of(&v);
             match index.get(k) {
                 Some(&i) => cols[i].1 = merge_type(&cols[i].1, &t),
                 None => {
@@ -482,6 +493,9 @@ pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef
                     cols.push((k.to_string(), t));
                 }
             }
+        }
+        if index.len() != cols.len() {
+            index = cols.iter().enumerate().map(|(i, c)| (c.0.clone(), i)).collect();
         }
     }
     let mut fields: Vec<Field> = cols
@@ -518,18 +532,22 @@ fn schema_covers(a: &Schema, b: &Schema) -> bool {
 }
 
 /// Encodes rows into `schema`.
-pub fn encode_rows(events: &[&Event], schema: &SchemaRef, metadata_columns: bool) -> anyhow::Result<RecordBatch> {
+pub fn encode_rows<'a>(events: &[&'a Event], schema: &SchemaRef, metadata_columns: bool) -> anyhow::Result<RecordBatch> {
     let n = events.len();
     let data_fields = if metadata_columns { schema.fields().len() - 4 } else { schema.fields().len() };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut buf = String::new();
-    for f in schema.fields().iter().take(data_fields) {
+    for (ci, f) in schema.fields().iter().take(data_fields).enumerate() {
         let name = f.name().as_str();
+        fn at<'e>(ev: &'e Event, ci: usize, name: &str) -> Option<ValRef<'e>> {
+            ev.root().get_at(ci, name)
+        }
+        let get = |ev: &&'a Event| at(ev, ci, name);
         let col: ArrayRef = match f.data_type() {
             DataType::Boolean => {
                 let mut b = BooleanBuilder::with_capacity(n);
                 for ev in events {
-                    b.append_option(match ev.get(name) {
+                    b.append_option(match get(ev) {
                         Some(ValRef::Bool(x)) => Some(x),
                         _ => None,
                     });
@@ -539,28 +557,28 @@ pub fn encode_rows(events: &[&Event], schema: &SchemaRef, metadata_columns: bool
             DataType::Int64 => {
                 let mut b = Int64Builder::with_capacity(n);
                 for ev in events {
-                    b.append_option(ev.get(name).and_then(|v| v.as_i64()));
+                    b.append_option(get(ev).and_then(|v| v.as_i64()));
                 }
                 Arc::new(b.finish())
             }
             DataType::Float64 => {
                 let mut b = Float64Builder::with_capacity(n);
                 for ev in events {
-                    b.append_option(ev.get(name).and_then(|v| v.as_f64()));
+                    b.append_option(get(ev).and_then(|v| v.as_f64()));
                 }
                 Arc::new(b.finish())
             }
             DataType::Timestamp(_, _) => {
                 let mut b = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
                 for ev in events {
-                    b.append_option(ev.get(name).and_then(|v| v.as_time()));
+                    b.append_option(get(ev).and_then(|v| v.as_time()));
                 }
                 Arc::new(b.finish())
             }
             DataType::Binary => {
                 let mut b = BinaryBuilder::new();
                 for ev in events {
-                    match ev.get(name) {
+                    match get(ev) {
                         Some(ValRef::Bytes(x)) => b.append_value(x),
                         Some(ValRef::Null) | None => b.append_null(),
                         Some(other) => b.append_value(other.to_json()),
@@ -571,7 +589,7 @@ pub fn encode_rows(events: &[&Event], schema: &SchemaRef, metadata_columns: bool
             _ => {
                 let mut b = StringBuilder::with_capacity(n, n * 16);
                 for ev in events {
-                    match ev.get(name) {
+                    match get(ev) {
                         None | Some(ValRef::Null) => b.append_null(),
                         Some(ValRef::Str(s)) => b.append_value(s),
                         Some(ValRef::Time(t)) => b.append_value(crate::time::format_rfc3339(t)),
@@ -670,6 +688,18 @@ impl ParquetSink {
         })
     }
 
+    /// Writer properties for a file: dictionary encoding only for string columns, where it pays
+    /// (device ids, message types); for numbers and timestamps it costs time and saves nothing.
+    fn file_props(&self, schema: &SchemaRef) -> WriterProperties {
+        let mut b = self.props.clone().into_builder().set_dictionary_enabled(false);
+        for f in schema.fields() {
+            if f.data_type() == &DataType::Utf8 {
+                b = b.set_column_dictionary_enabled(f.name().as_str().into(), true);
+            }
+        }
+        b.build()
+    }
+
     fn file_name(&mut self) -> String {
         self.seq += 1;
         format!("{}-{}-{:08}-{:05}.parquet", self.cfg.file_prefix, self.instance, self.epoch, self.seq)
@@ -715,7 +745,7 @@ impl ParquetSink {
         if !self.open.contains_key(&key) {
             let (staged, target) = self.paths(&key);
             let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
-            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.props.clone()))?;
+            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(&schema)))?;
             self.open.insert(
                 key.clone(),
                 OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
@@ -65,7 +65,7 @@ pub struct FilesConfig {
 }
 
 fn default_batch() -> usize {
-    8192
+    2048
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -354,6 +354,19 @@ impl<R: Read> Read for Counting<R> {
 
 const CHUNK: usize = 4 << 20;
 
+/// Reads into `buf[start..]` until it is full or the input ends; returns (filled length, eof).
+fn fill(input: &mut Box<dyn Read + Send>, buf: &mut [u8], start: usize) -> std::io::Result<(usize, bool)> {
+    let mut len = start;
+    while len < buf.len() {
+        let n = input.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok((len, true));
+        }
+        len += n;
+    }
+    Ok((len, false))
+}
+
 impl Reader {
     fn run(self, tx: &mpsc::Sender<ReaderMsg>, stop: &std::sync::atomic::AtomicBool) {
         for idx in self.start.file..self.files.len() {
@@ -415,69 +428,77 @@ impl Reader {
     ) -> anyhow::Result<()> {
         let f = &self.files[idx];
         let mut input = self.open(f)?;
-        let mut buf = BytesMut::with_capacity(CHUNK + 4096);
+        // Two buffers: the next chunk is read while the current one is decoded (lines are
+        // copied into their events, so buffers are reused). A buffer only grows for a line
+        // longer than a chunk, or to hold a whole JSON-array file.
+        let mut cur: Vec<u8> = vec![0; CHUNK];
+        let mut next: Vec<u8> = vec![0; CHUNK];
+        let (mut len, mut eof) = fill(&mut input, &mut cur, 0)?;
+        let array_mode = match self.format {
+            Format::JsonArray => true,
+            Format::Jsonl => false,
+            Format::Auto => looks_like_array_file(&cur[..len], eof),
+        };
+        if array_mode {
+            while !eof {
+                cur.resize(cur.len() * 2, 0);
+                (len, eof) = fill(&mut input, &mut cur, len)?;
+            }
+            return self.emit_array_file(idx, Bytes::copy_from_slice(&cur[..len]), skip, tx);
+        }
         let mut line_no: u64 = 0; // lines fully consumed
-        let mut eof = false;
-        let mut array_mode = matches!(self.format, Format::JsonArray);
-        let mut first = true;
-        while !eof {
+        loop {
             if stop.load(Ordering::Relaxed) {
                 return Err(Closed.into());
             }
-            // fill the buffer up to CHUNK
-            let target = buf.len() + CHUNK;
-            buf.resize(target, 0);
-            let mut filled = target - CHUNK;
-            while filled < target {
-                let n = input.read(&mut buf[filled..target])?;
-                if n == 0 {
-                    eof = true;
-                    break;
+            // complete lines only; the tail goes to the front of the next chunk
+            let cut = loop {
+                if eof {
+                    break len;
                 }
-                filled += n;
-            }
-            buf.truncate(filled);
-            if first && self.format == Format::Auto {
-                first = false;
-                array_mode = looks_like_array_file(&buf, eof);
-            }
-            if array_mode {
-                if !eof {
-                    continue; // a JSON array file is decoded whole
-                }
-                let all = buf.split().freeze();
-                return self.emit_array_file(idx, all, skip, tx);
-            }
-            // complete lines only; keep the tail for the next round
-            let cut = if eof {
-                buf.len()
-            } else {
-                match memchr::memrchr(b'\n', &buf) {
-                    Some(i) => i + 1,
-                    None => continue, // one line longer than the chunk: read more
+                match memchr::memrchr(b'\n', &cur[..len]) {
+                    Some(i) => break i + 1,
+                    None => {
+                        cur.resize(cur.len() * 2, 0); // one line longer than the buffer
+                        (len, eof) = fill(&mut input, &mut cur, len)?;
+                    }
                 }
             };
-            let chunk = buf.split_to(cut).freeze();
-            let consumed = self.emit_lines(idx, chunk, line_no, skip, tx)?;
+            let tail = len - cut;
+            if next.len() < tail + CHUNK / 2 {
+                next.resize(tail + CHUNK, 0);
+            }
+            let (decoded, read) = rayon::join(
+                || self.decode_lines(idx, &cur[..cut], line_no, skip),
+                || {
+                    if eof {
+                        return Ok((0, true));
+                    }
+                    next[..tail].copy_from_slice(&cur[cut..len]);
+                    fill(&mut input, &mut next, tail)
+                },
+            );
+            let (groups, consumed) = decoded;
+            for (events, dead, pos) in groups {
+                tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
+            }
             line_no += consumed;
+            if eof {
+                return Ok(());
+            }
+            (len, eof) = read?;
+            std::mem::swap(&mut cur, &mut next);
         }
-        Ok(())
     }
 
     /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them.
-    fn emit_lines(
-        &self,
-        idx: usize,
-        chunk: Bytes,
-        first_line: u64,
-        skip: u64,
-        tx: &mpsc::Sender<ReaderMsg>,
-    ) -> anyhow::Result<u64> {
+    #[allow(clippy::type_complexity)]
+    fn decode_lines(&self, idx: usize, chunk: &[u8], first_line: u64, skip: u64) -> (Vec<(Vec<Event>, Vec<Event>, Position)>, u64) {
         let f = &self.files[idx];
         let mut lines: Vec<(u64, usize, usize)> = Vec::with_capacity(chunk.len() / 400 + 1);
         let mut start = 0;
         let mut n = first_line;
-        for nl in memchr::memchr_iter(b'\n', &chunk) {
+        for nl in memchr::memchr_iter(b'\n', chunk) {
             lines.push((n, start, nl));
             n += 1;
             start = nl + 1;
@@ -489,6 +510,7 @@ impl Reader {
         let consumed = n - first_line;
         lines.retain(|(no, _, _)| *no >= skip);
         // batches of about batch_size lines, each decoded in parallel
+        let mut out = Vec::new();
         for group in lines.chunks(self.batch_size.max(1)) {
             let decoded: Vec<(Vec<Event>, Vec<Event>)> = group
                 .par_chunks(256)
@@ -506,7 +528,9 @@ impl Reader {
                             continue;
                         }
                         results.clear();
-                        decode_record_into(chunk.slice(s..e), &mut results);
+                        // each event owns a copy of its line: no reference count shared between
+                        // the decoding threads, and the read buffer is free for the next chunk
+                        decode_record_into(Bytes::copy_from_slice(line), &mut results);
                         for r in results.drain(..) {
                             match r {
                                 Ok(mut ev) => {
@@ -519,7 +543,7 @@ impl Reader {
                                     events.push(ev);
                                 }
                                 Err(reason) => dead.push(Event::dead_letter(
-                                    chunk.slice(s..e),
+                                    Bytes::copy_from_slice(line),
                                     &reason,
                                     &format!("{}:{}", f.display, no + 1),
                                     &self.component,
@@ -539,9 +563,9 @@ impl Reader {
             }
             let last_line = group.last().map(|l| l.0 + 1).unwrap_or(first_line);
             let pos = Position { file: idx, path: f.path.to_string(), line: last_line };
-            tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
+            out.push((events, dead, pos));
         }
-        Ok(consumed)
+        (out, consumed)
     }
 
     /// Sends the messages of a JSON-array file; the position counts elements, so that a restart

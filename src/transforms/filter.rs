@@ -51,7 +51,7 @@ impl Filter {
 impl Transform for Filter {
     fn process(&mut self, batch: Batch, out: &mut Emitter) {
         let expr = &self.expr;
-        let verdicts: Vec<Result<bool, String>> = if batch.len() >= PARALLEL_BATCH {
+        let verdicts: Vec<Result<bool, String>> = if batch.len() >= *super::PARALLEL_BATCH {
             batch.events.par_iter().map(|ev| expr.eval_bool(ev)).collect()
         } else {
             batch.events.iter().map(|ev| expr.eval_bool(ev)).collect()

@@ -135,7 +135,7 @@ impl Map {
 
 impl Transform for Map {
     fn process(&mut self, mut batch: Batch, out: &mut Emitter) {
-        let results: Vec<Result<(), String>> = if batch.len() >= PARALLEL_BATCH {
+        let results: Vec<Result<(), String>> = if batch.len() >= *PARALLEL_BATCH {
             batch.events.par_iter_mut().map(|ev| self.apply(ev)).collect()
         } else {
             batch.events.iter_mut().map(|ev| self.apply(ev)).collect()

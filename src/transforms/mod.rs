@@ -43,4 +43,15 @@ pub(crate) fn dead_letter_of(ev: &Event, reason: &str, component: &str) -> Event
 }
 
 /// Batches at least this large are evaluated on the rayon pool.
-pub(crate) const PARALLEL_BATCH: usize = 1024;
+/// Batches at least this large are processed on the rayon pool, on machines with more than two
+/// cores. On two cores the pipeline's stages (decoding, transforms, sinks) already keep both
+/// busy, and splitting a transform's batch only adds hand-offs (measured on W1: 1.95 CPU s with
+/// parallel transforms against 1.75 without).
+pub(crate) static PARALLEL_BATCH: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if cores > 2 {
+        1024
+    } else {
+        usize::MAX
+    }
+});

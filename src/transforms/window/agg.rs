@@ -116,6 +116,8 @@ pub struct FieldAgg {
     pub path: FieldPath,
     pub column: String,
     pub fns: Vec<AggFn>,
+    /// Output column of each function.
+    names: Vec<String>,
     layout: FieldLayout,
     off_sum: usize,
     off_min: usize,
@@ -169,8 +171,10 @@ impl AggPlan {
                 sketches += 1;
                 sketches - 1
             });
+            let column = column_name(path);
             fields.push(FieldAgg {
-                column: column_name(path),
+                names: fns.iter().map(|f| format!("{column}_{}", f.suffix())).collect(),
+                column,
                 path: path.clone(),
                 fns: fns.clone(),
                 layout: FieldLayout { base, sum, minmax, welford, first, last, sketch },
@@ -210,17 +214,31 @@ impl AggPlan {
         }
     }
 
+    /// Appends the value of each aggregated field of `ev` to `out` (NaN when missing, not
+    /// numeric or not finite). This is the part of aggregation that reads events, so it can run
+    /// in parallel; [`AggPlan::add_values`] then only does arithmetic.
+    pub fn extract(&self, ev: &Event, out: &mut Vec<f64>) {
+        for f in &self.fields {
+            let v = f.path.get(ev).and_then(|v| v.as_f64()).filter(|v| v.is_finite()).unwrap_or(f64::NAN);
+            out.push(v);
+        }
+    }
+
     /// Adds one event at time `t` to the cells `c` (and sketches `s`).
     pub fn add(&self, ev: &Event, t: Nanos, c: &mut [f64], s: &mut [DDSketch], skipped: &mut Skipped) {
+        let mut vals = Vec::with_capacity(self.fields.len());
+        self.extract(ev, &mut vals);
+        self.add_values(&vals, t, c, s, skipped);
+    }
+
+    /// Adds one event's extracted values (see [`AggPlan::extract`]) at time `t`.
+    pub fn add_values(&self, vals: &[f64], t: Nanos, c: &mut [f64], s: &mut [DDSketch], skipped: &mut Skipped) {
         c[0] += 1.0;
-        for f in &self.fields {
-            let v = match f.path.get(ev).and_then(|v| v.as_f64()) {
-                Some(v) if v.is_finite() => v,
-                _ => {
-                    skipped.0 += 1;
-                    continue;
-                }
-            };
+        for (f, &v) in self.fields.iter().zip(vals) {
+            if v.is_nan() {
+                skipped.0 += 1;
+                continue;
+            }
             let b = f.layout.base;
             c[b + N] += 1.0;
             if f.layout.sum {
@@ -315,8 +333,7 @@ impl AggPlan {
         for f in &self.fields {
             let b = f.layout.base;
             let n = c[b + N];
-            for func in &f.fns {
-                let name = format!("{}_{}", f.column, func.suffix());
+            for (func, name) in f.fns.iter().zip(&f.names) {
                 let v = if n == 0.0 && !matches!(func, AggFn::Count) {
                     Value::Null
                 } else {
@@ -337,7 +354,7 @@ impl AggPlan {
                         },
                     }
                 };
-                row.push(&name, v);
+                row.push(name, v);
             }
         }
     }

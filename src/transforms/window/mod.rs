@@ -19,6 +19,7 @@ mod watermark;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ahash::AHashMap;
+use rayon::prelude::*;
 use anyhow::Context;
 use indexmap::IndexMap;
 use schemars::JsonSchema;
@@ -177,6 +178,12 @@ impl Spec for WindowConfig {
 
 const LATE: usize = 1;
 const DEAD: usize = 2;
+/// Events per parallel extraction task.
+const EXTRACT_CHUNK: usize = 256;
+
+fn batch_len_hint(parts: &[Extracted]) -> usize {
+    parts.iter().map(|p| p.recs.len()).sum()
+}
 
 #[derive(Debug, Clone, Copy)]
 enum Shape {
@@ -225,6 +232,53 @@ pub struct Window {
     name: String,
     metrics: ComponentMetrics,
     last_pane: Option<Nanos>,
+}
+
+/// Appends the group key of an event to `key`: per field a type tag and the text, fields
+/// separated by U+001F.
+fn write_key(group_by: &[FieldPath], ev: &Event, key: &mut String) {
+    for (i, g) in group_by.iter().enumerate() {
+        if i > 0 {
+            key.push('\u{1f}');
+        }
+        match g.get(ev) {
+            None | Some(ValRef::Null) => key.push('z'),
+            Some(ValRef::Str(s)) => {
+                key.push('s');
+                key.push_str(&s);
+            }
+            Some(ValRef::Num(n)) => {
+                key.push('n');
+                key.push_str(n);
+            }
+            Some(ValRef::Int(n)) => {
+                key.push('n');
+                key.push_str(&n.to_string());
+            }
+            Some(ValRef::Float(f)) => {
+                key.push('n');
+                key.push_str(&f.to_string());
+            }
+            Some(ValRef::Bool(b)) => key.push_str(if b { "btrue" } else { "bfalse" }),
+            Some(ValRef::Time(t)) => {
+                key.push('t');
+                key.push_str(&t.to_string());
+            }
+            Some(other) => {
+                key.push('j');
+                key.push_str(&other.to_json());
+            }
+        }
+    }
+}
+
+/// What the window needs of an event, read in parallel before the sequential update.
+struct Extracted {
+    /// `time, key start, key end` per event (`NO_TIME`: no usable time).
+    recs: Vec<(Nanos, u32, u32)>,
+    keys: String,
+    /// `fields` values per event.
+    vals: Vec<f64>,
 }
 
 /// End of a session: `gap` after its last event, but not past its `max_duration` boundary.
@@ -314,13 +368,6 @@ impl Window {
         Ok(())
     }
 
-    fn gap(&self) -> Nanos {
-        match self.shape {
-            Shape::Session { gap, .. } => gap,
-            _ => 0,
-        }
-    }
-
     /// The event's time, if it has a usable one.
     fn event_time(&self, ev: &Event) -> Option<Nanos> {
         match &self.time {
@@ -329,44 +376,6 @@ impl Window {
                 (ev.time != NO_TIME).then_some(ev.time)
             }
             Some(p) => p.get(ev).and_then(|v| v.as_time()),
-        }
-    }
-
-    /// Builds the group key of an event into `self.key`: per field a type tag and the text.
-    fn build_key(&mut self, ev: &Event) {
-        self.key.clear();
-        for (i, g) in self.group_by.iter().enumerate() {
-            if i > 0 {
-                self.key.push('\u{1f}');
-            }
-            match g.get(ev) {
-                None | Some(ValRef::Null) => self.key.push('z'),
-                Some(ValRef::Str(s)) => {
-                    self.key.push('s');
-                    self.key.push_str(&s);
-                }
-                Some(ValRef::Num(n)) => {
-                    self.key.push('n');
-                    self.key.push_str(n);
-                }
-                Some(ValRef::Int(n)) => {
-                    self.key.push('n');
-                    self.key.push_str(&n.to_string());
-                }
-                Some(ValRef::Float(f)) => {
-                    self.key.push('n');
-                    self.key.push_str(&f.to_string());
-                }
-                Some(ValRef::Bool(b)) => self.key.push_str(if b { "btrue" } else { "bfalse" }),
-                Some(ValRef::Time(t)) => {
-                    self.key.push('t');
-                    self.key.push_str(&t.to_string());
-                }
-                Some(other) => {
-                    self.key.push('j');
-                    self.key.push_str(&other.to_json());
-                }
-            }
         }
     }
 
@@ -389,14 +398,24 @@ impl Window {
             .collect()
     }
 
-    fn add_to_pane(&mut self, start: Nanos, ev: &Event, t: Nanos) {
+    fn add_to_pane(&mut self, start: Nanos, key: &str, vals: &[f64], t: Nanos) {
         let plan = &self.plan;
-        let pane = self.state.panes.entry(start).or_default();
-        let slot = match pane.index.get(self.key.as_str()) {
+        let pane = match self.last_pane {
+            // consecutive events mostly fall in the same window
+            Some(p) if p == start => match self.state.panes.get_mut(&start) {
+                Some(p) => p,
+                None => self.state.panes.entry(start).or_default(),
+            },
+            _ => {
+                self.last_pane = Some(start);
+                self.state.panes.entry(start).or_default()
+            }
+        };
+        let slot = match pane.index.get(key) {
             Some(&s) => s as usize,
             None => {
                 let s = pane.keys.len();
-                let k: Box<str> = self.key.as_str().into();
+                let k: Box<str> = key.into();
                 pane.index.insert(k.clone(), s as u32);
                 pane.keys.push(k);
                 plan.init(&mut pane.cells);
@@ -406,8 +425,8 @@ impl Window {
         };
         let stride = plan.stride;
         let ns = plan.sketches;
-        plan.add(
-            ev,
+        plan.add_values(
+            vals,
             t,
             &mut pane.cells[slot * stride..(slot + 1) * stride],
             &mut pane.sketches[slot * ns..(slot + 1) * ns],
@@ -416,7 +435,9 @@ impl Window {
     }
 
     /// Adds an event to sessions; false when it is late.
-    fn add_to_session(&mut self, ev: &Event, t: Nanos, gap: Nanos, max: Option<Nanos>, wm: Nanos) -> bool {
+    fn add_to_session(&mut self, key: &str, vals: &[f64], t: Nanos, gap: Nanos, max: Option<Nanos>, wm: Nanos) -> bool {
+        self.key.clear();
+        self.key.push_str(key);
         if let Some(m) = max {
             self.key.push('\u{1e}');
             self.key.push_str(&t.div_euclid(m).to_string());
@@ -451,7 +472,7 @@ impl Window {
             acc.last = acc.last.max(merged.last);
             merged = acc;
         }
-        plan.add(ev, t, &mut merged.cells, &mut merged.sketches, &mut self.skipped);
+        plan.add_values(vals, t, &mut merged.cells, &mut merged.sketches, &mut self.skipped);
         merged.first = merged.first.min(t);
         merged.last = merged.last.max(t);
         self.timers.insert((session_end(shape, merged.first, merged.last), key, merged.first));
@@ -460,52 +481,55 @@ impl Window {
         true
     }
 
-    /// Handles one event: assigns it to its windows, or to the late output.
-    fn on_event(&mut self, ev: Event, out: &mut Emitter) {
-        let Some(t) = self.event_time(&ev) else {
-            let what = self.time.as_ref().map(|p| p.as_str().to_string()).unwrap_or_else(|| "enqueuedTime".into());
-            out.emit_to(DEAD, super::dead_letter_of(&ev, &format!("no usable event time in `{what}`"), &self.name));
-            self.metrics.dead_letters.inc();
-            return;
+    /// Reads what the window needs from a run of events (time, group key, field values).
+    fn extract(&self, events: &[Event]) -> Extracted {
+        let nf = self.plan.fields.len();
+        let mut x = Extracted {
+            recs: Vec::with_capacity(events.len()),
+            keys: String::with_capacity(events.len() * 16),
+            vals: Vec::with_capacity(events.len() * nf),
         };
+        for ev in events {
+            let t = self.event_time(ev).unwrap_or(NO_TIME);
+            let k0 = x.keys.len() as u32;
+            write_key(&self.group_by, ev, &mut x.keys);
+            x.recs.push((t, k0, x.keys.len() as u32));
+            self.plan.extract(ev, &mut x.vals);
+        }
+        x
+    }
+
+    /// Assigns one event to its windows; false when it is late.
+    fn update(&mut self, t: Nanos, key: &str, vals: &[f64]) -> bool {
         let wm = self.state.watermark.current();
-        self.build_key(&ev);
-        let accepted = match self.shape {
+        match self.shape {
             Shape::Tumbling { size } => {
                 let start = t.div_euclid(size) * size;
                 if start + size <= wm {
-                    false
-                } else {
-                    self.add_to_pane(start, &ev, t);
-                    true
+                    return false;
                 }
+                self.add_to_pane(start, key, vals, t);
+                true
             }
             Shape::Hopping { size, hop } => {
                 let mut start = t.div_euclid(hop) * hop;
                 let mut any = false;
                 while start + size > t {
                     if start + size > wm {
-                        self.add_to_pane(start, &ev, t);
+                        self.add_to_pane(start, key, vals, t);
                         any = true;
                     }
                     start -= hop;
                 }
                 any
             }
-            Shape::Session { gap, max } => self.add_to_session(&ev, t, gap, max, wm),
-        };
-        if accepted {
-            self.state.watermark.observe(ev.meta.source, ev.meta.partition, t);
-        } else {
-            self.metrics.late_events.inc();
-            if self.late == LateMode::Output {
-                out.emit_to(LATE, ev);
-            }
+            Shape::Session { gap, max } => self.add_to_session(key, vals, t, gap, max, wm),
         }
     }
 
     fn row(&self, key: &str, start: Nanos, end: Nanos, cells: &[f64], sketches: &[DDSketch]) -> Event {
-        let mut row = Event::row();
+        let ncols = self.group_cols.len() + 3 + self.plan.fields.iter().map(|f| f.fns.len()).sum::<usize>();
+        let mut row = Event::with_capacity(ncols, ncols * 20 + key.len());
         let key = key.split('\u{1e}').next().unwrap_or(key);
         for (col, v) in self.group_cols.iter().zip(Self::key_values(key)) {
             row.push(col, v);
@@ -598,8 +622,40 @@ impl Window {
 impl Transform for Window {
     fn process(&mut self, batch: Batch, out: &mut Emitter) {
         let before = self.skipped.0;
-        for ev in batch.events {
-            self.on_event(ev, out);
+        // Reading fields is most of the work and needs no state: do it in parallel. The update
+        // below is sequential, in input order, so results do not depend on the split.
+        let parts: Vec<Extracted> = if batch.len() >= *super::PARALLEL_BATCH {
+            batch.events.par_chunks(EXTRACT_CHUNK).map(|c| self.extract(c)).collect()
+        } else {
+            vec![self.extract(&batch.events)]
+        };
+        let nf = self.plan.fields.len();
+        let mut events = batch.events.into_iter();
+        let mut done = Vec::with_capacity(batch_len_hint(&parts));
+        for x in &parts {
+            for (i, &(t, k0, k1)) in x.recs.iter().enumerate() {
+                let ev = events.next().expect("one record per event");
+                if t == NO_TIME {
+                    let what = self.time.as_ref().map(|p| p.as_str().to_string()).unwrap_or_else(|| "enqueuedTime".into());
+                    out.emit_to(DEAD, super::dead_letter_of(&ev, &format!("no usable event time in `{what}`"), &self.name));
+                    self.metrics.dead_letters.inc();
+                    continue;
+                }
+                let key = &x.keys[k0 as usize..k1 as usize];
+                if self.update(t, key, &x.vals[i * nf..(i + 1) * nf]) {
+                    self.state.watermark.observe(ev.meta.source, ev.meta.partition, t);
+                    done.push(ev);
+                } else {
+                    self.metrics.late_events.inc();
+                    if self.late == LateMode::Output {
+                        out.emit_to(LATE, ev);
+                    }
+                }
+            }
+        }
+        // freeing a batch of events is measurable too: in parallel as well
+        if done.len() >= *super::PARALLEL_BATCH {
+            done.into_par_iter().for_each(drop);
         }
         self.metrics.skipped_values.inc_by(self.skipped.0 - before);
         self.emit_ready(false, out);
