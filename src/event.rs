@@ -1043,7 +1043,21 @@ mod eq_tests {
 
     #[test]
     fn short_equality_matches_std() {
-        let words = ["", "a", "ab", "deviceId", "deviceIe", "telemetry", "telemetrx", "messageSource", "applicationId", "messageProperties", "messagePropertiez", "abcdefghijklmnop", "abcdefghijklmnoq"];
+        let words = [
+            "",
+            "a",
+            "ab",
+            "deviceId",
+            "deviceIe",
+            "telemetry",
+            "telemetrx",
+            "messageSource",
+            "applicationId",
+            "messageProperties",
+            "messagePropertiez",
+            "abcdefghijklmnop",
+            "abcdefghijklmnoq",
+        ];
         for a in words {
             for b in words {
                 assert_eq!(eq_short(a, b), a == b, "{a} {b}");

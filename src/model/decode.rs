@@ -133,7 +133,14 @@ fn decode_valid(raw: Bytes) -> Result<Event, String> {
 
 fn json_error(text: &str, e: serde_json::Error) -> String {
     let msg = e.to_string();
-    if e.is_syntax() || e.is_eof() {
+    // A syntax error inside a field surfaces as that field's error: tell them apart by checking
+    // the syntax of the whole record (only on this error path).
+    let syntax = e.is_syntax() || e.is_eof() || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err();
+    if syntax {
+        let msg = match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+            Err(inner) => inner.to_string(),
+            Ok(_) => msg,
+        };
         let snippet: String = text.chars().take(60).collect();
         format!("malformed JSON: {msg} (record starts {snippet:?})")
     } else {

@@ -532,7 +532,11 @@ fn schema_covers(a: &Schema, b: &Schema) -> bool {
 }
 
 /// Encodes rows into `schema`.
-pub fn encode_rows<'a>(events: &[&'a Event], schema: &SchemaRef, metadata_columns: bool) -> anyhow::Result<RecordBatch> {
+pub fn encode_rows<'a>(
+    events: &[&'a Event],
+    schema: &SchemaRef,
+    metadata_columns: bool,
+) -> anyhow::Result<RecordBatch> {
     let n = events.len();
     let data_fields = if metadata_columns { schema.fields().len() - 4 } else { schema.fields().len() };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
@@ -742,35 +746,47 @@ impl ParquetSink {
                 self.close_file(&key).await?;
             }
         }
-        if !self.open.contains_key(&key) {
-            let (staged, target) = self.paths(&key);
-            let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
-            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(&schema)))?;
-            self.open.insert(
-                key.clone(),
-                OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
-            );
-        }
-        let file_schema = self.open[&key].schema.clone();
-        // encode in parallel chunks, write in order
-        let chunks: Vec<anyhow::Result<RecordBatch>> = events
-            .par_chunks(8192)
-            .map(|part| match layout {
-                ParquetLayout::Export => encode_export(part, meta),
-                _ => encode_rows(part, &file_schema, meta),
-            })
-            .collect();
-        let f = self.open.get_mut(&key).unwrap();
-        for rb in chunks {
-            let rb = rb?;
-            f.writer.write(&rb).await.with_context(|| format!("writing {}", f.staged))?;
-            f.rows += rb.num_rows() as u64;
-        }
-        self.metrics.events_out.inc_by(events.len() as u64);
-        let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
-            || self.roll_bytes.is_some_and(|b| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b);
-        if full {
-            self.close_file(&key).await?;
+        let mut rest = events;
+        while !rest.is_empty() {
+            if !self.open.contains_key(&key) {
+                let (staged, target) = self.paths(&key);
+                let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
+                let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(&schema)))?;
+                self.open.insert(
+                    key.clone(),
+                    OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
+                );
+            }
+            // with a row limit, a file takes exactly what fits
+            let room = match self.cfg.roll.rows {
+                Some(r) => (r.saturating_sub(self.open[&key].rows) as usize).max(1),
+                None => rest.len(),
+            };
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            rest = later;
+            let file_schema = self.open[&key].schema.clone();
+            // encode in parallel chunks, write in order
+            let chunks: Vec<anyhow::Result<RecordBatch>> = now
+                .par_chunks(8192)
+                .map(|part| match layout {
+                    ParquetLayout::Export => encode_export(part, meta),
+                    _ => encode_rows(part, &file_schema, meta),
+                })
+                .collect();
+            let f = self.open.get_mut(&key).unwrap();
+            for rb in chunks {
+                let rb = rb?;
+                f.writer.write(&rb).await.with_context(|| format!("writing {}", f.staged))?;
+                f.rows += rb.num_rows() as u64;
+            }
+            self.metrics.events_out.inc_by(now.len() as u64);
+            let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
+                || self
+                    .roll_bytes
+                    .is_some_and(|b| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b);
+            if full {
+                self.close_file(&key).await?;
+            }
         }
         Ok(())
     }
@@ -778,22 +794,18 @@ impl ParquetSink {
 
 /// Makes a staged file visible under its final name (idempotent).
 async fn commit_staged(store: Arc<dyn object_store::ObjectStore>, s: &Staged) -> anyhow::Result<()> {
-    {
-        let staged = Path::from(s.staged.as_str());
-        let target = Path::from(s.target.as_str());
-        match store.rename(&staged, &target).await {
-            Ok(()) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => {
-                // committed before a crash: the target must be there
-                match store.head(&target).await {
-                    Ok(_) => Ok(()),
-                    Err(e) => {
-                        Err(anyhow::anyhow!("staged file {} is gone and {} does not exist: {e}", s.staged, s.target))
-                    }
-                }
+    let staged = Path::from(s.staged.as_str());
+    let target = Path::from(s.target.as_str());
+    match store.rename(&staged, &target).await {
+        Ok(()) => Ok(()),
+        Err(object_store::Error::NotFound { .. }) => {
+            // committed before a crash: the target must be there
+            match store.head(&target).await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(anyhow::anyhow!("staged file {} is gone and {} does not exist: {e}", s.staged, s.target)),
             }
-            Err(e) => Err(e).with_context(|| format!("committing {}", s.target)),
         }
+        Err(e) => Err(e).with_context(|| format!("committing {}", s.target)),
     }
 }
 

@@ -493,7 +493,13 @@ impl Reader {
 
     /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them.
     #[allow(clippy::type_complexity)]
-    fn decode_lines(&self, idx: usize, chunk: &[u8], first_line: u64, skip: u64) -> (Vec<(Vec<Event>, Vec<Event>, Position)>, u64) {
+    fn decode_lines(
+        &self,
+        idx: usize,
+        chunk: &[u8],
+        first_line: u64,
+        skip: u64,
+    ) -> (Vec<(Vec<Event>, Vec<Event>, Position)>, u64) {
         let f = &self.files[idx];
         let mut lines: Vec<(u64, usize, usize)> = Vec::with_capacity(chunk.len() / 400 + 1);
         let mut start = 0;

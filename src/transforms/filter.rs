@@ -7,7 +7,7 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{dead_letter_of, PARALLEL_BATCH};
+use super::dead_letter_of;
 use crate::config::{Checker, Spec};
 use crate::event::Batch;
 use crate::expr::Expr;

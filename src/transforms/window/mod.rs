@@ -19,9 +19,9 @@ mod watermark;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ahash::AHashMap;
-use rayon::prelude::*;
 use anyhow::Context;
 use indexmap::IndexMap;
+use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sketches_ddsketch::DDSketch;
@@ -636,8 +636,12 @@ impl Transform for Window {
             for (i, &(t, k0, k1)) in x.recs.iter().enumerate() {
                 let ev = events.next().expect("one record per event");
                 if t == NO_TIME {
-                    let what = self.time.as_ref().map(|p| p.as_str().to_string()).unwrap_or_else(|| "enqueuedTime".into());
-                    out.emit_to(DEAD, super::dead_letter_of(&ev, &format!("no usable event time in `{what}`"), &self.name));
+                    let what =
+                        self.time.as_ref().map(|p| p.as_str().to_string()).unwrap_or_else(|| "enqueuedTime".into());
+                    out.emit_to(
+                        DEAD,
+                        super::dead_letter_of(&ev, &format!("no usable event time in `{what}`"), &self.name),
+                    );
                     self.metrics.dead_letters.inc();
                     continue;
                 }

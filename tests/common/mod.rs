@@ -1,0 +1,284 @@
+//! Helpers for the integration tests: running the binary, temporary folders, the object-store
+//! peers (Azurite, moto) that `scripts/test` starts, and reading Parquet back.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+
+/// The `centralflow` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_centralflow"))
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `centralflow ARGS` with extra environment, waiting at most `timeout`.
+pub fn run(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).current_dir(root());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn centralflow");
+    wait_output(child, timeout)
+}
+
+/// Waits for a child with a deadline (killing it past the deadline).
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "centralflow did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts success and returns stderr (where the summary goes).
+pub fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "centralflow failed ({:?})\nstdout:\n{}\nstderr:\n{err}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+/// Writes a pipeline file into `dir` and returns its path.
+pub fn pipeline(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+/// Every `*.parquet` file below `dir` (not staged ones), sorted.
+pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Reads Parquet bytes into record batches.
+pub fn read_parquet_bytes(bytes: bytes::Bytes) -> Vec<RecordBatch> {
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .expect("a valid Parquet file")
+        .build()
+        .unwrap();
+    reader.map(|b| b.unwrap()).collect()
+}
+
+/// Reads every Parquet file below a local folder as rows of `column -> display value`.
+pub fn read_rows(dir: &Path) -> Vec<BTreeMap<String, String>> {
+    let mut rows = Vec::new();
+    for f in parquet_files(dir) {
+        for b in read_parquet_bytes(bytes::Bytes::from(std::fs::read(&f).unwrap())) {
+            rows.extend(batch_rows(&b));
+        }
+    }
+    rows
+}
+
+/// Record batch rows as `column -> display value` (nulls absent).
+/// Timestamps are rendered as RFC 3339 UTC (`2026-11-01T00:00:00.123Z`).
+pub fn batch_rows(b: &RecordBatch) -> Vec<BTreeMap<String, String>> {
+    use arrow::array::{Array, TimestampNanosecondArray};
+    let schema = b.schema();
+    let cols: Vec<Box<dyn Fn(usize) -> String + '_>> = b
+        .columns()
+        .iter()
+        .map(|c| -> Box<dyn Fn(usize) -> String + '_> {
+            if let Some(ts) = c.as_any().downcast_ref::<TimestampNanosecondArray>() {
+                Box::new(move |i| centralflow::time::format_rfc3339(ts.value(i)))
+            } else {
+                let f = arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap();
+                Box::new(move |i| f.value(i).to_string())
+            }
+        })
+        .collect();
+    (0..b.num_rows())
+        .map(|i| {
+            let mut row = BTreeMap::new();
+            for (j, f) in cols.iter().enumerate() {
+                if b.column(j).is_valid(i) {
+                    row.insert(schema.field(j).name().clone(), f(i));
+                }
+            }
+            row
+        })
+        .collect()
+}
+
+/// Generates an export file with `centralflow simulate`.
+pub fn simulate(path: &Path, count: u64, devices: u32, seed: u64) {
+    let out = run(
+        &[
+            "simulate",
+            "--count",
+            &count.to_string(),
+            "--devices",
+            &devices.to_string(),
+            "--seed",
+            &seed.to_string(),
+            "--rate",
+            "200",
+            "--out",
+            path.to_str().unwrap(),
+        ],
+        &[],
+        Duration::from_secs(120),
+    );
+    ok(&out);
+}
+
+// ------------------------------------------------------------------ object-store peers
+
+fn required(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test, which starts Azurite, moto and RabbitMQ")
+    })
+}
+
+/// The well-known Azurite account key (public, documented by Microsoft).
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob endpoint (`http://127.0.0.1:PORT/devstoreaccount1`).
+pub fn azurite_endpoint() -> String {
+    required("CENTRALFLOW_TEST_AZURITE")
+}
+
+/// Environment for a centralflow process that talks to Azurite.
+pub fn azurite_env() -> Vec<(String, String)> {
+    vec![
+        ("AZURE_STORAGE_ACCOUNT_NAME".into(), "devstoreaccount1".into()),
+        ("AZURE_STORAGE_ACCOUNT_KEY".into(), AZURITE_KEY.into()),
+        ("AZURE_STORAGE_ENDPOINT".into(), azurite_endpoint()),
+        ("AZURE_ALLOW_HTTP".into(), "true".into()),
+    ]
+}
+
+/// Object-store options for Azurite (for opening stores inside the test process).
+pub fn azurite_options() -> BTreeMap<String, String> {
+    azurite_env().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
+/// Creates a container in Azurite (object_store cannot): a SharedKey-signed REST call.
+pub fn azurite_create_container(name: &str) {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let endpoint = azurite_endpoint();
+    let url = url::Url::parse(&endpoint).unwrap();
+    let path = format!("{}/{name}", url.path().trim_end_matches('/'));
+    let date = httpdate();
+    let version = "2021-08-06";
+    let to_sign = format!(
+        "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/devstoreaccount1{path}\nrestype:container"
+    );
+    let key = base64::engine::general_purpose::STANDARD.decode(AZURITE_KEY).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(to_sign.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    let req = format!(
+        "PUT {path}?restype=container HTTP/1.1\r\nHost: {}:{}\r\nx-ms-date: {date}\r\nx-ms-version: {version}\r\nAuthorization: SharedKey devstoreaccount1:{sig}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    );
+    let status = http(&url, &req);
+    assert!(status == 201 || status == 409, "creating container {name}: HTTP {status}");
+}
+
+fn httpdate() -> String {
+    chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+}
+
+/// Sends a raw HTTP/1.1 request and returns the status code.
+fn http(url: &url::Url, req: &str) -> u16 {
+    let mut s = TcpStream::connect((url.host_str().unwrap(), url.port().unwrap())).expect("connect");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// moto's S3 endpoint.
+pub fn s3_endpoint() -> String {
+    required("CENTRALFLOW_TEST_S3")
+}
+
+/// Environment for a centralflow process that talks to moto.
+pub fn s3_env() -> Vec<(String, String)> {
+    vec![
+        ("AWS_ENDPOINT".into(), s3_endpoint()),
+        ("AWS_ALLOW_HTTP".into(), "true".into()),
+        ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_VIRTUAL_HOSTED_STYLE_REQUEST".into(), "false".into()),
+    ]
+}
+
+/// Object-store options for moto.
+pub fn s3_options() -> BTreeMap<String, String> {
+    s3_env().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect()
+}
+
+/// Creates a bucket in moto.
+pub fn s3_create_bucket(name: &str) {
+    let url = url::Url::parse(&s3_endpoint()).unwrap();
+    let req = format!(
+        "PUT /{name} HTTP/1.1\r\nHost: {}:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    );
+    let status = http(&url, &req);
+    assert!(status == 200 || status == 409, "creating bucket {name}: HTTP {status}");
+}
+
+/// A name unique to this test run (containers, buckets, prefixes).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}{}", std::process::id(), rand_suffix())
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    (h.finish() % 1_000_000) as u32
+}
+
+/// Environment pairs as `&str` pairs.
+pub fn env_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+}
