@@ -16,6 +16,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use std::sync::OnceLock;
+
+use crate::model::decode::Projection;
 use crate::model::MessageSource;
 use crate::time;
 
@@ -133,6 +136,11 @@ pub struct Event {
     known_keys: bool,
     /// Where `telemetry` probably is among the top-level fields (checked on use).
     tele_hint: u8,
+    /// Set when the decoder kept only the fields the pipeline reads (see
+    /// [`Projection`](crate::model::decode::Projection)); the whole event is then decoded from
+    /// `raw` the first time anything else is asked for, into `full`.
+    proj: Option<&'static Projection>,
+    full: OnceLock<Box<Event>>,
     pub kind: Kind,
     pub meta: Meta,
 }
@@ -486,6 +494,8 @@ impl Event {
             time: NO_TIME,
             known_keys: false,
             tele_hint: u8::MAX,
+            proj: None,
+            full: OnceLock::new(),
             kind: Kind::Row,
             meta: Meta::default(),
         }
@@ -510,6 +520,8 @@ impl Event {
             time,
             known_keys: false,
             tele_hint: u8::MAX,
+            proj: None,
+            full: OnceLock::new(),
             kind,
             meta: Meta::default(),
         }
@@ -520,14 +532,66 @@ impl Event {
         self.tele_hint = telemetry.unwrap_or(u8::MAX);
     }
 
-    /// Whether every top-level key is one of the export format's (see [`crate::path`]).
-    pub fn has_only_export_keys(&self) -> bool {
-        self.known_keys
+    pub(crate) fn set_projection(&mut self, proj: &'static Projection) {
+        self.proj = Some(proj);
     }
 
-    /// The `telemetry` object, if the event has one.
-    pub fn telemetry(&self) -> Option<ObjRef<'_>> {
-        let root = self.root();
+    /// The projection this event was decoded with, if it holds only some of its fields.
+    pub fn projection(&self) -> Option<&'static Projection> {
+        self.proj
+    }
+
+    /// The event with all its fields: itself, or, for a projected event, its full decoding
+    /// (done once, on first use).
+    pub fn complete(&self) -> &Event {
+        if self.proj.is_none() {
+            return self;
+        }
+        self.full.get_or_init(|| Box::new(self.decode_full()))
+    }
+
+    fn decode_full(&self) -> Event {
+        match crate::model::decode::decode_object(self.raw.clone()) {
+            Ok(mut ev) => {
+                ev.meta = self.meta.clone();
+                ev.time = self.time;
+                ev
+            }
+            Err(e) => {
+                // The projection was decoded with the same checks, so this cannot fail; if it
+                // did, the projected fields are still right.
+                tracing::error!("decoding an event whose projection decoded: {e}");
+                let mut ev = self.clone();
+                ev.proj = None;
+                ev.full = OnceLock::new();
+                ev
+            }
+        }
+    }
+
+    /// Turns a projected event into a complete one, before a change.
+    fn materialize(&mut self) {
+        if self.proj.is_some() {
+            let full = match self.full.take() {
+                Some(b) => *b,
+                None => self.decode_full(),
+            };
+            *self = full;
+        }
+    }
+
+    /// A top-level field from the event's own storage (the projection, when it is one).
+    pub(crate) fn own_get(&self, key: &str) -> Option<ValRef<'_>> {
+        self.own_root().get(key)
+    }
+
+    fn own_root(&self) -> ObjRef<'_> {
+        ObjRef { ev: self, start: self.root.0, len: self.root.1, raw: self.root_raw }
+    }
+
+    /// The `telemetry` object from the event's own storage.
+    pub(crate) fn own_telemetry(&self) -> Option<ObjRef<'_>> {
+        let root = self.own_root();
         if let Some((k, ValRef::Obj(o))) = root.field_at(self.tele_hint as usize) {
             if eq_short(k, "telemetry") {
                 return Some(o);
@@ -537,6 +601,16 @@ impl Event {
             Some(ValRef::Obj(o)) => Some(o),
             _ => None,
         }
+    }
+
+    /// Whether every top-level key is one of the export format's (see [`crate::path`]).
+    pub fn has_only_export_keys(&self) -> bool {
+        self.known_keys
+    }
+
+    /// The `telemetry` object, if the event has one.
+    pub fn telemetry(&self) -> Option<ObjRef<'_>> {
+        self.complete().own_telemetry()
     }
 
     /// A dead-letter record for `payload`, which could not be processed for `reason`.
@@ -607,7 +681,7 @@ impl Event {
 
     /// The top-level object.
     pub fn root(&self) -> ObjRef<'_> {
-        ObjRef { ev: self, start: self.root.0, len: self.root.1, raw: self.root_raw }
+        self.complete().own_root()
     }
 
     /// The object at a range previously obtained from [`ObjRef::range`].
@@ -619,13 +693,17 @@ impl Event {
 
     /// A top-level field.
     pub fn get(&self, key: &str) -> Option<ValRef<'_>> {
-        self.root().get(key)
+        match self.proj {
+            Some(p) if p.covers_top(key) => self.own_get(key),
+            Some(_) => self.complete().own_get(key),
+            None => self.own_get(key),
+        }
     }
 
     /// A top-level string field.
     pub fn get_str(&self, key: &str) -> Option<&str> {
-        match self.root().get_val(key)? {
-            Val::Str(t) => Some(self.text(t)),
+        match self.get(key)? {
+            ValRef::Str(Cow::Borrowed(s)) => Some(s),
             _ => None,
         }
     }
@@ -658,7 +736,11 @@ impl Event {
 
     /// Appends the event as JSON.
     pub fn write_json(&self, out: &mut String) {
-        self.root().write_json(out)
+        match self.raw_json() {
+            // unmodified (projected events always are): the source text itself
+            Some(raw) => out.push_str(raw),
+            None => self.root().write_json(out),
+        }
     }
 
     // ---- building and modifying ----
@@ -706,6 +788,7 @@ impl Event {
 
     /// Appends a top-level field (no check for an existing key: use [`Event::set`] for that).
     pub fn push(&mut self, key: &str, v: Value) {
+        self.materialize();
         let key = self.alloc(key);
         let val = self.store(&v);
         self.push_field(Field { key, val });
@@ -713,6 +796,7 @@ impl Event {
 
     /// Appends a top-level field holding an object built from `fields`.
     pub fn push_object(&mut self, key: &str, fields: &[(&str, Value)]) {
+        self.materialize();
         let key = self.alloc(key);
         let start = self.fields.len() as u32;
         let mut built = Vec::with_capacity(fields.len());
@@ -730,6 +814,7 @@ impl Event {
     /// Sets the value at `path` (object keys from the top level), creating objects on the way.
     /// Returns false if the path crosses a value that is not an object.
     pub fn set(&mut self, path: &[&str], v: Value) -> bool {
+        self.materialize();
         let val = self.store(&v);
         self.set_val(path, val)
     }
@@ -857,6 +942,7 @@ impl Event {
 
     /// Removes the value at `path`. Returns whether something was removed.
     pub fn remove(&mut self, path: &[&str]) -> bool {
+        self.materialize();
         let Some((last, parents)) = path.split_last() else {
             return false;
         };

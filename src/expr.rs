@@ -36,7 +36,7 @@ impl std::fmt::Debug for Expr {
 
 #[derive(Clone, Debug)]
 struct FastCompare {
-    var: String,
+    var: crate::path::FieldPath,
     literal: String,
     negate: bool,
 }
@@ -295,8 +295,14 @@ impl Expr {
         &self.src
     }
 
+    /// The field a `field == "text"` expression reads, when it is of that shape.
+    pub fn compared_field(&self) -> Option<&crate::path::FieldPath> {
+        self.fast.as_ref().map(|f| &f.var)
+    }
+
     /// Evaluates against an event.
     pub fn eval(&self, ev: &Event) -> Result<Value, String> {
+        let ev = ev.complete();
         let _g = CurrentGuard::set(ev);
         let d: Dynamic = engine().eval_ast(&self.ast).map_err(|e| format!("{e} in `{}`", self.src))?;
         Ok(dynamic_to_value(d))
@@ -311,6 +317,7 @@ impl Expr {
     }
 
     fn eval_bool_interpreted(&self, ev: &Event) -> Result<bool, String> {
+        let ev = ev.complete();
         let _g = CurrentGuard::set(ev);
         let d: Dynamic = engine().eval_ast(&self.ast).map_err(|e| format!("{e} in `{}`", self.src))?;
         if d.is_unit() {
@@ -322,7 +329,7 @@ impl Expr {
 
 impl FastCompare {
     fn eval(&self, ev: &Event) -> bool {
-        let eq = matches!(lookup(ev, &self.var), Some(ValRef::Str(s)) if crate::event::eq_short(&s, &self.literal));
+        let eq = matches!(self.var.get(ev), Some(ValRef::Str(s)) if crate::event::eq_short(&s, &self.literal));
         eq != self.negate
     }
 }
@@ -357,7 +364,8 @@ fn fast_compare(src: &str) -> Option<FastCompare> {
     if matches!(var, "true" | "false" | "this" | "fn" | "if" | "else") {
         return None;
     }
-    Some(FastCompare { var: var.to_string(), literal: lit[1..lit.len() - 1].to_string(), negate })
+    let var = crate::path::FieldPath::parse(var).ok()?;
+    Some(FastCompare { var, literal: lit[1..lit.len() - 1].to_string(), negate })
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::borrow::Cow;
 use std::fmt;
 
 use crate::event::{Event, ValRef, Value, NO_TIME};
+use crate::model::decode::Projection;
 
 /// A parsed field path.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -68,18 +69,70 @@ impl FieldPath {
 
     /// The value at this path, if any.
     pub fn get<'e>(&self, ev: &'e Event) -> Option<ValRef<'e>> {
+        // A projected event answers from its own fields when they cover the path.
+        let ev = match ev.projection() {
+            Some(p) if !self.covered_by(p, ev) => ev.complete(),
+            _ => ev,
+        };
         let first = self.parts[0].as_str();
         // An export message whose top-level keys are all the format's cannot have a top-level
         // field by a telemetry name: go to telemetry directly.
         if !(ev.has_only_export_keys() && !self.export_key) {
-            if let Some(v) = ev.get(first) {
+            if let Some(v) = ev.own_get(first) {
                 return descend(v, &self.parts[1..]);
             }
         }
         if first == "meta" && self.parts.len() == 2 {
             return meta(ev, &self.parts[1]);
         }
-        descend(ev.telemetry()?.get(first)?, &self.parts[1..])
+        descend(ev.own_telemetry()?.get(first)?, &self.parts[1..])
+    }
+
+    /// Whether a projection keeps what this path reads, for this event.
+    fn covered_by(&self, p: &Projection, ev: &Event) -> bool {
+        let first = self.parts[0].as_str();
+        match first {
+            "telemetry" => match self.parts.get(1) {
+                None => p.covers_all_telemetry(),
+                Some(k) => p.covers_telemetry(k),
+            },
+            "meta" => ev.has_only_export_keys(),
+            _ if self.export_key => p.covers_top(first),
+            // a bare telemetry name: unless an unknown top-level key could be it
+            _ => ev.has_only_export_keys() && p.covers_telemetry(first),
+        }
+    }
+
+    /// Adds what this path reads to a projection under construction.
+    pub fn project_into(&self, p: &mut Projection, all_telemetry: &mut bool) {
+        let first = self.parts[0].as_str();
+        let tele_key = |k: &str, p: &mut Projection| {
+            if !p.top.iter().any(|t| t == "telemetry") {
+                p.top.push("telemetry".into());
+            }
+            let keys = p.telemetry.get_or_insert_with(Vec::new);
+            if !keys.iter().any(|x| x == k) {
+                keys.push(k.to_string());
+            }
+        };
+        match first {
+            "meta" => {}
+            "telemetry" => match self.parts.get(1) {
+                Some(k) => tele_key(k, p),
+                None => {
+                    *all_telemetry = true;
+                    if !p.top.iter().any(|t| t == "telemetry") {
+                        p.top.push("telemetry".into());
+                    }
+                }
+            },
+            _ if self.export_key => {
+                if !p.top.iter().any(|t| t == first) {
+                    p.top.push(first.to_string());
+                }
+            }
+            _ => tele_key(first, p),
+        }
     }
 
     /// The concrete path to write to: an existing top-level field, else inside `telemetry` when

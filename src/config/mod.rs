@@ -261,6 +261,24 @@ pub trait Spec {
     fn ports(&self) -> Vec<&'static str> {
         vec![""]
     }
+    /// What it reads of the events it receives, so that sources can decode only that.
+    fn needs(&self) -> Needs {
+        Needs::All
+    }
+    /// Whether it passes the events it receives on to its main output (a filter does; a window
+    /// or a sink does not).
+    fn forwards(&self) -> bool {
+        false
+    }
+}
+
+/// What a component reads of its input events.
+#[derive(Debug, Clone)]
+pub enum Needs {
+    /// Anything (it writes whole events, or evaluates arbitrary expressions).
+    All,
+    /// These fields only.
+    Fields(Vec<crate::path::FieldPath>),
 }
 
 /// A component's role.
@@ -302,6 +320,8 @@ pub struct PlanNode {
     pub ports: Vec<&'static str>,
     pub fingerprint: u64,
     pub config: ComponentConfig,
+    /// Sources: the fields the pipeline reads of their events (`None`: all).
+    pub projection: Option<crate::model::decode::Projection>,
 }
 
 /// A validated pipeline, ready to run.
@@ -751,6 +771,7 @@ fn semantic(
             ports: c.ports(),
             fingerprint: fp("sources", n),
             config: ComponentConfig::Source(c.clone()),
+            projection: None,
         });
     }
     for (n, c) in &config.transforms {
@@ -764,6 +785,7 @@ fn semantic(
             ports: c.ports(),
             fingerprint: fp("transforms", n),
             config: ComponentConfig::Transform(c.clone()),
+            projection: None,
         });
     }
     for (n, c) in &config.sinks {
@@ -777,6 +799,7 @@ fn semantic(
             ports: vec![],
             fingerprint: fp("sinks", n),
             config: ComponentConfig::Sink(c.clone()),
+            projection: None,
         });
     }
     for node in &nodes {
@@ -874,7 +897,50 @@ fn semantic(
             inp.0 = remap[inp.0];
         }
     }
+    for i in 0..ordered.len() {
+        if ordered[i].role == Role::Source {
+            ordered[i].projection = projection_for(&ordered, i);
+        }
+    }
     Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
+}
+
+/// The fields the pipeline reads of the events of source `src`: the union of what the
+/// components reached through main outputs need, following components that pass events on.
+/// Secondary outputs (late events, dead letters) are left out: their rare readers decode the
+/// events they get whole. `None` when some component needs everything.
+pub fn projection_for(nodes: &[PlanNode], src: usize) -> Option<crate::model::decode::Projection> {
+    let mut p = crate::model::decode::Projection::default();
+    let mut all_telemetry = false;
+    let mut stack = vec![src];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(up) = stack.pop() {
+        for (i, n) in nodes.iter().enumerate() {
+            if !n.inputs.iter().any(|(u, port)| *u == up && *port == 0) || !seen.insert(i) {
+                continue;
+            }
+            let (needs, forwards) = match &n.config {
+                ComponentConfig::Transform(t) => (t.needs(), t.forwards()),
+                ComponentConfig::Sink(s) => (s.needs(), false),
+                ComponentConfig::Source(_) => continue,
+            };
+            match needs {
+                Needs::All => return None,
+                Needs::Fields(paths) => {
+                    for path in &paths {
+                        path.project_into(&mut p, &mut all_telemetry);
+                    }
+                }
+            }
+            if forwards {
+                stack.push(i);
+            }
+        }
+    }
+    if all_telemetry {
+        p.telemetry = None;
+    }
+    Some(p)
 }
 
 fn find_cycle(nodes: &[PlanNode]) -> Option<Vec<usize>> {
@@ -969,6 +1035,12 @@ macro_rules! component_enum {
             }
             fn ports(&self) -> Vec<&'static str> {
                 match self { $(Self::$variant(c) => $crate::config::Spec::ports(c),)* }
+            }
+            fn needs(&self) -> $crate::config::Needs {
+                match self { $(Self::$variant(c) => $crate::config::Spec::needs(c),)* }
+            }
+            fn forwards(&self) -> bool {
+                match self { $(Self::$variant(c) => $crate::config::Spec::forwards(c),)* }
             }
         }
     };

@@ -220,3 +220,22 @@ fn dotted_paths() {
     assert_eq!(dotted("/sources/x~1y/url"), "sources.x/y.url");
     assert_eq!(dotted(""), "");
 }
+
+#[test]
+fn sources_decode_only_what_the_pipeline_reads() {
+    let w1 = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/w1-tumbling.yaml")).unwrap();
+    let env = |k: &str| match k {
+        "CENTRALFLOW_INPUT" | "CENTRALFLOW_OUTPUT" => Some("/tmp/x".to_string()),
+        _ => None,
+    };
+    let plan = load_str(&w1, "w1", &env).unwrap();
+    let p = plan.nodes[plan.node("export").unwrap()].projection.clone().expect("a projection");
+    let mut top = p.top.clone();
+    top.sort();
+    assert_eq!(top, ["deviceId", "enqueuedTime", "messageSource", "telemetry"]);
+    assert_eq!(p.telemetry, Some(vec!["temperature".to_string(), "humidity".to_string(), "pressure".to_string()]));
+    let raw =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/replay-to-parquet.yaml")).unwrap();
+    let plan = load_str(&raw, "r", &env).unwrap();
+    assert!(plan.nodes[plan.node("export").unwrap()].projection.is_none(), "raw Parquet needs whole events");
+}

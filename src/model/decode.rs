@@ -20,6 +20,35 @@ use super::{MessageSource, MAX_RECORD_BYTES};
 use crate::event::{build, Event, Field, Kind, Nanos, Text, Val, NO_TIME};
 use crate::time;
 
+/// The fields a pipeline reads of the events of one source, so that the decoder keeps only
+/// those (and checks everything else just as strictly). Computed from the plan by
+/// [`crate::config::projection_for`]; an event decoded with it decodes itself whole when asked
+/// for anything else (see [`Event::complete`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Projection {
+    /// Top-level keys kept (besides `messageSource` and `enqueuedTime`, always kept).
+    pub top: Vec<String>,
+    /// When `telemetry` is kept: its keys kept, or `None` for all of them.
+    pub telemetry: Option<Vec<String>>,
+}
+
+impl Projection {
+    /// Whether the top-level key `key` is kept.
+    pub fn covers_top(&self, key: &str) -> bool {
+        key == "messageSource" || key == "enqueuedTime" || self.top.iter().any(|k| k == key)
+    }
+
+    /// Whether `telemetry.key` is kept.
+    pub fn covers_telemetry(&self, key: &str) -> bool {
+        self.covers_top("telemetry") && self.telemetry.as_ref().is_none_or(|ks| ks.iter().any(|k| k == key))
+    }
+
+    /// Whether the whole telemetry object is kept.
+    pub fn covers_all_telemetry(&self) -> bool {
+        self.covers_top("telemetry") && self.telemetry.is_none()
+    }
+}
+
 /// Decodes one input record: a single export message or a JSON array of them. Each message
 /// yields an event or the reason it could not be decoded.
 pub fn decode_record(raw: Bytes) -> Vec<Result<Event, String>> {
@@ -30,6 +59,11 @@ pub fn decode_record(raw: Bytes) -> Vec<Result<Event, String>> {
 
 /// Like [`decode_record`], appending to `out`.
 pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
+    decode_record_projected(raw, None, out)
+}
+
+/// Like [`decode_record_into`], keeping only the fields of `proj` (when given).
+pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, out: &mut Vec<Result<Event, String>>) {
     if raw.len() > MAX_RECORD_BYTES {
         out.push(Err(format!(
             "record of {} bytes exceeds the limit of {} bytes (IoT Central's own message limit)",
@@ -58,10 +92,10 @@ pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
             let part = build::raw_span(text, elem.get());
             let start = part_offset(text, elem.get());
             let sub = raw.slice(start..start + part.len());
-            out.push(decode_valid(sub).map_err(|e| format!("array element {i}: {e}")));
+            out.push(decode_valid(sub, proj).map_err(|e| format!("array element {i}: {e}")));
         }
     } else {
-        out.push(decode_valid(raw));
+        out.push(decode_valid(raw, proj));
     }
 }
 
@@ -91,11 +125,17 @@ thread_local! {
 /// Decodes one JSON object (UTF-8 already checked by the caller or checked here).
 pub fn decode_object(raw: Bytes) -> Result<Event, String> {
     std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
-    decode_valid(raw)
+    decode_valid(raw, None)
+}
+
+/// Decodes exactly one export message keeping only the fields of `proj` (when given).
+pub fn decode_object_projected(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, String> {
+    std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    decode_valid(raw, proj)
 }
 
 /// Decodes one JSON object whose bytes the caller has checked to be UTF-8.
-fn decode_valid(raw: Bytes) -> Result<Event, String> {
+fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, String> {
     // SAFETY: every caller has validated `raw` as UTF-8: `decode_object` just now, and
     // `decode_record_into` for the whole record, of which array elements are token-aligned slices.
     let text = unsafe { std::str::from_utf8_unchecked(&raw) };
@@ -108,7 +148,7 @@ fn decode_valid(raw: Bytes) -> Result<Event, String> {
         let mut env = Envelope::new();
         {
             let mut de = serde_json::Deserializer::from_str(text);
-            let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env };
+            let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env, proj };
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
             de.end().map_err(|e| json_error(text, e))?;
         }
@@ -128,6 +168,9 @@ fn decode_valid(raw: Bytes) -> Result<Event, String> {
     let (arena, fields, root_len, time, source, known, tele) = parts;
     let mut ev = Event::from_parts(raw, arena, fields, root_len, time, Kind::Export(source));
     ev.set_layout_hints(known, tele);
+    if let Some(p) = proj {
+        ev.set_projection(p);
+    }
     Ok(ev)
 }
 
@@ -221,6 +264,7 @@ struct RootSeed<'s> {
     nested: &'s mut Vec<Field>,
     arena: &'s mut String,
     env: &'s mut Envelope,
+    proj: Option<&'static Projection>,
 }
 
 impl<'de, 's> DeserializeSeed<'de> for RootSeed<'s> {
@@ -237,14 +281,54 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let RootSeed { base, root, nested, arena, env } = self;
+        let RootSeed { base, root, nested, arena, env, proj } = self;
         *env = Envelope::new();
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             let key_text = text_of(base, arena, &key);
             let kind = key_kind(&key);
             if kind == KeyKind::Other {
                 env.known_keys = false;
-            } else if kind == KeyKind::Object && key.as_ref() == "telemetry" && root.len() < 255 {
+            }
+            // kept: always without a projection; else when projected (messageSource and
+            // enqueuedTime are always decoded). Skipped values get the same checks.
+            let keep = match proj {
+                None => Keep::All,
+                Some(p) if p.covers_top(&key) => match (kind, p.telemetry.as_deref()) {
+                    (KeyKind::Object, Some(keys)) if key.as_ref() == "telemetry" => Keep::Some(keys),
+                    _ => Keep::All,
+                },
+                Some(_) => Keep::Nothing,
+            };
+            if keep == Keep::Nothing {
+                match kind {
+                    KeyKind::EnvString => {
+                        let _: Option<CowStr<'de>> =
+                            map.next_value().map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
+                    }
+                    KeyKind::Object => {
+                        let seed = ObjSeed {
+                            base,
+                            nested: &mut *nested,
+                            arena: &mut *arena,
+                            keep: Keep::Nothing,
+                            numbers: false,
+                        };
+                        map.next_value_seed(seed)
+                            .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
+                    }
+                    KeyKind::Properties => {
+                        let raw: &'de RawValue = map.next_value()?;
+                        if !(raw.get().starts_with('[') || raw.get() == "null") {
+                            return Err(de::Error::custom("properties: expected an array of {name, value}"));
+                        }
+                    }
+                    _ => {
+                        let _: de::IgnoredAny = map.next_value()?;
+                    }
+                }
+                continue;
+            }
+            if kind == KeyKind::Object && key.as_ref() == "telemetry" && root.len() < 255 {
                 env.telemetry = Some(root.len() as u8);
             }
             let val = match kind {
@@ -271,7 +355,8 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                     Val::Str(text_of(base, arena, &s))
                 }
                 KeyKind::Object => {
-                    let seed = ObjSeed { base, nested: &mut *nested, arena: &mut *arena };
+                    let numbers = proj.is_some();
+                    let seed = ObjSeed { base, nested: &mut *nested, arena: &mut *arena, keep, numbers };
                     map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
                 }
                 KeyKind::Properties => {
@@ -341,10 +426,21 @@ fn strip_pos(e: &dyn fmt::Display) -> String {
     }
 }
 
+/// Which fields of an object the decoder keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep<'p> {
+    All,
+    Some(&'p [String]),
+    Nothing,
+}
+
 struct ObjSeed<'s> {
     base: &'s str,
     nested: &'s mut Vec<Field>,
     arena: &'s mut String,
+    keep: Keep<'static>,
+    /// Parse kept numbers now (projected decoding: the pipeline reads them).
+    numbers: bool,
 }
 
 impl<'de, 's> DeserializeSeed<'de> for ObjSeed<'s> {
@@ -363,7 +459,13 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
         Ok(Val::Null)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
-        let ObjSeed { base, nested, arena } = self;
+        let ObjSeed { base, nested, arena, keep, numbers } = self;
+        if keep == Keep::Nothing {
+            while map.next_key::<de::IgnoredAny>()?.is_some() {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+            return Ok(Val::Null);
+        }
         let start = nested.len();
         let mut first_key: Option<&'de str> = None;
         let mut all_borrowed = true;
@@ -374,10 +476,22 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
                 Cow::Owned(_) => all_borrowed = false,
                 _ => {}
             }
+            if let Keep::Some(keys) = keep {
+                if !keys.iter().any(|k| crate::event::eq_short(k, &key)) {
+                    map.next_value::<de::IgnoredAny>()?;
+                    all_borrowed = false; // the object's text is not what we keep
+                    continue;
+                }
+            }
             let key_text = text_of(base, arena, &key);
             let raw: &'de RawValue = map.next_value()?;
             last_end = Some(raw.get());
-            let val = classify(base, arena, raw.get());
+            let mut val = classify(base, arena, raw.get());
+            if numbers {
+                if let Val::Num(_) = val {
+                    val = parse_number(raw.get());
+                }
+            }
             nested.push(Field { key: key_text, val });
         }
         let len = nested.len() - start;
@@ -387,6 +501,16 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
         };
         Ok(Val::Obj { start: start as u32, len: len as u32, raw })
     }
+}
+
+/// A JSON number as an integer when it is one, else a float.
+fn parse_number(s: &str) -> Val {
+    if !s.contains(['.', 'e', 'E']) {
+        if let Ok(i) = s.parse::<i64>() {
+            return Val::Int(i);
+        }
+    }
+    s.parse::<f64>().map(Val::Float).unwrap_or(Val::Null)
 }
 
 /// Recovers the text of an object from its first key and its last value: the `{` is the
@@ -565,5 +689,83 @@ mod tests {
         let ev = ok(r#"{"messageSource":"somethingNew","enqueuedTime":"2020-08-05T22:26:56Z"}"#);
         assert_eq!(ev.kind, Kind::Export(MessageSource::Other));
         assert_eq!(ev.get_str("messageSource"), Some("somethingNew"));
+    }
+}
+
+#[cfg(test)]
+mod projection_tests {
+    use super::*;
+    use crate::path::FieldPath;
+
+    const MSG: &str = r#"{"applicationId":"a","messageSource":"telemetry","deviceId":"d1","schema":"default@v1","templateId":"t","enqueuedTime":"2026-11-01T00:00:01.5Z","telemetry":{"temperature":21.5,"humidity":40,"status":"ok","geo":{"lat":1.5}},"enrichments":{"site":"p1"},"messageProperties":{"iothub-creation-time-utc":"2026-11-01T00:00:01Z"}}"#;
+
+    fn proj(top: &[&str], tele: Option<&[&str]>) -> &'static Projection {
+        Box::leak(Box::new(Projection {
+            top: top.iter().map(|s| s.to_string()).collect(),
+            telemetry: tele.map(|t| t.iter().map(|s| s.to_string()).collect()),
+        }))
+    }
+
+    #[test]
+    fn projected_events_answer_every_path_like_full_ones() {
+        let full = decode_object(Bytes::from_static(MSG.as_bytes())).unwrap();
+        let p = proj(&["deviceId", "telemetry"], Some(&["temperature"]));
+        let part = decode_object_projected(Bytes::from_static(MSG.as_bytes()), Some(p)).unwrap();
+        assert!(part.projection().is_some());
+        for path in [
+            "deviceId",
+            "temperature",
+            "telemetry.temperature",
+            "humidity",
+            "telemetry.geo.lat",
+            "enrichments.site",
+            "messageProperties.iothub-creation-time-utc",
+            "templateId",
+            "status",
+            "nope",
+            "meta.offset",
+            "messageSource",
+        ] {
+            let fp = FieldPath::parse(path).unwrap();
+            assert_eq!(
+                fp.get(&part).map(|v| v.as_f64().map(|f| f.to_string()).unwrap_or_else(|| v.to_json())),
+                fp.get(&full).map(|v| v.as_f64().map(|f| f.to_string()).unwrap_or_else(|| v.to_json())),
+                "{path}"
+            );
+        }
+        assert_eq!(part.to_json(), MSG, "unmodified: the source text");
+        assert_eq!(part.get_str("templateId"), Some("t"), "outside the projection: decoded on demand");
+        assert_eq!(part.time, full.time);
+        let mut changed = part.clone();
+        assert!(changed.set(&["telemetry", "x"], crate::event::Value::Int(1)));
+        assert!(changed.projection().is_none(), "a change makes it whole");
+        assert_eq!(changed.get_path(&["telemetry", "humidity"]).unwrap().as_f64(), Some(40.0));
+    }
+
+    #[test]
+    fn projected_decoding_checks_skipped_fields_too() {
+        let p = proj(&["deviceId"], None);
+        for (bad, want) in [
+            (
+                r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","templateId":5}"#,
+                "templateId: invalid type",
+            ),
+            (
+                r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","enrichments":[1]}"#,
+                "enrichments: invalid type",
+            ),
+            (
+                r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","properties":"x"}"#,
+                "properties: expected an array",
+            ),
+            (
+                r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","other":{"a":tru}}"#,
+                "malformed JSON",
+            ),
+        ] {
+            let full = decode_object(Bytes::from(bad.to_string())).unwrap_err();
+            let part = decode_object_projected(Bytes::from(bad.to_string()), Some(p)).unwrap_err();
+            assert!(full.contains(want) && part.contains(want), "{bad}: {full} / {part}");
+        }
     }
 }

@@ -135,6 +135,8 @@ pub async fn run_pipeline(
             state: store.clone(),
             instance: &instance,
             metrics: metrics.clone(),
+            // one per source and run: leaked so that events can point at it without counting
+            projection: node.projection.clone().map(|p| &*Box::leak(Box::new(p))),
         };
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let reports = report_tx.clone();

@@ -214,6 +214,8 @@ pub struct BuildCx<'a> {
     pub state: Option<checkpoint::CheckpointStore>,
     /// Identifies this process among instances writing to the same places.
     pub instance: &'a str,
+    /// Sources: the fields the pipeline reads of their events (`None`: decode everything).
+    pub projection: Option<&'static crate::model::decode::Projection>,
     pub metrics: ComponentMetrics,
 }
 

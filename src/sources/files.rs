@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Nanos};
-use crate::model::decode::decode_record_into;
+use crate::model::decode::{decode_record_into, decode_record_projected, Projection};
 use crate::runtime::{BuildCx, Control, EndReason, Source, SourceCx};
 use crate::storage::{self, Location};
 
@@ -127,6 +127,7 @@ struct Position {
 
 pub struct FilesSource {
     cfg: FilesConfig,
+    projection: Option<&'static Projection>,
     name: String,
     pos: Position,
     restored: bool,
@@ -144,7 +145,7 @@ impl FilesSource {
         }
         let from = cfg.from.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MIN);
         let to = cfg.to.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MAX);
-        Ok(FilesSource { cfg, name: cx.name.to_string(), pos, restored, from, to })
+        Ok(FilesSource { cfg, projection: cx.projection, name: cx.name.to_string(), pos, restored, from, to })
     }
 }
 
@@ -286,6 +287,7 @@ impl Source for FilesSource {
             from: self.from,
             to: self.to,
             component: self.name.clone(),
+            projection: self.projection,
             progress: cx.progress.clone(),
             metrics: cx.metrics.clone(),
             handle: tokio::runtime::Handle::current(),
@@ -324,6 +326,7 @@ impl Source for FilesSource {
 
 struct Reader {
     loc: Location,
+    projection: Option<&'static Projection>,
     files: Vec<FileEntry>,
     start: Position,
     format: Format,
@@ -536,7 +539,7 @@ impl Reader {
                         results.clear();
                         // each event owns a copy of its line: no reference count shared between
                         // the decoding threads, and the read buffer is free for the next chunk
-                        decode_record_into(Bytes::copy_from_slice(line), &mut results);
+                        decode_record_projected(Bytes::copy_from_slice(line), self.projection, &mut results);
                         for r in results.drain(..) {
                             match r {
                                 Ok(mut ev) => {

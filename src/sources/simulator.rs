@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Nanos};
-use crate::model::decode::decode_object;
+use crate::model::decode::{decode_object_projected, Projection};
 use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
 
 /// Simulated devices.
@@ -398,6 +398,7 @@ fn write_value(s: &mut String, spec: &FieldSpec, dev: u64, r: &mut Rng) {
 
 pub struct SimulatorSource {
     gen: Generator,
+    projection: Option<&'static Projection>,
     next: u64,
     name: String,
     batch: usize,
@@ -417,11 +418,18 @@ impl SimulatorSource {
             let mut cfg = cfg.clone();
             cfg.start = Some(crate::time::format_rfc3339(start));
             let batch = cfg.batch_size;
-            return Ok(SimulatorSource { gen: Generator::new(cfg, 0)?, next, name: cx.name.to_string(), batch });
+            return Ok(SimulatorSource {
+                gen: Generator::new(cfg, 0)?,
+                projection: cx.projection,
+                next,
+                name: cx.name.to_string(),
+                batch,
+            });
         }
         let batch = cfg.batch_size;
         Ok(SimulatorSource {
             gen: Generator::new(cfg, crate::time::now_nanos())?,
+            projection: cx.projection,
             next,
             name: cx.name.to_string(),
             batch,
@@ -433,7 +441,7 @@ impl SimulatorSource {
         let mut dead = Vec::new();
         for i in from..to {
             let text = Bytes::from(self.gen.message(i));
-            match decode_object(text.clone()) {
+            match decode_object_projected(text.clone(), self.projection) {
                 Ok(mut ev) => {
                     ev.meta.offset = i as i64;
                     events.push(ev);
@@ -522,7 +530,7 @@ mod tests {
         for i in 0..2000 {
             let m = g.message(i);
             assert_eq!(m, g2.message(i));
-            let ev = decode_object(Bytes::from(m.clone())).unwrap_or_else(|e| panic!("{e}: {m}"));
+            let ev = crate::model::decode::decode_object(Bytes::from(m.clone())).unwrap_or_else(|e| panic!("{e}: {m}"));
             *kinds.entry(ev.get_str("messageSource").unwrap().to_string()).or_insert(0) += 1;
             let nominal = crate::time::parse_rfc3339("2026-11-01T00:00:00Z").unwrap() + i as i64 * 100_000_000;
             assert!(ev.time <= nominal && ev.time >= nominal - 20_000_000_000, "message {i} time");

@@ -33,6 +33,16 @@ impl Spec for FilterConfig {
     fn ports(&self) -> Vec<&'static str> {
         vec!["", "dead_letter"]
     }
+    fn needs(&self) -> crate::config::Needs {
+        // `field == "text"` reads one field; anything else may read any
+        match Expr::compile(&self.condition).ok().and_then(|e| e.compared_field().cloned()) {
+            Some(f) => crate::config::Needs::Fields(vec![f]),
+            None => crate::config::Needs::All,
+        }
+    }
+    fn forwards(&self) -> bool {
+        true
+    }
 }
 
 pub struct Filter {

@@ -174,6 +174,14 @@ impl Spec for WindowConfig {
     fn ports(&self) -> Vec<&'static str> {
         vec!["", "late", "dead_letter"]
     }
+    fn needs(&self) -> crate::config::Needs {
+        let paths: Result<Vec<FieldPath>, String> =
+            self.time.iter().chain(&self.group_by).chain(self.aggregates.keys()).map(|p| FieldPath::parse(p)).collect();
+        match paths {
+            Ok(p) => crate::config::Needs::Fields(p),
+            Err(_) => crate::config::Needs::All,
+        }
+    }
 }
 
 const LATE: usize = 1;
