@@ -12,7 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cel::common::value::{CowVal, Val};
 use cel::context::VariableResolver;
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
+use std::hint::black_box;
 
 use centralflow::event::{Event, ValRef};
 use centralflow::expr::Expr;

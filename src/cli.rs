@@ -92,6 +92,9 @@ pub enum Command {
         /// Share of late telemetry.
         #[arg(long, default_value_t = 0.02)]
         out_of_order: f64,
+        /// How late, at most (e.g. 20s).
+        #[arg(long, default_value = "20s")]
+        max_delay: String,
         /// Output file (default: standard output).
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -140,8 +143,8 @@ async fn dispatch(cli: Cli) -> i32 {
             println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
             0
         }
-        Command::Simulate { devices, rate, count, seed, start, out_of_order, out } => {
-            match simulate(devices, rate, count, seed, &start, out_of_order, out) {
+        Command::Simulate { devices, rate, count, seed, start, out_of_order, max_delay, out } => {
+            match simulate(devices, rate, count, seed, &start, out_of_order, &max_delay, out) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -188,6 +191,7 @@ fn validate(paths: &[PathBuf]) -> i32 {
     code
 }
 
+#[allow(clippy::too_many_arguments)]
 fn simulate(
     devices: u32,
     rate: f64,
@@ -195,11 +199,13 @@ fn simulate(
     seed: u64,
     start: &str,
     ooo: f64,
+    max_delay: &str,
     out: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use crate::sources::simulator::{Generator, SimulatorConfig};
     let cfg: SimulatorConfig = serde_json::from_value(serde_json::json!({
-        "devices": devices, "rate": rate, "count": count, "seed": seed, "start": start, "out_of_order": ooo
+        "devices": devices, "rate": rate, "count": count, "seed": seed, "start": start, "out_of_order": ooo,
+        "max_delay": max_delay
     }))?;
     let g = Generator::new(cfg, crate::time::now_nanos())?;
     let mut w: Box<dyn std::io::Write> = match out {
@@ -216,48 +222,170 @@ fn simulate(
 }
 
 async fn run(path: &std::path::Path, mode: Mode, reset_state: bool, progress_bar: bool) -> i32 {
-    let plan = match load(path) {
+    let mut plan = match load(path) {
         Ok(p) => p,
         Err(c) => return c,
     };
-    let progress: SharedProgress = Arc::new(Progress::default());
-    let opts = RunOptions { mode, reset_state, progress: progress.clone(), ..Default::default() };
-    let stop = stop_signal();
-    let started = Instant::now();
-    let reporter = tokio::spawn(report_progress(progress.clone(), progress_bar && mode == Mode::Replay));
-    let result = runtime::run_pipeline(&plan, opts, stop).await;
-    reporter.abort();
-    let _ = reporter.await;
-    match result {
-        Ok(summary) => {
-            print_summary(&summary, started.elapsed(), &progress);
-            0
+    // the operations endpoint (run only, unless disabled); it outlives reloads
+    if mode == Mode::Live {
+        let api =
+            plan.api.clone().unwrap_or_else(|| config::ApiConfig { address: "127.0.0.1:8686".into(), enabled: true });
+        if api.enabled {
+            let addr = std::env::var("CENTRALFLOW_API_ADDRESS").unwrap_or(api.address);
+            let addr = match addr.parse() {
+                Ok(a) => a,
+                Err(_) => {
+                    eprintln!("error: {addr:?} is not an address like 127.0.0.1:8686");
+                    return 2;
+                }
+            };
+            match crate::api::serve(addr).await {
+                Ok(bound) => tracing::info!("metrics and health on http://{bound}"),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return 1;
+                }
+            }
         }
-        Err(e) => {
-            eprintln!("error: {}", crate::secret::redact(&format!("{e:#}")));
-            1
+    }
+    let signals = Signals::install();
+    let mut reset = reset_state;
+    loop {
+        let progress: SharedProgress = Arc::new(Progress::default());
+        let opts = RunOptions { mode, reset_state: reset, progress: progress.clone(), ..Default::default() };
+        reset = false;
+        let started = Instant::now();
+        let reporter = tokio::spawn(report_progress(progress.clone(), progress_bar && mode == Mode::Replay));
+        let stop = signals.next_stop(path.to_path_buf(), mode == Mode::Live);
+        let result = runtime::run_pipeline(&plan, opts, stop.wait()).await;
+        reporter.abort();
+        let _ = reporter.await;
+        match result {
+            Ok(summary) => print_summary(&summary, started.elapsed(), &progress),
+            Err(e) => {
+                eprintln!("error: {}", crate::secret::redact(&format!("{e:#}")));
+                return 1;
+            }
+        }
+        match stop.reload() {
+            Some(next) => {
+                tracing::info!("reloaded {}: state carried over through the checkpoint", path.display());
+                plan = next;
+            }
+            None => return 0,
         }
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
-            return std::future::pending().await;
-        };
-        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-        tokio::spawn(async move {
-            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-            eprintln!("second signal: exiting without the final checkpoint");
-            std::process::exit(130);
-        });
+/// Why a run was asked to end.
+struct StopRequest {
+    notify: Arc<tokio::sync::Notify>,
+    reload: Arc<std::sync::Mutex<Option<Plan>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StopRequest {
+    async fn wait(&self) {
+        self.notify.notified().await
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    /// The validated new pipeline, when the run ended for a reload.
+    fn reload(self) -> Option<Plan> {
+        self.task.abort();
+        self.reload.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// SIGINT/SIGTERM stop (a second one exits at once); in `run`, SIGHUP or a change of the
+/// pipeline file reloads it, after validating the new version (an invalid one is reported and
+/// the running pipeline goes on).
+struct Signals {
+    stop: Arc<tokio::sync::Notify>,
+    hup: Arc<tokio::sync::Notify>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let hup = Arc::new(tokio::sync::Notify::new());
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (stop2, hup2) = (stop.clone(), hup.clone());
+            tokio::spawn(async move {
+                let (Ok(mut int), Ok(mut term), Ok(mut h)) =
+                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+                else {
+                    return;
+                };
+                let mut stopping = false;
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                        _ = h.recv() => { hup2.notify_one(); continue; }
+                    }
+                    if stopping {
+                        eprintln!("second signal: exiting without the final checkpoint");
+                        std::process::exit(130);
+                    }
+                    stopping = true;
+                    stop2.notify_one();
+                }
+            });
+        }
+        #[cfg(not(unix))]
+        {
+            let stop2 = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                stop2.notify_one();
+            });
+        }
+        Signals { stop, hup }
+    }
+
+    /// A stop request for one run: a signal, or (live) a valid changed pipeline.
+    fn next_stop(&self, path: PathBuf, watch: bool) -> StopRequest {
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let reload: Arc<std::sync::Mutex<Option<Plan>>> = Default::default();
+        let (n, r, stop, hup) = (notify.clone(), reload.clone(), self.stop.clone(), self.hup.clone());
+        let task = tokio::spawn(async move {
+            let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let mut seen = mtime(&path);
+            loop {
+                let changed = tokio::select! {
+                    _ = stop.notified() => { n.notify_one(); return; }
+                    _ = hup.notified(), if watch => true,
+                    _ = tokio::time::sleep(Duration::from_secs(2)), if watch => {
+                        let now = mtime(&path);
+                        let c = now != seen;
+                        seen = now;
+                        c
+                    }
+                };
+                if !changed {
+                    continue;
+                }
+                match config::load_file(&path) {
+                    Ok(plan) => {
+                        *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
+                        tracing::info!("{} changed: stopping with a checkpoint to reload it", path.display());
+                        n.notify_one();
+                        return;
+                    }
+                    Err(errors) => {
+                        for e in errors {
+                            tracing::error!(
+                                "reload refused, {}: {}",
+                                path.display(),
+                                crate::secret::redact(&e.to_string())
+                            );
+                        }
+                    }
+                }
+            }
+        });
+        StopRequest { notify, reload, task }
     }
 }
 

@@ -118,6 +118,16 @@ pub struct Meta {
     pub origin: Option<Arc<str>>,
     /// Time the broker enqueued the event (Event Hubs), or `NO_TIME`.
     pub enqueued: Nanos,
+    /// Source-specific metadata: AMQP headers, Event Hubs properties and annotations
+    /// (`iotcentral-device-id`, ...). Read as `meta.NAME`.
+    pub attrs: Vec<(Box<str>, String)>,
+}
+
+impl Meta {
+    /// A metadata attribute by name.
+    pub fn attr(&self, name: &str) -> Option<&str> {
+        self.attrs.iter().find(|(k, _)| &**k == name).map(|(_, v)| v.as_str())
+    }
 }
 
 /// A record flowing through a pipeline.

@@ -181,6 +181,9 @@ fn meta_map(ev: &Event) -> Dynamic {
             Dynamic::from(ImmutableString::from(crate::time::format_rfc3339(ev.meta.enqueued))),
         );
     }
+    for (k, v) in &ev.meta.attrs {
+        m.insert(k.as_ref().into(), Dynamic::from(ImmutableString::from(v.as_str())));
+    }
     m.into()
 }
 

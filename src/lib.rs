@@ -5,6 +5,7 @@
 //! bounded channels of [`event::Batch`]es, with barrier checkpoints; [`sources`], [`transforms`]
 //! and [`sinks`] are the components; [`model`] decodes IoT Central export messages.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod event;

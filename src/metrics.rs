@@ -179,6 +179,33 @@ pub struct Progress {
 
 pub type SharedProgress = Arc<Progress>;
 
+/// Readiness of the components that have an outside connection (sources and sinks), for
+/// `/health/ready`. A component that never registers is not consulted.
+fn readiness_map() -> &'static Mutex<std::collections::BTreeMap<String, (bool, String)>> {
+    static R: OnceLock<Mutex<std::collections::BTreeMap<String, (bool, String)>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+/// Records whether a component can do its work now, with a short reason.
+pub fn set_ready(component: &str, ready: bool, detail: &str) {
+    readiness_map()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(component.to_string(), (ready, detail.to_string()));
+}
+
+/// Forgets a component (it stopped).
+pub fn clear_ready(component: &str) {
+    readiness_map().lock().unwrap_or_else(|e| e.into_inner()).remove(component);
+}
+
+/// Whether every registered component is ready, and the state of each.
+pub fn readiness() -> (bool, Vec<(String, bool, String)>) {
+    let m = readiness_map().lock().unwrap_or_else(|e| e.into_inner());
+    let all = m.values().all(|(r, _)| *r);
+    (all, m.iter().map(|(k, (r, d))| (k.clone(), *r, d.clone())).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

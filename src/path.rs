@@ -77,7 +77,7 @@ impl FieldPath {
         let first = self.parts[0].as_str();
         // An export message whose top-level keys are all the format's cannot have a top-level
         // field by a telemetry name: go to telemetry directly.
-        if !(ev.has_only_export_keys() && !self.export_key) {
+        if self.export_key || !ev.has_only_export_keys() {
             if let Some(v) = ev.own_get(first) {
                 return descend(v, &self.parts[1..]);
             }
@@ -221,7 +221,7 @@ fn meta<'e>(ev: &'e Event, key: &str) -> Option<ValRef<'e>> {
         "source" => Some(ValRef::Int(ev.meta.source as i64)),
         "origin" => ev.meta.origin.as_deref().map(|o| ValRef::Str(Cow::Borrowed(o))),
         "enqueued_time" if ev.meta.enqueued != NO_TIME => Some(ValRef::Time(ev.meta.enqueued)),
-        _ => None,
+        other => ev.meta.attr(other).map(|v| ValRef::Str(Cow::Borrowed(v))),
     }
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -158,12 +158,7 @@ fn an_interrupted_write_leaves_no_visible_partial_file() {
     );
     let lake = dir.path().join("lake");
     for round in 0..2 {
-        let child = Command::new(bin())
-            .args(["run", p.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = cmd(&["run", p.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(3500));
         // SIGKILL: no chance to clean up
         signal(&child, libc::SIGKILL);
@@ -178,12 +173,7 @@ fn an_interrupted_write_leaves_no_visible_partial_file() {
         assert!(staged.iter().all(|p| p.extension().unwrap() == "inprogress"));
     }
     // a restart removes staged files that no checkpoint covers, and resumes
-    let child = Command::new(bin())
-        .args(["run", p.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = cmd(&["run", p.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     signal(&child, libc::SIGINT);
     let out = wait_output(child, T);
@@ -213,13 +203,6 @@ fn walk(d: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn signal(child: &std::process::Child, sig: i32) {
-    // SAFETY: sending a signal to our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, sig);
-    }
-}
-
 #[test]
 fn sigint_stops_gracefully_and_flushes_everything() {
     let dir = tempfile::tempdir().unwrap();
@@ -232,12 +215,7 @@ fn sigint_stops_gracefully_and_flushes_everything() {
             agg = dir.path().join("agg.jsonl").display()
         ),
     );
-    let child = Command::new(bin())
-        .args(["run", p.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = cmd(&["run", p.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     signal(&child, libc::SIGINT);
     let out = wait_output(child, T);

@@ -130,7 +130,7 @@ sinks:
         "sourcs: unknown field `sourcs` (did you mean `sources`?) (line 1, column 1)",
         "sources.a.count: must be integer or nothing (line 5, column 12)",
         "sources.b.type: unknown source type `nosuch`",
-        "sources.c: has no `type` (one of: files, simulator",
+        "sources.c: has no `type` (one of: files, amqp, simulator",
         "sinks.s: missing required field `url`",
         "sinks.s.compression: must be one of \"zstd\", \"snappy\", \"none\" (line 19, column 18)",
     ] {

@@ -231,6 +231,8 @@ impl<'de> de::Deserialize<'de> for CowStr<'de> {
     }
 }
 
+// The `Cow` says whether the text borrows from `base` (a span) or had to be unescaped (arena).
+#[allow(clippy::ptr_arg)]
 fn text_of(base: &str, arena: &mut String, s: &Cow<'_, str>) -> Text {
     match s {
         Cow::Borrowed(b) => build::raw_span(base, b),

@@ -24,12 +24,19 @@ pub struct JsonlConfig {
     /// Append to the file instead of replacing it.
     #[serde(default)]
     pub append: bool,
+    /// Write at most this many events per second (a slow consumer on purpose; upstream slows
+    /// down with it).
+    #[serde(default)]
+    pub rate_limit: Option<f64>,
 }
 
 impl Spec for JsonlConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
         if self.path.trim().is_empty() {
             cx.error(&format!("{ptr}/path"), "is empty");
+        }
+        if self.rate_limit.is_some_and(|r| r.is_nan() || r <= 0.0) {
+            cx.error(&format!("{ptr}/rate_limit"), "must be a positive number of events per second");
         }
     }
     fn inputs(&self) -> &[String] {
@@ -40,6 +47,9 @@ impl Spec for JsonlConfig {
 pub struct JsonlSink {
     out: Box<dyn std::io::Write + Send>,
     metrics: ComponentMetrics,
+    rate_limit: Option<f64>,
+    started: Option<std::time::Instant>,
+    written: u64,
 }
 
 impl JsonlSink {
@@ -60,7 +70,7 @@ impl JsonlSink {
                 .with_context(|| format!("opening {}", p.display()))?;
             Box::new(std::io::BufWriter::with_capacity(1 << 20, f))
         };
-        Ok(JsonlSink { out, metrics: cx.metrics.clone() })
+        Ok(JsonlSink { out, metrics: cx.metrics.clone(), rate_limit: cfg.rate_limit, started: None, written: 0 })
     }
 }
 
@@ -74,6 +84,14 @@ impl Sink for JsonlSink {
         }
         self.out.write_all(s.as_bytes())?;
         self.metrics.events_out.inc_by(batch.len() as u64);
+        if let Some(rate) = self.rate_limit {
+            let started = *self.started.get_or_insert_with(std::time::Instant::now);
+            self.written += batch.len() as u64;
+            let due = std::time::Duration::from_secs_f64(self.written as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         self.metrics.bytes_out.inc_by(s.len() as u64);
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! module (config struct implementing [`Spec`](crate::config::Spec), a
 //! [`Source`](crate::runtime::Source)), one line in the enum below and one arm in [`build`].
 
+pub mod amqp;
 pub mod files;
 pub mod simulator;
 
@@ -11,6 +12,7 @@ crate::component_enum! {
     /// A source: `type` selects the kind.
     SourceConfig {
         Files("files", files::FilesConfig),
+        Amqp("amqp", amqp::AmqpConfig),
         Simulator("simulator", simulator::SimulatorConfig),
     }
 }
@@ -22,6 +24,7 @@ pub const SOURCE_PORTS: [&str; 2] = ["", "dead_letter"];
 pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Source>> {
     Ok(match cfg {
         SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
+        SourceConfig::Amqp(c) => Box::new(amqp::AmqpSource::new(c.clone(), cx)?),
         SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
     })
 }

@@ -2,6 +2,8 @@
 //! peers (Azurite, moto) that `scripts/test` starts, and reading Parquet back.
 #![allow(dead_code)]
 
+pub mod amqp_pipeline;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -21,15 +23,36 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A `centralflow` command with the test defaults: the operations endpoint on a free port.
+pub fn cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).current_dir(root()).env("CENTRALFLOW_API_ADDRESS", "127.0.0.1:0");
+    cmd
+}
+
 /// Runs `centralflow ARGS` with extra environment, waiting at most `timeout`.
 pub fn run(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
-    let mut cmd = Command::new(bin());
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).current_dir(root());
+    let mut cmd = cmd(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }
     let child = cmd.spawn().expect("spawn centralflow");
     wait_output(child, timeout)
+}
+
+/// Sends a signal to a child process.
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+/// Resident memory of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Waits for a child with a deadline (killing it past the deadline).
@@ -281,4 +304,100 @@ fn rand_suffix() -> u32 {
 /// Environment pairs as `&str` pairs.
 pub fn env_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+}
+
+// ------------------------------------------------------------------ RabbitMQ
+
+/// The broker `scripts/test` makes sure of.
+pub fn amqp_url() -> String {
+    required("CENTRALFLOW_TEST_AMQP")
+}
+
+/// Publishes bodies to a (declared, durable) queue with publisher confirms.
+pub async fn amqp_publish(queue: &str, bodies: impl IntoIterator<Item = Vec<u8>>) -> usize {
+    use lapin::options::*;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, Default::default())
+        .await
+        .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let mut n = 0;
+    let mut pending = Vec::new();
+    for body in bodies {
+        let props = lapin::BasicProperties::default().with_delivery_mode(2).with_headers(
+            lapin::types::FieldTable::from(std::collections::BTreeMap::from([(
+                "iotcentral-application-id".into(),
+                lapin::types::AMQPValue::LongString("6e9d8f3c".into()),
+            )])),
+        );
+        pending.push(
+            ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, props).await.unwrap(),
+        );
+        n += 1;
+        if pending.len() >= 2000 {
+            for p in pending.drain(..) {
+                assert!(p.await.unwrap().is_ack());
+            }
+        }
+    }
+    for p in pending.drain(..) {
+        assert!(p.await.unwrap().is_ack());
+    }
+    let _ = conn.close(200, "done".into()).await;
+    n
+}
+
+/// Messages ready and unacknowledged in a queue (from rabbitmqctl).
+pub fn amqp_depth(queue: &str) -> (u64, u64) {
+    let out = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "messages_ready", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 3 && f[0] == queue {
+            return (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0));
+        }
+    }
+    (0, 0)
+}
+
+/// Takes every message of a queue: (headers as strings, body).
+pub async fn amqp_drain(queue: &str) -> Vec<(BTreeMap<String, String>, Vec<u8>)> {
+    use lapin::options::*;
+    let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(msg) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+        let mut headers = BTreeMap::new();
+        if let Some(h) = msg.delivery.properties.headers() {
+            for (k, v) in h.inner() {
+                let v = match v {
+                    lapin::types::AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).to_string(),
+                    other => format!("{other:?}"),
+                };
+                headers.insert(k.to_string(), v);
+            }
+        }
+        out.push((headers, msg.delivery.data));
+    }
+    let _ = conn.close(200, "done".into()).await;
+    out
+}
+
+/// Deletes a queue (and its dead-letter queue).
+pub async fn amqp_delete(queue: &str) {
+    use lapin::options::*;
+    if let Ok(conn) = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+            let _ =
+                ch.queue_delete(format!("{queue}.dead-letter").as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
 }

@@ -259,9 +259,12 @@ struct Rec {
     v: Option<f64>,
 }
 
+/// (key, window start, window end) -> (arrival index, time, value) of its events.
+type Groups = BTreeMap<(u8, Nanos, Nanos), Vec<(usize, Nanos, f64)>>;
+
 /// Plain GROUP BY over all events (which are all within lateness, so none is late).
-fn reference(recs: &[Rec], shape: Shape) -> BTreeMap<(u8, Nanos, Nanos), Vec<(usize, Nanos, f64)>> {
-    let mut groups: BTreeMap<(u8, Nanos, Nanos), Vec<(usize, Nanos, f64)>> = BTreeMap::new();
+fn reference(recs: &[Rec], shape: Shape) -> Groups {
+    let mut groups: Groups = BTreeMap::new();
     let push = |g: &mut BTreeMap<_, Vec<_>>, k, i, r: &Rec| {
         g.entry(k).or_default().push((i, r.t, r.v.unwrap_or(f64::NAN)));
     };

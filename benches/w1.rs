@@ -1,0 +1,209 @@
+//! W1 side by side: centralflow (`replay pipelines/w1-tumbling.yaml`) against DuckDB running the
+//! same aggregation (benches/anchors/anchor_duckdb.py), on the same file, both on 2 threads,
+//! whole processes, median of several runs after a warm-up. Prints wall time, CPU time and peak
+//! RSS of each, the ratios, and checks that both produced the same rows.
+//!
+//! Run it with `scripts/bench-w1`, which installs DuckDB into .venv and generates the input
+//! (1,000,000 messages, seed 7, 5,000 devices: 465 MB) if missing. Environment:
+//! `W1_INPUT` (the export file), `W1_RUNS` (default 3), `W1_PYTHON` (default .venv/bin/python).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType, TimestampNanosecondType};
+
+#[derive(Clone, Copy, Debug)]
+struct Measure {
+    wall: Duration,
+    cpu: Duration,
+    max_rss_kib: i64,
+}
+
+/// Runs a command to completion and measures it with wait4(2).
+fn measure(cmd: &mut Command) -> Measure {
+    let start = Instant::now();
+    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child with valid pointers.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = start.elapsed();
+    assert_eq!(r, pid, "wait4");
+    let output = child.wait_with_output();
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if !ok {
+        let err = output.map(|o| String::from_utf8_lossy(&o.stderr).to_string()).unwrap_or_default();
+        panic!("{cmd:?} failed ({status}):\n{err}");
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    Measure { wall, cpu: tv(ru.ru_utime) + tv(ru.ru_stime), max_rss_kib: ru.ru_maxrss }
+}
+
+fn median(mut v: Vec<Measure>) -> Measure {
+    v.sort_by_key(|m| m.wall);
+    let mid = v[v.len() / 2];
+    let mut cpu: Vec<Duration> = v.iter().map(|m| m.cpu).collect();
+    cpu.sort();
+    let mut rss: Vec<i64> = v.iter().map(|m| m.max_rss_kib).collect();
+    rss.sort();
+    Measure { wall: mid.wall, cpu: cpu[cpu.len() / 2], max_rss_kib: rss[rss.len() / 2] }
+}
+
+type Row = (String, i64);
+
+/// (deviceId, window_start in µs) -> [count, 9 aggregates]
+fn read_rows(files: &[PathBuf], count_col: &str) -> BTreeMap<Row, Vec<f64>> {
+    let aggs = [
+        "temperature_avg",
+        "temperature_min",
+        "temperature_max",
+        "humidity_avg",
+        "humidity_min",
+        "humidity_max",
+        "pressure_avg",
+        "pressure_min",
+        "pressure_max",
+    ];
+    let mut out = BTreeMap::new();
+    for f in files {
+        let bytes = bytes::Bytes::from(std::fs::read(f).unwrap());
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            let dev =
+                arrow::compute::cast(b.column_by_name("deviceId").unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
+            let dev = dev.as_string::<i32>();
+            let ws = b.column_by_name("window_start").unwrap();
+            let starts: Vec<i64> = if let Some(a) = ws.as_primitive_opt::<TimestampNanosecondType>() {
+                (0..a.len()).map(|i| a.value(i) / 1000).collect()
+            } else {
+                let a = ws.as_primitive::<TimestampMicrosecondType>();
+                (0..a.len()).map(|i| a.value(i)).collect()
+            };
+            let n = b.column_by_name(count_col).unwrap().as_primitive::<Int64Type>().clone();
+            let cols: Vec<_> =
+                aggs.iter().map(|c| b.column_by_name(c).unwrap().as_primitive::<Float64Type>().clone()).collect();
+            for (i, start) in starts.iter().enumerate() {
+                let mut v = vec![n.value(i) as f64];
+                v.extend(cols.iter().map(|c| if c.is_null(i) { f64::NAN } else { c.value(i) }));
+                out.insert((dev.value(i).to_string(), *start), v);
+            }
+        }
+    }
+    out
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let input =
+        std::env::var("W1_INPUT").map(PathBuf::from).unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
+    if !input.exists() {
+        eprintln!("{} is missing: run scripts/bench-w1 (it generates it)", input.display());
+        std::process::exit(1);
+    }
+    let runs: usize = std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let python = std::env::var("W1_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_centralflow"));
+    let work = tempfile::tempdir().unwrap();
+    let cf_out = work.path().join("centralflow");
+    let duck_out = work.path().join("duckdb.parquet");
+
+    let centralflow = || {
+        let _ = std::fs::remove_dir_all(&cf_out);
+        let mut c = Command::new(&bin);
+        c.args(["replay", "--no-progress", root.join("pipelines/w1-tumbling.yaml").to_str().unwrap()])
+            .env("CENTRALFLOW_INPUT", &input)
+            .env("CENTRALFLOW_OUTPUT", &cf_out)
+            .env("RAYON_NUM_THREADS", "2")
+            .env("CENTRALFLOW_LOG", "warn");
+        measure(&mut c)
+    };
+    let duckdb = || {
+        let _ = std::fs::remove_file(&duck_out);
+        let mut c = Command::new(&python);
+        c.args([
+            root.join("benches/anchors/anchor_duckdb.py").to_str().unwrap(),
+            input.to_str().unwrap(),
+            duck_out.to_str().unwrap(),
+            "2",
+        ]);
+        measure(&mut c)
+    };
+    // warm-up (page cache, lazy loading), then alternate so that both see the same conditions
+    centralflow();
+    duckdb();
+    let (mut cf, mut dk) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        cf.push(centralflow());
+        dk.push(duckdb());
+    }
+    let (cf, dk) = (median(cf), median(dk));
+
+    // same rows?
+    let ours = read_rows(&parquet_files(&cf_out), "count");
+    let theirs = read_rows(std::slice::from_ref(&duck_out), "n");
+    let mut worst = 0.0f64;
+    let mut mismatches = 0;
+    for (k, v) in &theirs {
+        match ours.get(k) {
+            Some(o) => {
+                for (a, b) in o.iter().zip(v) {
+                    if a.is_nan() && b.is_nan() {
+                        continue;
+                    }
+                    let rel = (a - b).abs() / b.abs().max(1e-300);
+                    worst = worst.max(rel);
+                    if rel > 1e-9 {
+                        mismatches += 1;
+                    }
+                }
+            }
+            None => mismatches += 1,
+        }
+    }
+    let same = ours.len() == theirs.len() && mismatches == 0;
+
+    let mib = |k: i64| k as f64 / 1024.0;
+    println!("W1 over {} ({} runs, median; 2 threads each)\n", input.display(), runs);
+    println!("| | wall s | CPU s | peak RSS MiB |");
+    println!("|---|---|---|---|");
+    println!(
+        "| centralflow | {:.2} | {:.2} | {:.0} |",
+        cf.wall.as_secs_f64(),
+        cf.cpu.as_secs_f64(),
+        mib(cf.max_rss_kib)
+    );
+    println!("| DuckDB | {:.2} | {:.2} | {:.0} |", dk.wall.as_secs_f64(), dk.cpu.as_secs_f64(), mib(dk.max_rss_kib));
+    println!(
+        "| centralflow / DuckDB | {:.2} | {:.2} | {:.2} |",
+        cf.wall.as_secs_f64() / dk.wall.as_secs_f64(),
+        cf.cpu.as_secs_f64() / dk.cpu.as_secs_f64(),
+        cf.max_rss_kib as f64 / dk.max_rss_kib as f64
+    );
+    println!(
+        "\nrows: centralflow {}, DuckDB {}; {} (largest relative difference {:.1e})",
+        ours.len(),
+        theirs.len(),
+        if same { "identical within 1e-9" } else { "DIFFERENT" },
+        worst
+    );
+    if !same {
+        std::process::exit(1);
+    }
+}

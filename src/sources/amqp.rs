@@ -1,0 +1,679 @@
+//! `amqp`: consumes export messages from an AMQP 0-9-1 queue (RabbitMQ), with no loss and no
+//! duplicates across connection faults and crashes.
+//!
+//! Acknowledgements wait for the checkpoint that covers a delivery: at `Commit(n)` the source
+//! acknowledges (`multiple`) up to the last delivery before barrier `n`, then confirms that the
+//! broker processed the acknowledgement with a synchronous call on the same channel (a passive
+//! queue declaration, which also gives the queue depth for the lag metric).
+//!
+//! Delivery tags die with a channel, so after a reconnect every unacknowledged delivery comes
+//! back (`redelivered`). The source remembers which messages it has processed but not yet had
+//! acknowledged (by a 128-bit hash of message id and body, counted, so that two identical
+//! messages stay two): a redelivered message whose copies are all accounted for is not processed
+//! again, only acknowledged at the next checkpoint. That memory is part of the checkpoint, so a
+//! restarted process skips the redeliveries of what the restored state already contains.
+//! Messages delivered for the first time are never skipped.
+//!
+//! A message that cannot be decoded is published, with the reason and its origin in headers, to
+//! the queue's dead-letter exchange when it has one, else to a dead-letter queue
+//! (`{queue}.dead-letter` unless configured), confirmed by the broker, then acknowledged; it also
+//! goes to the source's `dead_letter` output. It never blocks the queue.
+//!
+//! The connection is re-established with backoff, forever; the state shows in logs, in the
+//! `source_connected` metric and in `/health/ready`.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Checker, Spec};
+use crate::event::{Batch, Event};
+use crate::metrics;
+use crate::model::decode::{decode_record_projected, Projection};
+use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
+use crate::secret::Secret;
+
+/// An AMQP 0-9-1 queue.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:5672/vhost` or `amqps://...` (a secret: from the environment).
+    pub url: Secret,
+    /// The queue to consume.
+    pub queue: String,
+    /// Declare the queue (and its bindings) at start; without it the queue must exist.
+    #[serde(default)]
+    pub declare: Option<Declare>,
+    /// Deliveries the broker may send before acknowledgements (basic.qos).
+    #[serde(default = "d_prefetch")]
+    pub prefetch: u16,
+    #[serde(default = "d_tag")]
+    pub consumer_tag: String,
+    /// Where poison messages go when the queue has no dead-letter exchange (declared with
+    /// `declare.dead_letter_exchange` or given here as `dead_letter_exchange`).
+    #[serde(default)]
+    pub dead_letter_queue: Option<String>,
+    /// The queue's dead-letter exchange, when it is set by a broker policy.
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    /// Events per batch sent downstream.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// How long a partial batch may wait for more deliveries.
+    #[serde(default = "d_linger")]
+    pub linger: String,
+    /// Ask for a checkpoint when unacknowledged deliveries reach this share of `prefetch`
+    /// (the broker stops delivering at `prefetch`).
+    #[serde(default = "d_checkpoint_at")]
+    pub checkpoint_at: f64,
+}
+
+/// Queue declaration.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Declare {
+    #[serde(default = "yes")]
+    pub durable: bool,
+    /// Exchanges to bind the queue to (declared as well).
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+    /// `x-dead-letter-exchange` of the queue (declared as a fanout exchange if missing, with a
+    /// `{queue}.dead-letter` queue bound to it).
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Binding {
+    pub exchange: String,
+    /// `topic` (default), `direct`, `fanout` or `headers`.
+    #[serde(default = "d_kind")]
+    pub exchange_type: String,
+    #[serde(default = "d_key")]
+    pub routing_key: String,
+}
+
+fn d_prefetch() -> u16 {
+    1000
+}
+fn d_tag() -> String {
+    "centralflow".into()
+}
+fn d_batch() -> usize {
+    1000
+}
+fn d_linger() -> String {
+    "50ms".into()
+}
+fn d_checkpoint_at() -> f64 {
+    0.5
+}
+fn yes() -> bool {
+    true
+}
+fn d_kind() -> String {
+    "topic".into()
+}
+fn d_key() -> String {
+    "#".into()
+}
+
+impl Spec for AmqpConfig {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        cx.secret(&format!("{ptr}/url"), !self.url.is_empty());
+        match self.url.expose().split_once("://").map(|(s, _)| s) {
+            Some("amqp") | Some("amqps") => {}
+            _ => cx.error(&format!("{ptr}/url"), "must be an amqp:// or amqps:// URL"),
+        }
+        if self.queue.trim().is_empty() {
+            cx.error(&format!("{ptr}/queue"), "is empty");
+        }
+        if self.prefetch == 0 {
+            cx.error(
+                &format!("{ptr}/prefetch"),
+                "must be at least 1 (0 means unlimited to the broker, and unbounded memory here)",
+            );
+        }
+        if self.batch_size == 0 {
+            cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
+        }
+        cx.duration(&format!("{ptr}/linger"), &self.linger);
+        if !(self.checkpoint_at > 0.0 && self.checkpoint_at <= 1.0) {
+            cx.error(&format!("{ptr}/checkpoint_at"), "must be a share in (0, 1]");
+        }
+        if let Some(d) = &self.declare {
+            for (i, b) in d.bindings.iter().enumerate() {
+                if !["topic", "direct", "fanout", "headers"].contains(&b.exchange_type.as_str()) {
+                    cx.error(
+                        &format!("{ptr}/declare/bindings/{i}/exchange_type"),
+                        "must be topic, direct, fanout or headers",
+                    );
+                }
+            }
+        }
+    }
+    fn ports(&self) -> Vec<&'static str> {
+        super::SOURCE_PORTS.to_vec()
+    }
+}
+
+/// What a checkpoint keeps: hashes of processed, not yet acknowledged messages, with counts.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct State {
+    processed: Vec<(u128, u32)>,
+}
+
+/// A barrier: the last delivery before it, on which channel.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    epoch: u64,
+    generation: u64,
+    tag: u64,
+}
+
+struct Link {
+    _conn: Connection,
+    channel: Channel,
+    publisher: Channel,
+    consumer: Consumer,
+}
+
+pub struct AmqpSource {
+    cfg: AmqpConfig,
+    /// The connection; kept after the stream ends so that the final checkpoint can be
+    /// acknowledged on the channel its deliveries came on.
+    link: Option<Link>,
+    name: String,
+    projection: Option<&'static Projection>,
+    linger: Duration,
+    /// Processed messages not yet acknowledged (confirmed): hash -> (copies, epoch last seen).
+    processed: HashMap<u128, (u32, u64)>,
+    /// Deliveries on the current channel not yet acknowledged: (tag, hash of a processed message).
+    delivered: VecDeque<(u64, Option<u128>)>,
+    /// Per hash, deliveries on the current channel that stand for processed copies.
+    outstanding: HashMap<u128, u32>,
+    generation: u64,
+    last_tag: u64,
+    acked_to: u64,
+    marks: VecDeque<Mark>,
+    epoch: u64,
+    asked_checkpoint: bool,
+    dead_letter_exchange: Option<String>,
+    dead_letter_queue: String,
+    skipped: u64,
+}
+
+impl AmqpSource {
+    pub fn new(cfg: AmqpConfig, cx: &BuildCx<'_>) -> anyhow::Result<AmqpSource> {
+        if cx.mode == Mode::Replay {
+            anyhow::bail!("an amqp source never ends: use `centralflow run`, not `replay`");
+        }
+        let mut processed = HashMap::new();
+        if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
+            let st: State = postcard::from_bytes(state).context("amqp source state in the checkpoint is corrupt")?;
+            processed = st.processed.into_iter().map(|(h, n)| (h, (n, 0))).collect();
+        }
+        let linger = crate::time::parse_duration(&cfg.linger).map_err(anyhow::Error::msg)?;
+        let dead_letter_exchange = cfg
+            .dead_letter_exchange
+            .clone()
+            .or_else(|| cfg.declare.as_ref().and_then(|d| d.dead_letter_exchange.clone()));
+        let dead_letter_queue = cfg.dead_letter_queue.clone().unwrap_or_else(|| format!("{}.dead-letter", cfg.queue));
+        Ok(AmqpSource {
+            link: None,
+            name: cx.name.to_string(),
+            projection: cx.projection,
+            linger,
+            processed,
+            delivered: VecDeque::new(),
+            outstanding: HashMap::new(),
+            generation: 0,
+            last_tag: 0,
+            acked_to: 0,
+            marks: VecDeque::new(),
+            epoch: 0,
+            asked_checkpoint: false,
+            dead_letter_exchange,
+            dead_letter_queue,
+            skipped: 0,
+            cfg,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<Link> {
+        let props = ConnectionProperties::default().with_connection_name(format!("centralflow {}", self.name).into());
+        let conn = Connection::connect(self.cfg.url.expose(), props).await.context("connecting")?;
+        let channel = conn.create_channel().await.context("opening a channel")?;
+        channel.basic_qos(self.cfg.prefetch, BasicQosOptions::default()).await.context("basic.qos")?;
+        let q: ShortString = self.cfg.queue.as_str().into();
+        if let Some(d) = &self.cfg.declare {
+            let mut args = FieldTable::default();
+            if let Some(dlx) = &d.dead_letter_exchange {
+                args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(dlx.as_str().into()));
+                channel
+                    .exchange_declare(
+                        dlx.as_str().into(),
+                        ExchangeKind::Fanout,
+                        durable_exchange(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .with_context(|| format!("declaring the dead-letter exchange {dlx}"))?;
+                let dlq = format!("{}.dead-letter", self.cfg.queue);
+                channel
+                    .queue_declare(dlq.as_str().into(), durable_queue(true), FieldTable::default())
+                    .await
+                    .with_context(|| format!("declaring {dlq}"))?;
+                channel
+                    .queue_bind(
+                        dlq.as_str().into(),
+                        dlx.as_str().into(),
+                        "#".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+            channel
+                .queue_declare(q.clone(), durable_queue(d.durable), args)
+                .await
+                .with_context(|| format!("declaring queue {}", self.cfg.queue))?;
+            for b in &d.bindings {
+                let kind = match b.exchange_type.as_str() {
+                    "direct" => ExchangeKind::Direct,
+                    "fanout" => ExchangeKind::Fanout,
+                    "headers" => ExchangeKind::Headers,
+                    _ => ExchangeKind::Topic,
+                };
+                channel
+                    .exchange_declare(b.exchange.as_str().into(), kind, durable_exchange(), FieldTable::default())
+                    .await
+                    .with_context(|| format!("declaring exchange {}", b.exchange))?;
+                channel
+                    .queue_bind(
+                        q.clone(),
+                        b.exchange.as_str().into(),
+                        b.routing_key.as_str().into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+            }
+        }
+        let publisher = conn.create_channel().await.context("opening the dead-letter channel")?;
+        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+        if self.dead_letter_exchange.is_none() {
+            publisher
+                .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue(true), FieldTable::default())
+                .await
+                .with_context(|| format!("declaring the dead-letter queue {}", self.dead_letter_queue))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                q,
+                self.cfg.consumer_tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming from {}", self.cfg.queue))?;
+        Ok(Link { _conn: conn, channel, publisher, consumer })
+    }
+
+    /// The barrier mark: the last delivery still to acknowledge (dead letters are acknowledged
+    /// on their own, and acknowledging an acknowledged tag closes the channel).
+    fn mark(&self, epoch: u64) -> Mark {
+        let tag = self.delivered.back().map(|d| d.0).unwrap_or(self.acked_to);
+        Mark { epoch, generation: self.generation, tag }
+    }
+
+    fn snapshot_state(&self) -> Vec<u8> {
+        let st = State { processed: self.processed.iter().map(|(h, (n, _))| (*h, *n)).collect() };
+        postcard::to_allocvec(&st).unwrap_or_default()
+    }
+
+    /// Forgets the deliveries of a dead channel (they come back redelivered).
+    fn new_channel(&mut self) {
+        self.generation += 1;
+        self.delivered.clear();
+        self.outstanding.clear();
+        self.last_tag = 0;
+        self.acked_to = 0;
+    }
+
+    /// Handles one delivery; returns the events to emit and records that could not be decoded.
+    async fn on_delivery(
+        &mut self,
+        link: &Link,
+        d: lapin::message::Delivery,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        let tag = d.delivery_tag;
+        self.last_tag = tag;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        if let Some(id) = d.properties.message_id() {
+            hasher.update(id.as_str().as_bytes());
+            hasher.update(b"\0");
+        }
+        hasher.update(&d.data);
+        let h = hasher.digest128();
+        let copies = self.processed.get(&h).map_or(0, |(n, _)| *n);
+        let standing = self.outstanding.get(&h).copied().unwrap_or(0);
+        if d.redelivered && copies > standing {
+            // already processed (before a reconnect or before the restored checkpoint)
+            *self.outstanding.entry(h).or_default() += 1;
+            self.delivered.push_back((tag, Some(h)));
+            self.skipped += 1;
+            if self.skipped <= 10 || self.skipped % 1000 == 0 {
+                tracing::info!(
+                    skipped = self.skipped,
+                    "redelivered message already processed: acknowledged at the next checkpoint"
+                );
+            }
+            return Ok(());
+        }
+        let origin = format!("{}#{tag}", self.cfg.queue);
+        let mut attrs: Vec<(Box<str>, String)> = Vec::new();
+        if let Some(headers) = d.properties.headers() {
+            for (k, v) in headers.inner() {
+                if k.as_str().starts_with("iotcentral-") {
+                    attrs.push((k.as_str().into(), amqp_value_string(v)));
+                }
+            }
+        }
+        let body = Bytes::from(d.data);
+        let mut out = Vec::with_capacity(1);
+        decode_record_projected(body.clone(), self.projection, &mut out);
+        let good = out.iter().filter(|r| r.is_ok()).count();
+        if good == 0 {
+            let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
+            self.dead_letter(link, &body, &reason, &origin, &d.properties).await?;
+            link.channel
+                .basic_ack(tag, BasicAckOptions { multiple: false })
+                .await
+                .context("acknowledging a dead-lettered message")?;
+            dead.push(Event::dead_letter(body, &reason, &origin, &self.name));
+            return Ok(());
+        }
+        let e = self.processed.entry(h).or_insert((0, self.epoch));
+        e.0 += 1;
+        e.1 = self.epoch;
+        *self.outstanding.entry(h).or_default() += 1;
+        self.delivered.push_back((tag, Some(h)));
+        for r in out {
+            match r {
+                Ok(mut ev) => {
+                    ev.meta.offset = tag as i64;
+                    ev.meta.attrs = attrs.clone();
+                    events.push(ev);
+                }
+                // the message decoded in part: its bad elements go to the dead-letter output
+                Err(reason) => dead.push(Event::dead_letter(body.clone(), &reason, &origin, &self.name)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        link: &Link,
+        body: &[u8],
+        reason: &str,
+        origin: &str,
+        props: &BasicProperties,
+    ) -> anyhow::Result<()> {
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert("x-centralflow-reason".into(), AMQPValue::LongString(reason.into()));
+        headers.insert("x-centralflow-origin".into(), AMQPValue::LongString(origin.into()));
+        headers.insert("x-centralflow-queue".into(), AMQPValue::LongString(self.cfg.queue.as_str().into()));
+        let properties = props.clone().with_headers(headers).with_delivery_mode(2);
+        let (exchange, key) = match &self.dead_letter_exchange {
+            Some(x) => (x.as_str(), self.cfg.queue.as_str()),
+            None => ("", self.dead_letter_queue.as_str()),
+        };
+        let confirm = link
+            .publisher
+            .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .context("publishing a dead letter")?
+            .await
+            .context("confirming a dead letter")?;
+        if confirm.is_nack() {
+            anyhow::bail!("the broker refused the dead letter of {origin}");
+        }
+        Ok(())
+    }
+
+    /// Acknowledges what checkpoint `epoch` covers and confirms the broker processed it.
+    async fn commit_on(&mut self, link: Option<&Link>, epoch: u64) -> anyhow::Result<()> {
+        let mut mark = None;
+        while self.marks.front().is_some_and(|m| m.epoch <= epoch) {
+            mark = self.marks.pop_front();
+        }
+        let Some(mark) = mark else { return Ok(()) };
+        // forget old processed entries that can no longer be redelivered (acknowledged before a
+        // lost connection without confirmation): after 10 epochs without being seen again
+        let horizon = epoch.saturating_sub(10);
+        self.processed.retain(|_, (n, seen)| *n > 0 && (*seen >= horizon || *seen == 0));
+        let Some(link) = link else { return Ok(()) };
+        if mark.generation != self.generation || mark.tag <= self.acked_to {
+            return Ok(()); // those tags died with their channel: redeliveries are acknowledged later
+        }
+        link.channel.basic_ack(mark.tag, BasicAckOptions { multiple: true }).await.context("acknowledging")?;
+        // a synchronous call on the same channel: once it returns, the broker has processed the ack
+        let q = link
+            .channel
+            .queue_declare(
+                self.cfg.queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .context("confirming acknowledgements")?;
+        metrics::global()
+            .consumer_lag
+            .get_or_create(&metrics::PartitionLabel { component: self.name.clone(), partition: "0".into() })
+            .set(q.message_count() as i64);
+        self.acked_to = mark.tag;
+        while self.delivered.front().is_some_and(|(t, _)| *t <= mark.tag) {
+            let (_, h) = self.delivered.pop_front().unwrap();
+            if let Some(h) = h {
+                if let Some(o) = self.outstanding.get_mut(&h) {
+                    *o = o.saturating_sub(1);
+                    if *o == 0 {
+                        self.outstanding.remove(&h);
+                    }
+                }
+                if let Some(p) = self.processed.get_mut(&h) {
+                    p.0 = p.0.saturating_sub(1);
+                    if p.0 == 0 {
+                        self.processed.remove(&h);
+                    }
+                }
+            }
+        }
+        self.asked_checkpoint = false;
+        Ok(())
+    }
+}
+
+fn durable_queue(durable: bool) -> QueueDeclareOptions {
+    QueueDeclareOptions { durable, ..Default::default() }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+fn amqp_value_string(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).to_string(),
+        AMQPValue::ShortString(s) => s.as_str().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[async_trait]
+impl Source for AmqpSource {
+    async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason> {
+        let mut link: Option<Link> = self.link.take();
+        let mut backoff = Duration::from_millis(200);
+        let mut events: Vec<Event> = Vec::with_capacity(self.cfg.batch_size);
+        let mut dead: Vec<Event> = Vec::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        metrics::set_ready(&self.name, false, "connecting");
+        loop {
+            if link.is_none() {
+                match self.connect().await {
+                    Ok(l) => {
+                        self.new_channel();
+                        tracing::info!(queue = %self.cfg.queue, "connected to the broker");
+                        cx.metrics.connected.set(1);
+                        metrics::set_ready(&self.name, true, "connected");
+                        backoff = Duration::from_millis(200);
+                        link = Some(l);
+                    }
+                    Err(e) => {
+                        cx.metrics.connected.set(0);
+                        cx.metrics.errors.inc();
+                        metrics::set_ready(&self.name, false, &format!("disconnected: {e:#}"));
+                        tracing::warn!(
+                            "cannot reach the broker, retrying in {backoff:?}: {}",
+                            crate::secret::redact(&format!("{e:#}"))
+                        );
+                        let sleep = tokio::time::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        tokio::select! {
+                            c = cx.control() => match c {
+                                Control::Barrier(e) => {
+                                    self.marks.push_back(self.mark(e));
+                                    cx.barrier(e, self.snapshot_state()).await?;
+                                }
+                                Control::Commit(e) => self.commit_on(None, e).await?,
+                                Control::Stop | Control::Shutdown => return Ok(EndReason::Stopped),
+                                Control::Flush(_) => {}
+                            },
+                            _ = sleep => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let l = link.as_mut().unwrap();
+            let linger = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                c = cx.control() => match c {
+                    Control::Barrier(e) => {
+                        flush(cx, &mut events, &mut dead).await?;
+                        deadline = None;
+                        self.epoch = e;
+                        self.marks.push_back(self.mark(e));
+                        cx.barrier(e, self.snapshot_state()).await?;
+                    }
+                    Control::Commit(e) => {
+                        if let Err(err) = self.commit_on(link.as_ref(), e).await {
+                            tracing::warn!("acknowledging epoch {e} failed, the connection is re-established: {err:#}");
+                            link = None;
+                        }
+                    }
+                    Control::Stop | Control::Shutdown => {
+                        flush(cx, &mut events, &mut dead).await?;
+                        // no more deliveries; what was delivered and not processed comes back
+                        let _ = l.channel.basic_cancel(self.cfg.consumer_tag.as_str().into(), Default::default()).await;
+                        self.link = link.take();
+                        return Ok(EndReason::Stopped);
+                    }
+                    Control::Flush(_) => {}
+                },
+                _ = linger => {
+                    flush(cx, &mut events, &mut dead).await?;
+                    deadline = None;
+                }
+                d = l.consumer.next() => match d {
+                    Some(Ok(delivery)) => {
+                        let link_ref = link.as_ref().unwrap();
+                        if let Err(e) = self.on_delivery(link_ref, delivery, &mut events, &mut dead).await {
+                            tracing::warn!("connection problem while handling a delivery: {e:#}");
+                            link = None;
+                            continue;
+                        }
+                        if deadline.is_none() {
+                            deadline = Some(tokio::time::Instant::now() + self.linger);
+                        }
+                        if events.len() >= self.cfg.batch_size {
+                            flush(cx, &mut events, &mut dead).await?;
+                            deadline = None;
+                        }
+                        let unacked = self.delivered.len() as f64;
+                        if !self.asked_checkpoint && unacked >= self.cfg.prefetch as f64 * self.cfg.checkpoint_at {
+                            self.asked_checkpoint = true;
+                            cx.request_checkpoint();
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("lost the broker connection ({}); reconnecting", crate::secret::redact(&e.to_string()));
+                        cx.metrics.connected.set(0);
+                        cx.metrics.reconnects.inc();
+                        metrics::set_ready(&self.name, false, "reconnecting");
+                        flush(cx, &mut events, &mut dead).await?;
+                        link = None;
+                    }
+                    None => {
+                        tracing::warn!("the broker closed the consumer; reconnecting");
+                        cx.metrics.connected.set(0);
+                        cx.metrics.reconnects.inc();
+                        metrics::set_ready(&self.name, false, "reconnecting");
+                        flush(cx, &mut events, &mut dead).await?;
+                        link = None;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
+        // the stream has ended (stop): acknowledge the final checkpoint on the same channel
+        let link = self.link.take();
+        let r = self.commit_on(link.as_ref(), epoch).await;
+        self.link = link;
+        if let Err(e) = &r {
+            // not fatal: unacknowledged deliveries come back and are recognised as processed
+            tracing::warn!("final acknowledgement failed: {e:#}");
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.snapshot_state()
+    }
+}
+
+async fn flush(cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> anyhow::Result<()> {
+    if !events.is_empty() {
+        cx.send(Batch::new(std::mem::take(events))).await?;
+    }
+    if !dead.is_empty() {
+        cx.dead_letter(std::mem::take(dead)).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! The `amqp` source against the real broker (RabbitMQ on 127.0.0.1:5672): a large drain,
+//! crashes at random moments, poison messages. Broker faults and a slow sink are in
+//! `amqp_faults.rs` (they disturb the broker, so they run on their own).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::amqp_pipeline::*;
+use common::*;
+
+#[test]
+fn a_large_queue_drains_exactly_once() {
+    let s = setup(200_000, None);
+    let child = start(&s);
+    let err = drain_and_stop(&s, child);
+    let got = raw_rows(s.dir.path());
+    let want = expected_raw(&s.input);
+    assert_eq!(got.values().filter(|n| **n > 1).count(), 0, "duplicates in the raw archive");
+    assert_eq!(got, want, "raw archive = the queue's telemetry");
+    assert_windows_match_replay(&s);
+    assert!(err.contains("exports"), "{err}");
+}
+
+#[test]
+fn crashes_at_random_moments_lose_and_duplicate_nothing() {
+    let s = setup(200_000, None);
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    for round in 0..5 {
+        let child = start(&s);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let wait = Duration::from_millis(800 + rng % 2500);
+        std::thread::sleep(wait);
+        signal(&child, libc::SIGKILL);
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "round {round}");
+    }
+    let child = start(&s);
+    drain_and_stop(&s, child);
+    let got = raw_rows(s.dir.path());
+    let want = expected_raw(&s.input);
+    let dups: Vec<_> = got.iter().filter(|(_, n)| **n > 1).take(3).collect();
+    assert!(dups.is_empty(), "duplicates after crashes: {dups:?}");
+    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+    assert_eq!(missing, 0, "messages lost after crashes");
+    assert_eq!(got, want);
+    assert_windows_match_replay(&s);
+}
+
+#[test]
+fn poison_messages_go_to_the_dead_letter_queue_with_reasons() {
+    let s = setup(20_000, Some(100));
+    let child = start(&s);
+    drain_and_stop(&s, child);
+    assert_eq!(raw_rows(s.dir.path()), expected_raw(&s.input), "the rest flows");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dlq = rt.block_on(amqp_drain(&format!("{}.dead-letter", s.queue)));
+    assert_eq!(dlq.len(), 200, "1% poison");
+    let bodies: BTreeSet<String> = dlq.iter().map(|(_, b)| String::from_utf8_lossy(b).to_string()).collect();
+    assert_eq!(bodies.len(), 200);
+    for (h, _) in &dlq {
+        assert!(h["x-centralflow-reason"].contains("no messageSource"), "{h:?}");
+        assert!(h["x-centralflow-origin"].starts_with(&s.queue), "{h:?}");
+        assert_eq!(h["iotcentral-application-id"], "6e9d8f3c", "original headers kept");
+    }
+    let dl = std::fs::read_to_string(s.dir.path().join("out/dead-letters.jsonl")).unwrap();
+    assert_eq!(dl.lines().count(), 200, "also on the dead_letter output");
+    rt.block_on(amqp_delete(&s.queue));
+}
