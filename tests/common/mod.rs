@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod amqp_pipeline;
+pub mod eventhubs_emulator;
+pub mod iotc_emulator;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
