@@ -322,6 +322,9 @@ pub struct PlanNode {
     pub config: ComponentConfig,
     /// Sources: the fields the pipeline reads of their events (`None`: all).
     pub projection: Option<crate::model::decode::Projection>,
+    /// Transforms: a source upstream hands partitions over between instances, so state is
+    /// kept per input partition.
+    pub partitioned: bool,
 }
 
 /// A validated pipeline, ready to run.
@@ -772,6 +775,7 @@ fn semantic(
             fingerprint: fp("sources", n),
             config: ComponentConfig::Source(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for (n, c) in &config.transforms {
@@ -786,6 +790,7 @@ fn semantic(
             fingerprint: fp("transforms", n),
             config: ComponentConfig::Transform(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for (n, c) in &config.sinks {
@@ -800,6 +805,7 @@ fn semantic(
             fingerprint: fp("sinks", n),
             config: ComponentConfig::Sink(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for node in &nodes {
@@ -901,9 +907,19 @@ fn semantic(
         if ordered[i].role == Role::Source {
             ordered[i].projection = projection_for(&ordered, i);
         }
+        // nodes come after their inputs: one pass propagates "fed by a source whose partitions move"
+        let fed = ordered[i].inputs.iter().any(|(u, _)| {
+            ordered[*u].partitioned
+                || (ordered[*u].role == Role::Source && HANDS_OVER_PARTITIONS.contains(&ordered[*u].kind))
+        });
+        ordered[i].partitioned = ordered[i].role != Role::Source && fed;
     }
     Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
 }
+
+/// Source types whose partitions move between instances (their downstream state is kept per
+/// partition so that it can move with them).
+const HANDS_OVER_PARTITIONS: [&str; 1] = ["eventhubs"];
 
 /// The fields the pipeline reads of the events of source `src`: the union of what the
 /// components reached through main outputs need, following components that pass events on.
