@@ -270,6 +270,9 @@ pub trait Spec {
     fn forwards(&self) -> bool {
         false
     }
+    /// Checks it once it is known to keep its state per input partition (it is fed by a source
+    /// whose partitions move between instances).
+    fn check_partitioned(&self, _ptr: &str, _cx: &mut Checker<'_>) {}
 }
 
 /// What a component reads of its input events.
@@ -913,6 +916,9 @@ fn semantic(
                 || (ordered[*u].role == Role::Source && HANDS_OVER_PARTITIONS.contains(&ordered[*u].kind))
         });
         ordered[i].partitioned = ordered[i].role != Role::Source && fed;
+        if let (true, ComponentConfig::Transform(t)) = (ordered[i].partitioned, &ordered[i].config) {
+            t.check_partitioned(&format!("/transforms/{}", yaml::pointer_escape(&ordered[i].name)), cx);
+        }
     }
     Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
 }
@@ -1057,6 +1063,9 @@ macro_rules! component_enum {
             }
             fn forwards(&self) -> bool {
                 match self { $(Self::$variant(c) => $crate::config::Spec::forwards(c),)* }
+            }
+            fn check_partitioned(&self, ptr: &str, cx: &mut $crate::config::Checker<'_>) {
+                match self { $(Self::$variant(c) => $crate::config::Spec::check_partitioned(c, ptr, cx),)* }
             }
         }
     };
