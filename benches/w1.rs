@@ -6,6 +6,9 @@
 //! Run it with `scripts/bench-w1`, which installs DuckDB into .venv and generates the input
 //! (1,000,000 messages, seed 7, 5,000 devices: 465 MB) if missing. Environment:
 //! `W1_INPUT` (the export file), `W1_RUNS` (default 3), `W1_PYTHON` (default .venv/bin/python).
+//!
+//! Under `cargo test` (no `--bench` argument) it is a check rather than a measurement: 20,000
+//! generated messages, one run each, and the same comparison of the rows.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,16 +114,29 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let input =
-        std::env::var("W1_INPUT").map(PathBuf::from).unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
-    if !input.exists() {
-        eprintln!("{} is missing: run scripts/bench-w1 (it generates it)", input.display());
-        std::process::exit(1);
-    }
-    let runs: usize = std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
-    let python = std::env::var("W1_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_centralflow"));
+    let bench = std::env::args().any(|a| a == "--bench");
     let work = tempfile::tempdir().unwrap();
+    let python = std::env::var("W1_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
+    let input = if bench {
+        let input =
+            std::env::var("W1_INPUT").map(PathBuf::from).unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
+        if !input.exists() {
+            eprintln!("{} is missing: run scripts/bench-w1 (it generates it)", input.display());
+            std::process::exit(1);
+        }
+        input
+    } else {
+        let input = work.path().join("export.jsonl");
+        let out = Command::new("python3")
+            .args([root.join("benches/anchors/gen_export.py").to_str().unwrap(), "20000", "500", "7"])
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "gen_export.py: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(&input, out.stdout).unwrap();
+        input
+    };
+    let runs: usize = if bench { std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3) } else { 1 };
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_centralflow"));
     let cf_out = work.path().join("centralflow");
     let duck_out = work.path().join("duckdb.parquet");
 
@@ -146,8 +162,10 @@ fn main() {
         measure(&mut c)
     };
     // warm-up (page cache, lazy loading), then alternate so that both see the same conditions
-    centralflow();
-    duckdb();
+    if bench {
+        centralflow();
+        duckdb();
+    }
     let (mut cf, mut dk) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         cf.push(centralflow());
@@ -177,9 +195,12 @@ fn main() {
             None => mismatches += 1,
         }
     }
-    let same = ours.len() == theirs.len() && mismatches == 0;
+    let same = !theirs.is_empty() && ours.len() == theirs.len() && mismatches == 0;
 
     let mib = |k: i64| k as f64 / 1024.0;
+    if !bench {
+        println!("W1 check (cargo test, not a measurement): 20,000 generated messages");
+    }
     println!("W1 over {} ({} runs, median; 2 threads each)\n", input.display(), runs);
     println!("| | wall s | CPU s | peak RSS MiB |");
     println!("|---|---|---|---|");

@@ -56,11 +56,7 @@ fn a_slow_sink_backs_up_the_queue_and_memory_stays_flat() {
     let queue = unique("cf-slow-");
     let input = dir.path().join("export.jsonl");
     simulate(&input, 100_000, 200, 3);
-    let bodies: Vec<Vec<u8>> =
-        std::fs::read_to_string(&input).unwrap().lines().map(|l| l.as_bytes().to_vec()).collect();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(amqp_delete(&queue));
-    rt.block_on(amqp_publish(&queue, bodies));
+    amqp_refill(&queue, file_bodies(&input));
     let p = pipeline(
         dir.path(),
         "slow.yaml",
@@ -90,5 +86,5 @@ fn a_slow_sink_backs_up_the_queue_and_memory_stays_flat() {
     let settled = samples[3];
     let peak = *samples[3..].iter().max().unwrap();
     assert!(peak < settled + 30 * 1024, "memory grows: {samples:?} KiB");
-    rt.block_on(amqp_delete(&queue));
+    tokio::runtime::Runtime::new().unwrap().block_on(amqp_delete(&queue));
 }

@@ -158,14 +158,21 @@ fn an_interrupted_write_leaves_no_visible_partial_file() {
     );
     let lake = dir.path().join("lake");
     for round in 0..2 {
+        let before = parquet_files(&lake).len();
         let child = cmd(&["run", p.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(3500));
+        // kill while files are being written: once a checkpoint has committed one this round
+        let start = std::time::Instant::now();
+        while parquet_files(&lake).len() <= before {
+            assert!(start.elapsed() < T, "round {round}: no file committed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(700));
         // SIGKILL: no chance to clean up
         signal(&child, libc::SIGKILL);
         let out = child.wait_with_output().unwrap();
         assert!(!out.status.success());
         let n = visible_files_are_complete(&lake);
-        assert!(n > 0, "round {round}: checkpoints committed files before the kill");
+        assert!(n > before, "round {round}: checkpoints committed files before the kill");
         let staged: Vec<_> = walk(&lake.join("_staging"))
             .into_iter()
             .filter(|p| p.to_str().unwrap().ends_with(".parquet.inprogress"))
@@ -210,7 +217,7 @@ fn sigint_stops_gracefully_and_flushes_everything() {
         dir.path(),
         "p.yaml",
         &format!(
-            "sources:\n  sim:\n    type: simulator\n    devices: 20\n    rate: 2000\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    window: {{kind: tumbling, size: 1m}}\nsinks:\n  raw:\n    type: parquet\n    inputs: [sim]\n    url: {raw}\n  agg:\n    type: jsonl\n    inputs: [w]\n    path: {agg}\n",
+            "sources:\n  sim:\n    type: simulator\n    devices: 20\n    rate: 2000\n    out_of_order: 0\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    window: {{kind: tumbling, size: 1m}}\nsinks:\n  raw:\n    type: parquet\n    inputs: [sim]\n    url: {raw}\n  agg:\n    type: jsonl\n    inputs: [w]\n    path: {agg}\n",
             raw = dir.path().join("raw").display(),
             agg = dir.path().join("agg.jsonl").display()
         ),

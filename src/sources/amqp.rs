@@ -612,6 +612,7 @@ impl Source for AmqpSource {
                 d = l.consumer.next() => match d {
                     Some(Ok(delivery)) => {
                         let link_ref = link.as_ref().unwrap();
+                        cx.metrics.bytes_in.inc_by(delivery.data.len() as u64);
                         if let Err(e) = self.on_delivery(link_ref, delivery, &mut events, &mut dead).await {
                             tracing::warn!("connection problem while handling a delivery: {e:#}");
                             link = None;

@@ -22,8 +22,7 @@ pub fn setup(n: u64, poison_every: Option<usize>) -> Setup {
     let queue = unique("cf-test-");
     let input = dir.path().join("export.jsonl");
     simulate(&input, n, 500, 21);
-    let mut bodies: Vec<Vec<u8>> =
-        std::fs::read_to_string(&input).unwrap().lines().map(|l| l.as_bytes().to_vec()).collect();
+    let mut bodies = file_bodies(&input);
     if let Some(k) = poison_every {
         let mut with_poison = Vec::new();
         for (i, b) in bodies.into_iter().enumerate() {
@@ -34,9 +33,7 @@ pub fn setup(n: u64, poison_every: Option<usize>) -> Setup {
         }
         bodies = with_poison;
     }
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(amqp_delete(&queue));
-    rt.block_on(amqp_publish(&queue, bodies));
+    amqp_refill(&queue, bodies);
     Setup { dir, queue, input }
 }
 

@@ -353,6 +353,18 @@ pub async fn amqp_publish(queue: &str, bodies: impl IntoIterator<Item = Vec<u8>>
 }
 
 /// Messages ready and unacknowledged in a queue (from rabbitmqctl).
+/// The lines of a file, as message bodies.
+pub fn file_bodies(path: &Path) -> Vec<Vec<u8>> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| l.as_bytes().to_vec()).collect()
+}
+
+/// Empties `queue` (deleting it) and publishes `bodies` to it.
+pub fn amqp_refill(queue: &str, bodies: Vec<Vec<u8>>) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(amqp_delete(queue));
+    rt.block_on(amqp_publish(queue, bodies));
+}
+
 pub fn amqp_depth(queue: &str) -> (u64, u64) {
     let out = Command::new("rabbitmqctl")
         .args(["list_queues", "-q", "name", "messages_ready", "messages_unacknowledged"])
