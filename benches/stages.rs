@@ -65,6 +65,7 @@ fn main() {
             instance: "bench",
             metrics: cx_metrics.clone(),
             projection: None,
+            partitioned: false,
         };
         centralflow::transforms::build(cfg, &cx).unwrap()
     };

@@ -270,6 +270,9 @@ pub trait Spec {
     fn forwards(&self) -> bool {
         false
     }
+    /// Checks it once it is known to keep its state per input partition (it is fed by a source
+    /// whose partitions move between instances).
+    fn check_partitioned(&self, _ptr: &str, _cx: &mut Checker<'_>) {}
 }
 
 /// What a component reads of its input events.
@@ -322,6 +325,9 @@ pub struct PlanNode {
     pub config: ComponentConfig,
     /// Sources: the fields the pipeline reads of their events (`None`: all).
     pub projection: Option<crate::model::decode::Projection>,
+    /// Transforms: a source upstream hands partitions over between instances, so state is
+    /// kept per input partition.
+    pub partitioned: bool,
 }
 
 /// A validated pipeline, ready to run.
@@ -772,6 +778,7 @@ fn semantic(
             fingerprint: fp("sources", n),
             config: ComponentConfig::Source(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for (n, c) in &config.transforms {
@@ -786,6 +793,7 @@ fn semantic(
             fingerprint: fp("transforms", n),
             config: ComponentConfig::Transform(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for (n, c) in &config.sinks {
@@ -800,6 +808,7 @@ fn semantic(
             fingerprint: fp("sinks", n),
             config: ComponentConfig::Sink(c.clone()),
             projection: None,
+            partitioned: false,
         });
     }
     for node in &nodes {
@@ -901,9 +910,22 @@ fn semantic(
         if ordered[i].role == Role::Source {
             ordered[i].projection = projection_for(&ordered, i);
         }
+        // nodes come after their inputs: one pass propagates "fed by a source whose partitions move"
+        let fed = ordered[i].inputs.iter().any(|(u, _)| {
+            ordered[*u].partitioned
+                || (ordered[*u].role == Role::Source && HANDS_OVER_PARTITIONS.contains(&ordered[*u].kind))
+        });
+        ordered[i].partitioned = ordered[i].role != Role::Source && fed;
+        if let (true, ComponentConfig::Transform(t)) = (ordered[i].partitioned, &ordered[i].config) {
+            t.check_partitioned(&format!("/transforms/{}", yaml::pointer_escape(&ordered[i].name)), cx);
+        }
     }
     Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
 }
+
+/// Source types whose partitions move between instances (their downstream state is kept per
+/// partition so that it can move with them).
+const HANDS_OVER_PARTITIONS: [&str; 1] = ["eventhubs"];
 
 /// The fields the pipeline reads of the events of source `src`: the union of what the
 /// components reached through main outputs need, following components that pass events on.
@@ -1041,6 +1063,9 @@ macro_rules! component_enum {
             }
             fn forwards(&self) -> bool {
                 match self { $(Self::$variant(c) => $crate::config::Spec::forwards(c),)* }
+            }
+            fn check_partitioned(&self, ptr: &str, cx: &mut $crate::config::Checker<'_>) {
+                match self { $(Self::$variant(c) => $crate::config::Spec::check_partitioned(c, ptr, cx),)* }
             }
         }
     };

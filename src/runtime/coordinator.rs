@@ -58,6 +58,7 @@ struct NodeRt {
     ctrl: Option<mpsc::UnboundedSender<Control>>,
     done: bool,
     final_state: Option<Vec<u8>>,
+    final_partitions: Vec<super::PartitionState>,
     metrics: ComponentMetrics,
     kind: String,
 }
@@ -67,7 +68,17 @@ struct Pending {
     started: Instant,
     waiting: HashSet<usize>,
     states: HashMap<usize, Vec<u8>>,
+    /// Per-partition states: (source, partition) -> component -> state.
+    partitions: HashMap<(u16, u32), BTreeMap<String, Vec<u8>>>,
     is_final: bool,
+}
+
+impl Pending {
+    fn add_partitions(&mut self, component: &str, parts: &[super::PartitionState]) {
+        for p in parts {
+            self.partitions.entry((p.source, p.partition)).or_default().insert(component.to_string(), p.state.clone());
+        }
+    }
 }
 
 /// Runs a plan until its sources are exhausted or `stop` resolves, then writes the final
@@ -111,6 +122,7 @@ pub async fn run_pipeline(
     }
 
     let mut tasks = JoinSet::new();
+    let board = Arc::new(super::PartitionBoard::default());
     let mut rt: Vec<NodeRt> = Vec::with_capacity(n);
     let mut source_index = 0u16;
     let mut in_rx = in_rx.into_iter();
@@ -137,6 +149,7 @@ pub async fn run_pipeline(
             metrics: metrics.clone(),
             // one per source and run: leaked so that events can point at it without counting
             projection: node.projection.clone().map(|p| &*Box::leak(Box::new(p))),
+            partitioned: node.partitioned,
         };
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let reports = report_tx.clone();
@@ -157,6 +170,7 @@ pub async fn run_pipeline(
                     reports: reports.clone(),
                     deferred: Default::default(),
                     warned_dead_letters: 0,
+                    board: board.clone(),
                 };
                 source_index += 1;
                 tasks.spawn(tracing::Instrument::instrument(source_task(src, cx, i, reports), span));
@@ -166,7 +180,18 @@ pub async fn run_pipeline(
                 has_ctrl = false;
                 let ports = node.ports.len();
                 tasks.spawn(tracing::Instrument::instrument(
-                    transform_task(t, inputs, outputs, ports, i, reports, opts.mode, persist, metrics.clone()),
+                    transform_task(
+                        t,
+                        node.name.clone(),
+                        inputs,
+                        outputs,
+                        ports,
+                        i,
+                        reports,
+                        opts.mode,
+                        persist,
+                        metrics.clone(),
+                    ),
                     span,
                 ));
             }
@@ -185,6 +210,7 @@ pub async fn run_pipeline(
             ctrl: has_ctrl.then_some(ctrl_tx),
             done: false,
             final_state: None,
+            final_partitions: Vec::new(),
             metrics,
             kind: node.kind.to_string(),
         });
@@ -206,20 +232,23 @@ pub async fn run_pipeline(
             r = reports.recv() => {
                 let Some(r) = r else { break };
                 match r {
-                    Report::Snapshot { node, epoch: e, state } => {
+                    Report::Snapshot { node, epoch: e, state, partitions } => {
                         if let Some(p) = pending.as_mut().filter(|p| p.epoch == e) {
                             p.states.insert(node, state);
+                            p.add_partitions(&rt[node].name, &partitions);
                             p.waiting.remove(&node);
                         }
                     }
-                    Report::Finished { node, state } => {
+                    Report::Finished { node, state, partitions } => {
                         rt[node].done = true;
                         if let Some(p) = pending.as_mut() {
                             if p.waiting.remove(&node) {
                                 p.states.insert(node, state.clone());
+                                p.add_partitions(&rt[node].name, &partitions);
                             }
                         }
                         rt[node].final_state = Some(state);
+                        rt[node].final_partitions = partitions;
                     }
                     Report::Drained { node } => {
                         rt[node].done = true;
@@ -283,6 +312,7 @@ pub async fn run_pipeline(
                 None => true,
             };
             if written {
+                board.publish(p.epoch, p.partitions);
                 let m = metrics::global();
                 m.checkpoint_seconds.observe(p.started.elapsed().as_secs_f64());
                 m.checkpoint_epoch.set(p.epoch as i64);
@@ -344,7 +374,14 @@ fn send(r: &NodeRt, c: Control) {
 }
 
 fn start_epoch(rt: &[NodeRt], epoch: u64, is_final: bool) -> Pending {
-    let mut p = Pending { epoch, started: Instant::now(), waiting: HashSet::new(), states: HashMap::new(), is_final };
+    let mut p = Pending {
+        epoch,
+        started: Instant::now(),
+        waiting: HashSet::new(),
+        states: HashMap::new(),
+        partitions: HashMap::new(),
+        is_final,
+    };
     for (i, r) in rt.iter().enumerate() {
         match (r.role, r.done) {
             (Role::Sink, true) => {
@@ -363,6 +400,8 @@ fn start_epoch(rt: &[NodeRt], epoch: u64, is_final: bool) -> Pending {
             }
             (_, true) => {
                 p.states.insert(i, r.final_state.clone().unwrap_or_default());
+                let parts = r.final_partitions.clone();
+                p.add_partitions(&r.name, &parts);
             }
         }
     }
@@ -400,7 +439,7 @@ async fn source_task(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, re
         }
     };
     let _ = cx.outputs.broadcast(Msg::End(reason)).await;
-    let _ = reports.send(Report::Finished { node, state: src.snapshot() });
+    let _ = reports.send(Report::Finished { node, state: src.snapshot(), partitions: Vec::new() });
     loop {
         match cx.control().await {
             Control::Commit(e) => {
@@ -418,6 +457,7 @@ async fn source_task(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, re
 #[allow(clippy::too_many_arguments)]
 async fn transform_task(
     mut t: Box<dyn Transform>,
+    name: String,
     mut inputs: Inputs,
     outputs: Outputs,
     ports: usize,
@@ -455,13 +495,31 @@ async fn transform_task(
                 }
             }
             Item::Barrier(e) => {
-                match t.snapshot() {
-                    Ok(state) => {
-                        let _ = reports.send(Report::Snapshot { node, epoch: e, state });
+                match t.snapshot().and_then(|state| Ok((state, partition_states(t.as_ref())?))) {
+                    Ok((state, partitions)) => {
+                        let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions });
                     }
                     Err(err) => return fail(format!("snapshot: {err:#}")),
                 }
                 if outputs.broadcast(Msg::Barrier(e)).await.is_err() {
+                    return;
+                }
+            }
+            Item::Partition(change) => {
+                let r = match &change {
+                    super::PartitionChange::Added { source, partition, states } => t.set_partition_state(
+                        *source,
+                        *partition,
+                        Some(states.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[])),
+                    ),
+                    super::PartitionChange::Removed { source, partition } => {
+                        t.set_partition_state(*source, *partition, None)
+                    }
+                };
+                if let Err(err) = r {
+                    return fail(format!("adopting partition state: {err:#}"));
+                }
+                if outputs.broadcast(Msg::Partition(change)).await.is_err() {
                     return;
                 }
             }
@@ -470,9 +528,9 @@ async fn transform_task(
                 t.on_end(flush, &mut em);
                 let _ = emit(&mut em, &outputs, &metrics).await;
                 let _ = outputs.broadcast(Msg::End(reason)).await;
-                match t.snapshot() {
-                    Ok(state) => {
-                        let _ = reports.send(Report::Finished { node, state });
+                match t.snapshot().and_then(|state| Ok((state, partition_states(t.as_ref())?))) {
+                    Ok((state, partitions)) => {
+                        let _ = reports.send(Report::Finished { node, state, partitions });
                     }
                     Err(err) => fail(format!("snapshot: {err:#}")),
                 }
@@ -480,6 +538,15 @@ async fn transform_task(
             }
         }
     }
+}
+
+fn partition_states(t: &dyn Transform) -> anyhow::Result<Vec<super::PartitionState>> {
+    t.state_partitions()
+        .into_iter()
+        .map(|(source, partition)| {
+            Ok(super::PartitionState { source, partition, state: t.partition_state(source, partition)? })
+        })
+        .collect()
 }
 
 async fn emit(em: &mut Emitter, outputs: &Outputs, metrics: &ComponentMetrics) -> Result<(), super::io::Disconnected> {
@@ -517,7 +584,7 @@ async fn sink_task(
         tokio::select! {
             c = ctrl.recv() => match c {
                 Some(Control::Flush(e)) => match s.flush(e).await {
-                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state }); }
+                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions: Vec::new() }); }
                     Err(err) => return fail(err),
                 },
                 Some(Control::Commit(e)) => if let Err(err) = s.commit(e).await { return fail(err) },
@@ -535,9 +602,10 @@ async fn sink_task(
                     metrics.batch_seconds.observe(t0.elapsed().as_secs_f64());
                 }
                 Item::Barrier(e) => match s.flush(e).await {
-                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state }); }
+                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions: Vec::new() }); }
                     Err(err) => return fail(err),
                 },
+                Item::Partition(_) => {}
                 Item::End(_) => {
                     drained = true;
                     let _ = reports.send(Report::Drained { node });

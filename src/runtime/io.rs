@@ -15,8 +15,21 @@ pub enum Msg {
     Batch(Arc<Batch>),
     /// Checkpoint barrier: everything before it belongs to this epoch.
     Barrier(u64),
+    /// A source gained or lost an input partition (scale-out): stateful transforms adopt or
+    /// drop the state they keep for it. Ordered with the partition's events.
+    Partition(PartitionChange),
     /// The upstream component will send nothing more.
     End(EndReason),
+}
+
+/// A change of the input partitions a source reads.
+#[derive(Debug, Clone)]
+pub enum PartitionChange {
+    /// The source now reads `partition`; `states` holds, per component name, the state its
+    /// previous reader checkpointed for it (empty: none).
+    Added { source: u16, partition: u32, states: Arc<std::collections::BTreeMap<String, Vec<u8>>> },
+    /// The source no longer reads `partition`: its state moves on with the checkpoint.
+    Removed { source: u16, partition: u32 },
 }
 
 /// Why a stream ended.
@@ -44,6 +57,7 @@ impl EndReason {
 pub enum Item {
     Batch(Arc<Batch>),
     Barrier(u64),
+    Partition(PartitionChange),
     End(EndReason),
 }
 
@@ -97,6 +111,7 @@ impl Inputs {
             self.next = (i + 1) % n;
             match msg {
                 Some(Msg::Batch(b)) => return Item::Batch(b),
+                Some(Msg::Partition(c)) => return Item::Partition(c),
                 Some(Msg::Barrier(e)) => {
                     if let Some(cur) = self.barrier {
                         debug_assert_eq!(cur, e, "barriers of two epochs interleaved");
@@ -236,6 +251,7 @@ mod tests {
             seen.push(match inputs.recv().await {
                 Item::Batch(b) => format!("b{}", b.len()),
                 Item::Barrier(e) => format!("B{e}"),
+                Item::Partition(_) => "P".into(),
                 Item::End(_) => "E".into(),
             });
         }

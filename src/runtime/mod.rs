@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::event::{Batch, Event, Nanos};
 use crate::metrics::{ComponentMetrics, SharedProgress};
 pub use coordinator::{run_pipeline, RunOptions, RunSummary};
-pub use io::{Emitter, EndReason, Item, Msg, Outputs};
+pub use io::{Emitter, EndReason, Item, Msg, Outputs, PartitionChange};
 
 /// Live (`centralflow run`) or replay (`centralflow replay`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +51,8 @@ pub enum Control {
 /// Messages from components to the coordinator.
 #[derive(Debug)]
 pub(crate) enum Report {
-    Snapshot { node: usize, epoch: u64, state: Vec<u8> },
-    Finished { node: usize, state: Vec<u8> },
+    Snapshot { node: usize, epoch: u64, state: Vec<u8>, partitions: Vec<PartitionState> },
+    Finished { node: usize, state: Vec<u8>, partitions: Vec<PartitionState> },
     Drained { node: usize },
     Failed { node: usize, error: String },
     RequestCheckpoint,
@@ -86,6 +86,55 @@ pub trait Transform: Send {
     /// State for a checkpoint.
     fn snapshot(&self) -> anyhow::Result<Vec<u8>> {
         Ok(Vec::new())
+    }
+    /// For scale-out: the input partitions (source index, partition) this transform keeps
+    /// state for, when its state is kept per partition (see `BuildCx::partitioned`).
+    fn state_partitions(&self) -> Vec<(u16, u32)> {
+        Vec::new()
+    }
+    /// The state kept for one input partition, for the partition's checkpoint.
+    fn partition_state(&self, _source: u16, _partition: u32) -> anyhow::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    /// Replaces the state of an input partition with `state` (or drops it with `None`), when
+    /// the partition moves to or away from this instance.
+    fn set_partition_state(&mut self, _source: u16, _partition: u32, _state: Option<&[u8]>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The state one transform keeps for one input partition, at a checkpoint.
+#[derive(Debug, Clone)]
+pub struct PartitionState {
+    pub source: u16,
+    pub partition: u32,
+    pub state: Vec<u8>,
+}
+
+/// Per-partition state of the last durable checkpoint, by (source index, partition), then
+/// component name: what a source that hands partitions over (Event Hubs) stores with the
+/// partition's checkpoint.
+#[derive(Debug, Default)]
+pub struct PartitionBoard {
+    inner: std::sync::Mutex<std::collections::HashMap<(u16, u32), (u64, ComponentStates)>>,
+}
+
+/// States by component name.
+pub type ComponentStates = std::collections::BTreeMap<String, Vec<u8>>;
+
+impl PartitionBoard {
+    pub(crate) fn publish(&self, epoch: u64, states: std::collections::HashMap<(u16, u32), ComponentStates>) {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in states {
+            m.insert(k, (epoch, v));
+        }
+    }
+    /// The states of a partition at the last durable checkpoint that had any.
+    pub fn get(&self, source: u16, partition: u32) -> Option<(u64, ComponentStates)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(&(source, partition)).cloned()
+    }
+    pub(crate) fn forget(&self, source: u16, partition: u32) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(&(source, partition));
     }
 }
 
@@ -125,6 +174,7 @@ pub struct SourceCx {
     reports: mpsc::UnboundedSender<Report>,
     deferred: VecDeque<Control>,
     warned_dead_letters: u64,
+    board: Arc<PartitionBoard>,
 }
 
 impl SourceCx {
@@ -176,8 +226,37 @@ impl SourceCx {
     /// Injects barrier `epoch` after everything sent so far and records `position` for it.
     pub async fn barrier(&mut self, epoch: u64, position: Vec<u8>) -> anyhow::Result<()> {
         self.outputs.broadcast(Msg::Barrier(epoch)).await?;
-        let _ = self.reports.send(Report::Snapshot { node: self.node, epoch, state: position });
+        let _ = self.reports.send(Report::Snapshot { node: self.node, epoch, state: position, partitions: Vec::new() });
         Ok(())
+    }
+
+    /// This source's index among the pipeline's sources (`meta.source` of its events).
+    pub fn source_index(&self) -> u16 {
+        self.source_index
+    }
+
+    /// Scale-out: the source starts reading `partition`. `states` (component name -> state) is
+    /// what the partition's previous reader checkpointed; downstream transforms replace their
+    /// state for the partition with it. Send before the partition's first events.
+    pub async fn add_partition(&mut self, partition: u32, states: ComponentStates) -> anyhow::Result<()> {
+        let change = PartitionChange::Added { source: self.source_index, partition, states: Arc::new(states) };
+        self.outputs.broadcast(Msg::Partition(change)).await?;
+        Ok(())
+    }
+
+    /// Scale-out: the source no longer reads `partition` (after the checkpoint that covers all
+    /// it read of it is durable); downstream transforms drop its state.
+    pub async fn remove_partition(&mut self, partition: u32) -> anyhow::Result<()> {
+        self.board.forget(self.source_index, partition);
+        let change = PartitionChange::Removed { source: self.source_index, partition };
+        self.outputs.broadcast(Msg::Partition(change)).await?;
+        Ok(())
+    }
+
+    /// Per-partition states of the last durable checkpoint, for storing with the partition's
+    /// own checkpoint (read it when committing).
+    pub fn partition_states(&self, partition: u32) -> Option<(u64, ComponentStates)> {
+        self.board.get(self.source_index, partition)
     }
 
     /// Asks for a checkpoint soon (e.g. unacknowledged deliveries near the broker's prefetch limit).
@@ -216,6 +295,9 @@ pub struct BuildCx<'a> {
     pub instance: &'a str,
     /// Sources: the fields the pipeline reads of their events (`None`: decode everything).
     pub projection: Option<&'static crate::model::decode::Projection>,
+    /// Transforms: keep state per input partition, because a source upstream hands its
+    /// partitions over between instances (Event Hubs).
+    pub partitioned: bool,
     pub metrics: ComponentMetrics,
 }
 

@@ -182,6 +182,16 @@ impl Spec for WindowConfig {
             Err(_) => crate::config::Needs::All,
         }
     }
+    fn check_partitioned(&self, ptr: &str, cx: &mut Checker<'_>) {
+        if !self.group_by.iter().any(|g| g == "deviceId") {
+            cx.warn(
+                &format!("{ptr}/group_by"),
+                "its input comes from partitions that move between instances, so its state and watermark are \
+                 kept per partition: a group whose events span partitions gives one row per partition and window. \
+                 Include `deviceId` in `group_by` when the hub is partitioned by device",
+            );
+        }
+    }
 }
 
 const LATE: usize = 1;
@@ -210,6 +220,12 @@ struct Pane {
     sketches: Vec<DDSketch>,
 }
 
+impl Pane {
+    fn reindex(&mut self) {
+        self.index = self.keys.iter().enumerate().map(|(i, k)| (k.clone(), i as u32)).collect();
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct Session {
     first: Nanos,
@@ -218,11 +234,25 @@ struct Session {
     sketches: Vec<DDSketch>,
 }
 
+/// Whose events a state belongs to: (source index, input partition) when state is kept per
+/// partition (scale-out), else (0, 0).
+type Scope = (u16, u32);
+
 #[derive(Serialize, Deserialize, Default)]
 struct State {
     watermark: Watermark,
-    panes: BTreeMap<Nanos, Pane>,
-    sessions: BTreeMap<Box<str>, Vec<Session>>,
+    /// By (scope, window start).
+    panes: BTreeMap<(u16, u32, Nanos), Pane>,
+    /// By (scope, group key [+ U+001E + `max_duration` bucket]).
+    sessions: BTreeMap<(u16, u32, Box<str>), Vec<Session>>,
+}
+
+/// The state of one input partition, as it moves between instances.
+#[derive(Serialize, Deserialize)]
+struct Slice {
+    panes: Vec<(Nanos, Pane)>,
+    sessions: Vec<(Box<str>, Vec<Session>)>,
+    max: Option<Nanos>,
 }
 
 pub struct Window {
@@ -233,13 +263,15 @@ pub struct Window {
     plan: AggPlan,
     late: LateMode,
     state: State,
-    /// Session end times, for closing them in order: (end, key, first).
-    timers: BTreeSet<(Nanos, Box<str>, Nanos)>,
+    /// Session end times, for closing them in order: (end, scope, key, first).
+    timers: BTreeSet<(Nanos, Scope, Box<str>, Nanos)>,
     key: String,
     skipped: Skipped,
     name: String,
     metrics: ComponentMetrics,
-    last_pane: Option<Nanos>,
+    last_pane: Option<(u16, u32, Nanos)>,
+    /// State and watermarks per input partition (fed by a source that hands partitions over).
+    partitioned: bool,
 }
 
 /// Appends the group key of an event to `key`: per field a type tag and the text, fields
@@ -305,6 +337,7 @@ fn nanos(s: &str) -> anyhow::Result<i64> {
 impl Window {
     pub fn new(cfg: &WindowConfig, cx: &BuildCx<'_>) -> anyhow::Result<Window> {
         let mut w = Window::from_config(cfg, cx.name, cx.metrics.clone())?;
+        w.partitioned = cx.partitioned;
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
             w.restore(state).context("window state in the checkpoint is corrupt")?;
         }
@@ -355,18 +388,22 @@ impl Window {
             name: name.to_string(),
             metrics,
             last_pane: None,
+            partitioned: false,
         })
     }
 
     fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let mut st: State = postcard::from_bytes(bytes)?;
         for pane in st.panes.values_mut() {
-            pane.index = pane.keys.iter().enumerate().map(|(i, k)| (k.clone(), i as u32)).collect();
+            pane.reindex();
         }
+        let shape = self.shape;
         self.timers = st
             .sessions
             .iter()
-            .flat_map(|(k, ss)| ss.iter().map(|s| (session_end(self.shape, s.first, s.last), k.clone(), s.first)))
+            .flat_map(|((src, part, k), ss)| {
+                ss.iter().map(move |s| (session_end(shape, s.first, s.last), (*src, *part), k.clone(), s.first))
+            })
             .collect();
         let lateness = self.state.watermark.lateness;
         let idle = self.state.watermark.idle_timeout;
@@ -406,17 +443,18 @@ impl Window {
             .collect()
     }
 
-    fn add_to_pane(&mut self, start: Nanos, key: &str, vals: &[f64], t: Nanos) {
+    fn add_to_pane(&mut self, scope: Scope, start: Nanos, key: &str, vals: &[f64], t: Nanos) {
         let plan = &self.plan;
+        let pk = (scope.0, scope.1, start);
         let pane = match self.last_pane {
             // consecutive events mostly fall in the same window
-            Some(p) if p == start => match self.state.panes.get_mut(&start) {
+            Some(p) if p == pk => match self.state.panes.get_mut(&pk) {
                 Some(p) => p,
-                None => self.state.panes.entry(start).or_default(),
+                None => self.state.panes.entry(pk).or_default(),
             },
             _ => {
-                self.last_pane = Some(start);
-                self.state.panes.entry(start).or_default()
+                self.last_pane = Some(pk);
+                self.state.panes.entry(pk).or_default()
             }
         };
         let slot = match pane.index.get(key) {
@@ -443,7 +481,17 @@ impl Window {
     }
 
     /// Adds an event to sessions; false when it is late.
-    fn add_to_session(&mut self, key: &str, vals: &[f64], t: Nanos, gap: Nanos, max: Option<Nanos>, wm: Nanos) -> bool {
+    #[allow(clippy::too_many_arguments)]
+    fn add_to_session(
+        &mut self,
+        scope: Scope,
+        key: &str,
+        vals: &[f64],
+        t: Nanos,
+        gap: Nanos,
+        max: Option<Nanos>,
+        wm: Nanos,
+    ) -> bool {
         self.key.clear();
         self.key.push_str(key);
         if let Some(m) = max {
@@ -452,7 +500,8 @@ impl Window {
         }
         let shape = self.shape;
         let key: Box<str> = self.key.as_str().into();
-        let sessions = self.state.sessions.entry(key.clone()).or_default();
+        let skey = (scope.0, scope.1, key.clone());
+        let sessions = self.state.sessions.entry(skey.clone()).or_default();
         // sessions this event touches: t within (first - gap, last + gap)
         let touching: Vec<usize> = sessions
             .iter()
@@ -462,7 +511,7 @@ impl Window {
             .collect();
         if touching.is_empty() && session_end(shape, t, t) <= wm {
             if sessions.is_empty() {
-                self.state.sessions.remove(&key);
+                self.state.sessions.remove(&skey);
             }
             return false;
         }
@@ -474,7 +523,7 @@ impl Window {
         // does not matter; the new event is added last, which breaks first/last ties by arrival.
         for &i in touching.iter().rev() {
             let mut acc = sessions.remove(i);
-            self.timers.remove(&(session_end(shape, acc.first, acc.last), key.clone(), acc.first));
+            self.timers.remove(&(session_end(shape, acc.first, acc.last), scope, key.clone(), acc.first));
             plan.merge(&mut acc.cells, &mut acc.sketches, &merged.cells, &merged.sketches);
             acc.first = acc.first.min(merged.first);
             acc.last = acc.last.max(merged.last);
@@ -483,10 +532,28 @@ impl Window {
         plan.add_values(vals, t, &mut merged.cells, &mut merged.sketches, &mut self.skipped);
         merged.first = merged.first.min(t);
         merged.last = merged.last.max(t);
-        self.timers.insert((session_end(shape, merged.first, merged.last), key, merged.first));
+        self.timers.insert((session_end(shape, merged.first, merged.last), scope, key, merged.first));
         let pos = sessions.iter().position(|s| s.first > merged.first).unwrap_or(sessions.len());
         sessions.insert(pos, merged);
         true
+    }
+
+    /// The scope of an event's state.
+    fn scope_of(&self, ev: &Event) -> Scope {
+        if self.partitioned {
+            (ev.meta.source, ev.meta.partition)
+        } else {
+            (0, 0)
+        }
+    }
+
+    /// The watermark that decides lateness and closing for a scope.
+    fn watermark_of(&self, scope: Scope) -> Nanos {
+        if self.partitioned {
+            self.state.watermark.partition(scope.0, scope.1)
+        } else {
+            self.state.watermark.current()
+        }
     }
 
     /// Reads what the window needs from a run of events (time, group key, field values).
@@ -508,15 +575,15 @@ impl Window {
     }
 
     /// Assigns one event to its windows; false when it is late.
-    fn update(&mut self, t: Nanos, key: &str, vals: &[f64]) -> bool {
-        let wm = self.state.watermark.current();
+    fn update(&mut self, scope: Scope, t: Nanos, key: &str, vals: &[f64]) -> bool {
+        let wm = self.watermark_of(scope);
         match self.shape {
             Shape::Tumbling { size } => {
                 let start = t.div_euclid(size) * size;
                 if start + size <= wm {
                     return false;
                 }
-                self.add_to_pane(start, key, vals, t);
+                self.add_to_pane(scope, start, key, vals, t);
                 true
             }
             Shape::Hopping { size, hop } => {
@@ -524,14 +591,14 @@ impl Window {
                 let mut any = false;
                 while start + size > t {
                     if start + size > wm {
-                        self.add_to_pane(start, key, vals, t);
+                        self.add_to_pane(scope, start, key, vals, t);
                         any = true;
                     }
                     start -= hop;
                 }
                 any
             }
-            Shape::Session { gap, max } => self.add_to_session(key, vals, t, gap, max, wm),
+            Shape::Session { gap, max } => self.add_to_session(scope, key, vals, t, gap, max, wm),
         }
     }
 
@@ -552,14 +619,22 @@ impl Window {
 
     /// Emits every window that the watermark has passed (all of them with `all`).
     fn emit_ready(&mut self, all: bool, out: &mut Emitter) {
-        let wm = self.state.watermark.current();
         match self.shape {
             Shape::Tumbling { size } | Shape::Hopping { size, .. } => {
-                while let Some((&start, _)) = self.state.panes.first_key_value() {
-                    if !all && start + size > wm {
-                        break;
-                    }
-                    let pane = self.state.panes.remove(&start).unwrap();
+                let ready: Vec<(u16, u32, Nanos)> = if self.partitioned {
+                    self.state
+                        .panes
+                        .keys()
+                        .filter(|(src, part, start)| all || start + size <= self.state.watermark.partition(*src, *part))
+                        .copied()
+                        .collect()
+                } else {
+                    let wm = self.state.watermark.current();
+                    self.state.panes.keys().take_while(|(_, _, start)| all || start + size <= wm).copied().collect()
+                };
+                for pk in ready {
+                    let pane = self.state.panes.remove(&pk).unwrap();
+                    let start = pk.2;
                     let mut order: Vec<usize> = (0..pane.keys.len()).collect();
                     order.sort_unstable_by(|a, b| pane.keys[*a].cmp(&pane.keys[*b]));
                     let (stride, ns) = (self.plan.stride, self.plan.sketches);
@@ -580,18 +655,29 @@ impl Window {
                 self.last_pane = None;
             }
             Shape::Session { .. } => {
-                while let Some((end, key, first)) = self.timers.first().cloned() {
-                    if !all && end > wm {
-                        break;
-                    }
-                    self.timers.pop_first();
-                    let Some(list) = self.state.sessions.get_mut(&key) else { continue };
+                let limit = if self.partitioned {
+                    self.state.watermark.highest_partition()
+                } else {
+                    self.state.watermark.current()
+                };
+                let ready: Vec<(Nanos, Scope, Box<str>, Nanos)> = self
+                    .timers
+                    .iter()
+                    .take_while(|(end, ..)| all || *end <= limit)
+                    .filter(|(end, scope, ..)| all || !self.partitioned || *end <= self.watermark_of(*scope))
+                    .cloned()
+                    .collect();
+                for t in ready {
+                    self.timers.remove(&t);
+                    let (end, scope, key, first) = t;
+                    let skey = (scope.0, scope.1, key);
+                    let Some(list) = self.state.sessions.get_mut(&skey) else { continue };
                     let Some(i) = list.iter().position(|s| s.first == first) else { continue };
                     let s = list.remove(i);
                     if list.is_empty() {
-                        self.state.sessions.remove(&key);
+                        self.state.sessions.remove(&skey);
                     }
-                    let row = self.row(&key, s.first, end, &s.cells, &s.sketches);
+                    let row = self.row(&skey.2, s.first, end, &s.cells, &s.sketches);
                     out.emit(row);
                 }
             }
@@ -654,7 +740,8 @@ impl Transform for Window {
                     continue;
                 }
                 let key = &x.keys[k0 as usize..k1 as usize];
-                if self.update(t, key, &x.vals[i * nf..(i + 1) * nf]) {
+                let scope = self.scope_of(&ev);
+                if self.update(scope, t, key, &x.vals[i * nf..(i + 1) * nf]) {
                     self.state.watermark.observe(ev.meta.source, ev.meta.partition, t);
                     done.push(ev);
                 } else {
@@ -691,6 +778,73 @@ impl Transform for Window {
 
     fn snapshot(&self) -> anyhow::Result<Vec<u8>> {
         Ok(postcard::to_allocvec(&self.state)?)
+    }
+
+    fn state_partitions(&self) -> Vec<(u16, u32)> {
+        if !self.partitioned {
+            return Vec::new();
+        }
+        let mut set: BTreeSet<Scope> = self.state.watermark.partitions().into_iter().collect();
+        set.extend(self.state.panes.keys().map(|(s, p, _)| (*s, *p)));
+        set.extend(self.state.sessions.keys().map(|(s, p, _)| (*s, *p)));
+        set.into_iter().collect()
+    }
+
+    fn partition_state(&self, source: u16, partition: u32) -> anyhow::Result<Vec<u8>> {
+        #[derive(Serialize)]
+        struct SliceRef<'a> {
+            panes: Vec<(Nanos, &'a Pane)>,
+            sessions: Vec<(&'a str, &'a [Session])>,
+            max: Option<Nanos>,
+        }
+        let slice = SliceRef {
+            panes: self
+                .state
+                .panes
+                .range((source, partition, Nanos::MIN)..=(source, partition, Nanos::MAX))
+                .map(|((_, _, start), pane)| (*start, pane))
+                .collect(),
+            sessions: self
+                .state
+                .sessions
+                .iter()
+                .filter(|((s, p, _), _)| *s == source && *p == partition)
+                .map(|((_, _, k), v)| (&**k, v.as_slice()))
+                .collect(),
+            max: self.state.watermark.partition_max(source, partition),
+        };
+        Ok(postcard::to_allocvec(&slice)?)
+    }
+
+    fn set_partition_state(&mut self, source: u16, partition: u32, state: Option<&[u8]>) -> anyhow::Result<()> {
+        // drop what this instance holds for the partition ...
+        self.state.panes.retain(|(s, p, _), _| !(*s == source && *p == partition));
+        self.state.sessions.retain(|(s, p, _), _| !(*s == source && *p == partition));
+        self.timers.retain(|(_, scope, ..)| *scope != (source, partition));
+        self.state.watermark.set_partition(source, partition, None);
+        self.last_pane = None;
+        // ... and adopt what its previous reader checkpointed
+        if let Some(bytes) = state.filter(|b| !b.is_empty()) {
+            let slice: Slice = postcard::from_bytes(bytes).context("partition state is corrupt")?;
+            for (start, mut pane) in slice.panes {
+                pane.reindex();
+                self.state.panes.insert((source, partition, start), pane);
+            }
+            for (key, list) in slice.sessions {
+                for s in &list {
+                    self.timers.insert((
+                        session_end(self.shape, s.first, s.last),
+                        (source, partition),
+                        key.clone(),
+                        s.first,
+                    ));
+                }
+                self.state.sessions.insert((source, partition, key), list);
+            }
+            self.state.watermark.set_partition(source, partition, slice.max);
+        }
+        self.update_gauges();
+        Ok(())
     }
 }
 

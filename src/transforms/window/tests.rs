@@ -241,6 +241,72 @@ fn snapshot_and_restore_give_the_same_output_as_an_uninterrupted_run() {
     }
 }
 
+fn partitioned(cfg: &str) -> Window {
+    let mut w = window(cfg);
+    w.partitioned = true;
+    w
+}
+
+#[test]
+fn partitioned_state_keeps_a_watermark_per_partition() {
+    let mut w = partitioned("inputs: [x]\nwindow: {kind: tumbling, size: 1m}\n");
+    let mut em = Emitter::new(3);
+    let batch = vec![ev_p("a", 10.0, None, 0), ev_p("b", 20.0, None, 1), ev_p("a", 200.0, None, 0)];
+    w.process(Batch::new(batch), &mut em);
+    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=1"], "partition 0 closes its own window");
+    // partition 1 is behind partition 0 but not late by its own progress
+    w.process(Batch::new(vec![ev_p("b", 30.0, None, 1)]), &mut em);
+    assert!(em.port(1).is_empty());
+    w.process(Batch::new(vec![ev_p("b", 61.0, None, 1), ev_p("b", 40.0, None, 1)]), &mut em);
+    assert_eq!(em.port(1).len(), 1, "late by its partition's watermark");
+    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=1", "b [0,60) n=2"]);
+}
+
+#[test]
+fn a_partition_handed_over_mid_window_gives_the_rows_of_an_uninterrupted_run() {
+    // two partitions, each with its own devices; partition 1 moves to another instance half-way
+    let stream = |p: u32| -> Vec<Event> {
+        (0..300)
+            .map(|i| {
+                let dev = ["a", "b", "c"][i % 3];
+                ev_p(&format!("{dev}{p}"), i as f64 * 1.3 - (i % 5) as f64, Some(i as f64 + p as f64), p)
+            })
+            .collect()
+    };
+    let (p0, p1) = (stream(0), stream(1));
+    for cfg in [
+        TUMBLING.to_string(),
+        "inputs: [x]\nwindow: {kind: hopping, size: 2m, hop: 30s}\nallowed_lateness: 10s\naggregates: {temperature: [avg, p95]}\n".to_string(),
+        "inputs: [x]\nwindow: {kind: session, gap: 2s}\nallowed_lateness: 3s\naggregates: {temperature: [first, last, sum]}\n".to_string(),
+    ] {
+        let interleave = |a: &[Event], b: &[Event]| -> Vec<Event> {
+            a.iter().zip(b).flat_map(|(x, y)| [x.clone(), y.clone()]).collect()
+        };
+        let whole = run(&mut partitioned(&cfg), vec![interleave(&p0, &p1)], true);
+
+        let mut one = partitioned(&cfg);
+        let before = run(&mut one, vec![interleave(&p0[..140], &p1[..140])], false);
+        assert_eq!(one.state_partitions(), vec![(0, 0), (0, 1)]);
+        let slice = one.partition_state(0, 1).unwrap();
+        one.set_partition_state(0, 1, None).unwrap();
+        assert_eq!(one.state_partitions(), vec![(0, 0)], "released");
+        let mut two = partitioned(&cfg);
+        two.set_partition_state(0, 1, Some(&slice)).unwrap();
+        let rest0 = run(&mut one, vec![p0[140..].to_vec()], true);
+        let rest1 = run(&mut two, vec![p1[140..].to_vec()], true);
+
+        let sorted = |rows: Vec<&Event>| -> Vec<String> {
+            let mut v: Vec<String> = rows.iter().map(|r| r.to_json()).collect();
+            v.sort();
+            v
+        };
+        let split: Vec<&Event> = before.rows.iter().chain(&rest0.rows).chain(&rest1.rows).collect();
+        assert!(!whole.rows.is_empty());
+        assert_eq!(sorted(whole.rows.iter().collect()), sorted(split), "{cfg}");
+        assert_eq!(whole.late.len(), before.late.len() + rest0.late.len() + rest1.late.len(), "{cfg}");
+    }
+}
+
 #[test]
 fn missing_values_are_skipped_not_fatal() {
     let mut w = window(TUMBLING);

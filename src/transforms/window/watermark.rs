@@ -85,7 +85,48 @@ impl Watermark {
         }
     }
 
-    /// Wall-clock tick (live mode): marks idle partitions. Returns whether the watermark moved.
+    /// The watermark that decides lateness and closing for one partition, when state is kept
+    /// per partition (scale-out): the partition's own (its largest event time minus the
+    /// lateness), or, while it is idle, the least of the active partitions' if that is later.
+    /// A partition never seen has none yet (nothing of it is late).
+    pub fn partition(&self, source: u16, partition: u32) -> Nanos {
+        let Some(p) = self.parts.iter().find(|p| p.source == source && p.partition == partition) else {
+            return i64::MIN;
+        };
+        let own = p.max.saturating_sub(self.lateness);
+        if !p.idle {
+            return own;
+        }
+        let active = self.parts.iter().filter(|q| !q.idle).map(|q| q.max.saturating_sub(self.lateness)).min();
+        active.map_or(own, |a| a.max(own))
+    }
+
+    /// The largest per-partition watermark (bounds which windows may close).
+    pub fn highest_partition(&self) -> Nanos {
+        self.parts.iter().map(|p| self.partition(p.source, p.partition)).max().unwrap_or(i64::MIN)
+    }
+
+    /// The largest event time seen of a partition, if any.
+    pub fn partition_max(&self, source: u16, partition: u32) -> Option<Nanos> {
+        self.parts.iter().find(|p| p.source == source && p.partition == partition).map(|p| p.max)
+    }
+
+    /// Partitions seen.
+    pub fn partitions(&self) -> Vec<(u16, u32)> {
+        self.parts.iter().map(|p| (p.source, p.partition)).collect()
+    }
+
+    /// Adopts a partition's progress (hand-over), or forgets the partition.
+    pub fn set_partition(&mut self, source: u16, partition: u32, max: Option<Nanos>) {
+        self.parts.retain(|p| !(p.source == source && p.partition == partition));
+        self.last_hit = 0;
+        if let Some(max) = max {
+            self.parts.push(Part { source, partition, max, seen: true, last_active: 0, idle: false });
+        }
+    }
+
+    /// Wall-clock tick (live mode): marks idle partitions. Returns whether the watermark moved
+    /// (or a partition became idle, which may close its windows).
     pub fn tick(&mut self, now: Nanos) -> bool {
         let before = self.wm;
         let mut changed = false;
@@ -101,7 +142,7 @@ impl Watermark {
         if changed && self.parts.iter().any(|p| !p.idle) {
             self.recompute();
         }
-        self.wm != before
+        changed || self.wm != before
     }
 }
 
@@ -125,6 +166,26 @@ mod tests {
         assert_eq!(w.current(), 140 * S);
         w.observe(1, 1, 300 * S); // same partition number of another source is another partition
         assert_eq!(w.current(), 140 * S);
+    }
+
+    #[test]
+    fn per_partition_watermarks_for_scale_out() {
+        let mut w = Watermark::new(10 * S, 5 * S);
+        assert_eq!(w.partition(0, 7), i64::MIN, "unknown: nothing is late yet");
+        w.observe(0, 1, 100 * S);
+        w.observe(0, 2, 30 * S);
+        assert_eq!(w.partition(0, 1), 90 * S);
+        assert_eq!(w.partition(0, 2), 20 * S, "its own, not the others'");
+        assert_eq!(w.highest_partition(), 90 * S);
+        w.set_partition(0, 3, Some(500 * S));
+        assert_eq!(w.partition(0, 3), 490 * S, "adopted with its progress");
+        w.set_partition(0, 3, None);
+        assert_eq!(w.partition(0, 3), i64::MIN);
+        // partition 2 goes idle: its windows close with the least active watermark
+        w.tick(1_000 * S);
+        w.observe(0, 1, 110 * S);
+        w.tick(1_006 * S);
+        assert_eq!(w.partition(0, 2), 100 * S);
     }
 
     #[test]
