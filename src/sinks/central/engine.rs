@@ -99,7 +99,11 @@ struct St {
     pending: usize,
     /// Send requests in flight.
     in_flight: usize,
+    /// No new requests: from a flush until its checkpoint is committed (see [`Engine::resume`]).
     paused: bool,
+    paused_at: Option<Instant>,
+    flushed_epoch: u64,
+    committed: Option<(u64, Instant)>,
     fatal: Option<String>,
     cache_dirty: bool,
     dropped: u64,
@@ -400,7 +404,11 @@ impl Engine {
 
     /// Waits until everything is sent or `deadline` passes, then returns what is unsent (with
     /// no request in flight, so the answer is exact).
-    pub(super) async fn drain(&self, deadline: Option<Instant>) -> anyhow::Result<Vec<OutMsg>> {
+    ///
+    /// Sending stays paused afterwards: the rows returned are in the checkpoint, and sending
+    /// them before it is committed would, if this is the final checkpoint of a graceful stop,
+    /// send them twice (once now, once after the restart). See [`Engine::resume`].
+    pub(super) async fn drain(&self, epoch: u64, deadline: Option<Instant>) -> anyhow::Result<Vec<OutMsg>> {
         let mut last_log = Instant::now();
         loop {
             let pending = {
@@ -419,7 +427,12 @@ impl Engine {
             }
             let _ = tokio::time::timeout(Duration::from_millis(100), self.sh.progress.notified()).await;
         }
-        lock(&self.sh.st).paused = true;
+        {
+            let mut st = lock(&self.sh.st);
+            st.paused = true;
+            st.paused_at = Some(Instant::now());
+            st.flushed_epoch = epoch;
+        }
         loop {
             let (fatal, in_flight) = {
                 let st = lock(&self.sh.st);
@@ -433,17 +446,37 @@ impl Engine {
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), self.sh.progress.notified()).await;
         }
-        let mut st = lock(&self.sh.st);
+        let st = lock(&self.sh.st);
         let mut unsent = Vec::with_capacity(st.pending);
         let mut ids: Vec<&Arc<str>> = st.devices.iter().filter(|(_, d)| !d.q.is_empty()).map(|(k, _)| k).collect();
         ids.sort();
         for id in ids {
             unsent.extend(st.devices[id].q.iter().cloned());
         }
-        st.paused = false;
-        drop(st);
-        self.sh.wake.notify_one();
         Ok(unsent)
+    }
+
+    /// Sending goes on after a flush once more rows arrive (the flushed checkpoint was then
+    /// not the final one), or a second after the flushed checkpoint was committed, or, should
+    /// that checkpoint never be committed (it failed to be written), after a minute.
+    pub(super) fn resume(&self, rows_arrive: bool) {
+        let mut st = lock(&self.sh.st);
+        if !st.paused {
+            return;
+        }
+        let now = Instant::now();
+        let committed = st.committed.is_some_and(|(e, at)| e >= st.flushed_epoch && now - at >= Duration::from_secs(1));
+        let stuck = st.paused_at.is_some_and(|t| now - t >= Duration::from_secs(60));
+        if rows_arrive || committed || stuck {
+            st.paused = false;
+            drop(st);
+            self.sh.wake.notify_one();
+        }
+    }
+
+    /// Checkpoint `epoch` is durable.
+    pub(super) fn committed(&self, epoch: u64) {
+        lock(&self.sh.st).committed = Some((epoch, Instant::now()));
     }
 }
 
@@ -649,7 +682,7 @@ async fn register_task(sh: Arc<Shared>, id: Arc<str>, model: Option<String>) {
                  this application's SAS-IoT-Devices enrollment group, or the ID scope is wrong (check id_scope and group_key)",
                 sh.set.id_scope
             ));
-            tracing::error!(component = %sh.name, "{}", st.fatal.as_deref().unwrap_or(""));
+            // reported once, by the runtime, as the reason the pipeline stops
         }
         RegOutcome::Unauthorized(detail) => {
             dev.blocked_until = Some(Instant::now() + BLOCKED_FOR);

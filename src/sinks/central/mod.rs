@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Checker, Needs, Spec};
 use crate::event::{Batch, Event, Kind, ValRef};
 use crate::path::FieldPath;
-use crate::runtime::{BuildCx, Mode, Sink};
+use crate::runtime::{BuildCx, EndReason, Mode, Sink};
 use crate::secret::Secret;
 
 pub use engine::{message_id, OutMsg};
@@ -593,6 +593,8 @@ pub struct CentralSink {
     flush_timeout: Duration,
     name: String,
     dropped: u64,
+    /// The input was read to its end: the final flush waits until everything is sent.
+    exhausted: bool,
 }
 
 impl CentralSink {
@@ -600,7 +602,15 @@ impl CentralSink {
         let shaper = Shaper::new(&cfg)?;
         let flush_timeout = crate::time::parse_duration(&cfg.flush_timeout).map_err(anyhow::Error::msg)?;
         let engine = engine::Engine::new(&cfg, cx).await.context("setting up the central sink")?;
-        Ok(CentralSink { engine, shaper, mode: cx.mode, flush_timeout, name: cx.name.to_string(), dropped: 0 })
+        Ok(CentralSink {
+            engine,
+            shaper,
+            mode: cx.mode,
+            flush_timeout,
+            name: cx.name.to_string(),
+            dropped: 0,
+            exhausted: false,
+        })
     }
 }
 
@@ -620,6 +630,7 @@ impl Sink for CentralSink {
     }
 
     async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()> {
+        self.engine.resume(true);
         let mut msgs = Vec::with_capacity(batch.len());
         for ev in &batch.events {
             match self.shaper.shape(ev) {
@@ -641,24 +652,31 @@ impl Sink for CentralSink {
         self.engine.push(msgs).await
     }
 
-    async fn flush(&mut self, _epoch: u64) -> anyhow::Result<Vec<u8>> {
-        let deadline = match self.mode {
-            Mode::Replay => None,
-            Mode::Live => Some(tokio::time::Instant::now() + self.flush_timeout),
+    async fn flush(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
+        let deadline = match (self.mode, self.exhausted) {
+            (Mode::Replay, _) | (_, true) => None,
+            (Mode::Live, false) => Some(tokio::time::Instant::now() + self.flush_timeout),
         };
-        let unsent = self.engine.drain(deadline).await?;
+        let unsent = self.engine.drain(epoch, deadline).await?;
         if !unsent.is_empty() {
             tracing::info!(rows = unsent.len(), "rows not sent yet are kept in the checkpoint");
         }
         Ok(postcard::to_allocvec(&State { unsent })?)
     }
 
-    async fn commit(&mut self, _epoch: u64) -> anyhow::Result<()> {
+    async fn on_end(&mut self, reason: EndReason) -> anyhow::Result<()> {
+        self.exhausted = reason == EndReason::Exhausted;
+        Ok(())
+    }
+
+    async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
+        self.engine.committed(epoch);
         Ok(())
     }
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         self.engine.check()?;
+        self.engine.resume(false);
         self.engine.persist_cache(false).await;
         Ok(())
     }
