@@ -187,23 +187,51 @@ fn replay_refuses_a_webhook_source() {
 fn tls_with_a_certificate_and_key_from_files() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let st = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let (ca, ca_key) = (dir.path().join("ca.pem"), dir.path().join("ca.key"));
+    let ext = dir.path().join("leaf.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    // a test CA, and a certificate for 127.0.0.1 that it signs
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=centralflow test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[&["req", "-new"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "key.pem", "-out", "leaf.csr"]].concat(),
+    );
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "leaf.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    let _ = ca_key;
     let port = free_port();
     let tls = format!("    tls:\n      cert_file: {}\n      key_file: {}\n", cert.display(), key.display());
     let p = webhook_to_files(dir.path(), port, &tls, "");
     let child = start(&p, &[("TOKEN", TOKEN)], port);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
         let c = reqwest::Client::builder().no_proxy().tls_certs_only([ca]).build().unwrap();
         let body = export_message("tls-dev", "2026-11-01T00:00:00Z", json!({"t": 1})).to_string();
         let r = c

@@ -192,9 +192,12 @@ pub fn bridge_to_export(v: &Value, received: crate::event::Nanos) -> Result<Stri
 
 /// What the HTTP side hands to the source task.
 enum Incoming {
-    Events { events: Vec<Event>, dead: Vec<Event>, respond: oneshot::Sender<()>, _permit: OwnedSemaphorePermit },
+    Events { events: Vec<Event>, dead: Vec<Event>, respond: oneshot::Sender<()>, permit: OwnedSemaphorePermit },
     Dead { dead: Vec<Event>, _permit: OwnedSemaphorePermit },
 }
+
+/// A request waiting for its answer, and its place in the bounded queue.
+type Held = (oneshot::Sender<()>, OwnedSemaphorePermit);
 
 struct App {
     name: String,
@@ -218,10 +221,10 @@ pub struct WebhookSource {
     app: Option<Arc<App>>,
     rx: Option<mpsc::UnboundedReceiver<Incoming>>,
     handle: Option<axum_server::Handle<SocketAddr>>,
-    /// Requests answered once their epoch commits.
-    marked: VecDeque<(u64, Vec<oneshot::Sender<()>>)>,
+    /// Requests answered once their epoch commits (each holds its place in the queue until then).
+    marked: VecDeque<(u64, Vec<Held>)>,
     /// Requests whose events were sent since the last barrier.
-    waiting: Vec<oneshot::Sender<()>>,
+    waiting: Vec<Held>,
     projection: Option<&'static Projection>,
     metrics: ComponentMetrics,
 }
@@ -314,7 +317,7 @@ impl WebhookSource {
     fn answer(&mut self, epoch: u64) {
         while self.marked.front().is_some_and(|(e, _)| *e <= epoch) {
             let (_, reqs) = self.marked.pop_front().unwrap();
-            for r in reqs {
+            for (r, _place) in reqs {
                 let _ = r.send(());
             }
         }
@@ -472,7 +475,7 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     }
     let count = events.len();
     let (respond, done) = oneshot::channel();
-    if app.tx.send(Incoming::Events { events, dead: bad, respond, _permit: permit }).is_err() {
+    if app.tx.send(Incoming::Events { events, dead: bad, respond, permit }).is_err() {
         return busy(&app, "stopping; send again later");
     }
     match done.await {
@@ -559,10 +562,10 @@ impl Source for WebhookSource {
                     deadline = None;
                 }
                 m = rx.recv() => match m {
-                    Some(Incoming::Events { events: evs, dead: bad, respond, _permit }) => {
+                    Some(Incoming::Events { events: evs, dead: bad, respond, permit }) => {
                         events.extend(evs);
                         dead.extend(bad);
-                        self.waiting.push(respond);
+                        self.waiting.push((respond, permit));
                         if !asked {
                             cx.request_checkpoint();
                             asked = true;
