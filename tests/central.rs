@@ -154,7 +154,8 @@ fn ten_thousand_rows_for_a_thousand_devices_arrive_exactly_once_across_a_restart
 
 #[test]
 fn injected_429_and_503_on_a_tenth_of_requests_and_a_restart_lose_nothing() {
-    let (s, rows) = setup(10_000, 1_000, "    rate_limit: 1000\n    queue: 1000\n    flush_timeout: 1s\n");
+    // 1,000 rows held at 500 per second: the stop's final checkpoint cannot wait for them all
+    let (s, rows) = setup(10_000, 1_000, "    rate_limit: 500\n    queue: 1000\n    flush_timeout: 1s\n");
     s.emu.inject(Fault::TooManyRequests { share: 0.05, retry_after_secs: 1 });
     s.emu.inject(Fault::Unavailable { share: 0.055 });
     let err1 = run_and_stop_after(&s, 2_000);

@@ -15,7 +15,7 @@ crate::component_enum! {
         Parquet("parquet", parquet::ParquetConfig),
         Console("console", console::ConsoleConfig),
         Jsonl("jsonl", jsonl::JsonlConfig),
-        Central("central", central::CentralConfig),
+        Central("central", Box<central::CentralConfig>),
     }
 }
 
@@ -25,6 +25,6 @@ pub async fn build(cfg: &SinkConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn
         SinkConfig::Parquet(c) => Box::new(parquet::ParquetSink::new(c.clone(), cx).await?),
         SinkConfig::Console(c) => Box::new(console::ConsoleSink::new(c.clone(), cx)),
         SinkConfig::Jsonl(c) => Box::new(jsonl::JsonlSink::new(c.clone(), cx)?),
-        SinkConfig::Central(c) => Box::new(central::CentralSink::new(c.clone(), cx).await?),
+        SinkConfig::Central(c) => Box::new(central::CentralSink::new((**c).clone(), cx).await?),
     })
 }

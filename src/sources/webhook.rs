@@ -612,6 +612,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_token_is_a_secret_from_the_environment() {
+        let text = |tok: &str| {
+            format!("sources:\n  w:\n    type: webhook\n    token: {tok}\nsinks:\n  o:\n    type: console\n    inputs: [w]\n")
+        };
+        let env = |k: &str| (k == "TOKEN").then(|| "a-long-enough-token".to_string());
+        assert!(crate::config::load_str(&text("${TOKEN}"), "t", &env).is_ok());
+        let e = crate::config::load_str(&text("literal-token-1234"), "t", &env).unwrap_err();
+        assert!(e[0].to_string().contains("must come from the environment"), "{e:?}");
+    }
+
+    #[test]
     fn bridge_device_ids_follow_the_bridge() {
         for ok in ["my-cloud-device", "A_b.c:d-1", "x", "dev-"] {
             assert!(bridge_device_id_ok(ok), "{ok}");

@@ -123,6 +123,10 @@ pub(super) struct Shared {
     /// Held by registrations until one has succeeded: then the credentials are known to work.
     first_registration: tokio::sync::Mutex<()>,
     verified: AtomicBool,
+    /// Devices whose trouble was logged.
+    logged_devices: std::sync::atomic::AtomicU64,
+    /// Whether `/health/ready` says this sink is ready (sending works).
+    ready: AtomicBool,
     msg_pacer: Pacer,
     reg_pacer: Pacer,
 }
@@ -256,6 +260,8 @@ impl Engine {
             progress: Notify::new(),
             first_registration: tokio::sync::Mutex::new(()),
             verified: AtomicBool::new(false),
+            logged_devices: Default::default(),
+            ready: AtomicBool::new(true),
         });
         let engine = Engine { sh, cache, dispatcher: None, last_persist: std::time::Instant::now() };
         engine.load_cache().await?;
@@ -555,6 +561,13 @@ fn next_action(sh: &Shared, st: &mut St) -> Action {
         if dev.busy || dev.q.is_empty() {
             continue;
         }
+        if let Some(t) = dev.not_before.filter(|t| *t > now) {
+            // rows arrived for a device that is waiting out a backoff
+            dev.queued = true;
+            st.seq += 1;
+            st.delayed.insert((t, st.seq), id);
+            continue;
+        }
         if dev.blocked_until.is_some_and(|t| t > now) {
             let n = dev.q.len();
             dev.q.clear();
@@ -626,11 +639,13 @@ async fn dispatcher(sh: Arc<Shared>) {
     }
 }
 
-/// Logs a device's trouble at most a few times per device and in all.
+/// Logs a device's trouble: the first time for each device (for the first 50 devices), then
+/// every thousandth time in all, so that a thousand failing devices do not flood the log.
 fn device_log(sh: &Shared, dev: &mut Dev, total: &mut u64, level: tracing::Level, id: &str, msg: &str) {
     dev.logged += 1;
     *total += 1;
-    if dev.logged > 3 && *total % 1000 != 0 {
+    let first = dev.logged == 1 && sh.logged_devices.fetch_add(1, Ordering::Relaxed) < 50;
+    if !first && *total % 1000 != 0 {
         return;
     }
     let msg = crate::secret::redact(msg);
@@ -644,7 +659,13 @@ fn device_log(sh: &Shared, dev: &mut Dev, total: &mut u64, level: tracing::Level
 async fn register_task(sh: Arc<Shared>, id: Arc<str>, model: Option<String>) {
     let Ok(_slot) = sh.reg_slots.acquire().await else { return };
     // until one registration has worked, one at a time: a wrong key then fails once, clearly
-    let gate = if sh.verified.load(Ordering::Relaxed) { None } else { Some(sh.first_registration.lock().await) };
+    let gate = if sh.verified.load(Ordering::Relaxed) {
+        None
+    } else {
+        let g = sh.first_registration.lock().await;
+        // another registration may have succeeded while this one waited
+        (!sh.verified.load(Ordering::Relaxed)).then_some(g)
+    };
     let mut outcome;
     let mut tries = 0;
     loop {
@@ -773,6 +794,9 @@ async fn send_task(
         }
         other => (0, msgs, Some(other)),
     };
+    if sent > 0 && !sh.ready.swap(true, Ordering::Relaxed) {
+        crate::metrics::set_ready(&sh.name, true, "sending");
+    }
     if sent > 0 {
         st.pending -= sent;
         sh.metrics.events_out.inc_by(sent as u64);
@@ -786,6 +810,9 @@ async fn send_task(
         None | Some(SendOutcome::Sent) | Some(SendOutcome::Partial(..)) => {}
         Some(SendOutcome::Retry(after, why)) => {
             st.retries += 1;
+            if sh.ready.swap(false, Ordering::Relaxed) {
+                crate::metrics::set_ready(&sh.name, false, &format!("retrying: {why}"));
+            }
             let wait = after.unwrap_or_else(|| next_backoff(&mut dev.backoff));
             dev.not_before = Some(Instant::now() + wait);
             put_back(dev, rest);

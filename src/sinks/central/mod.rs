@@ -716,6 +716,37 @@ mod tests {
         crate::model::decode::decode_one(Bytes::from(json.to_string())).unwrap()
     }
 
+    fn validate(sink: &str) -> Vec<String> {
+        let text = format!("sources:\n  s:\n    type: simulator\n    count: 1\nsinks:\n  c:\n    type: central\n    inputs: [s]\n{sink}");
+        let env = |k: &str| match k {
+            "KEY" => Some("a2V5a2V5a2V5".to_string()),
+            "TOKEN" => Some("a-long-enough-token".to_string()),
+            _ => None,
+        };
+        match crate::config::load_str(&text, "t", &env) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn validation_is_offline_and_says_what_is_wrong() {
+        let ok = "    id_scope: 0ne00ABC\n    group_key: ${KEY}\n";
+        assert!(validate(ok).is_empty(), "{:?}", validate(ok));
+        let e = validate("    id_scope: 0ne00ABC\n    group_key: a2V5a2V5a2V5\n");
+        assert!(e[0].contains("group_key") && e[0].contains("must come from the environment"), "{e:?}");
+        assert!(!e.iter().any(|x| x.contains("a2V5a2V5a2V5")), "the literal key is not echoed: {e:?}");
+        let e = validate(&format!("{ok}    dps_endpoint: http://dps.example.com\n"));
+        assert!(e[0].contains("only allowed for loopback addresses"), "{e:?}");
+        let e = validate(&format!("{ok}    component: thermostat1\n"));
+        assert!(e[0].contains("needs `transport: mqtt`"), "{e:?}");
+        let e =
+            validate(&format!("{ok}    device_id: \"bad id\"\n    properties: {{iothub-x: y}}\n    batch_size: 0\n"));
+        assert_eq!(e.len(), 3, "{e:?}");
+        let e = validate(&format!("{ok}    measurements: {{t: \"a..b\"}}\n    rate_limit: 0\n"));
+        assert_eq!(e.len(), 2, "{e:?}");
+    }
+
     #[test]
     fn endpoints_must_be_https_or_loopback_http() {
         assert!(check_endpoint("https://global.azure-devices-provisioning.net").is_ok());
