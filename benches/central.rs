@@ -8,7 +8,6 @@
 //! The emulator runs in this process on one thread; on 2 cores it competes with centralflow
 //! for the CPU, so the numbers are a floor for a real hub, not a ceiling.
 
-#[allow(dead_code)]
 #[path = "../tests/common/iotc_emulator.rs"]
 mod iotc_emulator;
 
