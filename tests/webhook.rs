@@ -350,3 +350,62 @@ fn end_to_end_the_device_bridge_replacement_sends_measurements_as_the_device() {
     assert_eq!(emu.model_ids().get("bridge-dev").map(String::as_str), Some("dtmi:bridge:sensor;1"));
     assert_eq!(emu.registrations()["bridge-dev"], 1);
 }
+
+#[test]
+fn every_request_answered_200_is_in_the_output_even_when_the_pipeline_stops_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let p = pipeline(
+        dir.path(),
+        "stop.yaml",
+        &format!(
+            "sources:\n  hook:\n    type: webhook\n    address: 127.0.0.1:{port}\n    token: ${{TOKEN}}\nsinks:\n  out:\n    type: jsonl\n    inputs: [hook]\n    path: {}\ncheckpoint:\n  url: {}\n  interval: 30s\n",
+            dir.path().join("out.jsonl").display(),
+            dir.path().join("state").display()
+        ),
+    );
+    let child = start(&p, &[("TOKEN", TOKEN)], port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let answers: Arc<Mutex<Vec<(u64, u16)>>> = Arc::default();
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let (done, answers, url) = (done.clone(), answers.clone(), url.clone());
+        tasks.push(rt.spawn(async move {
+            let c = client();
+            let mut i = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let n = w * 1_000_000 + i;
+                i += 1;
+                let body = export_message("load", "2026-11-01T00:00:00Z", json!({"n": n})).to_string();
+                let status = match c.post(&url).header("authorization", TOKEN).body(body).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                answers.lock().unwrap().push((n, status));
+                if status == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, libc::SIGTERM);
+    let out = wait_output(child, T);
+    done.store(true, Ordering::Relaxed);
+    for t in tasks {
+        rt.block_on(t).unwrap();
+    }
+    ok(&out);
+    let written: std::collections::BTreeSet<u64> =
+        jsonl(&dir.path().join("out.jsonl")).iter().map(|v| v["telemetry"]["n"].as_u64().unwrap()).collect();
+    let answers = answers.lock().unwrap();
+    let accepted: Vec<u64> = answers.iter().filter(|(_, s)| *s == 200).map(|(n, _)| *n).collect();
+    assert!(accepted.len() >= 20, "requests went through before the stop: {}", accepted.len());
+    let lost: Vec<&u64> = accepted.iter().filter(|n| !written.contains(n)).collect();
+    assert!(lost.is_empty(), "answered 200 but not written: {lost:?}");
+    assert!(answers.iter().any(|(_, s)| *s != 200), "some requests came after the stop and were refused");
+}
