@@ -415,6 +415,13 @@ impl Engine {
     /// them before it is committed would, if this is the final checkpoint of a graceful stop,
     /// send them twice (once now, once after the restart). See [`Engine::resume`].
     pub(super) async fn drain(&self, epoch: u64, deadline: Option<Instant>) -> anyhow::Result<Vec<OutMsg>> {
+        // A new epoch starts only once the previous checkpoint is written (or failed): what it
+        // kept may be sent now. (Without this, a flush after a flush with no rows in between
+        // would wait for a paused sender.)
+        if lock(&self.sh.st).paused {
+            lock(&self.sh.st).paused = false;
+            self.sh.wake.notify_one();
+        }
         let mut last_log = Instant::now();
         loop {
             let pending = {
@@ -877,6 +884,61 @@ mod tests {
         assert_ne!(a, message_id("d", None, Some("2026-11-01T00:00:00.001Z"), b"{}"));
         assert_ne!(message_id("ab", None, None, b""), message_id("a", Some("b"), None, b""));
         assert_eq!(a.len(), 32);
+    }
+
+    fn msg(device: &str) -> OutMsg {
+        OutMsg {
+            device: device.into(),
+            model: None,
+            component: None,
+            created: None,
+            props: vec![],
+            body: b"{}".to_vec(),
+            id: message_id(device, None, None, b"{}"),
+        }
+    }
+
+    /// Rows a flush kept (the hub unreachable) are not sent until that checkpoint commits, and a
+    /// later flush sends again even if no row arrived in between (it used to wait for a paused
+    /// sender forever when it had no deadline).
+    #[tokio::test]
+    async fn a_flush_pauses_sending_and_the_next_flush_resumes_it() {
+        let cfg: CentralConfig = serde_json::from_value(serde_json::json!({
+            "inputs": ["x"], "id_scope": "0ne00ABC", "group_key": "a2V5a2V5a2V5",
+            "dps_endpoint": "http://127.0.0.1:9", "request_timeout": "1s"
+        }))
+        .unwrap();
+        let cx = BuildCx {
+            pipeline: "p",
+            name: "central_pause_test",
+            mode: crate::runtime::Mode::Live,
+            restored: None,
+            state: None,
+            instance: "i",
+            projection: None,
+            partitioned: false,
+            metrics: ComponentMetrics::new("central_pause_test", "central"),
+        };
+        let mut e = Engine::new(&cfg, &cx).await.unwrap();
+        e.start();
+        e.push(vec![msg("d1"), msg("d2")]).await.unwrap();
+        let kept = e.drain(1, Some(Instant::now() + Duration::from_millis(200))).await.unwrap();
+        assert_eq!(kept.len(), 2, "nothing could be sent");
+        assert!(lock(&e.sh.st).paused, "paused until the checkpoint commits");
+        e.resume(false);
+        assert!(lock(&e.sh.st).paused, "not resumed by a tick before the commit");
+        let sh = e.sh.clone();
+        let second = tokio::spawn(async move {
+            let deadline = Some(Instant::now() + Duration::from_millis(500));
+            let r = e.drain(2, deadline).await;
+            (e, r)
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!lock(&sh.st).paused, "the next flush sends again");
+        let (mut e, r) = second.await.unwrap();
+        assert_eq!(r.unwrap().len(), 2);
+        e.committed(2);
+        e.stop();
     }
 
     #[tokio::test]
