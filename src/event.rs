@@ -150,6 +150,8 @@ pub struct Event {
     /// [`Projection`](crate::model::decode::Projection)); the whole event is then decoded from
     /// `raw` the first time anything else is asked for, into `full`.
     proj: Option<&'static Projection>,
+    /// With `proj`: where the projection's first fields are (see [`crate::model::decode::SLOTS`]).
+    slots: [u8; crate::model::decode::SLOTS],
     full: OnceLock<Box<Event>>,
     pub kind: Kind,
     pub meta: Meta,
@@ -487,6 +489,36 @@ impl Default for Event {
     }
 }
 
+/// The keys of the rows a producer emits again and again (a window's output), stored once:
+/// a row made from it copies two small buffers instead of storing each key.
+#[derive(Debug, Clone, Default)]
+pub struct RowLayout {
+    arena: String,
+    fields: Vec<Field>,
+}
+
+impl RowLayout {
+    pub fn new<S: AsRef<str>>(keys: impl IntoIterator<Item = S>) -> RowLayout {
+        let mut l = RowLayout::default();
+        for k in keys {
+            let k = k.as_ref();
+            let key = Text::arena(l.arena.len(), k.len());
+            l.arena.push_str(k);
+            l.fields.push(Field { key, val: Val::Null });
+        }
+        l
+    }
+
+    /// Number of columns.
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
 impl Event {
     /// An empty derived row.
     pub fn row() -> Event {
@@ -505,6 +537,7 @@ impl Event {
             known_keys: false,
             tele_hint: u8::MAX,
             proj: None,
+            slots: [crate::model::decode::SLOT_UNKNOWN; crate::model::decode::SLOTS],
             full: OnceLock::new(),
             kind: Kind::Row,
             meta: Meta::default(),
@@ -531,6 +564,7 @@ impl Event {
             known_keys: false,
             tele_hint: u8::MAX,
             proj: None,
+            slots: [crate::model::decode::SLOT_UNKNOWN; crate::model::decode::SLOTS],
             full: OnceLock::new(),
             kind,
             meta: Meta::default(),
@@ -542,8 +576,21 @@ impl Event {
         self.tele_hint = telemetry.unwrap_or(u8::MAX);
     }
 
-    pub(crate) fn set_projection(&mut self, proj: &'static Projection) {
+    pub(crate) fn set_projection(&mut self, proj: &'static Projection, slots: [u8; crate::model::decode::SLOTS]) {
         self.proj = Some(proj);
+        self.slots = slots;
+    }
+
+    /// The value in slot `s` of a projected event: `Some(None)` when the message has no such
+    /// field, `None` when the slot does not say (look the field up by key).
+    pub(crate) fn slot(&self, s: usize) -> Option<Option<ValRef<'_>>> {
+        use crate::model::decode::{SLOT_ABSENT, SLOT_UNKNOWN};
+        self.proj?;
+        match *self.slots.get(s)? {
+            SLOT_ABSENT => Some(None),
+            SLOT_UNKNOWN => None,
+            i => Some(Some(self.val_ref(self.fields.get(i as usize)?.val))),
+        }
     }
 
     /// The projection this event was decoded with, if it holds only some of its fields.
@@ -794,6 +841,38 @@ impl Event {
         self.root.1 += 1;
         self.root_raw = Text::EMPTY;
         self.known_keys = false;
+    }
+
+    /// A derived row with the layout's keys, every value null, and room for `text` bytes of
+    /// string values.
+    pub fn from_layout(layout: &RowLayout, text: usize) -> Event {
+        let mut ev = Event::with_capacity(0, 0);
+        ev.arena.reserve_exact(layout.arena.len() + text);
+        ev.arena.push_str(&layout.arena);
+        ev.fields = layout.fields.clone();
+        ev.root = (0, layout.fields.len() as u32);
+        ev
+    }
+
+    /// Sets the value of the `i`th top-level field, if there is one (rows made with
+    /// [`Event::from_layout`] know their columns' positions).
+    pub fn set_at(&mut self, i: usize, v: &Value) {
+        self.materialize();
+        if i < self.root.1 as usize {
+            let val = self.store(v);
+            self.fields[self.root.0 as usize + i].val = val;
+            self.root_raw = Text::EMPTY;
+        }
+    }
+
+    /// Like [`Event::set_at`] with a string value.
+    pub fn set_str_at(&mut self, i: usize, s: &str) {
+        self.materialize();
+        if i < self.root.1 as usize {
+            let val = Val::Str(self.alloc(s));
+            self.fields[self.root.0 as usize + i].val = val;
+            self.root_raw = Text::EMPTY;
+        }
     }
 
     /// Appends a top-level field (no check for an existing key: use [`Event::set`] for that).

@@ -7,17 +7,35 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::OnceLock;
 
 use crate::event::{Event, ValRef, Value, NO_TIME};
 use crate::model::decode::Projection;
 
 /// A parsed field path.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct FieldPath {
     parts: Vec<String>,
     text: String,
     /// The first segment is a key of the export format (`deviceId`, `telemetry`, ...).
     export_key: bool,
+    /// For the first projection met (by address): the slot of the path's first field(s), and
+    /// how many segments the slot stands for.
+    slot: OnceLock<(usize, Option<(usize, usize)>)>,
+}
+
+impl PartialEq for FieldPath {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for FieldPath {}
+
+impl std::hash::Hash for FieldPath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state)
+    }
 }
 
 impl fmt::Debug for FieldPath {
@@ -44,7 +62,7 @@ impl FieldPath {
             return Err(format!("{t:?} is not a field path (empty segment)"));
         }
         let export_key = EXPORT_KEYS.contains(&parts[0].as_str());
-        Ok(FieldPath { parts, text: t.to_string(), export_key })
+        Ok(FieldPath { parts, text: t.to_string(), export_key, slot: OnceLock::new() })
     }
 
     /// The path as written.
@@ -69,10 +87,20 @@ impl FieldPath {
 
     /// The value at this path, if any.
     pub fn get<'e>(&self, ev: &'e Event) -> Option<ValRef<'e>> {
-        // A projected event answers from its own fields when they cover the path.
+        // A projected event answers from its own fields when they cover the path, by slot
+        // when the decoder recorded where the field is.
         let ev = match ev.projection() {
-            Some(p) if !self.covered_by(p, ev) => ev.complete(),
-            _ => ev,
+            Some(p) => {
+                if let Some(found) = self.by_slot(p, ev) {
+                    return found;
+                }
+                if self.covered_by(p, ev) {
+                    ev
+                } else {
+                    ev.complete()
+                }
+            }
+            None => ev,
         };
         let first = self.parts[0].as_str();
         // An export message whose top-level keys are all the format's cannot have a top-level
@@ -86,6 +114,32 @@ impl FieldPath {
             return meta(ev, &self.parts[1]);
         }
         descend(ev.own_telemetry()?.get(first)?, &self.parts[1..])
+    }
+
+    /// The value by the slot of a projected event; `None` when slots do not say.
+    fn by_slot<'e>(&self, p: &'static Projection, ev: &'e Event) -> Option<Option<ValRef<'e>>> {
+        let addr = p as *const Projection as usize;
+        let (cached, slot) = *self.slot.get_or_init(|| (addr, self.slot_in(p)));
+        let (slot, used) = if cached == addr { slot? } else { self.slot_in(p)? };
+        // a bare telemetry name is telemetry's only when no unknown top-level key could be it
+        if !self.export_key && self.parts[0] != "telemetry" && !ev.has_only_export_keys() {
+            return None;
+        }
+        match ev.slot(slot)? {
+            None => Some(None),
+            Some(v) => Some(descend(v, &self.parts[used..])),
+        }
+    }
+
+    /// The slot this path starts with in a projection, and the segments it covers.
+    fn slot_in(&self, p: &Projection) -> Option<(usize, usize)> {
+        let first = self.parts[0].as_str();
+        match first {
+            "telemetry" => Some((p.telemetry_slot(self.parts.get(1)?)?, 2)),
+            "meta" => None,
+            _ if self.export_key => Some((p.top_slot(first)?, 1)),
+            _ => Some((p.telemetry_slot(first)?, 1)),
+        }
     }
 
     /// Whether a projection keeps what this path reads, for this event.

@@ -47,6 +47,46 @@ impl Projection {
     pub fn covers_all_telemetry(&self) -> bool {
         self.covers_top("telemetry") && self.telemetry.is_none()
     }
+
+    /// The slot of a kept top-level key (see [`SLOTS`]).
+    pub fn top_slot(&self, key: &str) -> Option<usize> {
+        let s = match key {
+            "messageSource" => 0,
+            "enqueuedTime" => 1,
+            _ => self.top.iter().position(|k| k == key)? + 2,
+        };
+        (s < SLOTS).then_some(s)
+    }
+
+    /// The slot of a kept telemetry key (only when `telemetry` lists its keys).
+    pub fn telemetry_slot(&self, key: &str) -> Option<usize> {
+        let s = self.telemetry.as_ref()?.iter().position(|k| k == key)? + 2 + self.top.len();
+        (s < SLOTS).then_some(s)
+    }
+
+    fn telemetry_slot_at(&self, index: usize) -> Option<usize> {
+        let s = index + 2 + self.top.len();
+        (s < SLOTS).then_some(s)
+    }
+}
+
+/// Slots per projected event: where the decoder put the first fields of the projection
+/// (`messageSource`, `enqueuedTime`, then `top`, then the `telemetry` keys, in order), so that
+/// readers find them without comparing keys. Each holds a field index, [`SLOT_ABSENT`] or
+/// [`SLOT_UNKNOWN`].
+pub const SLOTS: usize = 16;
+/// The field is not in the message.
+pub const SLOT_ABSENT: u8 = u8::MAX;
+/// The field's position is not recorded (look it up by key).
+pub const SLOT_UNKNOWN: u8 = u8::MAX - 1;
+
+fn record_slot(slots: &mut [u8; SLOTS], slot: Option<usize>, index: usize) {
+    if let Some(s) = slot {
+        if slots[s] == SLOT_ABSENT {
+            // the first occurrence, as a lookup by key finds it
+            slots[s] = if index < SLOT_UNKNOWN as usize { index as u8 } else { SLOT_UNKNOWN };
+        }
+    }
 }
 
 /// Decodes one input record: a single export message or a JSON array of them. Each message
@@ -146,9 +186,10 @@ fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, 
         nested.clear();
         let mut arena = String::new();
         let mut env = Envelope::new();
+        let mut slots = [SLOT_ABSENT; SLOTS];
         {
             let mut de = serde_json::Deserializer::from_str(text);
-            let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env, proj };
+            let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env, proj, slots: &mut slots };
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
             de.end().map_err(|e| json_error(text, e))?;
         }
@@ -163,13 +204,22 @@ fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, 
             _ => *f,
         }));
         fields.extend_from_slice(nested);
-        Ok((arena, fields, root_len, env.time, source, env.known_keys, env.telemetry))
+        if let Some(p) = proj {
+            // telemetry slots were counted within `nested`, which follows the root fields
+            for s in &mut slots[(2 + p.top.len()).min(SLOTS)..] {
+                if *s < SLOT_UNKNOWN {
+                    let at = *s as usize + root_len as usize;
+                    *s = if at < SLOT_UNKNOWN as usize { at as u8 } else { SLOT_UNKNOWN };
+                }
+            }
+        }
+        Ok((arena, fields, root_len, env.time, source, env.known_keys, env.telemetry, slots))
     })?;
-    let (arena, fields, root_len, time, source, known, tele) = parts;
+    let (arena, fields, root_len, time, source, known, tele, slots) = parts;
     let mut ev = Event::from_parts(raw, arena, fields, root_len, time, Kind::Export(source));
     ev.set_layout_hints(known, tele);
     if let Some(p) = proj {
-        ev.set_projection(p);
+        ev.set_projection(p, slots);
     }
     Ok(ev)
 }
@@ -267,6 +317,7 @@ struct RootSeed<'s> {
     arena: &'s mut String,
     env: &'s mut Envelope,
     proj: Option<&'static Projection>,
+    slots: &'s mut [u8; SLOTS],
 }
 
 impl<'de, 's> DeserializeSeed<'de> for RootSeed<'s> {
@@ -283,8 +334,9 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let RootSeed { base, root, nested, arena, env, proj } = self;
+        let RootSeed { base, root, nested, arena, env, proj, slots } = self;
         *env = Envelope::new();
+        let mut tele_seen = false;
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             let key_text = text_of(base, arena, &key);
             let kind = key_kind(&key);
@@ -314,6 +366,7 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                             arena: &mut *arena,
                             keep: Keep::Nothing,
                             numbers: false,
+                            slots: None,
                         };
                         map.next_value_seed(seed)
                             .map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?;
@@ -358,7 +411,15 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                 }
                 KeyKind::Object => {
                     let numbers = proj.is_some();
-                    let seed = ObjSeed { base, nested: &mut *nested, arena: &mut *arena, keep, numbers };
+                    // the kept telemetry keys get slots (their indices are relative to `nested`
+                    // until the root's length is known)
+                    let tele_slots = match (proj, keep) {
+                        (Some(p), Keep::Some(_)) if !tele_seen => Some((p, &mut *slots)),
+                        _ => None,
+                    };
+                    tele_seen |= matches!(keep, Keep::Some(_));
+                    let seed =
+                        ObjSeed { base, nested: &mut *nested, arena: &mut *arena, keep, numbers, slots: tele_slots };
                     map.next_value_seed(seed).map_err(|e| de::Error::custom(format!("{key}: {}", strip_pos(&e))))?
                 }
                 KeyKind::Properties => {
@@ -375,6 +436,9 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                     classify(base, arena, raw.get())
                 }
             };
+            if let Some(p) = proj {
+                record_slot(slots, p.top_slot(&key), root.len());
+            }
             root.push(Field { key: key_text, val });
         }
         Ok(())
@@ -443,6 +507,8 @@ struct ObjSeed<'s> {
     keep: Keep<'static>,
     /// Parse kept numbers now (projected decoding: the pipeline reads them).
     numbers: bool,
+    /// Record where the kept keys are (the projection's `telemetry`).
+    slots: Option<(&'static Projection, &'s mut [u8; SLOTS])>,
 }
 
 impl<'de, 's> DeserializeSeed<'de> for ObjSeed<'s> {
@@ -461,7 +527,7 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
         Ok(Val::Null)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Val, A::Error> {
-        let ObjSeed { base, nested, arena, keep, numbers } = self;
+        let ObjSeed { base, nested, arena, keep, numbers, mut slots } = self;
         if keep == Keep::Nothing {
             while map.next_key::<de::IgnoredAny>()?.is_some() {
                 map.next_value::<de::IgnoredAny>()?;
@@ -479,10 +545,13 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
                 _ => {}
             }
             if let Keep::Some(keys) = keep {
-                if !keys.iter().any(|k| crate::event::eq_short(k, &key)) {
+                let Some(at) = keys.iter().position(|k| crate::event::eq_short(k, &key)) else {
                     map.next_value::<de::IgnoredAny>()?;
                     all_borrowed = false; // the object's text is not what we keep
                     continue;
+                };
+                if let Some((p, slots)) = slots.as_mut() {
+                    record_slot(slots, p.telemetry_slot_at(at), nested.len());
                 }
             }
             let key_text = text_of(base, arena, &key);
@@ -742,6 +811,54 @@ mod projection_tests {
         assert!(changed.set(&["telemetry", "x"], crate::event::Value::Int(1)));
         assert!(changed.projection().is_none(), "a change makes it whole");
         assert_eq!(changed.get_path(&["telemetry", "humidity"]).unwrap().as_f64(), Some(40.0));
+    }
+
+    #[test]
+    fn slots_answer_like_a_lookup_by_key() {
+        let msgs = [
+            MSG,
+            // no telemetry; an unknown top-level key shadowing a telemetry name
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","deviceId":"d2","humidity":3}"#,
+            r#"{"deviceId":"d3","telemetry":{"humidity":1,"temperature":null},"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","humidity":7}"#,
+            // escaped key, telemetry first, keys in another order, duplicates
+            r#"{"telemetry":{"pres\u0073ure":2,"temperature":"x","temperature":5},"enqueuedTime":"2026-11-01T00:00:01Z","messageSource":"telemetry","deviceId":"d4","deviceId":"d5"}"#,
+            r#"{"messageSource":"properties","enqueuedTime":"2026-11-01T00:00:01Z","deviceId":"d6","telemetry":null}"#,
+        ];
+        let projections = [
+            proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"])),
+            proj(&["telemetry", "deviceId"], Some(&["pressure", "temperature"])),
+            // more than the slots hold: the last ones are looked up by key
+            proj(&["deviceId", "templateId", "schema", "telemetry"], Some(&["a", "b", "humidity", "temperature"])),
+            proj(&["deviceId"], None),
+        ];
+        let paths = [
+            "deviceId",
+            "messageSource",
+            "enqueuedTime",
+            "temperature",
+            "humidity",
+            "pressure",
+            "telemetry.temperature",
+            "telemetry.pressure",
+            "telemetry.geo.lat",
+            "templateId",
+        ];
+        let mut by_slot = 0;
+        for msg in msgs {
+            let full = decode_object(Bytes::from(msg.to_string())).unwrap();
+            for p in projections {
+                let part = decode_object_projected(Bytes::from(msg.to_string()), Some(p)).unwrap();
+                for path in paths {
+                    let fp = FieldPath::parse(path).unwrap();
+                    let show = |v: Option<crate::event::ValRef<'_>>| {
+                        v.map(|v| v.as_f64().map(|f| f.to_string()).unwrap_or_else(|| v.to_json()))
+                    };
+                    assert_eq!(show(fp.get(&part)), show(fp.get(&full)), "{path} of {msg} with {p:?}");
+                }
+                by_slot += (0..SLOTS).filter(|s| matches!(part.slot(*s), Some(Some(_)))).count();
+            }
+        }
+        assert!(by_slot > 40, "slots are recorded ({by_slot})");
     }
 
     #[test]

@@ -527,6 +527,13 @@ impl Reader {
                     let mut events = Vec::with_capacity(part.len());
                     let mut dead = Vec::new();
                     let mut results = Vec::with_capacity(1);
+                    // The events of a part share one copy of its lines: no reference count
+                    // shared between the decoding threads, one allocation per part rather
+                    // than per line, and the read buffer is free for the next chunk. (An
+                    // event's copy lives as long as any event of its part.)
+                    let (first, last) = (part[0].1, part[part.len() - 1].2);
+                    let text = Bytes::copy_from_slice(&chunk[first..last]);
+                    let origin: Arc<str> = Arc::from(&*f.display);
                     for &(no, s, e) in part {
                         let mut e = e;
                         if e > s && chunk[e - 1] == b'\r' {
@@ -537,9 +544,7 @@ impl Reader {
                             continue;
                         }
                         results.clear();
-                        // each event owns a copy of its line: no reference count shared between
-                        // the decoding threads, and the read buffer is free for the next chunk
-                        decode_record_projected(Bytes::copy_from_slice(line), self.projection, &mut results);
+                        decode_record_projected(text.slice(s - first..e - first), self.projection, &mut results);
                         for r in results.drain(..) {
                             match r {
                                 Ok(mut ev) => {
@@ -548,7 +553,7 @@ impl Reader {
                                     }
                                     ev.meta.partition = f.partition;
                                     ev.meta.offset = no as i64 + 1;
-                                    ev.meta.origin = Some(f.display.clone());
+                                    ev.meta.origin = Some(origin.clone());
                                     events.push(ev);
                                 }
                                 Err(reason) => dead.push(Event::dead_letter(

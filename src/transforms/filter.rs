@@ -61,23 +61,28 @@ impl Filter {
 impl Transform for Filter {
     fn process(&mut self, batch: Batch, out: &mut Emitter) {
         let expr = &self.expr;
-        let verdicts: Vec<Result<bool, String>> = if batch.len() >= *super::PARALLEL_BATCH {
-            batch.events.par_iter().map(|ev| expr.eval_bool(ev)).collect()
-        } else {
-            batch.events.iter().map(|ev| expr.eval_bool(ev)).collect()
-        };
-        let mut keep = Vec::with_capacity(batch.len());
-        for (ev, verdict) in batch.events.into_iter().zip(verdicts) {
-            match verdict {
-                Ok(true) => keep.push(ev),
-                Ok(false) => {}
-                Err(reason) => {
-                    self.metrics.dead_letters.inc();
-                    out.emit_to(1, dead_letter_of(&ev, &reason, &self.name));
-                }
+        let mut events = batch.events;
+        let mut dead = Vec::new();
+        let mut judge = |ev: &crate::event::Event, verdict: Result<bool, String>| match verdict {
+            Ok(keep) => keep,
+            Err(reason) => {
+                dead.push(dead_letter_of(ev, &reason, &self.name));
+                false
             }
+        };
+        // in place: kept events move at most once, and no verdict vector unless in parallel
+        if events.len() >= *super::PARALLEL_BATCH {
+            let verdicts: Vec<Result<bool, String>> = events.par_iter().map(|ev| expr.eval_bool(ev)).collect();
+            let mut verdicts = verdicts.into_iter();
+            events.retain(|ev| judge(ev, verdicts.next().unwrap_or(Ok(false))));
+        } else {
+            events.retain(|ev| judge(ev, expr.eval_bool(ev)));
         }
-        out.set_main(keep);
+        self.metrics.dead_letters.inc_by(dead.len() as u64);
+        for d in dead {
+            out.emit_to(1, d);
+        }
+        out.set_main(events);
     }
 }
 

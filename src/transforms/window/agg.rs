@@ -330,41 +330,52 @@ impl AggPlan {
 
     /// Appends the aggregate columns of one (group, window) to a row.
     pub fn finish(&self, c: &[f64], s: &[DDSketch], row: &mut Event) {
-        for f in &self.fields {
+        let names = self.fields.iter().flat_map(|f| &f.names);
+        for (name, v) in names.zip(self.values(c, s)) {
+            row.push(name, v);
+        }
+    }
+
+    /// Like [`AggPlan::finish`], into a row made from a layout whose column `first` is the first
+    /// aggregate column (see [`AggPlan::columns`]).
+    pub fn finish_at(&self, c: &[f64], s: &[DDSketch], row: &mut Event, first: usize) {
+        for (i, v) in self.values(c, s).enumerate() {
+            row.set_at(first + i, &v);
+        }
+    }
+
+    /// The aggregate values, in the order of [`AggPlan::columns`].
+    fn values<'a>(&'a self, c: &'a [f64], s: &'a [DDSketch]) -> impl Iterator<Item = Value> + 'a {
+        self.fields.iter().flat_map(move |f| {
             let b = f.layout.base;
             let n = c[b + N];
-            for (func, name) in f.fns.iter().zip(&f.names) {
-                let v = if n == 0.0 && !matches!(func, AggFn::Count) {
-                    Value::Null
-                } else {
-                    match func {
-                        AggFn::Count => Value::Int(n as i64),
-                        AggFn::Sum => Value::Float(c[b + f.off_sum]),
-                        AggFn::Avg => Value::Float(c[b + f.off_sum] / n),
-                        AggFn::Min => Value::Float(c[b + f.off_min]),
-                        AggFn::Max => Value::Float(c[b + f.off_min + 1]),
-                        AggFn::First => Value::Float(c[b + f.off_first + 1]),
-                        AggFn::Last => Value::Float(c[b + f.off_last + 1]),
-                        AggFn::Stddev if n < 2.0 => Value::Null,
-                        AggFn::Stddev => Value::Float((c[b + f.off_mean + 1] / (n - 1.0)).max(0.0).sqrt()),
-                        AggFn::StddevPop => Value::Float((c[b + f.off_mean + 1] / n).max(0.0).sqrt()),
-                        AggFn::Quantile(q) => match f.layout.sketch.and_then(|k| s[k].quantile(*q).ok().flatten()) {
-                            Some(x) => Value::Float(x),
-                            None => Value::Null,
-                        },
-                    }
-                };
-                row.push(name, v);
-            }
-        }
+            f.fns.iter().map(move |func| {
+                if n == 0.0 && !matches!(func, AggFn::Count) {
+                    return Value::Null;
+                }
+                match func {
+                    AggFn::Count => Value::Int(n as i64),
+                    AggFn::Sum => Value::Float(c[b + f.off_sum]),
+                    AggFn::Avg => Value::Float(c[b + f.off_sum] / n),
+                    AggFn::Min => Value::Float(c[b + f.off_min]),
+                    AggFn::Max => Value::Float(c[b + f.off_min + 1]),
+                    AggFn::First => Value::Float(c[b + f.off_first + 1]),
+                    AggFn::Last => Value::Float(c[b + f.off_last + 1]),
+                    AggFn::Stddev if n < 2.0 => Value::Null,
+                    AggFn::Stddev => Value::Float((c[b + f.off_mean + 1] / (n - 1.0)).max(0.0).sqrt()),
+                    AggFn::StddevPop => Value::Float((c[b + f.off_mean + 1] / n).max(0.0).sqrt()),
+                    AggFn::Quantile(q) => match f.layout.sketch.and_then(|k| s[k].quantile(*q).ok().flatten()) {
+                        Some(x) => Value::Float(x),
+                        None => Value::Null,
+                    },
+                }
+            })
+        })
     }
 
     /// Names of the aggregate columns, in output order.
     pub fn columns(&self) -> Vec<String> {
-        self.fields
-            .iter()
-            .flat_map(|f| f.fns.iter().map(move |func| format!("{}_{}", f.column, func.suffix())))
-            .collect()
+        self.fields.iter().flat_map(|f| f.names.iter().cloned()).collect()
     }
 }
 

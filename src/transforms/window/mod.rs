@@ -29,7 +29,7 @@ use sketches_ddsketch::DDSketch;
 use self::agg::{AggFn, AggPlan, Skipped};
 use self::watermark::Watermark;
 use crate::config::{Checker, Spec};
-use crate::event::{Batch, Event, Kind, Nanos, ValRef, Value, NO_TIME};
+use crate::event::{Batch, Event, Kind, Nanos, RowLayout, ValRef, Value, NO_TIME};
 use crate::metrics::ComponentMetrics;
 use crate::path::FieldPath;
 use crate::runtime::{BuildCx, Emitter, Transform};
@@ -270,6 +270,8 @@ pub struct Window {
     name: String,
     metrics: ComponentMetrics,
     last_pane: Option<(u16, u32, Nanos)>,
+    /// The output rows' columns.
+    layout: RowLayout,
     /// State and watermarks per input partition (fed by a source that hands partitions over).
     partitioned: bool,
 }
@@ -359,7 +361,7 @@ impl Window {
             Some(t) => Some(p(t)?),
         };
         let group_by: Vec<FieldPath> = cfg.group_by.iter().map(|g| p(g)).collect::<anyhow::Result<_>>()?;
-        let group_cols = group_by.iter().map(|g| g.as_str().replace('.', "_")).collect();
+        let group_cols: Vec<String> = group_by.iter().map(|g| g.as_str().replace('.', "_")).collect();
         let spec: Vec<(FieldPath, Vec<AggFn>)> = cfg
             .aggregates
             .iter()
@@ -374,12 +376,21 @@ impl Window {
             .collect::<anyhow::Result<_>>()?;
         let lateness = nanos(&cfg.allowed_lateness)?;
         let idle = nanos(&cfg.idle_timeout)?;
+        let plan = AggPlan::new(&spec);
+        let layout = RowLayout::new(
+            group_cols
+                .iter()
+                .cloned()
+                .chain(["window_start", "window_end", "count"].map(String::from))
+                .chain(plan.columns()),
+        );
         Ok(Window {
             shape,
             time,
             group_by,
             group_cols,
-            plan: AggPlan::new(&spec),
+            plan,
+            layout,
             late: cfg.late,
             state: State { watermark: Watermark::new(lateness, idle), ..Default::default() },
             timers: BTreeSet::new(),
@@ -424,23 +435,18 @@ impl Window {
         }
     }
 
-    fn key_values(key: &str) -> Vec<Value> {
-        key.split('\u{1f}')
-            .map(|part| {
-                let (tag, rest) = part.split_at(1);
-                match tag {
-                    "s" => Value::Str(rest.to_string()),
-                    "n" => rest
-                        .parse::<i64>()
-                        .map(Value::Int)
-                        .unwrap_or_else(|_| Value::Float(rest.parse().unwrap_or(f64::NAN))),
-                    "b" => Value::Bool(rest == "true"),
-                    "t" => Value::Time(rest.parse().unwrap_or(NO_TIME)),
-                    "j" => Value::Json(rest.to_string()),
-                    _ => Value::Null,
-                }
-            })
-            .collect()
+    /// A group-by value from its part of the group key (see [`write_key`]).
+    fn key_value(tag: &str, text: &str) -> Value {
+        match tag {
+            "s" => Value::Str(text.to_string()),
+            "n" => {
+                text.parse::<i64>().map(Value::Int).unwrap_or_else(|_| Value::Float(text.parse().unwrap_or(f64::NAN)))
+            }
+            "b" => Value::Bool(text == "true"),
+            "t" => Value::Time(text.parse().unwrap_or(NO_TIME)),
+            "j" => Value::Json(text.to_string()),
+            _ => Value::Null,
+        }
     }
 
     fn add_to_pane(&mut self, scope: Scope, start: Nanos, key: &str, vals: &[f64], t: Nanos) {
@@ -603,16 +609,20 @@ impl Window {
     }
 
     fn row(&self, key: &str, start: Nanos, end: Nanos, cells: &[f64], sketches: &[DDSketch]) -> Event {
-        let ncols = self.group_cols.len() + 3 + self.plan.fields.iter().map(|f| f.fns.len()).sum::<usize>();
-        let mut row = Event::with_capacity(ncols, ncols * 20 + key.len());
+        let mut row = Event::from_layout(&self.layout, key.len());
         let key = key.split('\u{1e}').next().unwrap_or(key);
-        for (col, v) in self.group_cols.iter().zip(Self::key_values(key)) {
-            row.push(col, v);
+        for (i, part) in key.split('\u{1f}').enumerate().take(self.group_cols.len()) {
+            let (tag, text) = part.split_at(1);
+            match tag {
+                "s" => row.set_str_at(i, text),
+                _ => row.set_at(i, &Self::key_value(tag, text)),
+            }
         }
-        row.push("window_start", Value::Time(start));
-        row.push("window_end", Value::Time(end));
-        row.push("count", Value::Int(cells[0] as i64));
-        self.plan.finish(cells, sketches, &mut row);
+        let g = self.group_cols.len();
+        row.set_at(g, &Value::Time(start));
+        row.set_at(g + 1, &Value::Time(end));
+        row.set_at(g + 2, &Value::Int(cells[0] as i64));
+        self.plan.finish_at(cells, sketches, &mut row, g + 3);
         row.time = start;
         row
     }
