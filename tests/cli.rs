@@ -109,7 +109,7 @@ fn schema_is_a_json_schema_of_the_format() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["title"], "PipelineConfig");
     let text = v.to_string();
-    for t in ["files", "simulator", "filter", "map", "window", "parquet", "console", "jsonl"] {
+    for t in ["files", "simulator", "webhook", "filter", "map", "window", "parquet", "console", "jsonl", "central"] {
         assert!(text.contains(&format!("\"{t}\"")), "{t}");
     }
 }

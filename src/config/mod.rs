@@ -275,6 +275,25 @@ pub trait Spec {
     fn check_partitioned(&self, _ptr: &str, _cx: &mut Checker<'_>) {}
 }
 
+/// A boxed configuration (for large ones, so that the role's enum stays small) checks as itself.
+impl<T: Spec> Spec for Box<T> {
+    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        (**self).check(ptr, cx)
+    }
+    fn inputs(&self) -> &[String] {
+        (**self).inputs()
+    }
+    fn ports(&self) -> Vec<&'static str> {
+        (**self).ports()
+    }
+    fn needs(&self) -> Needs {
+        (**self).needs()
+    }
+    fn forwards(&self) -> bool {
+        (**self).forwards()
+    }
+}
+
 /// What a component reads of its input events.
 #[derive(Debug, Clone)]
 pub enum Needs {

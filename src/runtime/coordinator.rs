@@ -606,7 +606,8 @@ async fn sink_task(
                     Err(err) => return fail(err),
                 },
                 Item::Partition(_) => {}
-                Item::End(_) => {
+                Item::End(reason) => {
+                    if let Err(err) = s.on_end(reason).await { return fail(err) }
                     drained = true;
                     let _ = reports.send(Report::Drained { node });
                 }

@@ -152,6 +152,12 @@ pub trait Sink: Send {
     async fn flush(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>>;
     /// Checkpoint `epoch` is durable: make its output visible.
     async fn commit(&mut self, epoch: u64) -> anyhow::Result<()>;
+    /// All inputs ended, for this reason; the final flush follows. A sink that may hold output
+    /// back (a remote that is slow to accept it) can wait for all of it when the input was
+    /// exhausted, and keep it in the final checkpoint when the pipeline was stopped.
+    async fn on_end(&mut self, _reason: EndReason) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Called about once a second (time-based rolling).
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         Ok(())

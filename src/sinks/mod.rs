@@ -2,6 +2,7 @@
 //! [`Spec`](crate::config::Spec) and a [`Sink`](crate::runtime::Sink)), one line in the enum
 //! below and one arm in [`build`].
 
+pub mod central;
 pub mod console;
 pub mod jsonl;
 pub mod parquet;
@@ -14,6 +15,7 @@ crate::component_enum! {
         Parquet("parquet", parquet::ParquetConfig),
         Console("console", console::ConsoleConfig),
         Jsonl("jsonl", jsonl::JsonlConfig),
+        Central("central", Box<central::CentralConfig>),
     }
 }
 
@@ -23,5 +25,6 @@ pub async fn build(cfg: &SinkConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn
         SinkConfig::Parquet(c) => Box::new(parquet::ParquetSink::new(c.clone(), cx).await?),
         SinkConfig::Console(c) => Box::new(console::ConsoleSink::new(c.clone(), cx)),
         SinkConfig::Jsonl(c) => Box::new(jsonl::JsonlSink::new(c.clone(), cx)?),
+        SinkConfig::Central(c) => Box::new(central::CentralSink::new((**c).clone(), cx).await?),
     })
 }

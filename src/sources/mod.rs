@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod files;
 pub mod simulator;
+pub mod webhook;
 
 use crate::runtime::{BuildCx, Source};
 
@@ -14,6 +15,7 @@ crate::component_enum! {
         Files("files", files::FilesConfig),
         Amqp("amqp", amqp::AmqpConfig),
         Simulator("simulator", simulator::SimulatorConfig),
+        Webhook("webhook", webhook::WebhookConfig),
     }
 }
 
@@ -26,5 +28,6 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
         SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
         SourceConfig::Amqp(c) => Box::new(amqp::AmqpSource::new(c.clone(), cx)?),
         SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
+        SourceConfig::Webhook(c) => Box::new(webhook::WebhookSource::new(c.clone(), cx)?),
     })
 }
