@@ -3,6 +3,7 @@
 //! [`Source`](crate::runtime::Source)), one line in the enum below and one arm in [`build`].
 
 pub mod amqp;
+pub mod eventhubs;
 pub mod files;
 pub mod simulator;
 
@@ -14,6 +15,7 @@ crate::component_enum! {
         Files("files", files::FilesConfig),
         Amqp("amqp", amqp::AmqpConfig),
         Simulator("simulator", simulator::SimulatorConfig),
+        EventHubs("eventhubs", eventhubs::EventHubsConfig),
     }
 }
 
@@ -25,6 +27,7 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
     Ok(match cfg {
         SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
         SourceConfig::Amqp(c) => Box::new(amqp::AmqpSource::new(c.clone(), cx)?),
+        SourceConfig::EventHubs(c) => Box::new(eventhubs::EventHubsSource::new(c.clone(), cx)?),
         SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
     })
 }
