@@ -457,8 +457,11 @@ pub struct EventHubsSource {
     expiry: Duration,
     ended: bool,
     released_all: bool,
-    /// Partitions a restart resumed from the pipeline's own checkpoint (their state came with it).
-    resumed: BTreeSet<u32>,
+    /// Partitions whose position in the restored pipeline checkpoint is used up: resumed from it
+    /// (their transform state came with it) or handed on (their state was dropped).
+    restored_used: BTreeSet<u32>,
+    /// The first successful balancing round has run.
+    balanced_once: bool,
 }
 
 impl EventHubsSource {
@@ -504,14 +507,23 @@ impl EventHubsSource {
             tx: None,
             ended: false,
             released_all: false,
-            resumed: BTreeSet::new(),
+            restored_used: BTreeSet::new(),
+            balanced_once: false,
             cfg,
         })
     }
 
     fn snapshot_state(&self) -> Vec<u8> {
-        let positions =
+        let mut positions =
             self.parts.iter().filter_map(|(p, part)| part.last.clone().map(|pos| (*p, pos))).collect::<Vec<_>>();
+        // restored positions not decided on yet (the store was unreachable): kept for the next start
+        if let Some(r) = &self.restored {
+            for (p, pos) in &r.positions {
+                if !self.parts.contains_key(p) && !self.restored_used.contains(p) {
+                    positions.push((*p, pos.clone()));
+                }
+            }
+        }
         postcard::to_allocvec(&SourceState { owner: self.owner.clone(), positions }).unwrap_or_default()
     }
 
@@ -685,7 +697,7 @@ impl EventHubsSource {
     }
 
     /// One round of ownership renewal and balancing.
-    async fn balance(&mut self, cx: &mut SourceCx, first: bool) -> anyhow::Result<()> {
+    async fn balance(&mut self, cx: &mut SourceCx) -> anyhow::Result<()> {
         let Some(store) = self.store.clone() else { return Ok(()) };
         store.heartbeat(&self.owner).await?;
         let ownerships = store.list_ownership_records().await?;
@@ -741,16 +753,17 @@ impl EventHubsSource {
                 }
             }
         }
-        if first {
+        if !self.balanced_once {
             // partitions of the restored checkpoint that this instance no longer reads: their
             // state moves on with the partition
             if let Some(r) = self.restored.clone() {
                 for (p, _) in r.positions {
-                    if !self.parts.contains_key(&p) {
+                    if !self.parts.contains_key(&p) && self.restored_used.insert(p) {
                         cx.remove_partition(p).await?;
                     }
                 }
             }
+            self.balanced_once = true;
         }
         self.update_health(cx);
         Ok(())
@@ -778,7 +791,7 @@ impl EventHubsSource {
             }
             (Some(_), None) => was_mine,
             (None, _) => false,
-        } && !self.resumed.contains(&p);
+        } && !self.restored_used.contains(&p);
         let pid = rec.partition.clone();
         let part = self.new_part(p, &pid);
         part.ownership = Some(rec);
@@ -788,7 +801,7 @@ impl EventHubsSource {
             let r = restored.unwrap();
             tracing::info!(partition = %pid, sequence_number = r.seq, "resuming after the pipeline's checkpoint");
             part.last = Some(r.clone());
-            self.resumed.insert(p);
+            self.restored_used.insert(p);
             StartAt::After(r.seq)
         } else {
             let states = match cp.as_ref().and_then(|c| c.state_object()) {
@@ -814,6 +827,7 @@ impl EventHubsSource {
                 "claimed the partition"
             );
             cx.add_partition(p, states).await?;
+            self.restored_used.insert(p);
             match cp.as_ref().and_then(|c| c.sequence_number) {
                 Some(s) => StartAt::After(s),
                 None => StartAt::Position(self.cfg.start_position()),
@@ -1133,7 +1147,7 @@ impl Source for EventHubsSource {
                 self.start_all(cx).await?
             }
             (Mode::Live, true) => {
-                if let Err(e) = self.balance(cx, true).await {
+                if let Err(e) = self.balance(cx).await {
                     tracing::warn!("balancing partitions failed, retrying: {e:#}");
                 }
             }
@@ -1171,7 +1185,7 @@ impl Source for EventHubsSource {
                     }
                 }
                 _ = tick.tick(), if balancing => {
-                    if let Err(e) = self.balance(cx, false).await {
+                    if let Err(e) = self.balance(cx).await {
                         cx.metrics.errors.inc();
                         tracing::warn!("balancing partitions failed (retried in {:?}): {e:#}", self.interval);
                     }
