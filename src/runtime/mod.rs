@@ -349,3 +349,31 @@ pub struct BuildCx<'a> {
 
 /// How often transforms and sinks get ticks.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn st(v: u8) -> ComponentStates {
+        ComponentStates::from([("w".to_string(), vec![v])])
+    }
+
+    #[test]
+    fn the_partition_board_keeps_recent_epochs() {
+        let b = PartitionBoard::default();
+        b.publish(1, HashMap::from([((0, 1), st(1))]));
+        b.publish(2, HashMap::from([((0, 2), st(2))]));
+        assert_eq!(b.get_at(0, 1, 1), Some(st(1)));
+        assert_eq!(b.get_at(0, 1, 2), Some(ComponentStates::new()), "epoch 2 is known and had no state for it");
+        assert_eq!(b.get_at(0, 1, 3), None, "epoch 3 is not known yet");
+        assert_eq!(b.get(0, 1), Some((1, st(1))), "the last epoch that had any");
+        b.forget(0, 2);
+        assert_eq!(b.get(0, 2), None);
+        for e in 3..3 + PartitionBoard::HISTORY as u64 {
+            b.publish(e, HashMap::new());
+        }
+        assert_eq!(b.get_at(0, 1, 1), None, "older epochs are dropped");
+        assert_eq!(b.get_at(0, 1, 3), Some(ComponentStates::new()));
+    }
+}

@@ -104,6 +104,9 @@ enum StreamEnd {
     Failed(String),
     /// The stream ended without an error (re-open it).
     Closed,
+    /// The SDK re-attached from the link's original position: open a new link after the last
+    /// event instead of receiving everything since that position again.
+    Replaying,
 }
 
 /// Reads one partition until stopped (or until its end, for a replay).
@@ -202,9 +205,13 @@ pub async fn read(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, mut stop: watch::Receiv
                                 report_health(&tx, p, g, &mut healthy, true, "receiving".into()).await;
                             }
                             let seq = ev.sequence_number().unwrap_or(-1);
-                            if last.is_some_and(|l| seq <= l) {
+                            if let Some(l) = last.filter(|l| seq <= *l) {
                                 // the SDK re-attached with its original start filter: seen already
                                 skipped += 1;
+                                if l - seq > 2 * cfg.prefetch as i64 {
+                                    tracing::info!(partition = p, sequence_number = l, "the link was re-attached from its first position: opening a new one after the last event read");
+                                    break StreamEnd::Replaying;
+                                }
                                 if skipped == 1 || skipped % 10_000 == 0 {
                                     tracing::debug!(partition = p, skipped, "dropping events received again after a re-attach");
                                 }
@@ -265,7 +272,7 @@ pub async fn read(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, mut stop: watch::Receiv
                 return;
             }
             StreamEnd::Stop | StreamEnd::Finished => break,
-            StreamEnd::Closed | StreamEnd::Failed(_) => continue,
+            StreamEnd::Closed | StreamEnd::Failed(_) | StreamEnd::Replaying => continue,
         }
     }
     let _ = tx.send(Msg::Ended { partition: p, generation: g }).await;
