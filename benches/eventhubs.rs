@@ -8,6 +8,8 @@
 //! process and competes for the same cores (2 on the project's machines): the numbers are a floor.
 //!
 //!   cargo bench --bench eventhubs            # EH_BENCH_EVENTS (default 500000), EH_BENCH_RUNS (default 2)
+//!
+//! Under `cargo test --all-targets` (unoptimized) it is a smoke run of 20,000 events.
 
 #[path = "../tests/common/eventhubs_emulator.rs"]
 mod eventhubs_emulator;
@@ -163,8 +165,10 @@ fn run_once(
 }
 
 fn main() {
-    let n: u64 = std::env::var("EH_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500_000);
-    let runs: usize = std::env::var("EH_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    // `cargo test --all-targets` runs benches unoptimized: a quick smoke run there
+    let (default_n, default_runs) = if cfg!(debug_assertions) { (20_000, 1) } else { (500_000, 2) };
+    let n: u64 = std::env::var("EH_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_n);
+    let runs: usize = std::env::var("EH_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(default_runs);
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("export.jsonl");
     let st = Command::new(bin())
