@@ -143,6 +143,10 @@ fn recovers_from_detaches_dropped_connections_and_a_busy_server_by_itself() {
         eh::metrics(&addr).is_some_and(|m| m.0 == 1)
     });
     assert_eq!(hub.emu.busy_remaining(), 0, "the busy faults were met");
+    hub.wait("consumer_lag 0 on every partition", Duration::from_secs(60), |_| {
+        (0..eh::PARTITIONS)
+            .all(|p| eh::metric(&addr, "centralflow_consumer_lag", &format!("partition=\"{p}\"")) == Some(0.0))
+    });
     let reconnects = eh::metrics(&addr).unwrap().1;
     let log = hub.stop(a, "a");
     hub.assert_raw_exactly_once();

@@ -462,6 +462,8 @@ pub struct EventHubsSource {
     restored_used: BTreeSet<u32>,
     /// The first successful balancing round has run.
     balanced_once: bool,
+    /// A client for management calls (partition properties, for the lag metric).
+    mgmt: Option<ConsumerClient>,
 }
 
 impl EventHubsSource {
@@ -509,6 +511,7 @@ impl EventHubsSource {
             released_all: false,
             restored_used: BTreeSet::new(),
             balanced_once: false,
+            mgmt: None,
             cfg,
         })
     }
@@ -1035,6 +1038,34 @@ impl EventHubsSource {
         }
     }
 
+    /// Sets `consumer_lag` (events enqueued after the last one read) of the partitions being read.
+    async fn update_lag(&mut self) {
+        if self.mgmt.is_none() {
+            self.mgmt =
+                tokio::time::timeout(Duration::from_secs(5), self.connector.open()).await.ok().and_then(Result::ok);
+        }
+        let Some(client) = &self.mgmt else { return };
+        for part in self.parts.values().filter(|p| p.status == Status::Reading) {
+            let props =
+                match tokio::time::timeout(Duration::from_secs(5), client.get_partition_properties(&part.pid)).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        // a fresh client next time
+                        self.mgmt = None;
+                        return;
+                    }
+                };
+            let read = part.last.as_ref().map_or(props.beginning_sequence_number - 1, |p| p.seq);
+            metrics::global()
+                .consumer_lag
+                .get_or_create(&metrics::PartitionLabel {
+                    component: self.name.to_string(),
+                    partition: part.pid.clone(),
+                })
+                .set((props.last_enqueued_sequence_number - read).max(0));
+        }
+    }
+
     /// Stops every reader and forwards what they still had; the stream then ends.
     async fn stop_readers(&mut self, cx: &mut SourceCx, rx: &mut mpsc::Receiver<Msg>) -> anyhow::Result<()> {
         for part in self.parts.values() {
@@ -1152,7 +1183,11 @@ impl Source for EventHubsSource {
                 }
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+        if self.mode == Mode::Live {
+            self.mgmt = Some(client);
+        } else {
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.close()).await;
+        }
         if self.mode == Mode::Replay && self.parts.values().all(|p| p.task.is_none()) {
             self.ended = true;
             return Ok(EndReason::Exhausted);
@@ -1184,11 +1219,14 @@ impl Source for EventHubsSource {
                         return Ok(EndReason::Exhausted);
                     }
                 }
-                _ = tick.tick(), if balancing => {
-                    if let Err(e) = self.balance(cx).await {
-                        cx.metrics.errors.inc();
-                        tracing::warn!("balancing partitions failed (retried in {:?}): {e:#}", self.interval);
+                _ = tick.tick(), if self.mode == Mode::Live => {
+                    if balancing {
+                        if let Err(e) = self.balance(cx).await {
+                            cx.metrics.errors.inc();
+                            tracing::warn!("balancing partitions failed (retried in {:?}): {e:#}", self.interval);
+                        }
                     }
+                    self.update_lag().await;
                 }
             }
         }
