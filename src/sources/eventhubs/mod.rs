@@ -742,7 +742,19 @@ impl EventHubsSource {
         for (pid, etag) in decision.claim {
             let was_mine = ownerships.iter().any(|o| o.partition == pid && o.owner == self.owner);
             match store.claim(&pid, &self.owner, etag.as_deref()).await? {
-                Some(rec) => self.adopt(cx, &store, rec, was_mine).await?,
+                Some(rec) => {
+                    let etag = rec.etag.clone();
+                    if let Err(e) = self.adopt(cx, &store, rec, was_mine).await {
+                        // not read: give the claim back so that it is retried (here or elsewhere)
+                        tracing::warn!(partition = %pid, "cannot start reading the partition, releasing it: {e:#}");
+                        if let Some(p) =
+                            pid.parse::<u32>().ok().filter(|p| self.parts.get(p).is_some_and(|x| x.task.is_none()))
+                        {
+                            self.parts.remove(&p);
+                        }
+                        let _ = store.claim(&pid, "", Some(&etag)).await;
+                    }
+                }
                 None => tracing::debug!(partition = %pid, "another instance claimed it first"),
             }
         }
@@ -810,8 +822,11 @@ impl EventHubsSource {
             let states = match cp.as_ref().and_then(|c| c.state_object()) {
                 Some(name) => {
                     let bytes = store.get_state(name).await?;
-                    postcard::from_bytes::<ComponentStates>(&bytes)
-                        .with_context(|| format!("the state of partition {pid} ({name}) is corrupt"))?
+                    postcard::from_bytes::<ComponentStates>(&bytes).unwrap_or_else(|e| {
+                        // bad input never stops a pipeline: the partition is read on, its windows start afresh
+                        tracing::error!(partition = %pid, "the stored state {name} is corrupt ({e}): starting without it");
+                        ComponentStates::new()
+                    })
                 }
                 None => ComponentStates::new(),
             };
