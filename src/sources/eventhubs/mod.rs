@@ -671,6 +671,11 @@ impl EventHubsSource {
                 None => self.cfg.start_position(),
             };
             let end = End { last_seq: props.last_enqueued_sequence_number, to_ms };
+            if from.is_none() && to.is_none() && self.cfg.start == Start::Earliest {
+                // the whole partition: its size is known, so the progress shows a percentage
+                let n = (end.last_seq - props.beginning_sequence_number + 1).max(0) as u64;
+                cx.progress.total_events.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
             tracing::info!(partition = %pid, last_sequence_number = end.last_seq, "replaying");
             self.spawn_reader(p, StartAt::Position(start), Some(end));
         }
