@@ -63,6 +63,14 @@ pub enum Command {
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Event Hubs sources only: replay the events enqueued at or after this time (RFC 3339,
+        /// e.g. 2026-11-01T00:00:00Z). Default: the source's `start` (earliest).
+        #[arg(long, value_name = "TIME")]
+        from: Option<String>,
+        /// Event Hubs sources only: stop before the events enqueued at or after this time
+        /// (RFC 3339). Default: each partition's last event when the replay starts.
+        #[arg(long, value_name = "TIME")]
+        to: Option<String>,
     },
     /// Check pipeline files without running them (offline). Exit code 2 when one is invalid.
     Validate {
@@ -152,9 +160,10 @@ async fn dispatch(cli: Cli) -> i32 {
                 }
             }
         }
-        Command::Run { pipeline, reset_state } => run(&pipeline, Mode::Live, reset_state, false).await,
-        Command::Replay { pipeline, reset_state, no_progress } => {
-            run(&pipeline, Mode::Replay, reset_state, !no_progress).await
+        Command::Run { pipeline, reset_state } => run(&pipeline, Mode::Live, reset_state, false, None).await,
+        Command::Replay { pipeline, reset_state, no_progress, from, to } => {
+            let range = if from.is_some() || to.is_some() { Some((from, to)) } else { None };
+            run(&pipeline, Mode::Replay, reset_state, !no_progress, range).await
         }
     }
 }
@@ -221,11 +230,23 @@ fn simulate(
     Ok(())
 }
 
-async fn run(path: &std::path::Path, mode: Mode, reset_state: bool, progress_bar: bool) -> i32 {
+async fn run(
+    path: &std::path::Path,
+    mode: Mode,
+    reset_state: bool,
+    progress_bar: bool,
+    range: Option<(Option<String>, Option<String>)>,
+) -> i32 {
     let mut plan = match load(path) {
         Ok(p) => p,
         Err(c) => return c,
     };
+    if mode == Mode::Replay {
+        if let Err(e) = replay_range(&mut plan, range) {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    }
     // the operations endpoint (run only, unless disabled); it outlives reloads
     if mode == Mode::Live {
         let api =
@@ -275,6 +296,48 @@ async fn run(path: &std::path::Path, mode: Mode, reset_state: bool, progress_bar
             None => return 0,
         }
     }
+}
+
+/// `replay --from/--to`: a time range of the pipeline's Event Hubs sources. A replay of an Event
+/// Hubs pipeline never uses the pipeline's checkpoint store: it must not touch the state of the
+/// instances that run it live (its output goes where the sinks say: point them elsewhere).
+fn replay_range(plan: &mut Plan, range: Option<(Option<String>, Option<String>)>) -> Result<(), String> {
+    use crate::sources::SourceConfig;
+    let parse = |flag: &str, v: Option<String>| -> Result<Option<crate::event::Nanos>, String> {
+        match v {
+            None => Ok(None),
+            Some(t) => crate::time::parse_rfc3339(&t)
+                .map(Some)
+                .ok_or_else(|| format!("{flag} {t:?} is not an RFC 3339 timestamp (like 2026-11-01T13:00:00Z)")),
+        }
+    };
+    let mut hubs = 0;
+    for n in &mut plan.nodes {
+        if let config::ComponentConfig::Source(SourceConfig::EventHubs(c)) = &mut n.config {
+            hubs += 1;
+            if let Some((from, to)) = range.clone() {
+                let (from, to) = (parse("--from", from)?, parse("--to", to)?);
+                if let (Some(f), Some(t)) = (from, to) {
+                    if f >= t {
+                        return Err("--to must be later than --from".into());
+                    }
+                }
+                c.replay_range = Some((from, to));
+            }
+        }
+    }
+    if hubs == 0 && range.is_some() {
+        return Err("--from/--to select a time range of an Event Hubs source, and this pipeline has none \
+(a files source takes `from`/`to` in the pipeline)"
+            .into());
+    }
+    if hubs > 0 {
+        if let Some(c) = plan.checkpoint.as_mut().filter(|c| c.url.is_some()) {
+            tracing::info!("replaying an Event Hubs pipeline: its checkpoint store is not used");
+            c.url = None;
+        }
+    }
+    Ok(())
 }
 
 /// Why a run was asked to end.

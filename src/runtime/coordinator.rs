@@ -225,6 +225,11 @@ pub async fn run_pipeline(
     let mut failure: Option<String> = None;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut last_durable = Instant::now();
+    // sources commit an epoch once every sink has committed it (output visible before positions move)
+    let mut sink_committed: HashMap<usize, u64> =
+        rt.iter().enumerate().filter(|(_, r)| r.role == Role::Sink).map(|(i, _)| (i, epoch)).collect();
+    let mut sources_committed = epoch;
+    let mut final_epoch: Option<u64> = None;
     tokio::pin!(stop);
 
     while !final_done {
@@ -254,6 +259,17 @@ pub async fn run_pipeline(
                         rt[node].done = true;
                         if let Some(p) = pending.as_ref().filter(|p| p.waiting.contains(&node)) {
                             send(&rt[node], Control::Flush(p.epoch));
+                        }
+                    }
+                    Report::Committed { node, epoch: e } => {
+                        let c = sink_committed.entry(node).or_insert(e);
+                        *c = (*c).max(e);
+                        let all = sink_committed.values().copied().min().unwrap_or(e);
+                        if all > sources_committed {
+                            sources_committed = all;
+                            for r in rt.iter().filter(|r| r.role == Role::Source) {
+                                send(r, Control::Commit(all));
+                            }
                         }
                     }
                     Report::Failed { node, error } => {
@@ -317,17 +333,27 @@ pub async fn run_pipeline(
                 m.checkpoint_seconds.observe(p.started.elapsed().as_secs_f64());
                 m.checkpoint_epoch.set(p.epoch as i64);
                 last_durable = Instant::now();
-                for r in rt.iter().filter(|r| r.role != Role::Transform) {
-                    send(r, Control::Commit(p.epoch));
+                if sink_committed.is_empty() {
+                    sources_committed = p.epoch;
                 }
-            }
-            if p.is_final {
+                for r in rt.iter().filter(|r| r.role != Role::Transform) {
+                    if r.role == Role::Sink || sink_committed.is_empty() {
+                        send(r, Control::Commit(p.epoch));
+                    }
+                }
+                if p.is_final {
+                    final_epoch = Some(p.epoch);
+                }
+            } else if p.is_final {
                 final_done = true;
             }
         }
+        if final_epoch.is_some_and(|f| sources_committed >= f) {
+            final_done = true;
+        }
         metrics::global().checkpoint_age_seconds.set(last_durable.elapsed().as_secs_f64());
         // when everything has drained, one last epoch covers the rest
-        if pending.is_none() && !final_done && rt.iter().all(|r| r.done) {
+        if pending.is_none() && !final_done && final_epoch.is_none() && rt.iter().all(|r| r.done) {
             epoch += 1;
             pending = Some(start_epoch(&rt, epoch, true));
         }
@@ -587,7 +613,10 @@ async fn sink_task(
                     Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions: Vec::new() }); }
                     Err(err) => return fail(err),
                 },
-                Some(Control::Commit(e)) => if let Err(err) = s.commit(e).await { return fail(err) },
+                Some(Control::Commit(e)) => match s.commit(e).await {
+                    Ok(()) => { let _ = reports.send(Report::Committed { node, epoch: e }); }
+                    Err(err) => return fail(err),
+                },
                 Some(Control::Shutdown) | None => {
                     if let Err(err) = s.close().await { fail(err) }
                     return;

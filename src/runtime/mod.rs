@@ -51,10 +51,29 @@ pub enum Control {
 /// Messages from components to the coordinator.
 #[derive(Debug)]
 pub(crate) enum Report {
-    Snapshot { node: usize, epoch: u64, state: Vec<u8>, partitions: Vec<PartitionState> },
-    Finished { node: usize, state: Vec<u8>, partitions: Vec<PartitionState> },
-    Drained { node: usize },
-    Failed { node: usize, error: String },
+    Snapshot {
+        node: usize,
+        epoch: u64,
+        state: Vec<u8>,
+        partitions: Vec<PartitionState>,
+    },
+    Finished {
+        node: usize,
+        state: Vec<u8>,
+        partitions: Vec<PartitionState>,
+    },
+    Drained {
+        node: usize,
+    },
+    /// A sink committed epoch `epoch` (its output is visible).
+    Committed {
+        node: usize,
+        epoch: u64,
+    },
+    Failed {
+        node: usize,
+        error: String,
+    },
     RequestCheckpoint,
 }
 
@@ -64,7 +83,9 @@ pub trait Source: Send {
     /// Produces events until the input is exhausted or [`Control::Stop`] arrives. It must serve
     /// [`Control::Barrier`] (via [`SourceCx::barrier`]) and may act on [`Control::Commit`].
     async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason>;
-    /// Commits what checkpoint `epoch` covers (acknowledgements, stored offsets).
+    /// Commits what checkpoint `epoch` covers (acknowledgements, stored offsets). Sources get
+    /// `Commit(n)` only after every sink has committed epoch `n`, so that positions never move
+    /// past output that is not yet visible.
     async fn commit(&mut self, _epoch: u64) -> anyhow::Result<()> {
         Ok(())
     }
@@ -111,30 +132,49 @@ pub struct PartitionState {
     pub state: Vec<u8>,
 }
 
-/// Per-partition state of the last durable checkpoint, by (source index, partition), then
+/// Per-partition state of the last durable checkpoints, by (source index, partition), then
 /// component name: what a source that hands partitions over (Event Hubs) stores with the
-/// partition's checkpoint.
+/// partition's checkpoint. The last [`PartitionBoard::HISTORY`] epochs are kept, because a
+/// source may commit epoch `n` after epoch `n + 1` became durable (sources commit once every
+/// sink has committed).
 #[derive(Debug, Default)]
 pub struct PartitionBoard {
-    inner: std::sync::Mutex<std::collections::HashMap<(u16, u32), (u64, ComponentStates)>>,
+    inner: std::sync::Mutex<std::collections::VecDeque<(u64, EpochStates)>>,
 }
 
 /// States by component name.
 pub type ComponentStates = std::collections::BTreeMap<String, Vec<u8>>;
 
+/// The per-partition states of one checkpoint.
+type EpochStates = std::collections::HashMap<(u16, u32), ComponentStates>;
+
 impl PartitionBoard {
+    /// Epochs kept.
+    pub const HISTORY: usize = 16;
+
     pub(crate) fn publish(&self, epoch: u64, states: std::collections::HashMap<(u16, u32), ComponentStates>) {
         let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, v) in states {
-            m.insert(k, (epoch, v));
+        m.push_back((epoch, states));
+        while m.len() > Self::HISTORY {
+            m.pop_front();
         }
     }
     /// The states of a partition at the last durable checkpoint that had any.
     pub fn get(&self, source: u16, partition: u32) -> Option<(u64, ComponentStates)> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).get(&(source, partition)).cloned()
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().rev().find_map(|(e, s)| s.get(&(source, partition)).map(|v| (*e, v.clone())))
+    }
+    /// The states of a partition at checkpoint `epoch` (empty when no component kept state for
+    /// it then); `None` when that epoch is not (or no longer) known.
+    pub fn get_at(&self, source: u16, partition: u32, epoch: u64) -> Option<ComponentStates> {
+        let m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().find(|(e, _)| *e == epoch).map(|(_, s)| s.get(&(source, partition)).cloned().unwrap_or_default())
     }
     pub(crate) fn forget(&self, source: u16, partition: u32) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(&(source, partition));
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, s) in m.iter_mut() {
+            s.remove(&(source, partition));
+        }
     }
 }
 
@@ -265,6 +305,12 @@ impl SourceCx {
         self.board.get(self.source_index, partition)
     }
 
+    /// The per-partition states of durable checkpoints (also usable after `run` returned, in
+    /// [`Source::commit`]).
+    pub fn partition_board(&self) -> Arc<PartitionBoard> {
+        self.board.clone()
+    }
+
     /// Asks for a checkpoint soon (e.g. unacknowledged deliveries near the broker's prefetch limit).
     pub fn request_checkpoint(&self) {
         let _ = self.reports.send(Report::RequestCheckpoint);
@@ -309,3 +355,31 @@ pub struct BuildCx<'a> {
 
 /// How often transforms and sinks get ticks.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn st(v: u8) -> ComponentStates {
+        ComponentStates::from([("w".to_string(), vec![v])])
+    }
+
+    #[test]
+    fn the_partition_board_keeps_recent_epochs() {
+        let b = PartitionBoard::default();
+        b.publish(1, HashMap::from([((0, 1), st(1))]));
+        b.publish(2, HashMap::from([((0, 2), st(2))]));
+        assert_eq!(b.get_at(0, 1, 1), Some(st(1)));
+        assert_eq!(b.get_at(0, 1, 2), Some(ComponentStates::new()), "epoch 2 is known and had no state for it");
+        assert_eq!(b.get_at(0, 1, 3), None, "epoch 3 is not known yet");
+        assert_eq!(b.get(0, 1), Some((1, st(1))), "the last epoch that had any");
+        b.forget(0, 2);
+        assert_eq!(b.get(0, 2), None);
+        for e in 3..3 + PartitionBoard::HISTORY as u64 {
+            b.publish(e, HashMap::new());
+        }
+        assert_eq!(b.get_at(0, 1, 1), None, "older epochs are dropped");
+        assert_eq!(b.get_at(0, 1, 3), Some(ComponentStates::new()));
+    }
+}

@@ -3,6 +3,7 @@
 //! [`Source`](crate::runtime::Source)), one line in the enum below and one arm in [`build`].
 
 pub mod amqp;
+pub mod eventhubs;
 pub mod files;
 pub mod simulator;
 pub mod webhook;
@@ -16,6 +17,7 @@ crate::component_enum! {
         Amqp("amqp", amqp::AmqpConfig),
         Simulator("simulator", simulator::SimulatorConfig),
         Webhook("webhook", webhook::WebhookConfig),
+        EventHubs("eventhubs", eventhubs::EventHubsConfig),
     }
 }
 
@@ -27,6 +29,7 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
     Ok(match cfg {
         SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
         SourceConfig::Amqp(c) => Box::new(amqp::AmqpSource::new(c.clone(), cx)?),
+        SourceConfig::EventHubs(c) => Box::new(eventhubs::EventHubsSource::new(c.clone(), cx)?),
         SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
         SourceConfig::Webhook(c) => Box::new(webhook::WebhookSource::new(c.clone(), cx)?),
     })

@@ -4,6 +4,7 @@
 
 pub mod amqp_pipeline;
 pub mod eventhubs_emulator;
+pub mod eventhubs_pipeline;
 pub mod iotc_emulator;
 
 use std::collections::BTreeMap;
