@@ -131,23 +131,23 @@ pub(super) struct Shared {
     reg_pacer: Pacer,
 }
 
-/// Paces events to a rate, allowing a burst of one second's worth.
+/// Paces events to a rate, allowing a burst of `burst` worth of them after a pause.
 struct Pacer {
     per_sec: f64,
+    burst: Duration,
     next: Mutex<Option<Instant>>,
 }
 
 impl Pacer {
-    fn new(per_sec: f64) -> Pacer {
-        Pacer { per_sec, next: Mutex::new(None) }
+    fn new(per_sec: f64, burst: Duration) -> Pacer {
+        Pacer { per_sec, burst, next: Mutex::new(None) }
     }
     /// Waits until `n` events may go.
     async fn take(&self, n: usize) {
         let start = {
             let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            let burst = Duration::from_secs(1);
-            let floor = now.checked_sub(burst).unwrap_or(now);
+            let floor = now.checked_sub(self.burst).unwrap_or(now);
             let at = match *next {
                 Some(t) if t > floor => t,
                 _ => floor,
@@ -249,8 +249,9 @@ impl Engine {
         let sh = Arc::new(Shared {
             send_slots: Arc::new(Semaphore::new(set.concurrency)),
             reg_slots: Semaphore::new(set.concurrency.clamp(1, 32)),
-            msg_pacer: Pacer::new(set.rate),
-            reg_pacer: Pacer::new(set.regs_per_minute / 60.0),
+            msg_pacer: Pacer::new(set.rate, Duration::from_secs(1)),
+            // evenly spaced, no burst: DPS counts registrations per minute
+            reg_pacer: Pacer::new(set.regs_per_minute / 60.0, Duration::ZERO),
             set,
             name: cx.name.to_string(),
             metrics: cx.metrics.clone(),
@@ -943,12 +944,25 @@ mod tests {
 
     #[tokio::test]
     async fn the_pacer_keeps_the_rate() {
-        let p = Pacer::new(1000.0);
+        let p = Pacer::new(1000.0, Duration::from_secs(1));
         let t0 = Instant::now();
         for _ in 0..30 {
             p.take(100).await; // 3,000 at 1,000/s: 1 s of burst, then 2 s
         }
         let took = t0.elapsed();
         assert!(took >= Duration::from_millis(1800) && took < Duration::from_millis(2600), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn without_a_burst_the_pacer_spaces_every_event() {
+        // registrations: 10 at 20/s take 0.45 s (the first goes at once), never faster
+        let p = Pacer::new(20.0, Duration::ZERO);
+        tokio::time::sleep(Duration::from_millis(300)).await; // an idle pause earns nothing
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            p.take(1).await;
+        }
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(440) && took < Duration::from_millis(900), "{took:?}");
     }
 }

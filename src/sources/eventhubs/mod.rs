@@ -427,6 +427,9 @@ struct Part {
     /// What the stored checkpoint holds: (sequence number, hash of the states).
     written: Option<(i64, u64)>,
     healthy: bool,
+    /// The receivers' owner level (epoch): the time of the claim, so that the link of an
+    /// instance that claimed later displaces ours, and ours cannot take it back.
+    owner_level: i64,
 }
 
 /// Positions at a barrier.
@@ -539,8 +542,10 @@ impl EventHubsSource {
             start,
             end,
             prefetch: self.cfg.prefetch,
-            // like Azure's processors: a new owner's link displaces a stale one
-            owner_level: (self.mode == Mode::Live && self.store.is_some()).then_some(0),
+            // like Azure's processors: a new owner's link displaces a stale one, and a stale
+            // owner's reconnect (a lower level) is refused
+            owner_level: (self.mode == Mode::Live && self.store.is_some())
+                .then(|| self.parts.get(&partition).map_or(0, |p| p.owner_level)),
             batch_size: self.cfg.batch_size,
             linger: self.linger,
             projection: self.projection,
@@ -569,6 +574,7 @@ impl EventHubsSource {
             state_object: None,
             written: None,
             healthy: false,
+            owner_level: 0,
         })
     }
 
@@ -814,6 +820,7 @@ impl EventHubsSource {
         } && !self.restored_used.contains(&p);
         let pid = rec.partition.clone();
         let part = self.new_part(p, &pid);
+        part.owner_level = rec.modified_ms.max(0);
         part.ownership = Some(rec);
         part.state_object = cp.as_ref().and_then(|c| c.state_object().map(str::to_string));
         part.written = None;
@@ -923,7 +930,9 @@ impl EventHubsSource {
                             Some(pos) => StartAt::After(pos.seq),
                             None => StartAt::Position(self.cfg.start_position()),
                         };
-                        self.parts.get_mut(&partition).unwrap().ownership = Some(o);
+                        let part = self.parts.get_mut(&partition).unwrap();
+                        part.owner_level = part.owner_level.max(o.modified_ms);
+                        part.ownership = Some(o);
                         self.spawn_reader(partition, start, None);
                     }
                     None => self.lose(cx, partition, &format!("receiver displaced ({detail})")).await?,

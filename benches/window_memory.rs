@@ -1,0 +1,85 @@
+//! Memory per open (group, window) state: 100,000 devices, each with one open 1-minute window
+//! over 5 aggregated telemetry fields, measured with a counting allocator (live heap bytes
+//! after the events are gone, minus before), for plain aggregates and with a quantile sketch.
+//!
+//!   cargo bench --bench window_memory
+//!
+//! Under `cargo test` (no `--bench`) it runs 2,000 devices, as a check.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+use centralflow::event::Batch;
+use centralflow::metrics::ComponentMetrics;
+use centralflow::runtime::{Emitter, Transform};
+use centralflow::transforms::window::{Window, WindowConfig};
+
+/// The system allocator, counting live bytes.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const FIELDS: [&str; 5] = ["temperature", "humidity", "pressure", "battery", "co2"];
+
+fn measure(devices: usize, aggregates: &str) -> (f64, usize) {
+    let yaml = format!(
+        "inputs: [x]\nwindow: {{kind: tumbling, size: 1m}}\naggregates: {{{}}}\n",
+        FIELDS.iter().map(|f| format!("{f}: {aggregates}")).collect::<Vec<_>>().join(", ")
+    );
+    let cfg: WindowConfig = serde_saphyr::from_str(&yaml).unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut w = Window::from_config(&cfg, "mem", ComponentMetrics::new("mem", "window")).unwrap();
+    for chunk in (0..devices).collect::<Vec<_>>().chunks(4096) {
+        let events = chunk
+            .iter()
+            .map(|d| {
+                let tele: Vec<String> =
+                    FIELDS.iter().enumerate().map(|(i, f)| format!(r#""{f}":{}.{}"#, 20 + i, d % 97)).collect();
+                let json = format!(
+                    r#"{{"messageSource":"telemetry","deviceId":"device-{d:06}","enqueuedTime":"2026-11-01T00:00:{:02}.{:03}Z","telemetry":{{{}}}}}"#,
+                    d % 60,
+                    d % 1000,
+                    tele.join(",")
+                );
+                centralflow::model::decode::decode_one(bytes::Bytes::from(json)).unwrap()
+            })
+            .collect();
+        let mut out = Emitter::new(3);
+        w.process(Batch::new(events), &mut out);
+        assert!(out.take().iter().all(Vec::is_empty), "every window stays open");
+    }
+    assert_eq!(w.open_states(), devices);
+    let live = LIVE.load(Ordering::Relaxed) - before;
+    (live as f64 / devices as f64, w.state_bytes())
+}
+
+fn main() {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let devices = if bench { 100_000 } else { 2_000 };
+    println!("open (device, 1-minute window) states: {devices} devices x {} aggregated fields\n", FIELDS.len());
+    println!("| aggregates per field | live heap bytes per open window | of which accumulators and keys |");
+    println!("|---|---|---|");
+    for aggs in ["[avg, min, max]", "[count, sum, avg, min, max, stddev]", "[avg, p95]"] {
+        let (per, state) = measure(devices, aggs);
+        println!("| `{aggs}` | {per:.0} | {:.0} |", state as f64 / devices as f64);
+        assert!(per > 0.0 && per < 64.0 * 1024.0, "{aggs}: {per} bytes per window");
+    }
+}
