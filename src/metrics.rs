@@ -42,6 +42,7 @@ pub struct Metrics {
     pub open_windows: Family<ComponentLabel, Gauge<i64, AtomicI64>>,
     pub connected: Family<ComponentLabel, Gauge<i64, AtomicI64>>,
     pub reconnects: Family<ComponentLabel, Counter>,
+    pub committed: Family<ComponentLabel, Counter>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_age_seconds: Gauge<f64, AtomicU64>,
@@ -72,6 +73,7 @@ impl Metrics {
             open_windows: Family::default(),
             connected: Family::default(),
             reconnects: Family::default(),
+            committed: Family::default(),
             consumer_lag: Family::default(),
             checkpoint_seconds: Histogram::new([0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
             checkpoint_age_seconds: Gauge::default(),
@@ -92,6 +94,11 @@ impl Metrics {
         r.register("open_windows", "Open (group, window) states", m.open_windows.clone());
         r.register("source_connected", "1 when a source's connection is up", m.connected.clone());
         r.register("source_reconnects", "Reconnections of a source", m.reconnects.clone());
+        r.register(
+            "source_committed",
+            "Input messages a source settled at its origin (acknowledged, checkpointed) once a checkpoint covered them",
+            m.committed.clone(),
+        );
         r.register("consumer_lag", "Messages waiting at the broker, where known", m.consumer_lag.clone());
         r.register(
             "checkpoint_duration_seconds",
@@ -139,6 +146,7 @@ pub struct ComponentMetrics {
     pub batch_seconds: Histogram,
     pub connected: Gauge<i64, AtomicI64>,
     pub reconnects: Counter,
+    pub committed: Counter,
     pub watermark: Gauge<i64, AtomicI64>,
     pub watermark_lag: Gauge<f64, AtomicU64>,
     pub open_windows: Gauge<i64, AtomicI64>,
@@ -160,6 +168,7 @@ impl ComponentMetrics {
             batch_seconds: m.batch_seconds.get_or_create(&label).clone(),
             connected: m.connected.get_or_create(&label).clone(),
             reconnects: m.reconnects.get_or_create(&label).clone(),
+            committed: m.committed.get_or_create(&label).clone(),
             watermark: m.watermark.get_or_create(&label).clone(),
             watermark_lag: m.watermark_lag_seconds.get_or_create(&label).clone(),
             open_windows: m.open_windows.get_or_create(&label).clone(),

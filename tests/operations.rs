@@ -17,7 +17,7 @@ use common::*;
 struct Running {
     child: Child,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
-    reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -35,7 +35,7 @@ impl Running {
                 sink.lock().unwrap().push(v);
             }
         });
-        Running { child, logs, reader }
+        Running { child, logs, reader: Some(reader) }
     }
 
     /// Waits for a log line whose message contains `text`; returns the message.
@@ -73,9 +73,18 @@ impl Running {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        self.reader.join().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
         let logs = self.logs.lock().unwrap().clone();
         (status, logs)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        // a failed test must not leave the process running
+        let _ = self.child.kill();
     }
 }
 
@@ -180,9 +189,11 @@ checkpoint:
         let read = sample(&m, "centralflow_events_out_total", "q").unwrap_or(0.0);
         let acked = amqp_depth(&queue) == (0, 0);
         let lag = sample(&m, "centralflow_consumer_lag", "q");
+        let settled = sample(&m, "centralflow_source_committed_total", "q");
         if read >= 5_000.0
             && acked
             && lag == Some(0.0)
+            && settled == Some(5_001.0)
             && sample(&m, "centralflow_dead_letters_total", "q") == Some(1.0)
         {
             break m;

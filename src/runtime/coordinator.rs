@@ -266,6 +266,7 @@ pub async fn run_pipeline(
                         *c = (*c).max(e);
                         let all = sink_committed.values().copied().min().unwrap_or(e);
                         if all > sources_committed {
+                            tracing::debug!(epoch = all, "every sink committed: sources commit");
                             sources_committed = all;
                             for r in rt.iter().filter(|r| r.role == Role::Source) {
                                 send(r, Control::Commit(all));
@@ -302,6 +303,7 @@ pub async fn run_pipeline(
         // a complete checkpoint is written, then committed
         if pending.as_ref().is_some_and(|p| p.waiting.is_empty()) {
             let p = pending.take().unwrap();
+            let aligned = p.started.elapsed();
             let ck = Checkpoint {
                 epoch: p.epoch,
                 written_at: crate::time::now_nanos(),
@@ -328,6 +330,12 @@ pub async fn run_pipeline(
                 None => true,
             };
             if written {
+                tracing::debug!(
+                    epoch = p.epoch,
+                    aligned_ms = aligned.as_secs_f64() * 1e3,
+                    durable_ms = p.started.elapsed().as_secs_f64() * 1e3,
+                    "checkpoint durable"
+                );
                 board.publish(p.epoch, p.partitions);
                 let m = metrics::global();
                 m.checkpoint_seconds.observe(p.started.elapsed().as_secs_f64());

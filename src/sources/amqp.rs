@@ -78,6 +78,12 @@ pub struct AmqpConfig {
     /// (the broker stops delivering at `prefetch`).
     #[serde(default = "d_checkpoint_at")]
     pub checkpoint_at: f64,
+    /// Ask for a checkpoint when the queue has been quiet this long after a burst (at least
+    /// `batch_size / 10` deliveries unacknowledged), so that a burst's output is committed and
+    /// acknowledged without waiting for `checkpoint.interval`. Slow steady streams are not
+    /// affected: they are checkpointed on the interval. `0s` turns it off.
+    #[serde(default = "d_quiet")]
+    pub quiet_checkpoint: String,
 }
 
 /// Queue declaration.
@@ -118,6 +124,9 @@ fn d_batch() -> usize {
 fn d_linger() -> String {
     "50ms".into()
 }
+fn d_quiet() -> String {
+    "250ms".into()
+}
 fn d_checkpoint_at() -> f64 {
     0.5
 }
@@ -151,6 +160,7 @@ impl Spec for AmqpConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
+        cx.duration(&format!("{ptr}/quiet_checkpoint"), &self.quiet_checkpoint);
         if !(self.checkpoint_at > 0.0 && self.checkpoint_at <= 1.0) {
             cx.error(&format!("{ptr}/checkpoint_at"), "must be a share in (0, 1]");
         }
@@ -199,6 +209,8 @@ pub struct AmqpSource {
     name: String,
     projection: Option<&'static Projection>,
     linger: Duration,
+    /// See [`AmqpConfig::quiet_checkpoint`]; `None` when turned off.
+    quiet: Option<Duration>,
     /// Processed messages not yet acknowledged (confirmed): hash -> (copies, epoch last seen).
     processed: HashMap<u128, (u32, u64)>,
     /// Deliveries on the current channel not yet acknowledged: (tag, hash of a processed message).
@@ -214,6 +226,8 @@ pub struct AmqpSource {
     dead_letter_exchange: Option<String>,
     dead_letter_queue: String,
     skipped: u64,
+    /// Messages settled with the broker.
+    committed: prometheus_client::metrics::counter::Counter,
 }
 
 impl AmqpSource {
@@ -227,6 +241,8 @@ impl AmqpSource {
             processed = st.processed.into_iter().map(|(h, n)| (h, (n, 0))).collect();
         }
         let linger = crate::time::parse_duration(&cfg.linger).map_err(anyhow::Error::msg)?;
+        let quiet = Some(crate::time::parse_duration(&cfg.quiet_checkpoint).map_err(anyhow::Error::msg)?)
+            .filter(|d| !d.is_zero());
         let dead_letter_exchange = cfg
             .dead_letter_exchange
             .clone()
@@ -237,6 +253,7 @@ impl AmqpSource {
             name: cx.name.to_string(),
             projection: cx.projection,
             linger,
+            quiet,
             processed,
             delivered: VecDeque::new(),
             outstanding: HashMap::new(),
@@ -248,6 +265,7 @@ impl AmqpSource {
             asked_checkpoint: false,
             dead_letter_exchange,
             dead_letter_queue,
+            committed: cx.metrics.committed.clone(),
             skipped: 0,
             cfg,
         })
@@ -406,6 +424,7 @@ impl AmqpSource {
                 .basic_ack(tag, BasicAckOptions { multiple: false })
                 .await
                 .context("acknowledging a dead-lettered message")?;
+            self.committed.inc();
             dead.push(Event::dead_letter(body, &reason, &origin, &self.name));
             return Ok(());
         }
@@ -460,6 +479,9 @@ impl AmqpSource {
 
     /// Acknowledges what checkpoint `epoch` covers and confirms the broker processed it.
     async fn commit_on(&mut self, link: Option<&Link>, epoch: u64) -> anyhow::Result<()> {
+        // a checkpoint completed: the one asked for, or one that started before the request (a
+        // request made while a checkpoint is running is not queued), so ask again when needed
+        self.asked_checkpoint = false;
         let mut mark = None;
         while self.marks.front().is_some_and(|m| m.epoch <= epoch) {
             mark = self.marks.pop_front();
@@ -473,7 +495,13 @@ impl AmqpSource {
         if mark.generation != self.generation || mark.tag <= self.acked_to {
             return Ok(()); // those tags died with their channel: redeliveries are acknowledged later
         }
-        link.channel.basic_ack(mark.tag, BasicAckOptions { multiple: true }).await.context("acknowledging")?;
+        // Acknowledge up to the last delivery of the checkpoint that is still unacknowledged:
+        // dead-lettered messages were settled one by one already, and acknowledging a settled
+        // tag again is a channel error ("unknown delivery tag").
+        let covered = self.delivered.iter().take_while(|(t, _)| *t <= mark.tag).count();
+        if let Some(&(last, _)) = covered.checked_sub(1).and_then(|i| self.delivered.get(i)) {
+            link.channel.basic_ack(last, BasicAckOptions { multiple: true }).await.context("acknowledging")?;
+        }
         // a synchronous call on the same channel: once it returns, the broker has processed the ack
         let q = link
             .channel
@@ -489,6 +517,7 @@ impl AmqpSource {
             .get_or_create(&metrics::PartitionLabel { component: self.name.clone(), partition: "0".into() })
             .set(q.message_count() as i64);
         self.acked_to = mark.tag;
+        self.committed.inc_by(covered as u64);
         while self.delivered.front().is_some_and(|(t, _)| *t <= mark.tag) {
             let (_, h) = self.delivered.pop_front().unwrap();
             if let Some(h) = h {
@@ -506,7 +535,6 @@ impl AmqpSource {
                 }
             }
         }
-        self.asked_checkpoint = false;
         Ok(())
     }
 }
@@ -535,6 +563,8 @@ impl Source for AmqpSource {
         let mut events: Vec<Event> = Vec::with_capacity(self.cfg.batch_size);
         let mut dead: Vec<Event> = Vec::new();
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut last_delivery = tokio::time::Instant::now();
+        let burst = (self.cfg.batch_size / 10).max(1);
         metrics::set_ready(&self.name, false, "connecting");
         loop {
             if link.is_none() {
@@ -580,6 +610,14 @@ impl Source for AmqpSource {
                     None => std::future::pending().await,
                 }
             };
+            let quiet = async {
+                match self.quiet {
+                    Some(q) if !self.asked_checkpoint && self.delivered.len() >= burst => {
+                        tokio::time::sleep_until(last_delivery + q).await
+                    }
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 c = cx.control() => match c {
@@ -609,8 +647,16 @@ impl Source for AmqpSource {
                     flush(cx, &mut events, &mut dead).await?;
                     deadline = None;
                 }
+                _ = quiet => {
+                    // the burst is over: commit and acknowledge it now
+                    flush(cx, &mut events, &mut dead).await?;
+                    deadline = None;
+                    self.asked_checkpoint = true;
+                    cx.request_checkpoint();
+                }
                 d = l.consumer.next() => match d {
                     Some(Ok(delivery)) => {
+                        last_delivery = tokio::time::Instant::now();
                         let link_ref = link.as_ref().unwrap();
                         cx.metrics.bytes_in.inc_by(delivery.data.len() as u64);
                         if let Err(e) = self.on_delivery(link_ref, delivery, &mut events, &mut dead).await {

@@ -353,7 +353,6 @@ pub async fn amqp_publish(queue: &str, bodies: impl IntoIterator<Item = Vec<u8>>
     n
 }
 
-/// Messages ready and unacknowledged in a queue (from rabbitmqctl).
 /// The lines of a file, as message bodies.
 pub fn file_bodies(path: &Path) -> Vec<Vec<u8>> {
     std::fs::read_to_string(path).unwrap().lines().map(|l| l.as_bytes().to_vec()).collect()

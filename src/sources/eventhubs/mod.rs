@@ -467,6 +467,8 @@ pub struct EventHubsSource {
     balanced_once: bool,
     /// A client for management calls (partition properties, for the lag metric).
     mgmt: Option<ConsumerClient>,
+    /// Events covered by stored partition checkpoints.
+    committed: prometheus_client::metrics::counter::Counter,
 }
 
 impl EventHubsSource {
@@ -493,6 +495,7 @@ impl EventHubsSource {
         };
         let dur = |s: &str| crate::time::parse_duration(s).map_err(anyhow::Error::msg);
         Ok(EventHubsSource {
+            committed: cx.metrics.committed.clone(),
             linger: dur(&cfg.linger)?,
             interval: dur(&cfg.balance_interval)?,
             expiry: dur(&cfg.ownership_expiry)?,
@@ -1017,6 +1020,10 @@ impl EventHubsSource {
             match r {
                 Ok(name) => {
                     if let Some(part) = self.parts.get_mut(&p) {
+                        // events newly covered by the partition's stored checkpoint
+                        if let Some((before, _)) = part.written {
+                            self.committed.inc_by(seq.saturating_sub(before).max(0) as u64);
+                        }
                         part.written = Some((seq, hash));
                         if old.is_some() && old != name {
                             store.delete_state(old.as_deref().unwrap_or_default()).await;
