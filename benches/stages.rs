@@ -69,6 +69,7 @@ fn main() {
             metrics: cx_metrics.clone(),
             projection: None,
             partitioned: false,
+            first_epoch: 1,
         };
         centralflow::transforms::build(cfg, &cx).unwrap()
     };

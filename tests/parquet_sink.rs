@@ -289,3 +289,70 @@ fn writes_to_s3_on_moto() {
     s3_create_bucket(&bucket);
     object_store_sink(&format!("s3://{bucket}/telemetry"), s3_env(), s3_options());
 }
+
+/// `--reset-state` starts over without touching what earlier runs wrote: its checkpoints are
+/// numbered after the old ones (so they are the newest, and the next start resumes from them)
+/// and its files take no old file's name.
+#[test]
+fn reset_state_keeps_old_output_and_its_checkpoints_are_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("export.jsonl");
+    simulate(&input, 3_000, 50, 5);
+    let out = dir.path().join("out");
+    let state = dir.path().join("state");
+    let p = pipeline(
+        dir.path(),
+        "reset.yaml",
+        &format!(
+            "sources:\n  export:\n    type: files\n    url: {}\ntransforms:\n  telemetry:\n    type: filter\n    inputs: [export]\n    condition: messageSource == \"telemetry\"\nsinks:\n  lake:\n    type: parquet\n    inputs: [telemetry]\n    url: {}\ncheckpoint:\n  url: {}\n",
+            input.display(),
+            out.display(),
+            state.display()
+        ),
+    );
+    let telemetry = std::fs::read_to_string(&input)
+        .unwrap()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["messageSource"] == "telemetry")
+        .count();
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--no-progress", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        ok(&run(&args, &[], T));
+    };
+    let checkpoints = || -> Vec<String> {
+        let mut v: Vec<String> = file_names(&state).into_iter().filter(|f| f.contains("ckpt-")).collect();
+        v.sort();
+        v
+    };
+    replay(&[]);
+    let first: BTreeMap<String, u64> =
+        parquet_files(&out).iter().map(|f| (f.display().to_string(), std::fs::metadata(f).unwrap().len())).collect();
+    assert_eq!(read_rows(&out).len(), telemetry);
+    let old = checkpoints();
+
+    replay(&["--reset-state"]);
+    for (f, len) in &first {
+        assert_eq!(std::fs::metadata(f).map(|m| m.len()).ok(), Some(*len), "{f} was overwritten or removed");
+    }
+    assert_eq!(read_rows(&out).len(), 2 * telemetry, "the reset run wrote everything again, beside the old files");
+    let newest = checkpoints().last().cloned().unwrap();
+    assert!(old.iter().all(|o| *o < newest), "{newest} must be newer than {old:?}");
+
+    // a plain restart resumes from the reset run's checkpoint: its input is already done
+    replay(&[]);
+    assert_eq!(read_rows(&out).len(), 2 * telemetry);
+}
+
+fn file_names(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(file_names(&p));
+        } else {
+            out.push(p.file_name().unwrap().to_string_lossy().to_string());
+        }
+    }
+    out
+}

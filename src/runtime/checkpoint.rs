@@ -70,6 +70,11 @@ impl CheckpointStore {
         Ok(epochs)
     }
 
+    /// The epoch of the newest checkpoint, if any (without reading it).
+    pub async fn latest_epoch(&self) -> anyhow::Result<Option<u64>> {
+        Ok(self.epochs().await?.last().copied())
+    }
+
     /// The newest checkpoint, if any. A checkpoint that cannot be read is an error (not
     /// silently skipped: starting over would replay or lose data).
     pub async fn latest(&self) -> anyhow::Result<Option<Checkpoint>> {

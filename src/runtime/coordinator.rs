@@ -104,6 +104,17 @@ pub async fn run_pipeline(
     if let Some(ck) = &restored {
         tracing::info!(epoch = ck.epoch, "resuming from checkpoint");
     }
+    // Epochs only grow, also across `--reset-state`: a checkpoint numbered below the old ones
+    // would be pruned as the oldest (and the next start would resume from the old state), and
+    // output files, named by epoch, would take the names of the old run's files.
+    let base_epoch = match (&restored, &store) {
+        (Some(ck), _) => ck.epoch,
+        (None, Some(s)) => s.latest_epoch().await.context("listing checkpoints")?.unwrap_or(0),
+        (None, None) => 0,
+    };
+    if restored.is_none() && base_epoch > 0 {
+        tracing::info!(after = base_epoch, "starting over (--reset-state): epochs continue after the old checkpoints");
+    }
     let instance = instance_id(store.as_ref()).await?;
     let persist = store.is_some();
 
@@ -139,6 +150,12 @@ pub async fn run_pipeline(
             }
             None => None,
         });
+        // a sink whose configuration changed still finishes what the checkpoint covers
+        let previous_state = restored
+            .as_ref()
+            .and_then(|ck| ck.components.get(&node.name))
+            .filter(|cs| cs.fingerprint != node.fingerprint && !cs.state.is_empty())
+            .map(|cs| cs.state.clone());
         let bcx = BuildCx {
             pipeline: &plan.name,
             name: &node.name,
@@ -150,6 +167,7 @@ pub async fn run_pipeline(
             // one per source and run: leaked so that events can point at it without counting
             projection: node.projection.clone().map(|p| &*Box::leak(Box::new(p))),
             partitioned: node.partitioned,
+            first_epoch: base_epoch + 1,
         };
         let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
         let reports = report_tx.clone();
@@ -198,7 +216,7 @@ pub async fn run_pipeline(
             ComponentConfig::Sink(cfg) => {
                 let s = crate::sinks::build(cfg, &bcx).await.with_context(|| format!("sink {}", node.name))?;
                 tasks.spawn(tracing::Instrument::instrument(
-                    sink_task(s, inputs, ctrl_rx, i, reports, restored_state, metrics.clone()),
+                    sink_task(s, inputs, ctrl_rx, i, reports, (restored_state, previous_state), metrics.clone()),
                     span,
                 ));
             }
@@ -217,7 +235,7 @@ pub async fn run_pipeline(
     }
     drop(report_tx);
 
-    let mut epoch = restored.as_ref().map(|c| c.epoch).unwrap_or(0);
+    let mut epoch = base_epoch;
     let first_epoch = epoch;
     let mut pending: Option<Pending> = None;
     let mut stopping = false;
@@ -602,12 +620,21 @@ async fn sink_task(
     mut ctrl: mpsc::UnboundedReceiver<Control>,
     node: usize,
     reports: mpsc::UnboundedSender<Report>,
-    restored: Option<Vec<u8>>,
+    (restored, previous): (Option<Vec<u8>>, Option<Vec<u8>>),
     metrics: ComponentMetrics,
 ) {
     let fail = |e: anyhow::Error| {
         let _ = reports.send(Report::Failed { node, error: format!("{e:#}") });
     };
+    if let Some(prev) = previous {
+        if let Err(e) = s.recover(&prev).await {
+            metrics.errors.inc();
+            tracing::error!(
+                "the output staged by the last checkpoint under the sink's previous configuration was not committed: {}",
+                crate::secret::redact(&format!("{e:#}"))
+            );
+        }
+    }
     if let Err(e) = s.start(restored.as_deref()).await {
         return fail(e);
     }

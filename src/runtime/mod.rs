@@ -186,6 +186,14 @@ pub trait Sink: Send {
     async fn start(&mut self, _restored: Option<&[u8]>) -> anyhow::Result<()> {
         Ok(())
     }
+    /// The last checkpoint holds this sink's state from a different configuration, which is
+    /// therefore not restored (`start` gets `None`, right after this). Output that checkpoint
+    /// staged is covered by it and its input is settled at the source once committed: commit
+    /// it now if the new configuration can, so that an edit after a crash loses nothing. An
+    /// error is logged, not fatal.
+    async fn recover(&mut self, _previous: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
     async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()>;
     /// Makes everything written so far durable but not yet visible; returns the state that lets
     /// [`Sink::commit`] (or a restart) finish the job.
@@ -351,6 +359,28 @@ pub struct BuildCx<'a> {
     /// partitions over between instances (Event Hubs).
     pub partitioned: bool,
     pub metrics: ComponentMetrics,
+    /// The epoch of the first checkpoint this run takes (epochs never repeat for a pipeline
+    /// with a checkpoint store, so output named by epoch never takes an old name).
+    pub first_epoch: u64,
+}
+
+#[cfg(test)]
+impl<'a> BuildCx<'a> {
+    /// A context for unit tests: live, no checkpoint store, instance `i`.
+    pub(crate) fn for_test(name: &'a str, kind: &str, first_epoch: u64) -> BuildCx<'a> {
+        BuildCx {
+            pipeline: "p",
+            name,
+            mode: Mode::Live,
+            restored: None,
+            state: None,
+            instance: "i",
+            projection: None,
+            partitioned: false,
+            metrics: ComponentMetrics::new(name, kind),
+            first_epoch,
+        }
+    }
 }
 
 /// How often transforms and sinks get ticks.

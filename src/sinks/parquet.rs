@@ -644,6 +644,9 @@ pub struct ParquetSink {
     instance: String,
     /// The epoch whose data is being written now (last flushed + 1).
     epoch: u64,
+    /// Staged files of an earlier configuration that could not be committed (see `recover`):
+    /// never deleted.
+    preserve: Vec<String>,
     seq: u64,
     roll_bytes: Option<u64>,
     roll_interval: Option<std::time::Duration>,
@@ -682,7 +685,8 @@ impl ParquetSink {
             open: HashMap::new(),
             pending: Vec::new(),
             instance: cx.instance.to_string(),
-            epoch: 1,
+            epoch: cx.first_epoch.max(1),
+            preserve: Vec::new(),
             seq: 0,
             roll_bytes,
             roll_interval,
@@ -811,8 +815,41 @@ async fn commit_staged(store: Arc<dyn object_store::ObjectStore>, s: &Staged) ->
 
 #[async_trait]
 impl Sink for ParquetSink {
+    async fn recover(&mut self, previous: &[u8]) -> anyhow::Result<()> {
+        let (epoch, pending): (u64, Vec<Staged>) =
+            postcard::from_bytes(previous).context("parquet sink state in the checkpoint is corrupt")?;
+        let mut failed: Vec<String> = Vec::new();
+        let mut first_error = None;
+        for s in &pending {
+            if let Err(e) = commit_staged(self.loc.store.clone(), s).await {
+                // keep it staged: `start` must not delete it
+                self.preserve.push(s.staged.clone());
+                failed.push(s.staged.clone());
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            anyhow::bail!(
+                "{} of {} files staged by checkpoint {epoch} could not be committed under the new configuration \
+(did `url` change? they stay staged, commit them by renaming; first: {}): {e:#}",
+                failed.len(),
+                pending.len(),
+                failed[0]
+            );
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                files = pending.len(),
+                "committed the output staged by checkpoint {epoch} under the previous configuration"
+            );
+        }
+        // new files must not take the names of the committed ones
+        self.epoch = self.epoch.max(epoch + 1);
+        Ok(())
+    }
+
     async fn start(&mut self, restored: Option<&[u8]>) -> anyhow::Result<()> {
-        let mut keep: Vec<String> = Vec::new();
+        let mut keep: Vec<String> = std::mem::take(&mut self.preserve);
         if let Some(state) = restored.filter(|s| !s.is_empty()) {
             let (epoch, pending): (u64, Vec<Staged>) =
                 postcard::from_bytes(state).context("parquet sink state in the checkpoint is corrupt")?;
@@ -821,7 +858,7 @@ impl Sink for ParquetSink {
                 commit_staged(self.loc.store.clone(), s).await?;
             }
             keep.extend(pending.iter().map(|s| s.staged.clone()));
-            self.epoch = epoch + 1;
+            self.epoch = self.epoch.max(epoch + 1);
         }
         // staged files of this instance that no checkpoint covers are from a crashed run: the
         // replay writes their records again
@@ -987,6 +1024,57 @@ mod tests {
             .to_string();
         assert_eq!(a, r#"{"id":"x"}"#);
         assert_eq!(col("deviceId").null_count(), 1);
+    }
+
+    fn cx(name: &str, first_epoch: u64) -> BuildCx<'_> {
+        BuildCx::for_test(name, "parquet", first_epoch)
+    }
+
+    fn committed(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "parquet"))
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A crash between a durable checkpoint and the sink's commit, then a restart with a changed
+    /// sink configuration: the files that checkpoint staged are committed, not deleted.
+    #[tokio::test]
+    async fn a_changed_configuration_still_commits_what_the_checkpoint_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = |compression: &str| -> ParquetConfig {
+            serde_json::from_value(serde_json::json!({
+                "inputs": ["x"], "url": dir.path().to_str().unwrap(), "compression": compression
+            }))
+            .unwrap()
+        };
+        let ev = crate::model::decode::decode_one(bytes::Bytes::from_static(
+            br#"{"messageSource":"telemetry","deviceId":"d1","enqueuedTime":"2026-11-01T13:05:00Z","telemetry":{"t":1}}"#,
+        ))
+        .unwrap();
+        let mut before = ParquetSink::new(cfg("zstd"), &cx("pq_recover_a", 7)).await.unwrap();
+        before.start(None).await.unwrap();
+        before.write(Arc::new(Batch::new(vec![ev.clone()]))).await.unwrap();
+        let state = before.flush(7).await.unwrap();
+        drop(before); // the crash: checkpoint 7 is durable, its commit never ran
+        assert!(committed(dir.path()).is_empty());
+
+        let mut after = ParquetSink::new(cfg("snappy"), &cx("pq_recover_b", 8)).await.unwrap();
+        after.recover(&state).await.unwrap();
+        after.start(None).await.unwrap();
+        assert_eq!(committed(dir.path()), vec!["part-i-00000007-00001.parquet".to_string()]);
+        // the new configuration's files carry later epochs: no name is taken twice
+        after.write(Arc::new(Batch::new(vec![ev]))).await.unwrap();
+        after.flush(8).await.unwrap();
+        after.commit(8).await.unwrap();
+        assert_eq!(
+            committed(dir.path()),
+            vec!["part-i-00000007-00001.parquet".to_string(), "part-i-00000008-00001.parquet".to_string()]
+        );
     }
 
     #[test]

@@ -909,17 +909,7 @@ mod tests {
             "dps_endpoint": "http://127.0.0.1:9", "request_timeout": "1s"
         }))
         .unwrap();
-        let cx = BuildCx {
-            pipeline: "p",
-            name: "central_pause_test",
-            mode: crate::runtime::Mode::Live,
-            restored: None,
-            state: None,
-            instance: "i",
-            projection: None,
-            partitioned: false,
-            metrics: ComponentMetrics::new("central_pause_test", "central"),
-        };
+        let cx = BuildCx::for_test("central_pause_test", "central", 1);
         let mut e = Engine::new(&cfg, &cx).await.unwrap();
         e.start();
         e.push(vec![msg("d1"), msg("d2")]).await.unwrap();
