@@ -424,3 +424,23 @@ fn a_killed_run_resumes_its_jsonl_output_exactly_once() {
     assert_eq!(raw.len(), 9_000, "{out}");
     assert_eq!(keys.len(), 9_000, "each message once after three crashes");
 }
+
+/// A second process on the same local checkpoint folder is refused with a clear error, not
+/// left to overwrite the first one's checkpoints and output; the lock goes with the process.
+#[test]
+fn a_second_process_on_the_same_checkpoint_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = pipeline(d, "locked.yaml", &ops_pipeline(d, "raw.jsonl", ""));
+    let mut first = Running::start(cmd(&["run", "--log-format", "json", p.to_str().unwrap()]));
+    first.api(); // running
+    let second = run(&["replay", "--no-progress", p.to_str().unwrap()], &[], W);
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("another centralflow process") && err.contains(&first.child.id().to_string()), "{err}");
+    signal(&first.child, libc::SIGKILL);
+    let _ = first.finish(W);
+    // the lock died with the process
+    let third = run(&["replay", "--no-progress", p.to_str().unwrap()], &[], W);
+    ok(&third);
+}

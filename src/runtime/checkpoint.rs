@@ -30,6 +30,35 @@ pub struct Checkpoint {
     pub components: BTreeMap<String, ComponentState>,
 }
 
+/// An exclusive advisory lock (`flock`), without waiting: `Ok(false)` when another open file
+/// holds it. (`File::try_lock` needs Rust 1.89; the crate builds with 1.85.)
+#[cfg(unix)]
+fn try_lock(file: &std::fs::File) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; no memory is touched.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+#[cfg(not(unix))]
+fn try_lock(_file: &std::fs::File) -> std::io::Result<bool> {
+    Ok(true) // no folder lock on this platform
+}
+
+/// A held lock on a local checkpoint folder (see [`CheckpointStore::lock`]).
+#[derive(Debug)]
+pub struct LocalLock {
+    _file: std::fs::File,
+}
+
 /// Where checkpoints live.
 #[derive(Clone, Debug)]
 pub struct CheckpointStore {
@@ -42,6 +71,46 @@ impl CheckpointStore {
     pub fn new(loc: Location, pipeline: &str) -> CheckpointStore {
         let dir = loc.child(&format!("{}/checkpoints", sanitize(pipeline)));
         CheckpointStore { loc, dir, keep: 3 }
+    }
+
+    /// Takes the pipeline's lock in a local checkpoint folder, held until the returned guard is
+    /// dropped (the OS releases it when the process dies). Two processes on one checkpoint
+    /// folder would overwrite each other's checkpoints and, sharing an instance id, each other's
+    /// output files. Object-store locations have no such lock (`Ok(None)`): instances there
+    /// each need their own `checkpoint.url`.
+    pub fn lock(&self, pipeline: &str) -> anyhow::Result<Option<LocalLock>> {
+        use std::io::{Read, Seek, Write};
+        let Some(root) = &self.loc.local_path else { return Ok(None) };
+        let dir = root.join(sanitize(pipeline));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("lock");
+        let mut file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match try_lock(&file) {
+            Ok(true) => {
+                file.set_len(0)?;
+                file.seek(std::io::SeekFrom::Start(0))?;
+                writeln!(file, "{}", std::process::id())?;
+                Ok(Some(LocalLock { _file: file }))
+            }
+            Ok(false) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                anyhow::bail!(
+                    "another centralflow process (pid {}) is running pipeline {pipeline:?} with the checkpoint folder {}: \
+two runs on one folder would overwrite each other's checkpoints and output. Give each instance its own \
+checkpoint.url (the shipped pipelines: its own CENTRALFLOW_INSTANCE or CENTRALFLOW_STATE)",
+                    holder.trim(),
+                    root.display()
+                )
+            }
+            Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
     }
 
     /// The location this store writes to (other per-pipeline state lives next to it).

@@ -96,6 +96,10 @@ pub async fn run_pipeline(
         }
         None => None,
     };
+    let _lock = match &store {
+        Some(s) => s.lock(&plan.name)?,
+        None => None,
+    };
     let interval = plan.checkpoint.as_ref().map(|c| c.interval()).unwrap_or(Duration::from_secs(10));
     let restored = match (&store, opts.reset_state) {
         (Some(s), false) => s.latest().await.context("reading the last checkpoint")?,
