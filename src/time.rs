@@ -138,6 +138,15 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration ({e}); write it like 30s, 5m, 1h or 500ms"))
 }
 
+/// Sleeps until `deadline`, or forever without one: a `select!` branch that fires only when a
+/// timer is armed (a partial batch waiting for more input, a quiet queue).
+pub async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Current wall-clock time in nanoseconds since the epoch. Only for pacing, liveness and
 /// processing-time metadata: never for deciding windows.
 pub fn now_nanos() -> Nanos {

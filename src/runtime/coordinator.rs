@@ -146,20 +146,16 @@ pub async fn run_pipeline(
         let inputs = Inputs::new(in_rx.next().unwrap());
         let outputs = Outputs::new(out_ports.next().unwrap());
         let metrics = ComponentMetrics::new(&node.name, node.kind);
-        let restored_state = restored.as_ref().and_then(|ck| match ck.components.get(&node.name) {
-            Some(cs) if cs.fingerprint == node.fingerprint => Some(cs.state.clone()),
-            Some(_) => {
+        // state under another configuration is not restored, but a sink still gets it to finish
+        // what the checkpoint covers (`Sink::recover`)
+        let (restored_state, previous_state) = match restored.as_ref().and_then(|ck| ck.components.get(&node.name)) {
+            Some(cs) if cs.fingerprint == node.fingerprint => (Some(cs.state.clone()), None),
+            Some(cs) => {
                 tracing::warn!(component = %node.name, "configuration changed since the checkpoint: state not restored");
-                None
+                (None, (!cs.state.is_empty()).then(|| cs.state.clone()))
             }
-            None => None,
-        });
-        // a sink whose configuration changed still finishes what the checkpoint covers
-        let previous_state = restored
-            .as_ref()
-            .and_then(|ck| ck.components.get(&node.name))
-            .filter(|cs| cs.fingerprint != node.fingerprint && !cs.state.is_empty())
-            .map(|cs| cs.state.clone());
+            None => (None, None),
+        };
         let bcx = BuildCx {
             pipeline: &plan.name,
             name: &node.name,

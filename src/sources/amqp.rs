@@ -604,20 +604,12 @@ impl Source for AmqpSource {
                 }
             }
             let l = link.as_mut().unwrap();
-            let linger = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let quiet = async {
-                match self.quiet {
-                    Some(q) if !self.asked_checkpoint && self.delivered.len() >= burst => {
-                        tokio::time::sleep_until(last_delivery + q).await
-                    }
-                    _ => std::future::pending().await,
-                }
-            };
+            let linger = crate::time::sleep_until_or_never(deadline);
+            let quiet_at = self
+                .quiet
+                .filter(|_| !self.asked_checkpoint && self.delivered.len() >= burst)
+                .map(|q| last_delivery + q);
+            let quiet = crate::time::sleep_until_or_never(quiet_at);
             tokio::select! {
                 biased;
                 c = cx.control() => match c {

@@ -523,12 +523,7 @@ impl Source for WebhookSource {
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut asked = false;
         loop {
-            let linger = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let linger = crate::time::sleep_until_or_never(deadline);
             tokio::select! {
                 biased;
                 c = cx.control() => match c {

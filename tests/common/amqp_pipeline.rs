@@ -95,22 +95,6 @@ pub fn expected_raw(input: &Path) -> BTreeMap<(String, String, String), usize> {
     m
 }
 
-type AggRow = (String, String);
-
-fn agg_rows(dir: &Path) -> BTreeMap<AggRow, String> {
-    let mut m = BTreeMap::new();
-    for f in parquet_files(dir) {
-        for b in read_parquet_bytes(bytes::Bytes::from(std::fs::read(&f).unwrap())) {
-            for mut r in batch_rows(&b) {
-                let key = (r.remove("deviceId").unwrap(), r.remove("window_start").unwrap());
-                let prev = m.insert(key.clone(), format!("{r:?}"));
-                assert!(prev.is_none(), "window {key:?} emitted twice");
-            }
-        }
-    }
-    m
-}
-
 /// Windowed output equals the replay of the same messages, except windows still open when the
 /// pipeline stopped (their state is in the checkpoint; a replay emits everything at its end).
 pub fn assert_windows_match_replay(s: &Setup) {
@@ -120,8 +104,8 @@ pub fn assert_windows_match_replay(s: &Setup) {
         &[("CENTRALFLOW_INPUT", s.input.to_str().unwrap()), ("CENTRALFLOW_OUTPUT", replay_out.to_str().unwrap())],
         T,
     ));
-    let live = agg_rows(&s.dir.path().join("out/agg"));
-    let replayed = agg_rows(&replay_out);
+    let live = window_rows(&s.dir.path().join("out/agg"));
+    let replayed = window_rows(&replay_out);
     assert!(live.len() > 100, "{}", live.len());
     for (k, v) in &live {
         assert_eq!(replayed.get(k), Some(v), "window {k:?}");

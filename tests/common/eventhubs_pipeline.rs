@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -259,21 +259,6 @@ impl Hub {
         }
     }
 
-    /// Window rows of a folder: (deviceId, window_start) -> the rest.
-    pub fn agg_rows(dir: &Path) -> BTreeMap<(String, String), String> {
-        let mut m = BTreeMap::new();
-        for f in parquet_files(dir) {
-            for b in read_parquet_bytes(bytes::Bytes::from(std::fs::read(&f).unwrap())) {
-                for mut r in batch_rows(&b) {
-                    let key = (r.remove("deviceId").unwrap(), r.remove("window_start").unwrap());
-                    let prev = m.insert(key.clone(), format!("{r:?}"));
-                    assert!(prev.is_none(), "window {key:?} emitted twice");
-                }
-            }
-        }
-        m
-    }
-
     /// The aggregates equal those of `centralflow replay pipelines/w1-tumbling.yaml` over the
     /// same messages in a file, except windows still open when the pipeline stopped.
     pub fn assert_aggregates_match_replay(&self) {
@@ -286,8 +271,8 @@ impl Hub {
             ],
             Duration::from_secs(600),
         ));
-        let live = Hub::agg_rows(&self.out().join("agg"));
-        let replayed = Hub::agg_rows(&replay_out);
+        let live = window_rows(&self.out().join("agg"));
+        let replayed = window_rows(&replay_out);
         assert!(live.len() > 100, "{} live windows", live.len());
         for (k, v) in &live {
             assert_eq!(replayed.get(k), Some(v), "window {k:?}");

@@ -116,6 +116,22 @@ pub fn parquet_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Per-device window rows of a folder of Parquet files: (deviceId, window_start) -> the rest of
+/// the row; a window written twice fails the test.
+pub fn window_rows(dir: &Path) -> BTreeMap<(String, String), String> {
+    let mut m = BTreeMap::new();
+    for f in parquet_files(dir) {
+        for b in read_parquet_bytes(bytes::Bytes::from(std::fs::read(&f).unwrap())) {
+            for mut r in batch_rows(&b) {
+                let key = (r.remove("deviceId").unwrap(), r.remove("window_start").unwrap());
+                let prev = m.insert(key.clone(), format!("{r:?}"));
+                assert!(prev.is_none(), "window {key:?} emitted twice");
+            }
+        }
+    }
+    m
+}
+
 /// Reads Parquet bytes into record batches.
 pub fn read_parquet_bytes(bytes: bytes::Bytes) -> Vec<RecordBatch> {
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)

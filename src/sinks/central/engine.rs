@@ -664,6 +664,15 @@ fn device_log(sh: &Shared, dev: &mut Dev, total: &mut u64, level: tracing::Level
     }
 }
 
+/// Stops sending for a device IoT Central refuses: its rows are dropped (and counted in errors)
+/// for [`BLOCKED_FOR`], then its registration is tried again.
+fn block_device(sh: &Shared, dev: &mut Dev, total: &mut u64, id: &str, why: &str) {
+    dev.blocked_until = Some(Instant::now() + BLOCKED_FOR);
+    let minutes = BLOCKED_FOR.as_secs() / 60;
+    let msg = format!("{why}; its rows are dropped (counted in errors) for the next {minutes} minutes");
+    device_log(sh, dev, total, tracing::Level::ERROR, id, &msg);
+}
+
 async fn register_task(sh: Arc<Shared>, id: Arc<str>, model: Option<String>) {
     let Ok(_slot) = sh.reg_slots.acquire().await else { return };
     // until one registration has worked, one at a time: a wrong key then fails once, clearly
@@ -714,33 +723,12 @@ async fn register_task(sh: Arc<Shared>, id: Arc<str>, model: Option<String>) {
             // reported once, by the runtime, as the reason the pipeline stops
         }
         RegOutcome::Unauthorized(detail) => {
-            dev.blocked_until = Some(Instant::now() + BLOCKED_FOR);
-            device_log(
-                &sh,
-                dev,
-                &mut st.retries,
-                tracing::Level::ERROR,
-                &id,
-                &format!(
-                    "DPS refused device {id:?} in ID scope {:?} ({detail}); its rows are dropped for the next {} minutes",
-                    sh.set.id_scope,
-                    BLOCKED_FOR.as_secs() / 60
-                ),
-            );
+            let why = format!("DPS refused device {id:?} in ID scope {:?} ({detail})", sh.set.id_scope);
+            block_device(&sh, dev, &mut st.retries, &id, &why);
         }
         RegOutcome::Blocked(detail) | RegOutcome::DeviceError(detail) => {
-            dev.blocked_until = Some(Instant::now() + BLOCKED_FOR);
-            device_log(
-                &sh,
-                dev,
-                &mut st.retries,
-                tracing::Level::ERROR,
-                &id,
-                &format!(
-                    "IoT Central does not accept device {id:?}: {detail}; its rows are dropped (counted in errors) for the next {} minutes",
-                    BLOCKED_FOR.as_secs() / 60
-                ),
-            );
+            let why = format!("IoT Central does not accept device {id:?}: {detail}");
+            block_device(&sh, dev, &mut st.retries, &id, &why);
         }
         RegOutcome::Retry(after, why) => {
             let wait = after.unwrap_or_else(|| next_backoff(&mut dev.backoff));

@@ -177,12 +177,7 @@ pub async fn read(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, mut stop: watch::Receiv
             tokio::pin!(settle);
             let mut settled = healthy == Some(true);
             let end = loop {
-                let linger = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let linger = crate::time::sleep_until_or_never(deadline);
                 tokio::select! {
                     biased;
                     _ = stop.changed() => break StreamEnd::Stop,
