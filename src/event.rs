@@ -157,6 +157,9 @@ pub struct Event {
     pub meta: Meta,
 }
 
+/// How many events ahead a loop over a batch calls [`Event::prefetch`].
+pub const PREFETCH_AHEAD: usize = 6;
+
 /// A micro-batch: the unit sent between components.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
@@ -520,6 +523,22 @@ impl RowLayout {
 }
 
 impl Event {
+    /// Asks the CPU to start loading what reading this event's fields touches (its field list
+    /// and the start of its text), for loops that read many events decoded on another core:
+    /// issued a few events ahead, the loads overlap instead of stalling one after another.
+    #[inline(always)]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: prefetching is a hint that never faults, whatever the address.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(self.fields.as_ptr() as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>((self.fields.as_ptr() as *const i8).wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(self.raw.as_ptr() as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>((self.raw.as_ptr() as *const i8).wrapping_add(64));
+        }
+    }
+
     /// An empty derived row.
     pub fn row() -> Event {
         Event::with_capacity(0, 0)

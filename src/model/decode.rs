@@ -64,7 +64,7 @@ impl Projection {
         (s < SLOTS).then_some(s)
     }
 
-    fn telemetry_slot_at(&self, index: usize) -> Option<usize> {
+    pub(super) fn telemetry_slot_at(&self, index: usize) -> Option<usize> {
         let s = index + 2 + self.top.len();
         (s < SLOTS).then_some(s)
     }
@@ -80,13 +80,20 @@ pub const SLOT_ABSENT: u8 = u8::MAX;
 /// The field's position is not recorded (look it up by key).
 pub const SLOT_UNKNOWN: u8 = u8::MAX - 1;
 
-fn record_slot(slots: &mut [u8; SLOTS], slot: Option<usize>, index: usize) {
+pub(super) fn record_slot(slots: &mut [u8; SLOTS], slot: Option<usize>, index: usize) {
     if let Some(s) = slot {
         if slots[s] == SLOT_ABSENT {
             // the first occurrence, as a lookup by key finds it
             slots[s] = if index < SLOT_UNKNOWN as usize { index as u8 } else { SLOT_UNKNOWN };
         }
     }
+}
+
+/// Turns the decoder's fast path ([`super::scan`]) on or off for the calling thread: for the
+/// benchmarks and tests that compare it with the serde_json path. On by default.
+#[doc(hidden)]
+pub fn set_fast_path(on: bool) {
+    FAST_PATH.with(|f| f.set(on));
 }
 
 /// Decodes one input record: a single export message or a JSON array of them. Each message
@@ -160,6 +167,9 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Whether the hand-written scanner ([`super::scan`]) is tried first; off only in tests that
+    /// compare it with the serde_json path.
+    static FAST_PATH: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// Decodes one JSON object (UTF-8 already checked by the caller or checked here).
@@ -187,7 +197,13 @@ fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, 
         let mut arena = String::new();
         let mut env = Envelope::new();
         let mut slots = [SLOT_ABSENT; SLOTS];
-        {
+        let out = super::scan::Out { root, nested, env: &mut env, slots: &mut slots };
+        if !FAST_PATH.with(|f| f.get()) || super::scan::decode(text, proj, out).is_err() {
+            // not the common case (or malformed): serde_json decides, and words any error
+            root.clear();
+            nested.clear();
+            env = Envelope::new();
+            slots = [SLOT_ABSENT; SLOTS];
             let mut de = serde_json::Deserializer::from_str(text);
             let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env, proj, slots: &mut slots };
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
@@ -241,13 +257,13 @@ fn json_error(text: &str, e: serde_json::Error) -> String {
     }
 }
 
-struct Envelope {
-    source: Option<MessageSource>,
-    time: Nanos,
+pub(super) struct Envelope {
+    pub(super) source: Option<MessageSource>,
+    pub(super) time: Nanos,
     /// No top-level key outside the export format.
-    known_keys: bool,
+    pub(super) known_keys: bool,
     /// Position of `telemetry` among the top-level fields.
-    telemetry: Option<u8>,
+    pub(super) telemetry: Option<u8>,
 }
 
 impl Envelope {
@@ -447,7 +463,7 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
 
 /// How the decoder treats a top-level key.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum KeyKind {
+pub(super) enum KeyKind {
     /// Envelope strings (`deviceId`, ...): must be strings or null.
     EnvString,
     MessageSource,
@@ -460,7 +476,7 @@ enum KeyKind {
 
 /// Dispatches on length first, then compares at most two candidates word-wise: faster than a
 /// string `match`, which calls `memcmp` for every candidate of the same length.
-fn key_kind(k: &str) -> KeyKind {
+pub(super) fn key_kind(k: &str) -> KeyKind {
     use crate::event::eq_short as eq;
     use KeyKind::*;
     match k.len() {
@@ -494,7 +510,7 @@ fn strip_pos(e: &dyn fmt::Display) -> String {
 
 /// Which fields of an object the decoder keeps.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Keep<'p> {
+pub(super) enum Keep<'p> {
     All,
     Some(&'p [String]),
     Nothing,
@@ -575,7 +591,7 @@ impl<'de, 's> Visitor<'de> for ObjSeed<'s> {
 }
 
 /// A JSON number as an integer when it is one, else a float.
-fn parse_number(s: &str) -> Val {
+pub(super) fn parse_number(s: &str) -> Val {
     if !s.contains(['.', 'e', 'E']) {
         if let Ok(i) = s.parse::<i64>() {
             return Val::Int(i);
@@ -885,6 +901,72 @@ mod projection_tests {
             let full = decode_object(Bytes::from(bad.to_string())).unwrap_err();
             let part = decode_object_projected(Bytes::from(bad.to_string()), Some(p)).unwrap_err();
             assert!(full.contains(want) && part.contains(want), "{bad}: {full} / {part}");
+        }
+    }
+
+    /// Decodes with the fast path on or off.
+    fn decode_with(fast: bool, text: &[u8], p: Option<&'static Projection>) -> Result<String, String> {
+        set_fast_path(fast);
+        let mut out = Vec::new();
+        decode_record_projected(Bytes::copy_from_slice(text), p, &mut out);
+        set_fast_path(true);
+        // the whole event as decoded (spans, slots, hints), and what it reads back as
+        Ok(out
+            .into_iter()
+            .map(|r| r.map(|ev| format!("{ev:?}\n{}", ev.to_json())))
+            .collect::<Result<Vec<_>, _>>()?
+            .join("\n"))
+    }
+
+    const SAMPLES: [&str; 5] = [
+        MSG,
+        r#"{"applicationId":"6e9d8f3c","deviceId":"sensor-02652","schema":"default@v1","templateId":"dtmi:contoso:EnvSensor;1","enqueuedTime":"2026-11-01T00:00:00.000Z","enrichments":{"site":"plant-6"},"messageSource":"telemetry","telemetry":{"temperature":25.542,"humidity":41.883,"pressure":1002.77,"battery":74,"status":"ok","location":{"lat":47.8652,"lon":-122.3,"alt":12.0}},"messageProperties":{"iothub-creation-time-utc":"2026-11-01T00:00:00.000Z"}}"#,
+        " { \"messageSource\" : \"properties\" ,\n\t\"enqueuedTime\":\"2023-03-02T10:35:39.281Z\",\"properties\":[{\"name\":\"sw\",\"value\":\"1\\u00e9\"}],\"x\":[-0.5e+3,true,false,null,{}],\"enrichments\":null,\"deviceId\":null } ",
+        r#"{"actor":{"id":"a","type":"apiToken"},"enqueuedTime":"2022-07-25T21:54:40Z","messageSource":"audit","messageType":"updated","resource":{"id":"s"},"updated":{"d":"x\"y"},"telemetry":{}}"#,
+        r#"[{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:01Z","telemetry":{"temperature":-1E2,"a\nb":1}},{"messageSource":"x","enqueuedTime":"2026-11-01T00:00:02Z"}]"#,
+    ];
+
+    #[test]
+    fn the_fast_path_takes_the_common_messages() {
+        for (i, m) in SAMPLES[..2].iter().enumerate() {
+            let (mut root, mut nested, mut env, mut slots) =
+                (Vec::new(), Vec::new(), Envelope::new(), [SLOT_ABSENT; SLOTS]);
+            let out =
+                super::super::scan::Out { root: &mut root, nested: &mut nested, env: &mut env, slots: &mut slots };
+            assert!(super::super::scan::decode(m, None, out).is_ok(), "sample {i}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Whatever the fast path accepts, serde_json accepts and decodes the same way; what it
+        /// rejects gets serde_json's own error. Checked on messages with random edits (bytes
+        /// deleted, inserted or replaced by JSON's punctuation, digits, escapes and blanks).
+        #[test]
+        fn fast_path_agrees_with_serde_json(
+            sample in 0usize..5,
+            edits in proptest::collection::vec((0usize..400, 0usize..3, 0usize..24), 0..4),
+            projected in 0usize..3,
+        ) {
+            const BYTES: &[&[u8]] = &[b"{", b"}", b"[", b"]", b"\"", b",", b":", b"\\", b"\\u12", b"\\uD800", b"0", b"01", b"-", b".", b"e", b"+", b"1", b" ", b"\n", b"\x01", b"null", b"tru", b"\xc3\xa9", b"\\n"];
+            let mut text = SAMPLES[sample].as_bytes().to_vec();
+            for (at, op, what) in edits {
+                let at = at % (text.len() + 1);
+                match op {
+                    0 if at < text.len() => { text.remove(at); }
+                    1 => { text.splice(at..at, BYTES[what].iter().copied()); }
+                    _ if at < text.len() => { text.splice(at..at + 1, BYTES[what].iter().copied()); }
+                    _ => {}
+                }
+            }
+            let p = match projected {
+                0 => None,
+                1 => Some(proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]))),
+                _ => Some(proj(&["telemetry", "properties", "x"], None)),
+            };
+            let fast = decode_with(true, &text, p);
+            let slow = decode_with(false, &text, p);
+            proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&text));
         }
     }
 }

@@ -7,6 +7,7 @@
 //! [`decode`] turns JSON text into an [`Event`](crate::event::Event) without losing any field.
 
 pub mod decode;
+mod scan;
 
 /// IoT Central's `messageSource`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

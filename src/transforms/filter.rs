@@ -70,14 +70,22 @@ impl Transform for Filter {
                 false
             }
         };
-        // in place: kept events move at most once, and no verdict vector unless in parallel
-        if events.len() >= *super::PARALLEL_BATCH {
-            let verdicts: Vec<Result<bool, String>> = events.par_iter().map(|ev| expr.eval_bool(ev)).collect();
-            let mut verdicts = verdicts.into_iter();
-            events.retain(|ev| judge(ev, verdicts.next().unwrap_or(Ok(false))));
+        // verdicts first (prefetching the events ahead, which were decoded on another core),
+        // then kept events move in place, at most once
+        let verdicts: Vec<Result<bool, String>> = if events.len() >= *super::PARALLEL_BATCH {
+            events.par_iter().map(|ev| expr.eval_bool(ev)).collect()
         } else {
-            events.retain(|ev| judge(ev, expr.eval_bool(ev)));
-        }
+            (0..events.len())
+                .map(|i| {
+                    if let Some(ahead) = events.get(i + crate::event::PREFETCH_AHEAD) {
+                        ahead.prefetch();
+                    }
+                    expr.eval_bool(&events[i])
+                })
+                .collect()
+        };
+        let mut verdicts = verdicts.into_iter();
+        events.retain(|ev| judge(ev, verdicts.next().unwrap_or(Ok(false))));
         self.metrics.dead_letters.inc_by(dead.len() as u64);
         for d in dead {
             out.emit_to(1, d);

@@ -570,7 +570,10 @@ impl Window {
             keys: String::with_capacity(events.len() * 16),
             vals: Vec::with_capacity(events.len() * nf),
         };
-        for ev in events {
+        for (i, ev) in events.iter().enumerate() {
+            if let Some(ahead) = events.get(i + crate::event::PREFETCH_AHEAD) {
+                ahead.prefetch();
+            }
             let t = self.event_time(ev).unwrap_or(NO_TIME);
             let k0 = x.keys.len() as u32;
             write_key(&self.group_by, ev, &mut x.keys);
