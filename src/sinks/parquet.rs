@@ -453,41 +453,80 @@ pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Resul
     Ok(RecordBatch::try_new(export_schema(metadata_columns), cols)?)
 }
 
-fn type_of(v: &ValRef<'_>) -> DataType {
-    match v {
-        ValRef::Null => DataType::Null,
-        ValRef::Bool(_) => DataType::Boolean,
-        ValRef::Int(_) => DataType::Int64,
-        ValRef::Float(_) => DataType::Float64,
-        ValRef::Num(s) if s.contains(['.', 'e', 'E']) => DataType::Float64,
-        ValRef::Num(_) => DataType::Int64,
-        ValRef::Time(_) => ts_type(),
-        ValRef::Bytes(_) => DataType::Binary,
-        ValRef::Str(_) | ValRef::Obj(_) | ValRef::Json(_) => DataType::Utf8,
+/// A column's type while rows are scanned: a plain tag, so that inferring costs no allocation
+/// per value (a `DataType::Timestamp` carries its time zone as an `Arc<str>`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ty {
+    Null,
+    Bool,
+    Int,
+    Float,
+    Time,
+    Binary,
+    Utf8,
+}
+
+impl Ty {
+    fn of(v: &ValRef<'_>) -> Ty {
+        match v {
+            ValRef::Null => Ty::Null,
+            ValRef::Bool(_) => Ty::Bool,
+            ValRef::Int(_) => Ty::Int,
+            ValRef::Float(_) => Ty::Float,
+            ValRef::Num(s) if s.contains(['.', 'e', 'E']) => Ty::Float,
+            ValRef::Num(_) => Ty::Int,
+            ValRef::Time(_) => Ty::Time,
+            ValRef::Bytes(_) => Ty::Binary,
+            ValRef::Str(_) | ValRef::Obj(_) | ValRef::Json(_) => Ty::Utf8,
+        }
+    }
+
+    /// The type that holds values of both.
+    fn merge(self, b: Ty) -> Ty {
+        use Ty::*;
+        match (self, b) {
+            (x, y) if x == y => x,
+            (Null, y) => y,
+            (x, Null) => x,
+            (Int, Float) | (Float, Int) => Float,
+            _ => Utf8,
+        }
+    }
+
+    /// The Arrow type of the column (a column of nulls only is text).
+    fn data_type(self) -> DataType {
+        match self {
+            Ty::Bool => DataType::Boolean,
+            Ty::Int => DataType::Int64,
+            Ty::Float => DataType::Float64,
+            Ty::Time => ts_type(),
+            Ty::Binary => DataType::Binary,
+            Ty::Null | Ty::Utf8 => DataType::Utf8,
+        }
     }
 }
 
 /// Infers the columns of derived rows: each top-level field, typed from its values.
 pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef {
-    let mut cols: Vec<(String, DataType)> = Vec::new();
+    let mut cols: Vec<(String, Ty)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for ev in events {
         let root = ev.root();
         // rows of one producer share their layout: compare by position before hashing
-        let same_layout =
-            root.len() == cols.len() && root.iter().zip(&cols).all(|((k, _), (c, _))| k.len() == c.len() && k == c);
+        let same_layout = root.len() == cols.len()
+            && root.iter().zip(&cols).all(|((k, _), (c, _))| k.len() == c.len() && crate::event::eq_short(k, c));
         if same_layout {
             for ((_, v), col) in root.iter().zip(cols.iter_mut()) {
-                if col.1 != DataType::Utf8 {
-                    col.1 = merge_type(&col.1, &type_of(&v));
+                if col.1 != Ty::Utf8 {
+                    col.1 = col.1.merge(Ty::of(&v));
                 }
             }
             continue;
         }
         for (k, v) in root.iter() {
-            let t = type_of(&v);
+            let t = Ty::of(&v);
             match index.get(k) {
-                Some(&i) => cols[i].1 = merge_type(&cols[i].1, &t),
+                Some(&i) => cols[i].1 = cols[i].1.merge(t),
                 None => {
                     index.insert(k.to_string(), cols.len());
                     cols.push((k.to_string(), t));
@@ -498,25 +537,11 @@ pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef
             index = cols.iter().enumerate().map(|(i, c)| (c.0.clone(), i)).collect();
         }
     }
-    let mut fields: Vec<Field> = cols
-        .into_iter()
-        .map(|(k, t)| Field::new(k, if t == DataType::Null { DataType::Utf8 } else { t }, true))
-        .collect();
+    let mut fields: Vec<Field> = cols.into_iter().map(|(k, t)| Field::new(k, t.data_type(), true)).collect();
     if metadata_columns {
         fields.extend(meta_fields());
     }
     Arc::new(Schema::new(fields))
-}
-
-fn merge_type(a: &DataType, b: &DataType) -> DataType {
-    use DataType::*;
-    match (a, b) {
-        (x, y) if x == y => x.clone(),
-        (Null, y) => y.clone(),
-        (x, Null) => x.clone(),
-        (Int64, Float64) | (Float64, Int64) => Float64,
-        _ => Utf8,
-    }
 }
 
 /// Whether every column of `b` exists in `a` with a type `a` can hold.

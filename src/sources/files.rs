@@ -472,7 +472,7 @@ impl Reader {
                 next.resize(tail + CHUNK, 0);
             }
             let (decoded, read) = rayon::join(
-                || self.decode_lines(idx, &cur[..cut], line_no, skip),
+                || self.decode_lines(idx, &cur[..cut], line_no, skip, tx),
                 || {
                     if eof {
                         return Ok((0, true));
@@ -481,11 +481,7 @@ impl Reader {
                     fill(&mut input, &mut next, tail)
                 },
             );
-            let (groups, consumed) = decoded;
-            for (events, dead, pos) in groups {
-                tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
-            }
-            line_no += consumed;
+            line_no += decoded?;
             if eof {
                 return Ok(());
             }
@@ -494,15 +490,17 @@ impl Reader {
         }
     }
 
-    /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them.
-    #[allow(clippy::type_complexity)]
+    /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them,
+    /// a batch as soon as it is decoded (so that the pipeline has work while the rest of the
+    /// chunk decodes). Returns the number of lines consumed.
     fn decode_lines(
         &self,
         idx: usize,
         chunk: &[u8],
         first_line: u64,
         skip: u64,
-    ) -> (Vec<(Vec<Event>, Vec<Event>, Position)>, u64) {
+        tx: &mpsc::Sender<ReaderMsg>,
+    ) -> anyhow::Result<u64> {
         let f = &self.files[idx];
         let mut lines: Vec<(u64, usize, usize)> = Vec::with_capacity(chunk.len() / 400 + 1);
         let mut start = 0;
@@ -519,7 +517,6 @@ impl Reader {
         let consumed = n - first_line;
         lines.retain(|(no, _, _)| *no >= skip);
         // batches of about batch_size lines, each decoded in parallel
-        let mut out = Vec::new();
         for group in lines.chunks(self.batch_size.max(1)) {
             let decoded: Vec<(Vec<Event>, Vec<Event>)> = group
                 .par_chunks(256)
@@ -577,9 +574,9 @@ impl Reader {
             }
             let last_line = group.last().map(|l| l.0 + 1).unwrap_or(first_line);
             let pos = Position { file: idx, path: f.path.to_string(), line: last_line };
-            out.push((events, dead, pos));
+            tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
         }
-        (out, consumed)
+        Ok(consumed)
     }
 
     /// Sends the messages of a JSON-array file; the position counts elements, so that a restart

@@ -738,7 +738,9 @@ impl Transform for Window {
         };
         let nf = self.plan.fields.len();
         let mut events = batch.events.into_iter();
-        let mut done = Vec::with_capacity(batch_len_hint(&parts));
+        // freeing a batch of events is measurable too: in parallel as well, where that pays
+        let par_drop = batch_len_hint(&parts) >= *super::PARALLEL_BATCH;
+        let mut done = Vec::with_capacity(if par_drop { batch_len_hint(&parts) } else { 0 });
         for x in &parts {
             for (i, &(t, k0, k1)) in x.recs.iter().enumerate() {
                 let ev = events.next().expect("one record per event");
@@ -756,7 +758,9 @@ impl Transform for Window {
                 let scope = self.scope_of(&ev);
                 if self.update(scope, t, key, &x.vals[i * nf..(i + 1) * nf]) {
                     self.state.watermark.observe(ev.meta.source, ev.meta.partition, t);
-                    done.push(ev);
+                    if par_drop {
+                        done.push(ev);
+                    }
                 } else {
                     self.metrics.late_events.inc();
                     if self.late == LateMode::Output {
@@ -765,8 +769,7 @@ impl Transform for Window {
                 }
             }
         }
-        // freeing a batch of events is measurable too: in parallel as well
-        if done.len() >= *super::PARALLEL_BATCH {
+        if par_drop {
             done.into_par_iter().for_each(drop);
         }
         self.metrics.skipped_values.inc_by(self.skipped.0 - before);
