@@ -77,7 +77,8 @@ fn fast_parse(b: &[u8]) -> Option<Nanos> {
         nanos = f * 10i64.pow(10 - frac.len() as u32);
     }
     let days = days_from_civil(y, mo, d);
-    Some((days * 86400 + h * 3600 + mi * 60 + s) * NANOS_PER_SEC + nanos)
+    // nanoseconds in an i64 reach only the years 1677 to 2262: outside them there is no time
+    (days * 86400 + h * 3600 + mi * 60 + s).checked_mul(NANOS_PER_SEC)?.checked_add(nanos)
 }
 
 fn days_in_month(y: i64, m: u32) -> u32 {
@@ -184,6 +185,17 @@ mod tests {
         check("yesterday", None);
         // more than nine digits: RFC 3339 allows it; the tenth digit is below our resolution
         check("2021-04-21T11:30:16.1234567891Z", Some("2021-04-21T11:30:16.123456789Z"));
+    }
+
+    #[test]
+    fn times_beyond_nanosecond_range_are_refused_not_wrapped() {
+        // an i64 of nanoseconds reaches 1677-09-21 to 2262-04-11
+        check("1026-11-01T00:00:02Z", None);
+        check("9999-12-31T23:59:59Z", None);
+        check("2262-04-11T23:47:16.854775807Z", Some("2262-04-11T23:47:16.854775807Z"));
+        check("2262-04-11T23:47:16.854775808Z", None);
+        check("1677-09-22T00:00:00Z", Some("1677-09-22T00:00:00.000000000Z"));
+        check("1677-09-20T00:00:00Z", None);
     }
 
     #[test]

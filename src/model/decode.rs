@@ -422,7 +422,9 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                     let CowStr(s) =
                         map.next_value().map_err(|e| de::Error::custom(format!("enqueuedTime: {}", strip_pos(&e))))?;
                     env.time = time::parse_rfc3339(&s).ok_or_else(|| {
-                        de::Error::custom(format!("enqueuedTime: {s:?} is not an RFC 3339 timestamp"))
+                        de::Error::custom(format!(
+                            "enqueuedTime: {s:?} is not an RFC 3339 timestamp between the years 1677 and 2262"
+                        ))
                     })?;
                     Val::Str(text_of(base, arena, &s))
                 }
@@ -816,6 +818,13 @@ mod tests {
         assert!(err(big.as_bytes()).contains("exceeds the limit of 262144 bytes"));
         assert!(err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"} trailing")
             .starts_with("malformed JSON"));
+    }
+
+    #[test]
+    fn times_outside_the_representable_range_are_bad_input() {
+        // found by fast_path_agrees_with_serde_json: such a year overflowed the nanoseconds
+        let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"1026-11-01T00:00:02Z"}"#);
+        assert!(e.contains("between the years 1677 and 2262"), "{e}");
     }
 
     #[test]

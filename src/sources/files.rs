@@ -471,16 +471,24 @@ impl Reader {
             if next.len() < tail + CHUNK / 2 {
                 next.resize(tail + CHUNK, 0);
             }
-            let (decoded, read) = rayon::join(
-                || self.decode_lines(idx, &cur[..cut], line_no, skip, tx),
-                || {
-                    if eof {
-                        return Ok((0, true));
-                    }
-                    next[..tail].copy_from_slice(&cur[cut..len]);
-                    fill(&mut input, &mut next, tail)
-                },
-            );
+            // The next chunk is read on its own thread while this one is decoded here: this
+            // thread, not a rayon worker, waits when the pipeline is full (a worker blocked on a
+            // channel could starve a transform that needs the pool to drain it).
+            let (decoded, read) = std::thread::scope(|scope| {
+                let reading = (!eof).then(|| {
+                    let (cur, next, input) = (&cur, &mut next, &mut input);
+                    scope.spawn(move || {
+                        next[..tail].copy_from_slice(&cur[cut..len]);
+                        fill(input, next, tail)
+                    })
+                });
+                let decoded = self.decode_lines(idx, &cur[..cut], line_no, skip, tx);
+                let read = match reading {
+                    Some(h) => h.join().unwrap_or_else(|_| Err(std::io::Error::other("reading thread panicked"))),
+                    None => Ok((0, true)),
+                };
+                (decoded, read)
+            });
             line_no += decoded?;
             if eof {
                 return Ok(());
@@ -492,7 +500,8 @@ impl Reader {
 
     /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them,
     /// a batch as soon as it is decoded (so that the pipeline has work while the rest of the
-    /// chunk decodes). Returns the number of lines consumed.
+    /// chunk decodes). Returns the number of lines consumed. Called outside the rayon pool:
+    /// only the decoding itself runs on it, never the sending.
     fn decode_lines(
         &self,
         idx: usize,
