@@ -157,8 +157,17 @@ pub struct Event {
     pub meta: Meta,
 }
 
-/// How many events ahead a loop over a batch calls [`Event::prefetch`].
-pub const PREFETCH_AHEAD: usize = 6;
+/// How many events ahead a loop over a batch prefetches.
+const PREFETCH_AHEAD: usize = 6;
+
+/// For a loop over `events` now at `i`: prefetches the event a few places ahead (see
+/// [`Event::prefetch`]).
+#[inline(always)]
+pub fn prefetch_ahead(events: &[Event], i: usize) {
+    if let Some(ahead) = events.get(i + PREFETCH_AHEAD) {
+        ahead.prefetch();
+    }
+}
 
 /// A micro-batch: the unit sent between components.
 #[derive(Clone, Debug, Default)]

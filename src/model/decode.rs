@@ -360,16 +360,7 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
             if kind == KeyKind::Other {
                 env.known_keys = false;
             }
-            // kept: always without a projection; else when projected (messageSource and
-            // enqueuedTime are always decoded). Skipped values get the same checks.
-            let keep = match proj {
-                None => Keep::All,
-                Some(p) if p.covers_top(&key) => match (kind, p.telemetry.as_deref()) {
-                    (KeyKind::Object, Some(keys)) if key.as_ref() == "telemetry" => Keep::Some(keys),
-                    _ => Keep::All,
-                },
-                Some(_) => Keep::Nothing,
-            };
+            let keep = keep_for(proj, &key, kind);
             if keep == Keep::Nothing {
                 match kind {
                     KeyKind::EnvString => {
@@ -508,6 +499,20 @@ fn strip_pos(e: &dyn fmt::Display) -> String {
     match s.rfind(" at line ") {
         Some(i) => s[..i].to_string(),
         None => s,
+    }
+}
+
+/// What the decoder keeps of a top-level value: everything without a projection; else what the
+/// projection covers (`messageSource` and `enqueuedTime` always), of `telemetry` only its listed
+/// keys. Skipped values get the same checks.
+pub(super) fn keep_for(proj: Option<&'static Projection>, key: &str, kind: KeyKind) -> Keep<'static> {
+    match proj {
+        None => Keep::All,
+        Some(p) if p.covers_top(key) => match (kind, p.telemetry.as_deref()) {
+            (KeyKind::Object, Some(keys)) if key == "telemetry" => Keep::Some(keys),
+            _ => Keep::All,
+        },
+        Some(_) => Keep::Nothing,
     }
 }
 

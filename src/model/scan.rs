@@ -13,7 +13,7 @@
 //! `RawValue`, `IgnoredAny`) costs about twice what a scanner specialised to this one format does
 //! (see ARCHITECTURE.md, "W1: where the time goes").
 
-use super::decode::{key_kind, parse_number, record_slot, Envelope, Keep, KeyKind, Projection, SLOTS};
+use super::decode::{keep_for, key_kind, parse_number, record_slot, Envelope, Keep, KeyKind, Projection, SLOTS};
 use super::MessageSource;
 use crate::event::{build, Field, Text, Val};
 use crate::time;
@@ -316,14 +316,7 @@ pub(super) fn decode(text: &str, proj: Option<&'static Projection>, out: Out<'_>
         if kind == KeyKind::Other {
             env.known_keys = false;
         }
-        let keep = match proj {
-            None => Keep::All,
-            Some(p) if p.covers_top(key) => match (kind, p.telemetry.as_deref()) {
-                (KeyKind::Object, Some(keys)) if key == "telemetry" => Keep::Some(keys),
-                _ => Keep::All,
-            },
-            Some(_) => Keep::Nothing,
-        };
+        let keep = keep_for(proj, key, kind);
         if keep == Keep::Nothing {
             match kind {
                 // parsed (and so unescaped) by the serde_json path even when not kept

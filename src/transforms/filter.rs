@@ -77,9 +77,7 @@ impl Transform for Filter {
         } else {
             (0..events.len())
                 .map(|i| {
-                    if let Some(ahead) = events.get(i + crate::event::PREFETCH_AHEAD) {
-                        ahead.prefetch();
-                    }
+                    crate::event::prefetch_ahead(&events, i);
                     expr.eval_bool(&events[i])
                 })
                 .collect()

@@ -571,9 +571,7 @@ impl Window {
             vals: Vec::with_capacity(events.len() * nf),
         };
         for (i, ev) in events.iter().enumerate() {
-            if let Some(ahead) = events.get(i + crate::event::PREFETCH_AHEAD) {
-                ahead.prefetch();
-            }
+            crate::event::prefetch_ahead(events, i);
             let t = self.event_time(ev).unwrap_or(NO_TIME);
             let k0 = x.keys.len() as u32;
             write_key(&self.group_by, ev, &mut x.keys);
