@@ -239,3 +239,32 @@ fn sources_decode_only_what_the_pipeline_reads() {
     let plan = load_str(&raw, "r", &env).unwrap();
     assert!(plan.nodes[plan.node("export").unwrap()].projection.is_none(), "raw Parquet needs whole events");
 }
+
+#[test]
+fn window_rows_go_as_columns_only_to_ports_whose_consumers_all_read_them() {
+    let pipeline = |sinks: &str| {
+        let text = format!(
+            "sources:\n  sim:\n    type: simulator\n    count: 10\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    \
+             window: {{kind: tumbling, size: 1m}}\nsinks:\n{sinks}"
+        );
+        let plan = load(&text).unwrap();
+        let cols = crate::runtime::coordinator::columnar_ports(&plan);
+        let w = plan.nodes.iter().position(|n| n.name == "w").unwrap();
+        let sim = plan.nodes.iter().position(|n| n.name == "sim").unwrap();
+        (cols[w].clone(), cols[sim][0])
+    };
+    let pq =
+        |name: &str, extra: &str| format!("  {name}:\n    type: parquet\n    inputs: [w]\n    url: /tmp/x\n{extra}");
+    // main, late, dead_letter
+    assert_eq!(pipeline(&pq("a", "")), (vec![true, false, false], false));
+    assert_eq!(pipeline(&(pq("a", "") + pq("b", "    layout: rows\n").as_str())).0, vec![true, false, false]);
+    // a consumer that reads events only, or a Parquet sink that renders paths or metadata from events
+    let jsonl = "  j:\n    type: jsonl\n    inputs: [w]\n    path: /tmp/x.jsonl\n";
+    assert_eq!(pipeline(&(pq("a", "") + jsonl)).0, vec![false, false, false]);
+    assert_eq!(pipeline(&pq("a", "    partition_by: date=%Y-%m-%d\n")).0, vec![false, false, false]);
+    assert_eq!(pipeline(&pq("a", "    metadata_columns: true\n")).0, vec![false, false, false]);
+    assert_eq!(pipeline(&pq("a", "    layout: export\n")).0, vec![false, false, false]);
+    // the flag only allows columns: the window sends late events (export messages) as events
+    let late = "  l:\n    type: parquet\n    inputs: [w.late]\n    url: /tmp/l\n";
+    assert_eq!(pipeline(&(pq("a", "") + late)).0, vec![true, true, false]);
+}

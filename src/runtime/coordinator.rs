@@ -136,6 +136,8 @@ pub async fn run_pipeline(
         }
     }
 
+    let columnar = columnar_ports(plan);
+
     let mut tasks = JoinSet::new();
     let board = Arc::new(super::PartitionBoard::default());
     let mut rt: Vec<NodeRt> = Vec::with_capacity(n);
@@ -203,7 +205,7 @@ pub async fn run_pipeline(
                         node.name.clone(),
                         inputs,
                         outputs,
-                        ports,
+                        (ports, columnar[i].clone()),
                         i,
                         reports,
                         opts.mode,
@@ -216,7 +218,15 @@ pub async fn run_pipeline(
             ComponentConfig::Sink(cfg) => {
                 let s = crate::sinks::build(cfg, &bcx).await.with_context(|| format!("sink {}", node.name))?;
                 tasks.spawn(tracing::Instrument::instrument(
-                    sink_task(s, inputs, ctrl_rx, i, reports, (restored_state, previous_state), metrics.clone()),
+                    sink_task(
+                        (s, cfg.accepts_columns()),
+                        inputs,
+                        ctrl_rx,
+                        i,
+                        reports,
+                        (restored_state, previous_state),
+                        metrics.clone(),
+                    ),
                     span,
                 ));
             }
@@ -506,20 +516,38 @@ async fn source_task(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, re
     }
 }
 
+/// Per node and output port: whether every consumer of the port reads rows as Arrow columns
+/// ([`crate::sinks::SinkConfig::accepts_columns`]), so that a transform may emit them so.
+pub(crate) fn columnar_ports(plan: &Plan) -> Vec<Vec<bool>> {
+    plan.nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            (0..node.ports.len().max(1))
+                .map(|p| {
+                    let mut consumers = plan.nodes.iter().filter(|n| n.inputs.contains(&(i, p))).peekable();
+                    consumers.peek().is_some()
+                        && consumers.all(|n| matches!(&n.config, ComponentConfig::Sink(s) if s.accepts_columns()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn transform_task(
     mut t: Box<dyn Transform>,
     name: String,
     mut inputs: Inputs,
     outputs: Outputs,
-    ports: usize,
+    (ports, columnar): (usize, Vec<bool>),
     node: usize,
     reports: mpsc::UnboundedSender<Report>,
     mode: Mode,
     persist: bool,
     metrics: ComponentMetrics,
 ) {
-    let mut em = Emitter::new(ports);
+    let mut em = Emitter::new(ports).with_columnar(&columnar);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let live = mode == Mode::Live;
@@ -537,6 +565,9 @@ async fn transform_task(
         };
         match item {
             Item::Batch(b) => {
+                if b.columns.is_some() {
+                    return fail(format!("{name} was sent rows as columns, which no transform reads (a runtime bug)"));
+                }
                 metrics.events_in.inc_by(b.len() as u64);
                 let batch = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
                 let t0 = Instant::now();
@@ -602,20 +633,22 @@ fn partition_states(t: &dyn Transform) -> anyhow::Result<Vec<super::PartitionSta
 }
 
 async fn emit(em: &mut Emitter, outputs: &Outputs, metrics: &ComponentMetrics) -> Result<(), super::io::Disconnected> {
-    for (port, events) in em.take().into_iter().enumerate() {
-        if events.is_empty() {
-            continue;
+    for (port, batches) in em.take_batches().into_iter().enumerate() {
+        for batch in batches {
+            if batch.is_empty() {
+                continue;
+            }
+            if port == 0 {
+                metrics.events_out.inc_by(batch.len() as u64);
+            }
+            outputs.send(port, batch).await?;
         }
-        if port == 0 {
-            metrics.events_out.inc_by(events.len() as u64);
-        }
-        outputs.send(port, crate::event::Batch::new(events)).await?;
     }
     Ok(())
 }
 
 async fn sink_task(
-    mut s: Box<dyn Sink>,
+    (mut s, accepts_columns): (Box<dyn Sink>, bool),
     mut inputs: Inputs,
     mut ctrl: mpsc::UnboundedReceiver<Control>,
     node: usize,
@@ -660,6 +693,9 @@ async fn sink_task(
             },
             item = inputs.recv(), if !drained => match item {
                 Item::Batch(b) => {
+                    if b.columns.is_some() && !accepts_columns {
+                        return fail(anyhow::anyhow!("this sink was sent rows as columns, which it does not read (a runtime bug)"));
+                    }
                     metrics.events_in.inc_by(b.len() as u64);
                     let t0 = Instant::now();
                     if let Err(err) = s.write(b).await { return fail(err) }

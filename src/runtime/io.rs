@@ -190,11 +190,32 @@ impl Outputs {
 #[derive(Debug)]
 pub struct Emitter {
     ports: Vec<Vec<Event>>,
+    /// Per port: batches already closed, in order, ahead of the events in `ports`.
+    ready: Vec<Vec<Batch>>,
+    /// Per port: whether every consumer reads columnar batches.
+    columnar: Vec<bool>,
 }
 
 impl Emitter {
     pub fn new(ports: usize) -> Emitter {
-        Emitter { ports: (0..ports.max(1)).map(|_| Vec::new()).collect() }
+        let n = ports.max(1);
+        Emitter {
+            ports: (0..n).map(|_| Vec::new()).collect(),
+            ready: (0..n).map(|_| Vec::new()).collect(),
+            columnar: vec![false; n],
+        }
+    }
+    /// Marks the ports whose consumers all read rows as Arrow columns (set by the runtime, which
+    /// knows the consumers; see [`crate::runtime::Sink::accepts_columns`]).
+    pub fn with_columnar(mut self, columnar: &[bool]) -> Emitter {
+        for (c, &on) in self.columnar.iter_mut().zip(columnar) {
+            *c = on;
+        }
+        self
+    }
+    /// Whether rows may be emitted on `port` as columns ([`Emitter::emit_columns`]).
+    pub fn wants_columns(&self, port: usize) -> bool {
+        self.columnar.get(port).copied().unwrap_or(false)
     }
     /// Emits an event on the main output.
     pub fn emit(&mut self, ev: Event) {
@@ -210,6 +231,19 @@ impl Emitter {
     pub fn emit_all(&mut self, evs: impl IntoIterator<Item = Event>) {
         self.ports[0].extend(evs);
     }
+    /// Emits rows as columns on a port that [wants them](Emitter::wants_columns), after what
+    /// was emitted on it before.
+    pub fn emit_columns(&mut self, port: usize, rows: arrow::record_batch::RecordBatch) {
+        assert!(self.wants_columns(port), "columns emitted on port {port}, whose consumers read events only");
+        if rows.num_rows() == 0 {
+            return;
+        }
+        let events = std::mem::take(&mut self.ports[port]);
+        if !events.is_empty() {
+            self.ready[port].push(Batch::new(events));
+        }
+        self.ready[port].push(Batch::columns(rows));
+    }
     /// Replaces the main output with a whole vector (cheapest for pass-through transforms).
     pub fn set_main(&mut self, evs: Vec<Event>) {
         if self.ports[0].is_empty() {
@@ -218,9 +252,25 @@ impl Emitter {
             self.ports[0].extend(evs);
         }
     }
-    /// Takes the events of every port, leaving the emitter empty.
+    /// Takes the events of every port, leaving the emitter empty (for emitters without
+    /// columnar ports).
     pub fn take(&mut self) -> Vec<Vec<Event>> {
+        debug_assert!(self.ready.iter().all(Vec::is_empty), "take() would lose columnar batches");
         self.ports.iter_mut().map(std::mem::take).collect()
+    }
+    /// Takes what every port emitted as batches in order, leaving the emitter empty.
+    pub fn take_batches(&mut self) -> Vec<Vec<Batch>> {
+        self.ports
+            .iter_mut()
+            .zip(&mut self.ready)
+            .map(|(events, ready)| {
+                let mut out = std::mem::take(ready);
+                if !events.is_empty() {
+                    out.push(Batch::new(std::mem::take(events)));
+                }
+                out
+            })
+            .collect()
     }
     /// Events emitted on a port so far (for tests).
     pub fn port(&self, port: usize) -> &[Event] {

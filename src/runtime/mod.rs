@@ -9,7 +9,7 @@
 //! `commit(n)` (make staged files visible) and sources to commit (acknowledge, store offsets).
 
 pub mod checkpoint;
-mod coordinator;
+pub(crate) mod coordinator;
 pub mod io;
 
 use std::collections::VecDeque;

@@ -84,6 +84,16 @@ pub struct ParquetConfig {
     pub storage: BTreeMap<String, String>,
 }
 
+impl ParquetConfig {
+    /// Whether the sink takes derived rows as Arrow columns: when nothing needs them as events
+    /// (no partition path or metadata columns rendered from them) and its input gives rows only.
+    pub fn accepts_columns(&self) -> bool {
+        self.partition_by.is_none()
+            && !self.metadata_columns
+            && (self.layout == ParquetLayout::Rows || (self.layout == ParquetLayout::Auto && self.inputs.len() == 1))
+    }
+}
+
 fn d_row_group() -> usize {
     1_000_000
 }
@@ -770,28 +780,11 @@ impl ParquetSink {
             _ => infer_rows_schema(events, meta),
         };
         // a rows batch that does not fit the open file's schema starts a new file
-        if let Some(f) = self.open.get(&key) {
-            if !schema_covers(&f.schema, &schema) {
-                self.close_file(&key).await?;
-            }
-        }
+        self.fit_schema(&key, &schema).await?;
         let mut rest = events;
         while !rest.is_empty() {
-            if !self.open.contains_key(&key) {
-                let (staged, target) = self.paths(&key);
-                let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
-                let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(&schema)))?;
-                self.open.insert(
-                    key.clone(),
-                    OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
-                );
-            }
-            // with a row limit, a file takes exactly what fits
-            let room = match self.cfg.roll.rows {
-                Some(r) => (r.saturating_sub(self.open[&key].rows) as usize).max(1),
-                None => rest.len(),
-            };
-            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.ensure_open(&key, &schema)?;
+            let (now, later) = rest.split_at(self.room(&key, rest.len()));
             rest = later;
             let file_schema = self.open[&key].schema.clone();
             // encode in parallel chunks, write in order
@@ -808,17 +801,96 @@ impl ParquetSink {
                 f.writer.write(&rb).await.with_context(|| format!("writing {}", f.staged))?;
                 f.rows += rb.num_rows() as u64;
             }
-            self.metrics.events_out.inc_by(now.len() as u64);
-            let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
-                || self
-                    .roll_bytes
-                    .is_some_and(|b| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b);
-            if full {
-                self.close_file(&key).await?;
+            self.wrote(&key, now.len()).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes rows that came as columns (see [`ParquetConfig::accepts_columns`]), as
+    /// [`ParquetSink::write_group`] writes rows that came as events.
+    async fn write_columns(&mut self, rows: &RecordBatch) -> anyhow::Result<()> {
+        let layout = *self.layout.get_or_insert(ParquetLayout::Rows);
+        anyhow::ensure!(layout == ParquetLayout::Rows, "rows came as columns into a sink writing the export layout");
+        let key = String::new();
+        let schema = rows.schema();
+        self.fit_schema(&key, &schema).await?;
+        let mut done = 0;
+        while done < rows.num_rows() {
+            self.ensure_open(&key, &schema)?;
+            let n = self.room(&key, rows.num_rows() - done);
+            let f = self.open.get_mut(&key).unwrap();
+            let part = conform(&rows.slice(done, n), &f.schema)?;
+            done += n;
+            f.writer.write(&part).await.with_context(|| format!("writing {}", f.staged))?;
+            f.rows += n as u64;
+            self.wrote(&key, n).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the open file of `key` if rows of `schema` do not fit in it.
+    async fn fit_schema(&mut self, key: &str, schema: &SchemaRef) -> anyhow::Result<()> {
+        if let Some(f) = self.open.get(key) {
+            if !schema_covers(&f.schema, schema) {
+                self.close_file(key).await?;
             }
         }
         Ok(())
     }
+
+    /// Opens a file for `key` with `schema` unless one is open.
+    fn ensure_open(&mut self, key: &str, schema: &SchemaRef) -> anyhow::Result<()> {
+        if !self.open.contains_key(key) {
+            let (staged, target) = self.paths(key);
+            let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
+            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(schema)))?;
+            self.open.insert(
+                key.to_string(),
+                OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
+            );
+        }
+        Ok(())
+    }
+
+    /// How many of `want` rows the open file of `key` takes: with a row limit, exactly what fits.
+    fn room(&self, key: &str, want: usize) -> usize {
+        let room = match self.cfg.roll.rows {
+            Some(r) => (r.saturating_sub(self.open[key].rows) as usize).max(1),
+            None => want,
+        };
+        room.min(want)
+    }
+
+    /// After `n` rows went into the open file of `key`: counts them and rolls a full file.
+    async fn wrote(&mut self, key: &str, n: usize) -> anyhow::Result<()> {
+        self.metrics.events_out.inc_by(n as u64);
+        let f = &self.open[key];
+        let full = self.cfg.roll.rows.is_some_and(|r| f.rows >= r)
+            || self.roll_bytes.is_some_and(|b| (f.writer.bytes_written() + f.writer.in_progress_size()) as u64 >= b);
+        if full {
+            self.close_file(key).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `rows` in a file's schema, which [covers](schema_covers) theirs: columns in the file's order,
+/// converted to its types, and null where the rows lack a column (as [`encode_rows`] writes
+/// rows without a field).
+fn conform(rows: &RecordBatch, schema: &SchemaRef) -> anyhow::Result<RecordBatch> {
+    if rows.schema().fields() == schema.fields() {
+        return Ok(RecordBatch::try_new(schema.clone(), rows.columns().to_vec())?);
+    }
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match rows.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => Ok(arrow::compute::cast(c, f.data_type())?),
+            None => Ok(arrow::array::new_null_array(f.data_type(), rows.num_rows())),
+        })
+        .collect::<anyhow::Result<Vec<ArrayRef>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
 /// Makes a staged file visible under its final name (idempotent).
@@ -905,9 +977,6 @@ impl Sink for ParquetSink {
     }
 
     async fn write(&mut self, batch: Arc<Batch>) -> anyhow::Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
         // group by partition path, keeping order within each group
         let mut groups: Vec<(String, Vec<&Event>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
@@ -923,6 +992,10 @@ impl Sink for ParquetSink {
         }
         for (key, evs) in groups {
             self.write_group(key, &evs).await?;
+        }
+        // columns follow the batch's events
+        if let Some(rows) = &batch.columns {
+            self.write_columns(rows).await?;
         }
         Ok(())
     }

@@ -344,8 +344,15 @@ impl AggPlan {
         }
     }
 
-    /// The aggregate values, in the order of [`AggPlan::columns`].
-    fn values<'a>(&'a self, c: &'a [f64], s: &'a [DDSketch]) -> impl Iterator<Item = Value> + 'a {
+    /// Per aggregate column, in the order of [`AggPlan::columns`]: whether it holds integers
+    /// (a count), else floats.
+    pub fn integer_columns(&self) -> Vec<bool> {
+        self.fields.iter().flat_map(|f| f.fns.iter().map(|func| matches!(func, AggFn::Count))).collect()
+    }
+
+    /// The aggregate values, in the order of [`AggPlan::columns`]: [`Value::Int`] for a count,
+    /// [`Value::Float`] or [`Value::Null`] for the rest.
+    pub fn values<'a>(&'a self, c: &'a [f64], s: &'a [DDSketch]) -> impl Iterator<Item = Value> + 'a {
         self.fields.iter().flat_map(move |f| {
             let b = f.layout.base;
             let n = c[b + N];

@@ -14,6 +14,7 @@
 //! aggregate, ordered by window and group. Their event time is `window_start`.
 
 pub mod agg;
+mod columns;
 mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -643,11 +644,18 @@ impl Window {
                     let wm = self.state.watermark.current();
                     self.state.panes.keys().take_while(|(_, _, start)| all || start + size <= wm).copied().collect()
                 };
+                let as_columns = out.wants_columns(0);
                 for pk in ready {
                     let pane = self.state.panes.remove(&pk).unwrap();
                     let start = pk.2;
                     let mut order: Vec<usize> = (0..pane.keys.len()).collect();
                     order.sort_unstable_by(|a, b| pane.keys[*a].cmp(&pane.keys[*b]));
+                    if as_columns {
+                        if let Some(rows) = self.pane_columns(&pane, &order, start, start + size) {
+                            out.emit_columns(0, rows);
+                            continue;
+                        }
+                    }
                     let (stride, ns) = (self.plan.stride, self.plan.sketches);
                     let rows: Vec<Event> = order
                         .into_iter()

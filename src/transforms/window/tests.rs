@@ -485,3 +485,120 @@ proptest! {
         check_against_reference(&recs, &cfg, Shape::Session { gap: 12 * S, max }, &splits)?;
     }
 }
+
+// ------------------------------------------------------------- rows as columns
+
+/// An event whose group-by candidates have several types: `zone` an integer, a float or
+/// missing; `ok` a bool; `temperature` a number, missing or text (skipped).
+fn ev_typed(dev: u8, secs: i64, zone: u8, ok: bool, temp: Option<f64>) -> Event {
+    let t = T0 + secs * S;
+    let zone = match zone {
+        0 => String::new(),
+        1 => r#","zone":3"#.to_string(),
+        2 => r#","zone":4.5"#.to_string(),
+        _ => r#","zone":-7"#.to_string(),
+    };
+    let temp = match temp {
+        Some(v) if v.is_nan() => r#","temperature":"n/a""#.to_string(),
+        Some(v) => format!(r#","temperature":{v}"#),
+        None => String::new(),
+    };
+    let json = format!(
+        r#"{{"messageSource":"telemetry","deviceId":"d{dev}","enqueuedTime":"{}","telemetry":{{"ok":{ok}{zone}{temp}}}}}"#,
+        crate::time::format_rfc3339(t)
+    );
+    crate::model::decode::decode_one(bytes::Bytes::from(json)).unwrap()
+}
+
+/// Runs the same batches through a window emitting rows and one emitting columns.
+fn rows_and_columns(cfg: &str, batches: &[Vec<Event>]) -> (Vec<Event>, Vec<arrow::record_batch::RecordBatch>, usize) {
+    let (mut a, mut b) = (window(cfg), window(cfg));
+    let mut rows = Vec::new();
+    let mut cols = Vec::new();
+    let mut col_rows_as_events = 0;
+    let mut step = |w: &mut Window, b: Option<&Vec<Event>>, columnar: bool| {
+        let mut em = Emitter::new(3).with_columnar(&[columnar, false, false]);
+        match b {
+            Some(b) => w.process(Batch::new(b.clone()), &mut em),
+            None => w.on_end(true, &mut em),
+        }
+        let mut ports = em.take_batches().into_iter();
+        for batch in ports.next().unwrap() {
+            if columnar {
+                col_rows_as_events += batch.events.len();
+                cols.extend(batch.columns);
+            } else {
+                assert!(batch.columns.is_none(), "columns on a port that did not ask for them");
+                rows.extend(batch.events);
+            }
+        }
+    };
+    for batch in batches {
+        step(&mut a, Some(batch), false);
+        step(&mut b, Some(batch), true);
+    }
+    step(&mut a, None, false);
+    step(&mut b, None, true);
+    (rows, cols, col_rows_as_events)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The columns a window emits for the Parquet sink hold what the sink would have made of
+    /// the rows: same columns, same order, same values (a column of rows that are all null is
+    /// text there and typed here).
+    #[test]
+    fn columns_hold_what_the_rows_would(
+        recs in prop::collection::vec((0u8..4, 0i64..40, 0u8..4, any::<bool>(), prop::option::weighted(0.8, prop_oneof![9 => -50.0f64..50.0, 1 => Just(f64::NAN)])), 1..200),
+        group in 0usize..4,
+        hopping in any::<bool>(),
+        split in 1usize..50,
+    ) {
+        let group_by = ["[deviceId]", "[deviceId, telemetry.zone]", "[telemetry.ok, deviceId]", "[]"][group];
+        let shape = if hopping { "{kind: hopping, size: 20s, hop: 10s}" } else { "{kind: tumbling, size: 15s}" };
+        let cfg = format!(
+            "inputs: [x]\nwindow: {shape}\nallowed_lateness: 5s\ngroup_by: {group_by}\n\
+             aggregates: {{temperature: [count, sum, avg, min, max, first, last, stddev, p50]}}\n"
+        );
+        let mut t = 0;
+        let events: Vec<Event> = recs.iter().map(|&(dev, step, zone, ok, temp)| {
+            t += step / 8;
+            ev_typed(dev, t, zone, ok, temp)
+        }).collect();
+        let batches: Vec<Vec<Event>> = events.chunks(split).map(|c| c.to_vec()).collect();
+        let (rows, cols, fell_back) = rows_and_columns(&cfg, &batches);
+        // mixed int/float zones are one float column; only a JSON or mixed-type key falls back
+        prop_assert_eq!(fell_back, 0);
+        let n: usize = cols.iter().map(|c| c.num_rows()).sum();
+        prop_assert_eq!(n, rows.len());
+        let mut at = 0;
+        for c in &cols {
+            let refs: Vec<&Event> = rows[at..at + c.num_rows()].iter().collect();
+            at += c.num_rows();
+            let schema = crate::sinks::parquet::infer_rows_schema(&refs, false);
+            let expected = crate::sinks::parquet::encode_rows(&refs, &schema, false).unwrap();
+            let names = |s: &arrow::datatypes::Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+            prop_assert_eq!(names(&c.schema()), names(&schema));
+            for (i, (got, want)) in c.columns().iter().zip(expected.columns()).enumerate() {
+                let name = schema.field(i).name();
+                if want.null_count() == want.len() {
+                    prop_assert_eq!(got.null_count(), got.len(), "{} is all null", name);
+                } else {
+                    prop_assert_eq!(got.data_type(), want.data_type(), "{}", name);
+                    prop_assert!(got.as_ref() == want.as_ref(), "{}: {:?} != {:?}", name, got, want);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_key_holding_json_is_emitted_as_rows_on_a_columnar_port() {
+    let cfg =
+        "inputs: [x]\nwindow: {kind: tumbling, size: 1m}\ngroup_by: [enrichments]\naggregates: {temperature: [avg]}\n";
+    let (rows, cols, fell_back) = rows_and_columns(cfg, &[vec![ev("a", 1.0, Some(2.0)), ev("b", 2.0, Some(4.0))]]);
+    assert!(cols.is_empty());
+    assert_eq!(fell_back, 2);
+    assert_eq!(rows.len(), 2);
+}
