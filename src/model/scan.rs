@@ -39,6 +39,26 @@ fn specials(w: u64) -> u64 {
     (q.wrapping_sub(LO) & !q | s.wrapping_sub(LO) & !s | w.wrapping_sub(LO * 0x20) & !w) & HI
 }
 
+/// Bit `k` set when byte `i + k` of `b` is `"`, `\` or a control character (< 0x20), for the
+/// 16 bytes from `i` (which the caller has checked are there). SSE2 is part of x86-64.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn specials16(b: &[u8], i: usize) -> u32 {
+    use std::arch::x86_64::*;
+    debug_assert!(i + 16 <= b.len());
+    // SAFETY: the 16 bytes read are inside `b` (checked by the caller); SSE2 is always there
+    // on x86-64 and the load is unaligned.
+    unsafe {
+        let v = _mm_loadu_si128(b.as_ptr().add(i) as *const __m128i);
+        let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+        let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+        // unsigned c <= 0x1f exactly when max(c, 0x1f) == 0x1f
+        let limit = _mm_set1_epi8(0x1f);
+        let control = _mm_cmpeq_epi8(_mm_max_epu8(v, limit), limit);
+        _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control)) as u32
+    }
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
@@ -82,13 +102,25 @@ impl<'a> Scanner<'a> {
         let mut i = start;
         let mut escaped = false;
         loop {
-            while i + 8 <= b.len() {
-                let m = specials(u64::from_le_bytes(b[i..i + 8].try_into().unwrap()));
-                if m != 0 {
-                    i += (m.trailing_zeros() / 8) as usize;
-                    break;
+            // to the next special byte: 16 bytes at a time, then 8, then one by one
+            'fast: {
+                #[cfg(target_arch = "x86_64")]
+                while i + 16 <= b.len() {
+                    let m = specials16(b, i);
+                    if m != 0 {
+                        i += m.trailing_zeros() as usize;
+                        break 'fast;
+                    }
+                    i += 16;
                 }
-                i += 8;
+                while i + 8 <= b.len() {
+                    let m = specials(u64::from_le_bytes(b[i..i + 8].try_into().unwrap()));
+                    if m != 0 {
+                        i += (m.trailing_zeros() / 8) as usize;
+                        break 'fast;
+                    }
+                    i += 8;
+                }
             }
             match b.get(i) {
                 None => return Err(Bail),
@@ -453,5 +485,21 @@ mod tests {
         assert_eq!(at(b"ab\x00\"efgh"), Some(2));
         assert_eq!(at(b"\xc3\xa9\xe2\x82\xac !~"), None, "UTF-8 and high ASCII are plain");
         assert_eq!(at(b"\x7f\x20\x21\x5b\x5d\x5c\x22\x01"), Some(5));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_byte_scan_marks_exactly_quotes_backslashes_and_control_bytes() {
+        for c in 0..=255u8 {
+            let special = c == b'"' || c == b'\\' || c < 0x20;
+            for pos in 0..16 {
+                let mut buf = [b'a'; 19];
+                buf[1 + pos] = c;
+                let want = if special { 1u32 << pos } else { 0 };
+                assert_eq!(super::specials16(&buf, 1), want, "byte {c:#04x} at {pos}");
+            }
+        }
+        // several: every one is marked
+        assert_eq!(super::specials16(b"\"abc\\def\x01ghijkl\"", 0), 1 | 1 << 4 | 1 << 8 | 1 << 15);
     }
 }
