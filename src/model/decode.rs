@@ -112,8 +112,15 @@ pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
 
 /// Like [`decode_record_into`], keeping only the fields of `proj` (when given).
 pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, out: &mut Vec<Result<Event, String>>) {
+    decode_record_each(raw, proj, |r| out.push(r));
+}
+
+/// Like [`decode_record_projected`], handing each result to `out` (the hot loop of the files
+/// source: an event is moved once less than through a vector of results).
+#[inline]
+pub fn decode_record_each(raw: Bytes, proj: Option<&'static Projection>, mut out: impl FnMut(Result<Event, String>)) {
     if raw.len() > MAX_RECORD_BYTES {
-        out.push(Err(format!(
+        out(Err(format!(
             "record of {} bytes exceeds the limit of {} bytes (IoT Central's own message limit)",
             raw.len(),
             MAX_RECORD_BYTES
@@ -123,7 +130,7 @@ pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, ou
     let text = match std::str::from_utf8(&raw) {
         Ok(t) => t,
         Err(e) => {
-            out.push(Err(format!("invalid UTF-8 at byte {}", e.valid_up_to())));
+            out(Err(format!("invalid UTF-8 at byte {}", e.valid_up_to())));
             return;
         }
     };
@@ -132,7 +139,7 @@ pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, ou
         let elems: Vec<&RawValue> = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                out.push(Err(format!("malformed JSON array: {e}")));
+                out(Err(format!("malformed JSON array: {e}")));
                 return;
             }
         };
@@ -140,10 +147,10 @@ pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, ou
             let part = build::raw_span(text, elem.get());
             let start = part_offset(text, elem.get());
             let sub = raw.slice(start..start + part.len());
-            out.push(decode_valid(sub, proj).map_err(|e| format!("array element {i}: {e}")));
+            out(decode_valid(sub, proj).map_err(|e| format!("array element {i}: {e}")));
         }
     } else {
-        out.push(decode_valid(raw, proj));
+        out(decode_valid(raw, proj));
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Nanos};
-use crate::model::decode::{decode_record_into, decode_record_projected, Projection};
+use crate::model::decode::{decode_record_each, decode_record_into, Projection};
 use crate::runtime::{BuildCx, Control, EndReason, Source, SourceCx};
 use crate::storage::{self, Location};
 
@@ -532,7 +532,6 @@ impl Reader {
                 .map(|part| {
                     let mut events = Vec::with_capacity(part.len());
                     let mut dead = Vec::new();
-                    let mut results = Vec::with_capacity(1);
                     // The events of a part share one copy of its lines: no reference count
                     // shared between the decoding threads, one allocation per part rather
                     // than per line, and the read buffer is free for the next chunk. (An
@@ -549,27 +548,23 @@ impl Reader {
                         if line.iter().all(|b| b.is_ascii_whitespace()) {
                             continue;
                         }
-                        results.clear();
-                        decode_record_projected(text.slice(s - first..e - first), self.projection, &mut results);
-                        for r in results.drain(..) {
-                            match r {
-                                Ok(mut ev) => {
-                                    if ev.time < self.from || ev.time >= self.to {
-                                        continue;
-                                    }
-                                    ev.meta.partition = f.partition;
-                                    ev.meta.offset = no as i64 + 1;
-                                    ev.meta.origin = Some(origin.clone());
-                                    events.push(ev);
+                        decode_record_each(text.slice(s - first..e - first), self.projection, |r| match r {
+                            Ok(mut ev) => {
+                                if ev.time < self.from || ev.time >= self.to {
+                                    return;
                                 }
-                                Err(reason) => dead.push(Event::dead_letter(
-                                    Bytes::copy_from_slice(line),
-                                    &reason,
-                                    &format!("{}:{}", f.display, no + 1),
-                                    &self.component,
-                                )),
+                                ev.meta.partition = f.partition;
+                                ev.meta.offset = no as i64 + 1;
+                                ev.meta.origin = Some(origin.clone());
+                                events.push(ev);
                             }
-                        }
+                            Err(reason) => dead.push(Event::dead_letter(
+                                Bytes::copy_from_slice(line),
+                                &reason,
+                                &format!("{}:{}", f.display, no + 1),
+                                &self.component,
+                            )),
+                        });
                     }
                     (events, dead)
                 })
