@@ -126,6 +126,38 @@ pub struct FieldAgg {
     off_last: usize,
 }
 
+impl FieldAgg {
+    /// The field's value count in a (group, window)'s cells: its `count` aggregate.
+    #[inline]
+    pub fn count(&self, c: &[f64]) -> i64 {
+        c[self.layout.base + N] as i64
+    }
+
+    /// A non-count aggregate of the field from a (group, window)'s cells and sketches; `None`
+    /// (null) without values, or for a sample standard deviation of one value.
+    #[inline]
+    pub fn value(&self, func: &AggFn, c: &[f64], s: &[DDSketch]) -> Option<f64> {
+        let b = self.layout.base;
+        let n = c[b + N];
+        if n == 0.0 {
+            return None;
+        }
+        Some(match func {
+            AggFn::Count => n,
+            AggFn::Sum => c[b + self.off_sum],
+            AggFn::Avg => c[b + self.off_sum] / n,
+            AggFn::Min => c[b + self.off_min],
+            AggFn::Max => c[b + self.off_min + 1],
+            AggFn::First => c[b + self.off_first + 1],
+            AggFn::Last => c[b + self.off_last + 1],
+            AggFn::Stddev if n < 2.0 => return None,
+            AggFn::Stddev => (c[b + self.off_mean + 1] / (n - 1.0)).max(0.0).sqrt(),
+            AggFn::StddevPop => (c[b + self.off_mean + 1] / n).max(0.0).sqrt(),
+            AggFn::Quantile(q) => return self.layout.sketch.and_then(|k| s[k].quantile(*q).ok().flatten()),
+        })
+    }
+}
+
 /// The accumulator layout of a window transform.
 #[derive(Debug, Clone)]
 pub struct AggPlan {
@@ -344,39 +376,17 @@ impl AggPlan {
         }
     }
 
-    /// Per aggregate column, in the order of [`AggPlan::columns`]: whether it holds integers
-    /// (a count), else floats.
-    pub fn integer_columns(&self) -> Vec<bool> {
-        self.fields.iter().flat_map(|f| f.fns.iter().map(|func| matches!(func, AggFn::Count))).collect()
+    /// The aggregate columns, in the order of [`AggPlan::columns`]: (field, function).
+    pub fn aggregates(&self) -> impl Iterator<Item = (&FieldAgg, &AggFn)> + '_ {
+        self.fields.iter().flat_map(|f| f.fns.iter().map(move |func| (f, func)))
     }
 
     /// The aggregate values, in the order of [`AggPlan::columns`]: [`Value::Int`] for a count,
     /// [`Value::Float`] or [`Value::Null`] for the rest.
     pub fn values<'a>(&'a self, c: &'a [f64], s: &'a [DDSketch]) -> impl Iterator<Item = Value> + 'a {
-        self.fields.iter().flat_map(move |f| {
-            let b = f.layout.base;
-            let n = c[b + N];
-            f.fns.iter().map(move |func| {
-                if n == 0.0 && !matches!(func, AggFn::Count) {
-                    return Value::Null;
-                }
-                match func {
-                    AggFn::Count => Value::Int(n as i64),
-                    AggFn::Sum => Value::Float(c[b + f.off_sum]),
-                    AggFn::Avg => Value::Float(c[b + f.off_sum] / n),
-                    AggFn::Min => Value::Float(c[b + f.off_min]),
-                    AggFn::Max => Value::Float(c[b + f.off_min + 1]),
-                    AggFn::First => Value::Float(c[b + f.off_first + 1]),
-                    AggFn::Last => Value::Float(c[b + f.off_last + 1]),
-                    AggFn::Stddev if n < 2.0 => Value::Null,
-                    AggFn::Stddev => Value::Float((c[b + f.off_mean + 1] / (n - 1.0)).max(0.0).sqrt()),
-                    AggFn::StddevPop => Value::Float((c[b + f.off_mean + 1] / n).max(0.0).sqrt()),
-                    AggFn::Quantile(q) => match f.layout.sketch.and_then(|k| s[k].quantile(*q).ok().flatten()) {
-                        Some(x) => Value::Float(x),
-                        None => Value::Null,
-                    },
-                }
-            })
+        self.aggregates().map(move |(f, func)| match func {
+            AggFn::Count => Value::Int(f.count(c)),
+            _ => f.value(func, c, s).map_or(Value::Null, Value::Float),
         })
     }
 

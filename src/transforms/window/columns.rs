@@ -16,8 +16,9 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
+use super::agg::AggFn;
 use super::{Pane, Window};
-use crate::event::{Nanos, Value};
+use crate::event::Nanos;
 
 fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
@@ -106,35 +107,29 @@ impl Window {
         let (stride, ns) = (self.plan.stride, self.plan.sketches);
         fields.push(Field::new("count", DataType::Int64, true));
         cols.push(Arc::new(Int64Array::from_iter_values(order.iter().map(|&i| pane.cells[i * stride] as i64))));
+        // straight from the accumulators, row by row (a row's cells are adjacent)
         enum Col {
             Int(Int64Builder),
             Float(Float64Builder),
         }
-        let mut aggs: Vec<Col> = self
-            .plan
-            .integer_columns()
-            .into_iter()
-            .map(|int| {
-                if int {
-                    Col::Int(Int64Builder::with_capacity(n))
-                } else {
-                    Col::Float(Float64Builder::with_capacity(n))
-                }
+        let aggs: Vec<_> = self.plan.aggregates().collect();
+        let mut builders: Vec<Col> = aggs
+            .iter()
+            .map(|(_, func)| match func {
+                AggFn::Count => Col::Int(Int64Builder::with_capacity(n)),
+                _ => Col::Float(Float64Builder::with_capacity(n)),
             })
             .collect();
         for &i in order {
-            let values =
-                self.plan.values(&pane.cells[i * stride..(i + 1) * stride], &pane.sketches[i * ns..(i + 1) * ns]);
-            for (col, v) in aggs.iter_mut().zip(values) {
-                match (col, v) {
-                    (Col::Int(b), Value::Int(x)) => b.append_value(x),
-                    (Col::Float(b), Value::Float(x)) => b.append_value(x),
-                    (Col::Int(b), _) => b.append_null(),
-                    (Col::Float(b), _) => b.append_null(),
+            let (c, s) = (&pane.cells[i * stride..(i + 1) * stride], &pane.sketches[i * ns..(i + 1) * ns]);
+            for ((f, func), col) in aggs.iter().zip(&mut builders) {
+                match col {
+                    Col::Int(b) => b.append_value(f.count(c)),
+                    Col::Float(b) => b.append_option(f.value(func, c, s)),
                 }
             }
         }
-        for (name, col) in self.plan.columns().into_iter().zip(aggs) {
+        for (col, name) in builders.into_iter().zip(self.plan.columns()) {
             let col: ArrayRef = match col {
                 Col::Int(mut b) => Arc::new(b.finish()),
                 Col::Float(mut b) => Arc::new(b.finish()),

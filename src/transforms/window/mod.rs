@@ -227,6 +227,31 @@ impl Pane {
     }
 }
 
+/// The indices of `keys` in ascending key order. A pane's keys mostly share a prefix (a type
+/// tag and a device-id stem): sorting on the 8 bytes after the common prefix, packed into an
+/// integer, and comparing whole keys only on ties costs a fraction of comparing strings
+/// throughout (which was 3% of W1).
+fn sorted_order(keys: &[Box<str>]) -> Vec<usize> {
+    let Some(first) = keys.first() else { return Vec::new() };
+    let mut common = first.len();
+    for k in &keys[1..] {
+        common = first.as_bytes()[..common].iter().zip(k.as_bytes()).take_while(|(a, b)| a == b).count();
+    }
+    let mut order: Vec<(u64, u32)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let rest = &k.as_bytes()[common..];
+            let mut word = [0u8; 8];
+            let n = rest.len().min(8);
+            word[..n].copy_from_slice(&rest[..n]);
+            (u64::from_be_bytes(word), i as u32)
+        })
+        .collect();
+    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| keys[a.1 as usize].cmp(&keys[b.1 as usize])));
+    order.into_iter().map(|(_, i)| i as usize).collect()
+}
+
 #[derive(Serialize, Deserialize)]
 struct Session {
     first: Nanos,
@@ -648,8 +673,7 @@ impl Window {
                 for pk in ready {
                     let pane = self.state.panes.remove(&pk).unwrap();
                     let start = pk.2;
-                    let mut order: Vec<usize> = (0..pane.keys.len()).collect();
-                    order.sort_unstable_by(|a, b| pane.keys[*a].cmp(&pane.keys[*b]));
+                    let order = sorted_order(&pane.keys);
                     if as_columns {
                         if let Some(rows) = self.pane_columns(&pane, &order, start, start + size) {
                             out.emit_columns(0, rows);
