@@ -1181,4 +1181,70 @@ mod tests {
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("lots").is_err());
     }
+
+    /// Rows as columns go through the same rolling and schema handling as rows as events:
+    /// every row lands in exactly one committed file, a file never holds more than `roll.rows`,
+    /// a batch whose types the open file cannot hold starts a new file, and one it can hold is
+    /// converted to the file's types.
+    #[tokio::test]
+    async fn rows_as_columns_roll_and_change_schema_without_losing_a_row() {
+        use arrow::array::{Array, Float64Array, Int64Array, StringArray};
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ParquetConfig = serde_json::from_value(serde_json::json!({
+            "inputs": ["w"], "url": dir.path().to_str().unwrap(), "roll": {"rows": 3}
+        }))
+        .unwrap();
+        assert!(cfg.accepts_columns());
+        let batch = |zone: ArrayRef, first: i64| {
+            let n = zone.len();
+            let dev: ArrayRef =
+                Arc::new(StringArray::from_iter_values((0..n).map(|i| format!("d{}", first + i as i64))));
+            let count: ArrayRef = Arc::new(Int64Array::from_iter_values((0..n as i64).map(|i| first + i)));
+            let schema = Schema::new(vec![
+                Field::new("deviceId", DataType::Utf8, true),
+                Field::new("zone", zone.data_type().clone(), true),
+                Field::new("count", DataType::Int64, true),
+            ]);
+            Arc::new(Batch::columns(RecordBatch::try_new(Arc::new(schema), vec![dev, zone, count]).unwrap()))
+        };
+        let mut sink = ParquetSink::new(cfg, &cx("pq_columns", 1)).await.unwrap();
+        sink.start(None).await.unwrap();
+        // integers, then floats (a new file: an integer column cannot hold them), then integers
+        // again (converted into the open file's float column)
+        sink.write(batch(Arc::new(Int64Array::from(vec![1, 2, 3, 4, 5])), 0)).await.unwrap();
+        sink.write(batch(Arc::new(Float64Array::from(vec![Some(0.5), None])), 5)).await.unwrap();
+        sink.write(batch(Arc::new(Int64Array::from(vec![7, 8])), 7)).await.unwrap();
+        sink.flush(1).await.unwrap();
+        sink.commit(1).await.unwrap();
+
+        let mut rows: Vec<(i64, String, Option<f64>)> = Vec::new();
+        let mut sizes = Vec::new();
+        for name in committed(dir.path()) {
+            let file = std::fs::File::open(dir.path().join(&name)).unwrap();
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+            let mut n = 0;
+            for rb in reader {
+                let rb = rb.unwrap();
+                n += rb.num_rows();
+                let zone = arrow::compute::cast(rb.column(1), &DataType::Float64).unwrap();
+                let zone = zone.as_any().downcast_ref::<Float64Array>().unwrap();
+                let dev = rb.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+                let count = rb.column(2).as_any().downcast_ref::<Int64Array>().unwrap();
+                for i in 0..rb.num_rows() {
+                    rows.push((count.value(i), dev.value(i).to_string(), zone.is_valid(i).then(|| zone.value(i))));
+                }
+            }
+            sizes.push(n);
+        }
+        assert_eq!(sizes, vec![3, 2, 3, 1], "files roll at 3 rows; the float batch starts a new file");
+        rows.sort_by_key(|r| r.0);
+        let want: Vec<(i64, String, Option<f64>)> =
+            [Some(1.0), Some(2.0), Some(3.0), Some(4.0), Some(5.0), Some(0.5), None, Some(7.0), Some(8.0)]
+                .into_iter()
+                .enumerate()
+                .map(|(i, z)| (i as i64, format!("d{i}"), z))
+                .collect();
+        assert_eq!(rows, want);
+    }
 }
