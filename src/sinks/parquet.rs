@@ -331,7 +331,9 @@ const EXPORT_STRINGS: [&str; 8] =
 const EXPORT_JSON: [&str; 7] =
     ["telemetry", "properties", "enrichments", "messageProperties", "actor", "resource", "updated"];
 
-fn ts_type() -> DataType {
+/// The Arrow type of every timestamp column written (window output built as columns uses it too,
+/// so that its files and files written from rows share a schema).
+pub(crate) fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
 }
 
@@ -795,11 +797,8 @@ impl ParquetSink {
                     _ => encode_rows(part, &file_schema, meta),
                 })
                 .collect();
-            let f = self.open.get_mut(&key).unwrap();
             for rb in chunks {
-                let rb = rb?;
-                f.writer.write(&rb).await.with_context(|| format!("writing {}", f.staged))?;
-                f.rows += rb.num_rows() as u64;
+                self.append(&key, &rb?).await?;
             }
             self.wrote(&key, now.len()).await?;
         }
@@ -818,11 +817,9 @@ impl ParquetSink {
         while done < rows.num_rows() {
             self.ensure_open(&key, &schema)?;
             let n = self.room(&key, rows.num_rows() - done);
-            let f = self.open.get_mut(&key).unwrap();
-            let part = conform(&rows.slice(done, n), &f.schema)?;
+            let part = conform(&rows.slice(done, n), &self.open[&key].schema)?;
             done += n;
-            f.writer.write(&part).await.with_context(|| format!("writing {}", f.staged))?;
-            f.rows += n as u64;
+            self.append(&key, &part).await?;
             self.wrote(&key, n).await?;
         }
         Ok(())
@@ -859,6 +856,14 @@ impl ParquetSink {
             None => want,
         };
         room.min(want)
+    }
+
+    /// Writes a batch in the file's schema to the open file of `key`.
+    async fn append(&mut self, key: &str, rows: &RecordBatch) -> anyhow::Result<()> {
+        let f = self.open.get_mut(key).expect("an open file");
+        f.writer.write(rows).await.with_context(|| format!("writing {}", f.staged))?;
+        f.rows += rows.num_rows() as u64;
+        Ok(())
     }
 
     /// After `n` rows went into the open file of `key`: counts them and rolls a full file.

@@ -13,16 +13,13 @@ use arrow::array::{
     ArrayRef, BooleanArray, Float64Array, Float64Builder, Int64Array, Int64Builder, StringBuilder,
     TimestampNanosecondArray,
 };
-use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 
 use super::agg::AggFn;
 use super::{Pane, Window};
 use crate::event::Nanos;
-
-fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
-}
+use crate::sinks::parquet::ts_type;
 
 /// One group-by column: the text of each row's part of the key, without its type tag (`None`:
 /// null), and the tag of its non-null values.
@@ -93,7 +90,7 @@ impl Window {
                     TimestampNanosecondArray::from(
                         vals.iter().map(|v| v.and_then(|s| s.parse().ok())).collect::<Vec<_>>(),
                     )
-                    .with_timezone("UTC"),
+                    .with_data_type(ts_type()),
                 ),
                 _ => return None,
             };
@@ -102,7 +99,7 @@ impl Window {
         }
         for (name, t) in [("window_start", start), ("window_end", end)] {
             fields.push(Field::new(name, ts_type(), true));
-            cols.push(Arc::new(TimestampNanosecondArray::from(vec![t; n]).with_timezone("UTC")));
+            cols.push(Arc::new(TimestampNanosecondArray::from(vec![t; n]).with_data_type(ts_type())));
         }
         let (stride, ns) = (self.plan.stride, self.plan.sketches);
         fields.push(Field::new("count", DataType::Int64, true));
