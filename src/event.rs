@@ -632,6 +632,18 @@ impl Event {
         }
     }
 
+    /// Like [`Event::slot`], the stored value itself.
+    #[inline]
+    pub(crate) fn slot_val(&self, s: usize) -> Option<Option<Val>> {
+        use crate::model::decode::{SLOT_ABSENT, SLOT_UNKNOWN};
+        self.proj?;
+        match *self.slots.get(s)? {
+            SLOT_ABSENT => Some(None),
+            SLOT_UNKNOWN => None,
+            i => Some(Some(self.fields.get(i as usize)?.val)),
+        }
+    }
+
     /// The projection this event was decoded with, if it holds only some of its fields.
     pub fn projection(&self) -> Option<&'static Projection> {
         self.proj

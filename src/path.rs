@@ -118,6 +118,17 @@ impl FieldPath {
 
     /// The value by the slot of a projected event; `None` when slots do not say.
     fn by_slot<'e>(&self, p: &'static Projection, ev: &'e Event) -> Option<Option<ValRef<'e>>> {
+        let (slot, used) = self.slot_for(p, ev)?;
+        match ev.slot(slot)? {
+            None => Some(None),
+            Some(v) if used == self.parts.len() => Some(Some(v)),
+            Some(v) => Some(descend(v, &self.parts[used..])),
+        }
+    }
+
+    /// The slot holding this path's field in a projected event, and the segments it covers.
+    #[inline]
+    fn slot_for(&self, p: &'static Projection, ev: &Event) -> Option<(usize, usize)> {
         let addr = p as *const Projection as usize;
         let (cached, slot) = *self.slot.get_or_init(|| (addr, self.slot_in(p)));
         let (slot, used) = if cached == addr { slot? } else { self.slot_in(p)? };
@@ -125,9 +136,35 @@ impl FieldPath {
         if !self.export_key && self.parts[0] != "telemetry" && !ev.has_only_export_keys() {
             return None;
         }
-        match ev.slot(slot)? {
-            None => Some(None),
-            Some(v) => Some(descend(v, &self.parts[used..])),
+        Some((slot, used))
+    }
+
+    /// The stored value at this path when the decoder recorded where it is and the path is
+    /// that field itself: `Some(None)` when the event does not have it, `None` when the slots
+    /// do not say (use [`FieldPath::get`]). Agrees with `get` wherever it answers; it only
+    /// skips building a [`ValRef`] on the hottest reads (a window's values and group keys).
+    #[inline]
+    pub fn get_stored(&self, ev: &Event) -> Option<Option<crate::event::Val>> {
+        let (slot, used) = self.slot_for(ev.projection()?, ev)?;
+        if used != self.parts.len() {
+            return None;
+        }
+        ev.slot_val(slot)
+    }
+
+    /// The value at this path as a number (as [`ValRef::as_f64`] reads it).
+    #[inline]
+    pub fn get_f64(&self, ev: &Event) -> Option<f64> {
+        use crate::event::Val;
+        match self.get_stored(ev) {
+            Some(None) => None,
+            Some(Some(Val::Float(f))) => Some(f),
+            Some(Some(Val::Int(i))) => Some(i as f64),
+            Some(Some(Val::Num(t))) => ev.text(t).parse().ok(),
+            Some(Some(
+                Val::Null | Val::Bool(_) | Val::Str(_) | Val::Time(_) | Val::Obj { .. } | Val::Json(_) | Val::Bytes(_),
+            )) => None,
+            None => self.get(ev)?.as_f64(),
         }
     }
 

@@ -986,6 +986,27 @@ mod projection_tests {
             .join("\n"))
     }
 
+    /// `text` with `edits` applied: (position, 0 delete / 1 insert / 2 replace, which of `bytes`).
+    fn edited(text: &str, edits: &[(usize, usize, usize)], bytes: &[&[u8]]) -> Vec<u8> {
+        let mut text = text.as_bytes().to_vec();
+        for &(at, op, what) in edits {
+            let at = at % (text.len() + 1);
+            match op {
+                0 if at < text.len() => {
+                    text.remove(at);
+                }
+                1 => {
+                    text.splice(at..at, bytes[what].iter().copied());
+                }
+                _ if at < text.len() => {
+                    text.splice(at..at + 1, bytes[what].iter().copied());
+                }
+                _ => {}
+            }
+        }
+        text
+    }
+
     const SAMPLES: [&str; 5] = [
         MSG,
         r#"{"applicationId":"6e9d8f3c","deviceId":"sensor-02652","schema":"default@v1","templateId":"dtmi:contoso:EnvSensor;1","enqueuedTime":"2026-11-01T00:00:00.000Z","enrichments":{"site":"plant-6"},"messageSource":"telemetry","telemetry":{"temperature":25.542,"humidity":41.883,"pressure":1002.77,"battery":74,"status":"ok","location":{"lat":47.8652,"lon":-122.3,"alt":12.0}},"messageProperties":{"iothub-creation-time-utc":"2026-11-01T00:00:00.000Z"}}"#,
@@ -1034,16 +1055,7 @@ mod projection_tests {
             projected in 0usize..3,
         ) {
             const BYTES: &[&[u8]] = &[b"{", b"}", b"[", b"]", b"\"", b",", b":", b"\\", b"\\u12", b"\\uD800", b"0", b"01", b"-", b".", b"e", b"+", b"1", b" ", b"\n", b"\x01", b"null", b"tru", b"\xc3\xa9", b"\\n"];
-            let mut text = SAMPLES[sample].as_bytes().to_vec();
-            for (at, op, what) in edits {
-                let at = at % (text.len() + 1);
-                match op {
-                    0 if at < text.len() => { text.remove(at); }
-                    1 => { text.splice(at..at, BYTES[what].iter().copied()); }
-                    _ if at < text.len() => { text.splice(at..at + 1, BYTES[what].iter().copied()); }
-                    _ => {}
-                }
-            }
+            let text = edited(SAMPLES[sample], &edits, BYTES);
             let p = match projected {
                 0 => None,
                 1 => Some(proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]))),
@@ -1053,5 +1065,56 @@ mod projection_tests {
             let slow = decode_with(false, &text, p);
             proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&text));
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+        /// The window's and the filter's shortcut reads (`get_stored`, `get_f64`) answer as the
+        /// general lookup does, whatever the values' types: on messages with random edits,
+        /// decoded with and without projections.
+        #[test]
+        fn stored_reads_agree_with_lookups(
+            sample in 0usize..3,
+            edits in proptest::collection::vec((0usize..400, 0usize..3, 0usize..12), 0..3),
+            projected in 0usize..3,
+        ) {
+            const BYTES: &[&[u8]] = &[b"\"", b"0", b"-1", b".5", b"e9", b"null", b"true", b"\"x\"", b"{}", b"[1]", b"\\n", b" "];
+            let text = edited(SAMPLES[sample], &edits, BYTES);
+            let p = match projected {
+                0 => None,
+                1 => Some(proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]))),
+                _ => Some(proj(&["deviceId", "telemetry", "enrichments"], None)),
+            };
+            let mut out = Vec::new();
+            decode_record_projected(Bytes::copy_from_slice(&text), p, &mut out);
+            for ev in out.into_iter().flatten() {
+                for path in ["deviceId", "messageSource", "temperature", "telemetry.humidity", "pressure", "battery",
+                             "enrichments.site", "templateId", "telemetry.location"] {
+                    let fp = crate::path::FieldPath::parse(path).unwrap();
+                    let want = fp.get(&ev);
+                    if let Some(stored) = fp.get_stored(&ev) {
+                        proptest::prop_assert_eq!(stored.map(|v| ev.val_ref(v)), want.clone(), "{}", path);
+                    }
+                    let f = fp.get_f64(&ev);
+                    let g = want.and_then(|v| v.as_f64());
+                    proptest::prop_assert_eq!(f.map(f64::to_bits), g.map(f64::to_bits), "{}", path);
+                }
+            }
+        }
+    }
+
+    /// The shortcut is taken where the decoder recorded the field (or the test above would
+    /// prove nothing).
+    #[test]
+    fn stored_reads_are_taken_for_projected_fields() {
+        let p = proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]));
+        let mut out = Vec::new();
+        decode_record_projected(Bytes::from_static(SAMPLES[1].as_bytes()), Some(p), &mut out);
+        let ev = out.pop().unwrap().unwrap();
+        let read = |path: &str| crate::path::FieldPath::parse(path).unwrap().get_stored(&ev);
+        assert!(matches!(read("deviceId"), Some(Some(Val::Str(_)))));
+        assert!(matches!(read("temperature"), Some(Some(Val::Float(_)))));
+        assert!(matches!(read("telemetry.pressure"), Some(Some(Val::Float(_)))));
+        assert_eq!(read("enrichments.site"), None, "not projected: the general lookup answers");
     }
 }

@@ -251,7 +251,7 @@ impl AggPlan {
     /// in parallel; [`AggPlan::add_values`] then only does arithmetic.
     pub fn extract(&self, ev: &Event, out: &mut Vec<f64>) {
         for f in &self.fields {
-            let v = f.path.get(ev).and_then(|v| v.as_f64()).filter(|v| v.is_finite()).unwrap_or(f64::NAN);
+            let v = f.path.get_f64(ev).filter(|v| v.is_finite()).unwrap_or(f64::NAN);
             out.push(v);
         }
     }

@@ -309,6 +309,12 @@ fn write_key(group_by: &[FieldPath], ev: &Event, key: &mut String) {
         if i > 0 {
             key.push('\u{1f}');
         }
+        // the common case, a string the decoder recorded, without building a `ValRef`
+        if let Some(Some(crate::event::Val::Str(t))) = g.get_stored(ev) {
+            key.push('s');
+            key.push_str(ev.text(t));
+            continue;
+        }
         match g.get(ev) {
             None | Some(ValRef::Null) => key.push('z'),
             Some(ValRef::Str(s)) => {
