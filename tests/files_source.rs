@@ -158,6 +158,71 @@ fn bad_input_goes_to_dead_letters_with_reasons_and_origins() {
     assert!(err.contains("5 dead letters"), "the summary counts them: {err}");
 }
 
+/// Local JSON-lines files are read through memory maps of about 4 MiB; `mmap: false` reads
+/// them. Both must give the same events, in the same order, with the same line numbers, and the
+/// same dead letters, wherever the maps' edges fall: across a CRLF line, blank lines, an array
+/// line, bad records, a line longer than a map, and a last line without a newline.
+#[test]
+fn mapped_and_read_files_give_the_same_events_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("big.jsonl");
+    let mut data = Vec::new();
+    let push = |data: &mut Vec<u8>, i: u64| {
+        let t = format!("2026-11-01T00:{:02}:{:02}.{:03}Z", (i / 1000) % 60, (i / 10) % 60, i % 1000);
+        match i % 23 {
+            0 => data.extend_from_slice(format!("{}\r\n", msg(&format!("crlf{i}"), &t)).as_bytes()),
+            1 => data.extend_from_slice(b"\n   \n"),
+            2 => data.extend_from_slice(
+                format!("[{},{}]\n", msg(&format!("a{i}"), &t), msg(&format!("b{i}"), &t)).as_bytes(),
+            ),
+            3 => data.extend_from_slice(b"{\"messageSource\": \"telemetry\", \"enqueuedTime\": \n"),
+            // a padded message, so that lines (and the maps' edges) fall at varied offsets
+            _ => data.extend_from_slice(
+                format!("{}{}\n", msg(&format!("d{i}"), &t), " ".repeat((i * 7 % 300) as usize)).as_bytes(),
+            ),
+        }
+    };
+    let mut i = 0u64;
+    while data.len() < 5 << 20 {
+        push(&mut data, i);
+        i += 1;
+    }
+    // a line longer than a map (a dead letter: above the record limit), then more of the same
+    data.extend_from_slice(format!("{{\"blob\":\"{}\"}}\n", "y".repeat(9 << 20)).as_bytes());
+    while data.len() < 20 << 20 {
+        push(&mut data, i);
+        i += 1;
+    }
+    data.extend_from_slice(msg("last", "2026-11-01T01:00:00Z").as_bytes()); // no newline
+    std::fs::write(&f, &data).unwrap();
+
+    let mut runs = Vec::new();
+    for (name, extra) in [("mapped", ""), ("read", "    mmap: false\n")] {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let p = to_jsonl(&sub, f.to_str().unwrap(), extra);
+        let err = ok(&run(&["replay", p.to_str().unwrap()], &[("CENTRALFLOW_LOG", "centralflow=debug")], T));
+        assert_eq!(err.contains("reading through memory maps"), name == "mapped", "{name}: {err}");
+        let events: Vec<String> = lines(&sub.join("out.jsonl"))
+            .iter()
+            .map(|v| format!("{} {}", v["deviceId"].as_str().unwrap(), v["enqueuedTime"].as_str().unwrap()))
+            .collect();
+        let dead: Vec<String> = lines(&sub.join("dl.jsonl"))
+            .iter()
+            .map(|v| format!("{} {}", v["origin"].as_str().unwrap().rsplit('/').next().unwrap(), v["reason"]))
+            .collect();
+        runs.push((events, dead));
+    }
+    let (mapped, read) = (&runs[0], &runs[1]);
+    assert!(mapped.0.len() > 30_000, "{}", mapped.0.len());
+    assert_eq!(mapped.0.last().map(String::as_str), Some("last 2026-11-01T01:00:00Z"));
+    assert!(mapped.0.iter().any(|e| e.starts_with("crlf")) && mapped.0.iter().any(|e| e.starts_with('b')));
+    assert!(mapped.1.iter().any(|d| d.contains("exceeds the limit")), "{:?}", &mapped.1[..3]);
+    assert!(mapped.1.len() > 1000, "{}", mapped.1.len());
+    assert!(mapped.0 == read.0, "the same events in the same order");
+    assert!(mapped.1 == read.1, "the same dead letters, with the same line numbers");
+}
+
 #[test]
 fn unrouted_dead_letters_are_logged_not_dropped_silently() {
     let dir = tempfile::tempdir().unwrap();
