@@ -214,6 +214,76 @@ fn the_json_schema_describes_every_component_type() {
     }
 }
 
+/// Configuration is validated with draft 7 rules (see `validate_against`); that is only right
+/// while the generated schemas use no keyword that draft 7 reads differently from 2020-12.
+#[test]
+fn schemas_mean_the_same_under_draft_7() {
+    fn walk(v: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(o) => {
+                for k in o.keys() {
+                    let new_in_2019 = [
+                        "prefixItems",
+                        "unevaluatedProperties",
+                        "unevaluatedItems",
+                        "dependentRequired",
+                        "dependentSchemas",
+                        "$anchor",
+                        "$dynamicRef",
+                        "$dynamicAnchor",
+                        "$recursiveRef",
+                        "minContains",
+                        "maxContains",
+                    ];
+                    if new_in_2019.contains(&k.as_str()) {
+                        bad.push(format!("{at}/{k}"));
+                    }
+                }
+                // draft 7 ignores what stands beside a `$ref`
+                if o.contains_key("$ref") {
+                    let annotations = ["$ref", "description", "title", "default", "examples", "deprecated"];
+                    for k in o.keys().filter(|k| !annotations.contains(&k.as_str())) {
+                        bad.push(format!("{at}/{k} beside $ref"));
+                    }
+                }
+                for (k, v) in o {
+                    walk(v, &format!("{at}/{k}"), bad);
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(v, &format!("{at}/{i}"), bad);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut schemas = vec![("pipeline".to_string(), json_schema())];
+    for t in crate::sources::TYPES {
+        schemas.push((t.to_string(), crate::sources::variant_schema(t).unwrap()));
+    }
+    for t in crate::transforms::TYPES {
+        schemas.push((t.to_string(), crate::transforms::variant_schema(t).unwrap()));
+    }
+    for t in crate::sinks::TYPES {
+        schemas.push((t.to_string(), crate::sinks::variant_schema(t).unwrap()));
+    }
+    let mut bad = Vec::new();
+    for (name, s) in &schemas {
+        walk(s, name, &mut bad);
+    }
+    assert!(bad.is_empty(), "keywords draft 7 reads differently: {bad:?}");
+    // and the rules still bite: an unknown field, a wrong type, a value outside an enum
+    let errs = errors(
+        "sources:\n  s:\n    type: files\n    url: [x]\n    nope: 1\n    format: xml\nsinks:\n  c:\n    type: console\n    inputs: [s]\n",
+    );
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    let joined = errs.join("\n");
+    for want in ["sources.s.nope: unknown field", "sources.s.url:", "sources.s.format:"] {
+        assert!(joined.contains(want), "{want} in {joined}");
+    }
+}
+
 #[test]
 fn dotted_paths() {
     assert_eq!(dotted("/transforms/a/inputs/0"), "transforms.a.inputs[0]");
