@@ -548,8 +548,9 @@ impl Reader {
     /// each: events point into the map, so neither the kernel nor this process copies the text
     /// (reading and copying were about 7% of W1's CPU time). A map is released once no event of
     /// it is left. The file is read as it was when opened: what is appended later is not read.
-    /// (Like every reader of a mapped file, the process gets SIGBUS if the file is truncated
-    /// while it is read; exports are written once, and `mmap: false` turns this off.)
+    /// (Like every reader of a mapped file, it relies on the file not being truncated or
+    /// rewritten in place while it is read; exports are written once, and `mmap: false` turns
+    /// this off.)
     fn read_mapped(
         &self,
         idx: usize,
@@ -578,8 +579,9 @@ impl Reader {
             // complete lines only; a line longer than the map doubles it
             let (map, cut) = loop {
                 let end = (base + want).min(size);
-                // SAFETY: the map is read-only and private; it is only unsound if another
-                // process truncates the file meanwhile (SIGBUS), which the docs warn about.
+                // SAFETY: the map is read-only. It is unsound only if another process truncates
+                // the file meanwhile (SIGBUS) or rewrites it in place (text validated as UTF-8
+                // could change under the events); `mmap: false` is documented for such files.
                 let map =
                     unsafe { memmap2::MmapOptions::new().offset(base).len((end - base) as usize).populate().map(file) }
                         .with_context(|| format!("mapping {shown}"))?;
