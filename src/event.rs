@@ -623,13 +623,7 @@ impl Event {
     /// The value in slot `s` of a projected event: `Some(None)` when the message has no such
     /// field, `None` when the slot does not say (look the field up by key).
     pub(crate) fn slot(&self, s: usize) -> Option<Option<ValRef<'_>>> {
-        use crate::model::decode::{SLOT_ABSENT, SLOT_UNKNOWN};
-        self.proj?;
-        match *self.slots.get(s)? {
-            SLOT_ABSENT => Some(None),
-            SLOT_UNKNOWN => None,
-            i => Some(Some(self.val_ref(self.fields.get(i as usize)?.val))),
-        }
+        Some(self.slot_val(s)?.map(|v| self.val_ref(v)))
     }
 
     /// Like [`Event::slot`], the stored value itself.

@@ -332,11 +332,7 @@ impl Expr {
 
 impl FastCompare {
     fn eval(&self, ev: &Event) -> bool {
-        let eq = match self.var.get_stored(ev) {
-            Some(Some(crate::event::Val::Str(t))) => crate::event::eq_short(ev.text(t), &self.literal),
-            Some(_) => false,
-            None => matches!(self.var.get(ev), Some(ValRef::Str(s)) if crate::event::eq_short(&s, &self.literal)),
-        };
+        let eq = self.var.get_str(ev).is_some_and(|s| crate::event::eq_short(&s, &self.literal));
         eq != self.negate
     }
 }

@@ -161,10 +161,21 @@ impl FieldPath {
             Some(Some(Val::Float(f))) => Some(f),
             Some(Some(Val::Int(i))) => Some(i as f64),
             Some(Some(Val::Num(t))) => ev.text(t).parse().ok(),
-            Some(Some(
-                Val::Null | Val::Bool(_) | Val::Str(_) | Val::Time(_) | Val::Obj { .. } | Val::Json(_) | Val::Bytes(_),
-            )) => None,
+            Some(Some(_)) => None,
             None => self.get(ev)?.as_f64(),
+        }
+    }
+
+    /// The value at this path if it is a string (as [`ValRef::as_str`] reads it).
+    #[inline]
+    pub fn get_str<'e>(&self, ev: &'e Event) -> Option<Cow<'e, str>> {
+        match self.get_stored(ev) {
+            Some(Some(crate::event::Val::Str(t))) => Some(Cow::Borrowed(ev.text(t))),
+            Some(_) => None,
+            None => match self.get(ev)? {
+                ValRef::Str(s) => Some(s),
+                _ => None,
+            },
         }
     }
 

@@ -496,9 +496,7 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
             cx.error("/name", "must be a string");
         }
     }
-    for (section, types) in
-        [("sources", crate::sources::TYPES), ("transforms", crate::transforms::TYPES), ("sinks", crate::sinks::TYPES)]
-    {
+    for (section, types, schema_of) in SECTIONS {
         let Some(sec) = root.get_mut(section) else {
             continue;
         };
@@ -530,12 +528,7 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
                     continue;
                 }
             };
-            let schema = match section {
-                "sources" => crate::sources::variant_schema(&ty),
-                "transforms" => crate::transforms::variant_schema(&ty),
-                _ => crate::sinks::variant_schema(&ty),
-            };
-            let Some(schema) = schema else {
+            let Some(schema) = schema_of(&ty) else {
                 let hint = suggest(&ty, types);
                 cx.error(
                     &format!("{ptr}/type"),
@@ -567,6 +560,15 @@ fn structure(value: &mut serde_json::Value, cx: &mut Checker<'_>) {
         }
     }
 }
+
+/// The component sections of a pipeline: their key, their `type` names, and each type's JSON
+/// Schema.
+type SchemaOf = fn(&str) -> Option<serde_json::Value>;
+const SECTIONS: [(&str, &[&str], SchemaOf); 3] = [
+    ("sources", crate::sources::TYPES, crate::sources::variant_schema),
+    ("transforms", crate::transforms::TYPES, crate::transforms::variant_schema),
+    ("sinks", crate::sinks::TYPES, crate::sinks::variant_schema),
+];
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')

@@ -259,14 +259,8 @@ fn schemas_mean_the_same_under_draft_7() {
         }
     }
     let mut schemas = vec![("pipeline".to_string(), json_schema())];
-    for t in crate::sources::TYPES {
-        schemas.push((t.to_string(), crate::sources::variant_schema(t).unwrap()));
-    }
-    for t in crate::transforms::TYPES {
-        schemas.push((t.to_string(), crate::transforms::variant_schema(t).unwrap()));
-    }
-    for t in crate::sinks::TYPES {
-        schemas.push((t.to_string(), crate::sinks::variant_schema(t).unwrap()));
+    for (_, types, schema_of) in SECTIONS {
+        schemas.extend(types.iter().map(|t| (t.to_string(), schema_of(t).unwrap())));
     }
     let mut bad = Vec::new();
     for (name, s) in &schemas {
