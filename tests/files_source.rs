@@ -197,12 +197,13 @@ fn mapped_and_read_files_give_the_same_events_and_dead_letters() {
     std::fs::write(&f, &data).unwrap();
 
     let mut runs = Vec::new();
-    for (name, extra) in [("mapped", ""), ("read", "    mmap: false\n")] {
+    // small batches of uneven parts (256 + 44 lines) too
+    for (name, extra) in [("mapped", ""), ("read", "    mmap: false\n"), ("small", "    batch_size: 300\n")] {
         let sub = dir.path().join(name);
         std::fs::create_dir_all(&sub).unwrap();
         let p = to_jsonl(&sub, f.to_str().unwrap(), extra);
         let err = ok(&run(&["replay", p.to_str().unwrap()], &[("CENTRALFLOW_LOG", "centralflow=debug")], T));
-        assert_eq!(err.contains("reading through memory maps"), name == "mapped", "{name}: {err}");
+        assert_eq!(err.contains("reading through memory maps"), name != "read", "{name}: {err}");
         let events: Vec<String> = lines(&sub.join("out.jsonl"))
             .iter()
             .map(|v| format!("{} {}", v["deviceId"].as_str().unwrap(), v["enqueuedTime"].as_str().unwrap()))
@@ -213,7 +214,13 @@ fn mapped_and_read_files_give_the_same_events_and_dead_letters() {
             .collect();
         runs.push((events, dead));
     }
-    let (mapped, read) = (&runs[0], &runs[1]);
+    let (mapped, read, small) = (&runs[0], &runs[1], &runs[2]);
+    // in file order: the number in a device id is the line it was written for
+    let nums: Vec<u64> = mapped.0[..mapped.0.len() - 1]
+        .iter()
+        .map(|e| e.split(' ').next().unwrap().trim_start_matches(|c: char| c.is_ascii_alphabetic()).parse().unwrap())
+        .collect();
+    assert!(nums.windows(2).all(|w| w[0] <= w[1]), "events out of file order");
     assert!(mapped.0.len() > 30_000, "{}", mapped.0.len());
     assert_eq!(mapped.0.last().map(String::as_str), Some("last 2026-11-01T01:00:00Z"));
     assert!(mapped.0.iter().any(|e| e.starts_with("crlf")) && mapped.0.iter().any(|e| e.starts_with('b')));
@@ -221,6 +228,7 @@ fn mapped_and_read_files_give_the_same_events_and_dead_letters() {
     assert!(mapped.1.len() > 1000, "{}", mapped.1.len());
     assert!(mapped.0 == read.0, "the same events in the same order");
     assert!(mapped.1 == read.1, "the same dead letters, with the same line numbers");
+    assert!(mapped == small, "the same events and dead letters in batches of 300 lines");
 }
 
 #[test]

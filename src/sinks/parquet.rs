@@ -56,7 +56,10 @@ pub struct ParquetConfig {
     /// `zstd` (default), `snappy` or `none`.
     #[serde(default)]
     pub compression: Compression,
-    /// Rows per row group.
+    /// Rows per row group (default 122,880, as DuckDB's). A row group is buffered until it is
+    /// full and the last one is encoded and written when the file closes: smaller ones bound
+    /// the memory of an open file and shorten the end of a replay (W1: 1,000,000-row groups
+    /// made it 25 ms longer).
     #[serde(default = "d_row_group")]
     pub row_group_size: usize,
     /// When to start a new file (besides every checkpoint).
@@ -95,7 +98,7 @@ impl ParquetConfig {
 }
 
 fn d_row_group() -> usize {
-    1_000_000
+    122_880
 }
 fn d_prefix() -> String {
     "part".into()

@@ -7,10 +7,11 @@
 //! `from`/`to` select files by their minute before reading them. Any other layout is read in
 //! path order. Either way the order is deterministic, so two replays give the same output.
 //!
-//! Reading and decoding run on a blocking thread; decoding a chunk is split across the rayon
-//! pool. The position (file, line) after each batch is the checkpointed position.
+//! Reading runs on a blocking thread; each chunk's lines are decoded by jobs on the rayon pool
+//! (a part of 256 lines each) while the next chunk is read. The position (file, line) after
+//! each batch is the checkpointed position.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +22,6 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
-use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -376,6 +376,74 @@ impl<R: Read> Read for Counting<R> {
 }
 
 const CHUNK: usize = 4 << 20;
+/// Lines per decoding job.
+const PART: usize = 256;
+/// Parts handed to the pool and not yet sent, per rayon thread. More keeps the decoding threads
+/// busier but lets events go cold in cache before the next stage reads them (on two cores, two
+/// batches of 2,048 lines measured best; three were as good, a whole 4 MiB chunk used 9% more
+/// CPU time).
+const PARTS_AHEAD_PER_THREAD: usize = 8;
+
+/// What a decoding job needs to know of its file.
+struct PartCx {
+    display: Arc<str>,
+    partition: u32,
+    from: Nanos,
+    to: Nanos,
+    projection: Option<&'static Projection>,
+    component: String,
+}
+
+impl PartCx {
+    /// Decodes one part: `text` holds its lines, `lines` their (line number, start, end) in it.
+    /// Returns the events in line order and the dead letters.
+    fn decode(&self, text: &Bytes, lines: &[(u64, u32, u32)]) -> Decoded {
+        let mut events = Vec::with_capacity(lines.len());
+        let mut dead = Vec::new();
+        // one count per part, so that two decoding threads never share it
+        let origin: Arc<str> = Arc::from(&*self.display);
+        for &(no, s, e) in lines {
+            let (s, mut e) = (s as usize, e as usize);
+            if e > s && text[e - 1] == b'\r' {
+                e -= 1;
+            }
+            let line = &text[s..e];
+            if line.iter().all(|b| b.is_ascii_whitespace()) {
+                continue;
+            }
+            decode_record_each(text.slice(s..e), self.projection, |r| match r {
+                Ok(mut ev) => {
+                    if ev.time < self.from || ev.time >= self.to {
+                        return;
+                    }
+                    ev.meta.partition = self.partition;
+                    ev.meta.offset = no as i64 + 1;
+                    ev.meta.origin = Some(origin.clone());
+                    events.push(ev);
+                }
+                Err(reason) => dead.push(Event::dead_letter(
+                    Bytes::copy_from_slice(line),
+                    &reason,
+                    &format!("{}:{}", self.display, no + 1),
+                    &self.component,
+                )),
+            });
+        }
+        (events, dead)
+    }
+}
+
+/// A decoded part: its events and its dead letters.
+type Decoded = (Vec<Event>, Vec<Event>);
+
+/// A batch whose parts are being decoded: the decoded parts received so far, and the position
+/// after the batch.
+struct InFlight {
+    /// (part, what it decoded or what a panicking decoder said)
+    rx: std::sync::mpsc::Receiver<(usize, Result<Decoded, String>)>,
+    slots: Vec<Option<Decoded>>,
+    pos: Position,
+}
 
 /// Reads into `buf[start..]` until it is full or the input ends; returns (filled length, eof).
 fn fill(input: &mut Box<dyn Read + Send>, buf: &mut [u8], start: usize) -> std::io::Result<(usize, bool)> {
@@ -454,11 +522,9 @@ impl Reader {
             return self.read_mapped(idx, &file, size, skip, tx, stop);
         }
         let mut input = self.open(f)?;
-        // Two buffers: the next chunk is read while the current one is decoded (lines are
-        // copied into their events, so buffers are reused). A buffer only grows for a line
-        // longer than a chunk, or to hold a whole JSON-array file.
+        // One buffer: the decoding jobs take copies of their lines, so it is refilled while they
+        // run. It only grows for a line longer than a chunk, or to hold a whole JSON-array file.
         let mut cur: Vec<u8> = vec![0; CHUNK];
-        let mut next: Vec<u8> = vec![0; CHUNK];
         let (mut len, mut eof) = fill(&mut input, &mut cur, 0)?;
         let array_mode = match self.format {
             Format::JsonArray => true,
@@ -473,6 +539,7 @@ impl Reader {
             return self.emit_array_file(idx, Bytes::copy_from_slice(&cur[..len]), skip, tx);
         }
         let mut line_no: u64 = 0; // lines fully consumed
+        let mut ahead = VecDeque::new();
         loop {
             if stop.load(Ordering::Relaxed) {
                 return Err(Closed.into());
@@ -490,35 +557,19 @@ impl Reader {
                     }
                 }
             };
-            let tail = len - cut;
-            if next.len() < tail + CHUNK / 2 {
-                next.resize(tail + CHUNK, 0);
-            }
-            // The next chunk is read on its own thread while this one is decoded here: this
-            // thread, not a rayon worker, waits when the pipeline is full (a worker blocked on a
-            // channel could starve a transform that needs the pool to drain it).
-            let (decoded, read) = std::thread::scope(|scope| {
-                let reading = (!eof).then(|| {
-                    let (cur, next, input) = (&cur, &mut next, &mut input);
-                    scope.spawn(move || {
-                        next[..tail].copy_from_slice(&cur[cut..len]);
-                        fill(input, next, tail)
-                    })
-                });
-                let decoded = self.decode_lines(idx, &cur[..cut], None, line_no, skip, tx);
-                let read = match reading {
-                    Some(h) => h.join().unwrap_or_else(|_| Err(std::io::Error::other("reading thread panicked"))),
-                    None => Ok((0, true)),
-                };
-                (decoded, read)
-            });
-            line_no += decoded?;
+            // the end of this chunk decodes while the next one is read
+            line_no += self.decode_lines(idx, &cur[..cut], None, line_no, skip, &mut ahead, tx)?;
             if eof {
-                return Ok(());
+                break;
             }
-            (len, eof) = read?;
-            std::mem::swap(&mut cur, &mut next);
+            let tail = len - cut;
+            cur.copy_within(cut..len, 0);
+            if cur.len() < tail + CHUNK / 2 {
+                cur.resize(tail + CHUNK, 0);
+            }
+            (len, eof) = fill(&mut input, &mut cur, tail)?;
         }
+        self.finish(&mut ahead, tx)
     }
 
     /// A local, uncompressed JSON-lines file, opened for [`Reader::read_mapped`]; `None` for
@@ -569,6 +620,7 @@ impl Reader {
         let mut held: std::collections::VecDeque<Arc<memmap2::Mmap>> = Default::default();
         let mut line_no: u64 = 0;
         let mut start: u64 = 0; // the first byte not yet decoded
+        let mut ahead = VecDeque::new();
         while start < size {
             if stop.load(Ordering::Relaxed) {
                 return Err(Closed.into());
@@ -598,20 +650,33 @@ impl Reader {
             self.progress.done_bytes.fetch_add(read, Ordering::Relaxed);
             self.metrics.bytes_in.inc_by(read);
             let map = Arc::new(map);
-            line_no += self.decode_lines(idx, &map[from..cut], Some((&map, from)), line_no, skip, tx)?;
+            line_no += self.decode_lines(idx, &map[from..cut], Some((&map, from)), line_no, skip, &mut ahead, tx)?;
             start = base + cut as u64;
             held.push_back(map);
             held.retain(|m| Arc::strong_count(m) > 1);
         }
-        Ok(())
+        self.finish(&mut ahead, tx)
     }
 
-    /// Decodes the lines of `chunk` (starting at line `first_line`) in parallel and sends them,
-    /// a batch as soon as it is decoded (so that the pipeline has work while the rest of the
-    /// chunk decodes). Returns the number of lines consumed. Called outside the rayon pool:
-    /// only the decoding itself runs on it, never the sending. `mapped`: the memory map `chunk`
-    /// is part of and where in it `chunk` starts, when the file is mapped (events then point
-    /// into the map instead of into copies of their lines).
+    /// Decodes the lines of `chunk` (starting at line `first_line`) and sends them in batches of
+    /// about `batch_size` lines. Each batch is split into jobs of [`PART`] lines on the rayon
+    /// pool; up to [`PARTS_AHEAD_PER_THREAD`] parts per thread decode while the oldest batch
+    /// is waited for and sent. The last batches of the chunk are left in `ahead`, decoding
+    /// while the caller maps or reads the next chunk ([`Reader::finish`] sends them at the end
+    /// of the file). Returns the number of lines consumed.
+    ///
+    /// Each job owns its part's text: with `mapped` (the memory map `chunk` is part of, and where
+    /// in it `chunk` starts) an owner over the map, otherwise a copy of the part's lines, so that
+    /// the caller's buffer is free again once this returns. The events of a part share that one
+    /// reference count, which no other decoding job touches.
+    ///
+    /// One job per part, spawned from this thread, rather than a parallel iterator over the
+    /// batch: a parallel iterator started from outside the pool is picked up by one worker, and
+    /// on two cores the other was seldom woken to steal half of it (W1's two decoding threads
+    /// ran together a quarter of the time). A job put into the pool's queue wakes a sleeping
+    /// worker. Only this thread waits when the pipeline is full, never a rayon worker (a worker
+    /// blocked on a channel could starve a transform that needs the pool to drain it).
+    #[allow(clippy::too_many_arguments)]
     fn decode_lines(
         &self,
         idx: usize,
@@ -619,6 +684,7 @@ impl Reader {
         mapped: Option<(&Arc<memmap2::Mmap>, usize)>,
         first_line: u64,
         skip: u64,
+        ahead: &mut VecDeque<InFlight>,
         tx: &mpsc::Sender<ReaderMsg>,
     ) -> anyhow::Result<u64> {
         let f = &self.files[idx];
@@ -636,65 +702,77 @@ impl Reader {
         }
         let consumed = n - first_line;
         lines.retain(|(no, _, _)| *no >= skip);
-        // batches of about batch_size lines, each decoded in parallel
+        let cx = Arc::new(PartCx {
+            display: f.display.clone(),
+            partition: f.partition,
+            from: self.from,
+            to: self.to,
+            projection: self.projection,
+            component: self.component.clone(),
+        });
         for group in lines.chunks(self.batch_size.max(1)) {
-            let decoded: Vec<(Vec<Event>, Vec<Event>)> = group
-                .par_chunks(256)
-                .map(|part| {
-                    let mut events = Vec::with_capacity(part.len());
-                    let mut dead = Vec::new();
-                    // The events of a part share one reference count, never touched by the
-                    // other decoding thread: one owner per part over the map, or one copy of
-                    // the part's lines (which frees the read buffer for the next chunk). A
-                    // map or copy lives as long as any event of its part.
-                    let (first, last) = (part[0].1, part[part.len() - 1].2);
-                    let text = match mapped {
-                        Some((map, at)) => Bytes::from_owner(MappedPart(map.clone(), at + first..at + last)),
-                        None => Bytes::copy_from_slice(&chunk[first..last]),
-                    };
-                    let origin: Arc<str> = Arc::from(&*f.display);
-                    for &(no, s, e) in part {
-                        let mut e = e;
-                        if e > s && chunk[e - 1] == b'\r' {
-                            e -= 1;
-                        }
-                        let line = &chunk[s..e];
-                        if line.iter().all(|b| b.is_ascii_whitespace()) {
-                            continue;
-                        }
-                        decode_record_each(text.slice(s - first..e - first), self.projection, |r| match r {
-                            Ok(mut ev) => {
-                                if ev.time < self.from || ev.time >= self.to {
-                                    return;
-                                }
-                                ev.meta.partition = f.partition;
-                                ev.meta.offset = no as i64 + 1;
-                                ev.meta.origin = Some(origin.clone());
-                                events.push(ev);
-                            }
-                            Err(reason) => dead.push(Event::dead_letter(
-                                Bytes::copy_from_slice(line),
-                                &reason,
-                                &format!("{}:{}", f.display, no + 1),
-                                &self.component,
-                            )),
+            let (done, rx) = std::sync::mpsc::channel();
+            let mut parts = 0;
+            for part in group.chunks(PART) {
+                let (first, last) = (part[0].1, part[part.len() - 1].2);
+                let text = match mapped {
+                    Some((map, at)) => Bytes::from_owner(MappedPart(map.clone(), at + first..at + last)),
+                    None => Bytes::copy_from_slice(&chunk[first..last]),
+                };
+                let lines: Vec<(u64, u32, u32)> =
+                    part.iter().map(|&(no, s, e)| (no, (s - first) as u32, (e - first) as u32)).collect();
+                let (cx, done, k) = (cx.clone(), done.clone(), parts);
+                rayon::spawn_fifo(move || {
+                    // a panic here would otherwise abort the process (rayon's default)
+                    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cx.decode(&text, &lines)))
+                        .map_err(|p| {
+                            let what =
+                                p.downcast_ref::<&str>().map(|s| s.to_string()).or(p.downcast_ref::<String>().cloned());
+                            what.unwrap_or_default()
                         });
-                    }
-                    (events, dead)
-                })
-                .collect();
-            let total: usize = decoded.iter().map(|(e, _)| e.len()).sum();
-            let mut events = Vec::with_capacity(total);
-            let mut dead = Vec::new();
-            for (e, d) in decoded {
-                events.extend(e);
-                dead.extend(d);
+                    // the receiver is gone only when reading stopped
+                    let _ = done.send((k, decoded));
+                });
+                parts += 1;
             }
             let last_line = group.last().map(|l| l.0 + 1).unwrap_or(first_line);
             let pos = Position { file: idx, path: f.path.to_string(), line: last_line };
-            tx.blocking_send(ReaderMsg::Batch { events, dead, pos }).map_err(|_| Closed)?;
+            ahead.push_back(InFlight { rx, slots: (0..parts).map(|_| None).collect(), pos });
+            let limit = PARTS_AHEAD_PER_THREAD * rayon::current_num_threads();
+            while ahead.iter().map(|fl| fl.slots.len()).sum::<usize>() > limit {
+                self.send_oldest(ahead, tx)?;
+            }
         }
         Ok(consumed)
+    }
+
+    /// Waits for the oldest batch in `ahead` to be decoded and sends it.
+    fn send_oldest(&self, ahead: &mut VecDeque<InFlight>, tx: &mpsc::Sender<ReaderMsg>) -> anyhow::Result<()> {
+        let Some(mut fl) = ahead.pop_front() else { return Ok(()) };
+        while fl.slots.iter().any(Option::is_none) {
+            let (k, decoded) = fl.rx.recv().context("a decoding job ended without its result")?;
+            let decoded = decoded.map_err(|panic| {
+                anyhow::anyhow!("decoding lines before line {} of {} failed: {panic}", fl.pos.line + 1, fl.pos.path)
+            })?;
+            fl.slots[k] = Some(decoded);
+        }
+        let total: usize = fl.slots.iter().flatten().map(|(e, _)| e.len()).sum();
+        let mut events = Vec::with_capacity(total);
+        let mut dead = Vec::new();
+        for (e, d) in fl.slots.into_iter().flatten() {
+            events.extend(e);
+            dead.extend(d);
+        }
+        tx.blocking_send(ReaderMsg::Batch { events, dead, pos: fl.pos }).map_err(|_| Closed)?;
+        Ok(())
+    }
+
+    /// Sends every batch still in `ahead` (at the end of a file).
+    fn finish(&self, ahead: &mut VecDeque<InFlight>, tx: &mpsc::Sender<ReaderMsg>) -> anyhow::Result<()> {
+        while !ahead.is_empty() {
+            self.send_oldest(ahead, tx)?;
+        }
+        Ok(())
     }
 
     /// Sends the messages of a JSON-array file; the position counts elements, so that a restart
