@@ -383,6 +383,9 @@ const PART: usize = 256;
 /// batches of 2,048 lines measured best; three were as good, a whole 4 MiB chunk used 9% more
 /// CPU time).
 const PARTS_AHEAD_PER_THREAD: usize = 8;
+/// At most this many parts in flight on large machines (about 16,000 events), so that the
+/// memory of decoded events waiting to be sent stays bounded.
+const MAX_PARTS_AHEAD: usize = 64;
 
 /// What a decoding job needs to know of its file.
 struct PartCx {
@@ -738,7 +741,7 @@ impl Reader {
             let last_line = group.last().map(|l| l.0 + 1).unwrap_or(first_line);
             let pos = Position { file: idx, path: f.path.to_string(), line: last_line };
             ahead.push_back(InFlight { rx, slots: (0..parts).map(|_| None).collect(), pos });
-            let limit = PARTS_AHEAD_PER_THREAD * rayon::current_num_threads();
+            let limit = (PARTS_AHEAD_PER_THREAD * rayon::current_num_threads()).min(MAX_PARTS_AHEAD);
             while ahead.iter().map(|fl| fl.slots.len()).sum::<usize>() > limit {
                 self.send_oldest(ahead, tx)?;
             }
@@ -757,9 +760,11 @@ impl Reader {
             fl.slots[k] = Some(decoded);
         }
         let total: usize = fl.slots.iter().flatten().map(|(e, _)| e.len()).sum();
-        let mut events = Vec::with_capacity(total);
-        let mut dead = Vec::new();
-        for (e, d) in fl.slots.into_iter().flatten() {
+        let mut parts = fl.slots.into_iter().flatten();
+        // the first part's vector becomes the batch's, so its events are not moved again
+        let (mut events, mut dead) = parts.next().unwrap_or_default();
+        events.reserve(total - events.len());
+        for (e, d) in parts {
             events.extend(e);
             dead.extend(d);
         }

@@ -19,7 +19,6 @@ mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ahash::AHashMap;
 use anyhow::Context;
 use indexmap::IndexMap;
 use rayon::prelude::*;
@@ -214,16 +213,44 @@ enum Shape {
 /// The (group, window) states of one tumbling or hopping window.
 #[derive(Default, Serialize, Deserialize)]
 struct Pane {
+    /// Group key → its slot in `keys` (and its accumulators' place in `cells` and `sketches`).
+    /// The table holds only slots and compares against `keys`, so a key is stored once.
     #[serde(skip)]
-    index: AHashMap<Box<str>, u32>,
+    index: hashbrown::HashTable<u32>,
     keys: Vec<Box<str>>,
     cells: Vec<f64>,
     sketches: Vec<DDSketch>,
 }
 
+/// Hashes group keys (fixed seeds: the table is rebuilt after a restore anyway).
+fn key_hash(key: &str) -> u64 {
+    static STATE: std::sync::LazyLock<ahash::RandomState> =
+        std::sync::LazyLock::new(|| ahash::RandomState::with_seeds(0x5ca1ab1e, 0xdecade, 0xfeed, 0xc0ffee));
+    STATE.hash_one(key)
+}
+
 impl Pane {
     fn reindex(&mut self) {
-        self.index = self.keys.iter().enumerate().map(|(i, k)| (k.clone(), i as u32)).collect();
+        let Pane { index, keys, .. } = self;
+        *index = hashbrown::HashTable::with_capacity(keys.len());
+        for (i, k) in keys.iter().enumerate() {
+            index.insert_unique(key_hash(k), i as u32, |&s| key_hash(&keys[s as usize]));
+        }
+    }
+
+    /// The slot of `key`, added with fresh accumulators when it is new.
+    fn slot(&mut self, key: &str, plan: &AggPlan) -> usize {
+        let Pane { index, keys, cells, sketches } = self;
+        let h = key_hash(key);
+        if let Some(&s) = index.find(h, |&s| &*keys[s as usize] == key) {
+            return s as usize;
+        }
+        let s = keys.len();
+        keys.push(key.into());
+        index.insert_unique(h, s as u32, |&s| key_hash(&keys[s as usize]));
+        plan.init(cells);
+        plan.init_sketches(sketches);
+        s
     }
 }
 
@@ -495,18 +522,7 @@ impl Window {
                 self.state.panes.entry(pk).or_default()
             }
         };
-        let slot = match pane.index.get(key) {
-            Some(&s) => s as usize,
-            None => {
-                let s = pane.keys.len();
-                let k: Box<str> = key.into();
-                pane.index.insert(k.clone(), s as u32);
-                pane.keys.push(k);
-                plan.init(&mut pane.cells);
-                plan.init_sketches(&mut pane.sketches);
-                s
-            }
-        };
+        let slot = pane.slot(key, plan);
         let stride = plan.stride;
         let ns = plan.sketches;
         plan.add_values(
@@ -754,8 +770,7 @@ impl Window {
         for p in self.state.panes.values() {
             b += p.cells.capacity() * 8;
             b += p.keys.capacity() * std::mem::size_of::<Box<str>>() + p.keys.iter().map(|k| k.len()).sum::<usize>();
-            b += p.index.capacity() * (std::mem::size_of::<(Box<str>, u32)>() + 1);
-            b += p.index.keys().map(|k| k.len()).sum::<usize>();
+            b += p.index.capacity() * (std::mem::size_of::<u32>() + 1);
             b += p.sketches.len() * std::mem::size_of::<DDSketch>();
         }
         b
