@@ -400,13 +400,12 @@ struct PartCx {
 impl PartCx {
     /// Decodes one part: `text` holds its lines, `lines` their (line number, start, end) in it.
     /// Returns the events in line order and the dead letters.
-    fn decode(&self, text: &Bytes, lines: &[(u64, u32, u32)]) -> Decoded {
+    fn decode(&self, text: &Bytes, lines: &[(u64, usize, usize)]) -> Decoded {
         let mut events = Vec::with_capacity(lines.len());
         let mut dead = Vec::new();
         // one count per part, so that two decoding threads never share it
         let origin: Arc<str> = Arc::from(&*self.display);
-        for &(no, s, e) in lines {
-            let (s, mut e) = (s as usize, e as usize);
+        for &(no, s, mut e) in lines {
             if e > s && text[e - 1] == b'\r' {
                 e -= 1;
             }
@@ -722,8 +721,8 @@ impl Reader {
                     Some((map, at)) => Bytes::from_owner(MappedPart(map.clone(), at + first..at + last)),
                     None => Bytes::copy_from_slice(&chunk[first..last]),
                 };
-                let lines: Vec<(u64, u32, u32)> =
-                    part.iter().map(|&(no, s, e)| (no, (s - first) as u32, (e - first) as u32)).collect();
+                let lines: Vec<(u64, usize, usize)> =
+                    part.iter().map(|&(no, s, e)| (no, s - first, e - first)).collect();
                 let (cx, done, k) = (cx.clone(), done.clone(), parts);
                 rayon::spawn_fifo(move || {
                     // a panic here would otherwise abort the process (rayon's default)
