@@ -754,7 +754,8 @@ impl Reader {
         while fl.slots.iter().any(Option::is_none) {
             let (k, decoded) = fl.rx.recv().context("a decoding job ended without its result")?;
             let decoded = decoded.map_err(|panic| {
-                anyhow::anyhow!("decoding lines before line {} of {} failed: {panic}", fl.pos.line + 1, fl.pos.path)
+                let shown = &self.files[fl.pos.file].display;
+                anyhow::anyhow!("decoding the lines up to line {} of {shown} failed: {panic}", fl.pos.line)
             })?;
             fl.slots[k] = Some(decoded);
         }
