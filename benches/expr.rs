@@ -4,7 +4,7 @@
 //!
 //!   cargo bench --bench expr
 //!
-//! The numbers behind the choice are in ARCHITECTURE.md.
+//! The numbers behind the choice are in docs/performance.md.
 
 use std::collections::HashMap;
 use std::sync::Arc;

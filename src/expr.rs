@@ -1,5 +1,5 @@
-//! Per-event expressions, in [Rhai](https://rhai.rs) (see ARCHITECTURE.md for why Rhai and the
-//! numbers behind the choice).
+//! Per-event expressions, in [Rhai](https://rhai.rs) (see ARCHITECTURE.md for why Rhai and
+//! docs/performance.md for the numbers behind the choice).
 //!
 //! An expression sees the event's fields as variables: envelope fields by their export names
 //! (`messageSource`, `deviceId`, `enqueuedTime`, ...), payload objects (`telemetry.temperature`,

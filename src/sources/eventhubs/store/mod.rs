@@ -25,24 +25,27 @@
 //!   update there, so each blob is a JSON file `{"metadata": {...}, "version": N,
 //!   "modified_ms": T}`; `version` is the ETag, and conditional writes hold a lock file
 //!   (`NAME.lock`, created exclusively, broken when older than 10 s) around read-compare-write.
+//!
+//! Files: this one holds the records and the store's operations; `backend.rs` reads and writes
+//! one blob on a remote store or the local folder, `local.rs` the local folder's files and locks,
+//! and `sdk.rs` serves the Azure SDK's `CheckpointStore` trait.
+
+mod backend;
+mod local;
+mod sdk;
 
 use std::collections::BTreeMap;
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{bail, Context};
-use azure_messaging_eventhubs::models::{Checkpoint, Ownership};
-use bytes::Bytes;
+use anyhow::Context;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{
-    Attribute, AttributeValue, Attributes, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    UpdateVersion,
-};
-use serde::{Deserialize, Serialize};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 use crate::storage::{self, Scheme};
+use backend::join;
+use local::{local_list, local_read, write_atomic};
 
 /// Metadata key of the owner (Azure layout).
 pub const OWNER_ID: &str = "ownerid";
@@ -119,21 +122,6 @@ impl std::fmt::Debug for BlobCheckpointStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "BlobCheckpointStore({}/{})", self.display, self.base)
     }
-}
-
-/// The local file format.
-#[derive(Debug, Serialize, Deserialize)]
-struct LocalBlob {
-    metadata: BTreeMap<String, String>,
-    version: u64,
-    modified_ms: i64,
-}
-
-/// The body written on S3 and GCS (content-derived ETags must change with every write).
-#[derive(Serialize)]
-struct RemoteBody<'a> {
-    metadata: &'a BTreeMap<String, String>,
-    nonce: u64,
 }
 
 /// How a conditional write went.
@@ -373,123 +361,6 @@ impl BlobCheckpointStore {
             }
         }
     }
-
-    // ------------------------------------------------------------------ back ends
-
-    /// (partition, full name) of every blob under a prefix.
-    async fn list_names(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
-        match &self.backend {
-            Backend::Remote { store, prefix: root, .. } => {
-                let p = join(root, prefix.trim_end_matches('/'));
-                let metas: Vec<object_store::ObjectMeta> = match store.list(Some(&p)).try_collect().await {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => Vec::new(),
-                    Err(e) => return Err(e).with_context(|| format!("listing {prefix} in {}", self.display)),
-                };
-                Ok(metas
-                    .into_iter()
-                    .filter_map(|m| {
-                        let name = m.location.filename()?.to_string();
-                        Some((name.clone(), format!("{prefix}{name}")))
-                    })
-                    .collect())
-            }
-            Backend::Local { root } => Ok(local_list(&root.join(prefix.trim_end_matches('/')))?
-                .into_iter()
-                .map(|(n, _)| (n.clone(), format!("{prefix}{n}")))
-                .collect()),
-        }
-    }
-
-    async fn get(&self, name: &str) -> anyhow::Result<Option<Blob>> {
-        match &self.backend {
-            Backend::Remote { store, prefix, .. } => {
-                let r = match store.get_opts(&join(prefix, name), GetOptions::default()).await {
-                    Ok(r) => r,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(e).with_context(|| format!("reading {name} from {}", self.display)),
-                };
-                let mut metadata = BTreeMap::new();
-                for (k, v) in r.attributes.iter() {
-                    if let Attribute::Metadata(k) = k {
-                        metadata.insert(k.to_lowercase(), v.as_ref().to_string());
-                    }
-                }
-                let etag = r.meta.e_tag.clone().unwrap_or_default();
-                let modified_ms = r.meta.last_modified.timestamp_millis();
-                Ok(Some(Blob { metadata, etag, modified_ms }))
-            }
-            Backend::Local { root } => Ok(local_read(&root.join(name))?.map(|b| Blob {
-                metadata: b.metadata,
-                etag: b.version.to_string(),
-                modified_ms: b.modified_ms,
-            })),
-        }
-    }
-
-    async fn put(&self, name: &str, md: &BTreeMap<String, String>) -> anyhow::Result<()> {
-        match &self.backend {
-            Backend::Remote { store, prefix, scheme } => {
-                let opts = PutOptions { mode: PutMode::Overwrite, attributes: attributes(md), ..Default::default() };
-                store
-                    .put_opts(&join(prefix, name), body(*scheme, md), opts)
-                    .await
-                    .with_context(|| format!("writing {name} to {}", self.display))?;
-                Ok(())
-            }
-            Backend::Local { root } => {
-                let path = root.join(name);
-                let _lock = LocalLock::acquire(&path)?;
-                let version = local_read(&path)?.map_or(1, |b| b.version + 1);
-                local_write(&path, md, version)?;
-                Ok(())
-            }
-        }
-    }
-
-    async fn put_conditional(
-        &self,
-        name: &str,
-        md: &BTreeMap<String, String>,
-        expected: Option<&str>,
-    ) -> anyhow::Result<Put> {
-        match &self.backend {
-            Backend::Remote { store, prefix, scheme } => {
-                let mode = match expected {
-                    Some(etag) => PutMode::Update(UpdateVersion { e_tag: Some(etag.to_string()), version: None }),
-                    None => PutMode::Create,
-                };
-                let path = join(prefix, name);
-                let opts = PutOptions { mode, attributes: attributes(md), ..Default::default() };
-                match store.put_opts(&path, body(*scheme, md), opts).await {
-                    Ok(r) => {
-                        // the write's own time is the heartbeat: read it back
-                        let modified_ms = match store.head(&path).await {
-                            Ok(m) if m.e_tag == r.e_tag => m.last_modified.timestamp_millis(),
-                            _ => now_ms(),
-                        };
-                        Ok(Put::Done(Blob { metadata: md.clone(), etag: r.e_tag.unwrap_or_default(), modified_ms }))
-                    }
-                    Err(object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }) => {
-                        Ok(Put::Conflict)
-                    }
-                    Err(e) => Err(e).with_context(|| format!("writing {name} to {}", self.display)),
-                }
-            }
-            Backend::Local { root } => {
-                let path = root.join(name);
-                let _lock = LocalLock::acquire(&path)?;
-                let current = local_read(&path)?;
-                let version = match (expected, &current) {
-                    (None, None) => 1,
-                    (Some(e), Some(c)) if e == c.version.to_string() => c.version + 1,
-                    _ => return Ok(Put::Conflict),
-                };
-                let modified_ms = local_write(&path, md, version)?;
-                Ok(Put::Done(Blob { metadata: md.clone(), etag: version.to_string(), modified_ms }))
-            }
-        }
-    }
 }
 
 fn checkpoint_of(partition: &str, mut md: BTreeMap<String, String>) -> CheckpointRecord {
@@ -505,210 +376,6 @@ fn partition_order(a: &str, b: &str) -> std::cmp::Ordering {
         (Ok(_), Err(_)) => std::cmp::Ordering::Less,
         (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
         _ => a.cmp(b),
-    }
-}
-
-fn join(prefix: &Path, name: &str) -> Path {
-    let mut p = prefix.clone();
-    for part in name.split('/').filter(|s| !s.is_empty()) {
-        p = p.join(part);
-    }
-    p
-}
-
-fn attributes(md: &BTreeMap<String, String>) -> Attributes {
-    let mut a = Attributes::new();
-    for (k, v) in md {
-        a.insert(Attribute::Metadata(k.clone().into()), AttributeValue::from(v.clone()));
-    }
-    a
-}
-
-fn body(scheme: Scheme, md: &BTreeMap<String, String>) -> PutPayload {
-    match scheme {
-        Scheme::Azure => PutPayload::new(),
-        _ => {
-            let b = RemoteBody { metadata: md, nonce: rand::random() };
-            PutPayload::from(Bytes::from(serde_json::to_vec(&b).unwrap_or_default()))
-        }
-    }
-}
-
-// ------------------------------------------------------------------ local folder
-
-fn local_list(dir: &FsPath) -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-    };
-    let mut out = Vec::new();
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || name.ends_with(".lock") || name.ends_with(".tmp") || !e.path().is_file() {
-            continue;
-        }
-        out.push((name, e.path()));
-    }
-    Ok(out)
-}
-
-fn local_read(path: &FsPath) -> anyhow::Result<Option<LocalBlob>> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(
-            serde_json::from_slice(&b)
-                .with_context(|| format!("{} is not a checkpoint-store record", path.display()))?,
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-fn local_write(path: &FsPath, md: &BTreeMap<String, String>, version: u64) -> anyhow::Result<i64> {
-    let modified_ms = now_ms();
-    let b = LocalBlob { metadata: md.clone(), version, modified_ms };
-    write_atomic(path, &serde_json::to_vec(&b)?)?;
-    Ok(modified_ms)
-}
-
-fn write_atomic(path: &FsPath, data: &[u8]) -> anyhow::Result<()> {
-    let dir = path.parent().context("a path with a folder")?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{:08x}.tmp",
-        path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
-        rand::random::<u32>()
-    ));
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
-/// An exclusive lock on a local record: `NAME.lock`, created with `create_new`. A lock older
-/// than [`STALE_LOCK`] belongs to a process that died holding it and is broken.
-struct LocalLock {
-    path: PathBuf,
-}
-
-const STALE_LOCK: Duration = Duration::from_secs(10);
-
-impl LocalLock {
-    fn acquire(target: &FsPath) -> anyhow::Result<LocalLock> {
-        let dir = target.parent().context("a path with a folder")?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let path = PathBuf::from(format!("{}.lock", target.display()));
-        let started = std::time::Instant::now();
-        loop {
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(_) => return Ok(LocalLock { path }),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let stale = std::fs::metadata(&path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > STALE_LOCK);
-                    if stale {
-                        let _ = std::fs::remove_file(&path);
-                        continue;
-                    }
-                    if started.elapsed() > STALE_LOCK * 2 {
-                        bail!("{} stays locked", target.display());
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(e).with_context(|| format!("locking {}", target.display())),
-            }
-        }
-    }
-}
-
-impl Drop for LocalLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-// ------------------------------------------------------------------ the SDK's trait
-
-fn az_err(e: anyhow::Error) -> azure_core::Error {
-    azure_core::Error::with_message(azure_core::error::ErrorKind::Io, format!("{e:#}"))
-}
-
-fn offset_date_time(ms: i64) -> Option<azure_core::time::OffsetDateTime> {
-    azure_core::time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).ok()
-}
-
-/// The store also serves the SDK's own `EventProcessor` (same layout, same semantics: claims
-/// that lose a race are left out of the result).
-#[async_trait::async_trait]
-impl azure_messaging_eventhubs::CheckpointStore for BlobCheckpointStore {
-    async fn claim_ownership(&self, ownerships: &[Ownership]) -> azure_core::Result<Vec<Ownership>> {
-        let mut out = Vec::new();
-        for o in ownerships {
-            let etag = o.etag.as_ref().map(|e| e.to_string());
-            let claimed = self
-                .claim(&o.partition_id, o.owner_id.as_deref().unwrap_or(""), etag.as_deref())
-                .await
-                .map_err(az_err)?;
-            if let Some(c) = claimed {
-                let mut o = o.clone();
-                o.etag = Some(c.etag.into());
-                o.last_modified_time = offset_date_time(c.modified_ms);
-                out.push(o);
-            }
-        }
-        Ok(out)
-    }
-
-    async fn list_checkpoints(
-        &self,
-        namespace: &str,
-        event_hub_name: &str,
-        consumer_group: &str,
-    ) -> azure_core::Result<Vec<Checkpoint>> {
-        let records = self.list_checkpoint_records().await.map_err(az_err)?;
-        Ok(records
-            .into_iter()
-            .map(|r| Checkpoint {
-                fully_qualified_namespace: namespace.to_string(),
-                event_hub_name: event_hub_name.to_string(),
-                consumer_group: consumer_group.to_string(),
-                partition_id: r.partition,
-                offset: r.offset,
-                sequence_number: r.sequence_number,
-            })
-            .collect())
-    }
-
-    async fn list_ownerships(
-        &self,
-        namespace: &str,
-        event_hub_name: &str,
-        consumer_group: &str,
-    ) -> azure_core::Result<Vec<Ownership>> {
-        let records = self.list_ownership_records().await.map_err(az_err)?;
-        Ok(records
-            .into_iter()
-            .map(|r| Ownership {
-                fully_qualified_namespace: namespace.to_string(),
-                event_hub_name: event_hub_name.to_string(),
-                consumer_group: consumer_group.to_string(),
-                partition_id: r.partition,
-                owner_id: Some(r.owner),
-                etag: Some(r.etag.into()),
-                last_modified_time: offset_date_time(r.modified_ms),
-            })
-            .collect())
-    }
-
-    async fn update_checkpoint(&self, checkpoint: Checkpoint) -> azure_core::Result<()> {
-        let rec = CheckpointRecord {
-            partition: checkpoint.partition_id,
-            offset: checkpoint.offset,
-            sequence_number: checkpoint.sequence_number,
-            extra: BTreeMap::new(),
-        };
-        self.put_checkpoint(&rec).await.map_err(az_err)
     }
 }
 
