@@ -46,10 +46,10 @@ fn main() {
         lines.iter().map(|l| l.len()).sum::<usize>() as f64 / n as f64
     );
 
-    let proj: &'static Projection = Box::leak(Box::new(Projection {
-        top: vec!["messageSource".into(), "enqueuedTime".into(), "deviceId".into(), "telemetry".into()],
-        telemetry: Some(vec!["temperature".into(), "humidity".into(), "pressure".into()]),
-    }));
+    let proj = std::sync::Arc::new(Projection::new(
+        vec!["messageSource".into(), "enqueuedTime".into(), "deviceId".into(), "telemetry".into()],
+        Some(vec!["temperature".into(), "humidity".into(), "pressure".into()]),
+    ));
     let cx_metrics = centralflow::metrics::ComponentMetrics::new("bench", "stage");
     let plan = centralflow::config::load_str(include_str!("../pipelines/w1-tumbling.yaml"), "w1", &|k| match k {
         "CENTRALFLOW_INPUT" | "CENTRALFLOW_OUTPUT" => Some("/tmp/bench-stages".into()),
@@ -105,7 +105,7 @@ fn main() {
             let mut projected: Vec<Event> = Vec::with_capacity(chunk.len());
             for l in chunk {
                 out.clear();
-                decode_record_projected(Bytes::copy_from_slice(l), Some(proj), &mut out);
+                decode_record_projected(Bytes::copy_from_slice(l), Some(&proj), &mut out);
                 projected.extend(out.drain(..).map(|r| r.unwrap()));
             }
             *took += t.elapsed();
@@ -115,19 +115,19 @@ fn main() {
         drop(decode_projected(false, &mut t_serde));
         let projected = decode_projected(true, &mut t_proj);
         let t = Instant::now();
-        let mut em = Emitter::new(2);
+        let mut em = Emitter::new(&["", "dead_letter"]);
         filter.process(Batch::new(projected), &mut em);
         let kept = em.take().swap_remove(0);
         t_filter += t.elapsed();
         passed += kept.len();
         let t = Instant::now();
-        let mut em = Emitter::new(3);
+        let mut em = Emitter::new(&["", "late", "dead_letter"]);
         window.process(Batch::new(kept), &mut em);
         rows.extend(em.take().swap_remove(0));
         t_window += t.elapsed();
     }
     let t = Instant::now();
-    let mut em = Emitter::new(3);
+    let mut em = Emitter::new(&["", "late", "dead_letter"]);
     window.on_end(true, &mut em);
     rows.extend(em.take().swap_remove(0));
     t_window += t.elapsed();
@@ -141,8 +141,8 @@ fn main() {
 
     let t = Instant::now();
     let refs: Vec<&Event> = rows.iter().collect();
-    let schema = centralflow::sinks::parquet::infer_rows_schema(&refs, false);
-    let rb = centralflow::sinks::parquet::encode_rows(&refs, &schema, false).unwrap();
+    let schema = centralflow::rows::infer_rows_schema(&refs, false);
+    let rb = centralflow::rows::encode_rows(&refs, &schema, false).unwrap();
     let mut buf = Vec::new();
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))

@@ -62,7 +62,7 @@ fn measure(devices: usize, aggregates: &str) -> (f64, usize) {
                 centralflow::model::decode::decode_one(bytes::Bytes::from(json)).unwrap()
             })
             .collect();
-        let mut out = Emitter::new(3);
+        let mut out = Emitter::new(&["", "late", "dead_letter"]);
         w.process(Batch::new(events), &mut out);
         assert!(out.take().iter().all(Vec::is_empty), "every window stays open");
     }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{self, Plan};
 use crate::metrics::{Progress, SharedProgress};
-use crate::runtime::{self, Mode, RunOptions, RunSummary};
+use crate::runtime::{Mode, RunOptions, RunSummary};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -278,7 +278,7 @@ async fn run(
         let started = Instant::now();
         let reporter = tokio::spawn(report_progress(progress.clone(), progress_bar && mode == Mode::Replay));
         let stop = signals.next_stop(path.to_path_buf(), mode == Mode::Live);
-        let result = runtime::run_pipeline(&plan, opts, stop.wait()).await;
+        let result = crate::assemble::run_pipeline(&plan, opts, stop.wait()).await;
         reporter.abort();
         let _ = reporter.await;
         match result {
@@ -302,7 +302,7 @@ async fn run(
 /// Hubs pipeline never uses the pipeline's checkpoint store: it must not touch the state of the
 /// instances that run it live (its output goes where the sinks say: point them elsewhere).
 fn replay_range(plan: &mut Plan, range: Option<(Option<String>, Option<String>)>) -> Result<(), String> {
-    use crate::sources::SourceConfig;
+    use crate::config::Spec;
     let parse = |flag: &str, v: Option<String>| -> Result<Option<crate::event::Nanos>, String> {
         match v {
             None => Ok(None),
@@ -313,7 +313,8 @@ fn replay_range(plan: &mut Plan, range: Option<(Option<String>, Option<String>)>
     };
     let mut hubs = 0;
     for n in &mut plan.nodes {
-        if let config::ComponentConfig::Source(SourceConfig::EventHubs(c)) = &mut n.config {
+        let config::ComponentConfig::Source(src) = &mut n.config else { continue };
+        if let Some(slot) = src.replay_range() {
             hubs += 1;
             if let Some((from, to)) = range.clone() {
                 let (from, to) = (parse("--from", from)?, parse("--to", to)?);
@@ -322,7 +323,7 @@ fn replay_range(plan: &mut Plan, range: Option<(Option<String>, Option<String>)>
                         return Err("--to must be later than --from".into());
                     }
                 }
-                c.replay_range = Some((from, to));
+                *slot = Some((from, to));
             }
         }
     }

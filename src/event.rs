@@ -18,8 +18,7 @@ use bytes::Bytes;
 
 use std::sync::OnceLock;
 
-use crate::model::decode::Projection;
-use crate::model::MessageSource;
+use crate::projection::{Projection, SLOTS, SLOT_ABSENT, SLOT_UNKNOWN};
 use crate::time;
 
 /// Nanoseconds since the Unix epoch, UTC. `NO_TIME` when an event has no event time.
@@ -130,6 +129,72 @@ impl Meta {
     }
 }
 
+/// IoT Central's `messageSource`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MessageSource {
+    #[default]
+    Telemetry,
+    Properties,
+    DeviceConnectivity,
+    DeviceLifecycle,
+    DeviceTemplateLifecycle,
+    Audit,
+    /// A value this version does not know; the message is kept as is.
+    Other,
+}
+
+impl MessageSource {
+    /// All known kinds.
+    pub const ALL: [MessageSource; 6] = [
+        MessageSource::Telemetry,
+        MessageSource::Properties,
+        MessageSource::DeviceConnectivity,
+        MessageSource::DeviceLifecycle,
+        MessageSource::DeviceTemplateLifecycle,
+        MessageSource::Audit,
+    ];
+
+    /// The export's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageSource::Telemetry => "telemetry",
+            MessageSource::Properties => "properties",
+            MessageSource::DeviceConnectivity => "deviceConnectivity",
+            MessageSource::DeviceLifecycle => "deviceLifecycle",
+            MessageSource::DeviceTemplateLifecycle => "deviceTemplateLifecycle",
+            MessageSource::Audit => "audit",
+            MessageSource::Other => "other",
+        }
+    }
+
+    /// Parses the export's spelling; unknown values are `Other`.
+    pub fn parse(s: &str) -> MessageSource {
+        match s {
+            "telemetry" => MessageSource::Telemetry,
+            "properties" => MessageSource::Properties,
+            "deviceConnectivity" => MessageSource::DeviceConnectivity,
+            "deviceLifecycle" => MessageSource::DeviceLifecycle,
+            "deviceTemplateLifecycle" => MessageSource::DeviceTemplateLifecycle,
+            "audit" => MessageSource::Audit,
+            _ => MessageSource::Other,
+        }
+    }
+}
+
+/// Decodes the whole of a projected event's text. The decoder that makes projected events
+/// registers it ([`register_completion`]), so that events need not know the decoder.
+pub type Completion = fn(Bytes) -> Result<Event, String>;
+
+static COMPLETION: OnceLock<Completion> = OnceLock::new();
+
+/// Registers the decoder that completes projected events (idempotent; the first one stays).
+#[inline]
+pub fn register_completion(f: Completion) {
+    if COMPLETION.get().is_none() {
+        let _ = COMPLETION.set(f);
+    }
+}
+
 /// A record flowing through a pipeline.
 #[derive(Clone, Debug)]
 pub struct Event {
@@ -146,12 +211,12 @@ pub struct Event {
     known_keys: bool,
     /// Where `telemetry` probably is among the top-level fields (checked on use).
     tele_hint: u8,
-    /// Set when the decoder kept only the fields the pipeline reads (see
-    /// [`Projection`](crate::model::decode::Projection)); the whole event is then decoded from
-    /// `raw` the first time anything else is asked for, into `full`.
-    proj: Option<&'static Projection>,
-    /// With `proj`: where the projection's first fields are (see [`crate::model::decode::SLOTS`]).
-    slots: [u8; crate::model::decode::SLOTS],
+    /// Set when the decoder kept only the fields the pipeline reads (see [`Projection`]); the
+    /// whole event is then decoded from `raw` the first time anything else is asked for, into
+    /// `full` (by the decoder registered with [`register_completion`]).
+    proj: Option<Arc<Projection>>,
+    /// With `proj`: where the projection's first fields are (see [`SLOTS`]).
+    slots: [u8; SLOTS],
     full: OnceLock<Box<Event>>,
     pub kind: Kind,
     pub meta: Meta,
@@ -398,31 +463,7 @@ impl<'a> ValRef<'a> {
     }
 }
 
-/// String equality tuned for short keys: compares whole words instead of calling `memcmp`,
-/// which costs more than the comparison itself for keys of a few bytes.
-#[inline]
-pub fn eq_short(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let n = a.len();
-    if n != b.len() {
-        return false;
-    }
-    if n >= 8 {
-        if n <= 16 {
-            let w = |x: &[u8], at: usize| u64::from_le_bytes(x[at..at + 8].try_into().unwrap());
-            return w(a, 0) == w(b, 0) && w(a, n - 8) == w(b, n - 8);
-        }
-        return a == b;
-    }
-    let mut i = 0;
-    while i < n {
-        if a[i] != b[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
+pub use crate::projection::eq_short;
 
 /// Writes a float as JSON (non-finite values become null, as JSON has no NaN).
 pub fn write_json_f64(out: &mut String, f: f64) {
@@ -576,7 +617,7 @@ impl Event {
             known_keys: false,
             tele_hint: u8::MAX,
             proj: None,
-            slots: [crate::model::decode::SLOT_UNKNOWN; crate::model::decode::SLOTS],
+            slots: [SLOT_UNKNOWN; SLOTS],
             full: OnceLock::new(),
             kind: Kind::Row,
             meta: Meta::default(),
@@ -603,7 +644,7 @@ impl Event {
             known_keys: false,
             tele_hint: u8::MAX,
             proj: None,
-            slots: [crate::model::decode::SLOT_UNKNOWN; crate::model::decode::SLOTS],
+            slots: [SLOT_UNKNOWN; SLOTS],
             full: OnceLock::new(),
             kind,
             meta: Meta::default(),
@@ -615,7 +656,7 @@ impl Event {
         self.tele_hint = telemetry.unwrap_or(u8::MAX);
     }
 
-    pub(crate) fn set_projection(&mut self, proj: &'static Projection, slots: [u8; crate::model::decode::SLOTS]) {
+    pub(crate) fn set_projection(&mut self, proj: Arc<Projection>, slots: [u8; SLOTS]) {
         self.proj = Some(proj);
         self.slots = slots;
     }
@@ -629,8 +670,7 @@ impl Event {
     /// Like [`Event::slot`], the stored value itself.
     #[inline]
     pub(crate) fn slot_val(&self, s: usize) -> Option<Option<Val>> {
-        use crate::model::decode::{SLOT_ABSENT, SLOT_UNKNOWN};
-        self.proj?;
+        self.proj.as_ref()?;
         match *self.slots.get(s)? {
             SLOT_ABSENT => Some(None),
             SLOT_UNKNOWN => None,
@@ -639,8 +679,8 @@ impl Event {
     }
 
     /// The projection this event was decoded with, if it holds only some of its fields.
-    pub fn projection(&self) -> Option<&'static Projection> {
-        self.proj
+    pub fn projection(&self) -> Option<&Projection> {
+        self.proj.as_deref()
     }
 
     /// The event with all its fields: itself, or, for a projected event, its full decoding
@@ -653,7 +693,8 @@ impl Event {
     }
 
     fn decode_full(&self) -> Event {
-        match crate::model::decode::decode_object(self.raw.clone()) {
+        let decode = COMPLETION.get().expect("projected events come from a decoder that registered its completion");
+        match decode(self.raw.clone()) {
             Ok(mut ev) => {
                 ev.meta = self.meta.clone();
                 ev.time = self.time;
@@ -795,7 +836,7 @@ impl Event {
 
     /// A top-level field.
     pub fn get(&self, key: &str) -> Option<ValRef<'_>> {
-        match self.proj {
+        match &self.proj {
             Some(p) if p.covers_top(key) => self.own_get(key),
             Some(_) => self.complete().own_get(key),
             None => self.own_get(key),

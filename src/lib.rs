@@ -1,11 +1,14 @@
 //! centralflow: a stream processor for Azure IoT Central's continuous data export.
 //!
 //! See ARCHITECTURE.md for the bird's-eye view. In short: [`config`] turns a pipeline YAML into a
-//! validated [`config::Plan`]; [`runtime`] runs it as one task per component connected by
-//! bounded channels of [`event::Batch`]es, with barrier checkpoints; [`sources`], [`transforms`]
-//! and [`sinks`] are the components; [`model`] decodes IoT Central export messages.
+//! validated [`config::Plan`]; [`assemble`] builds its components and wires them into a
+//! [`runtime::Graph`]; [`runtime`] runs that as one task per component connected by bounded
+//! channels of [`event::Batch`]es, with barrier checkpoints driven by a state machine;
+//! [`sources`], [`transforms`] and [`sinks`] are the components; [`model`] decodes IoT Central
+//! export messages, keeping the fields of a [`projection`]; [`rows`] turns rows into Arrow columns.
 
 pub mod api;
+pub mod assemble;
 pub mod cli;
 pub mod config;
 pub mod event;
@@ -13,6 +16,8 @@ pub mod expr;
 pub mod metrics;
 pub mod model;
 pub mod path;
+pub mod projection;
+pub mod rows;
 pub mod runtime;
 pub mod secret;
 pub mod sinks;

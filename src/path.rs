@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use crate::event::{Event, ValRef, Value, NO_TIME};
-use crate::model::decode::Projection;
+use crate::projection::Projection;
 
 /// A parsed field path.
 #[derive(Clone)]
@@ -19,9 +19,9 @@ pub struct FieldPath {
     text: String,
     /// The first segment is a key of the export format (`deviceId`, `telemetry`, ...).
     export_key: bool,
-    /// For the first projection met (by address): the slot of the path's first field(s), and
-    /// how many segments the slot stands for.
-    slot: OnceLock<(usize, Option<(usize, usize)>)>,
+    /// For the first projection met (by [`Projection::id`]): the slot of the path's first
+    /// field(s), and how many segments the slot stands for.
+    slot: OnceLock<(u64, Option<(usize, usize)>)>,
 }
 
 impl PartialEq for FieldPath {
@@ -117,7 +117,7 @@ impl FieldPath {
     }
 
     /// The value by the slot of a projected event; `None` when slots do not say.
-    fn by_slot<'e>(&self, p: &'static Projection, ev: &'e Event) -> Option<Option<ValRef<'e>>> {
+    fn by_slot<'e>(&self, p: &Projection, ev: &'e Event) -> Option<Option<ValRef<'e>>> {
         let (slot, used) = self.slot_for(p, ev)?;
         match ev.slot(slot)? {
             None => Some(None),
@@ -128,10 +128,10 @@ impl FieldPath {
 
     /// The slot holding this path's field in a projected event, and the segments it covers.
     #[inline]
-    fn slot_for(&self, p: &'static Projection, ev: &Event) -> Option<(usize, usize)> {
-        let addr = p as *const Projection as usize;
-        let (cached, slot) = *self.slot.get_or_init(|| (addr, self.slot_in(p)));
-        let (slot, used) = if cached == addr { slot? } else { self.slot_in(p)? };
+    fn slot_for(&self, p: &Projection, ev: &Event) -> Option<(usize, usize)> {
+        let id = p.id();
+        let (cached, slot) = *self.slot.get_or_init(|| (id, p.slot_of(&self.parts, self.export_key)));
+        let (slot, used) = if cached == id { slot? } else { p.slot_of(&self.parts, self.export_key)? };
         // a bare telemetry name is telemetry's only when no unknown top-level key could be it
         if !self.export_key && self.parts[0] != "telemetry" && !ev.has_only_export_keys() {
             return None;
@@ -179,62 +179,19 @@ impl FieldPath {
         }
     }
 
-    /// The slot this path starts with in a projection, and the segments it covers.
-    fn slot_in(&self, p: &Projection) -> Option<(usize, usize)> {
-        let first = self.parts[0].as_str();
-        match first {
-            "telemetry" => Some((p.telemetry_slot(self.parts.get(1)?)?, 2)),
-            "meta" => None,
-            _ if self.export_key => Some((p.top_slot(first)?, 1)),
-            _ => Some((p.telemetry_slot(first)?, 1)),
-        }
-    }
-
     /// Whether a projection keeps what this path reads, for this event.
     fn covered_by(&self, p: &Projection, ev: &Event) -> bool {
-        let first = self.parts[0].as_str();
-        match first {
-            "telemetry" => match self.parts.get(1) {
-                None => p.covers_all_telemetry(),
-                Some(k) => p.covers_telemetry(k),
-            },
-            "meta" => ev.has_only_export_keys(),
-            _ if self.export_key => p.covers_top(first),
-            // a bare telemetry name: unless an unknown top-level key could be it
-            _ => ev.has_only_export_keys() && p.covers_telemetry(first),
-        }
+        p.covers(&self.parts, self.export_key, ev.has_only_export_keys())
     }
 
     /// Adds what this path reads to a projection under construction.
     pub fn project_into(&self, p: &mut Projection, all_telemetry: &mut bool) {
-        let first = self.parts[0].as_str();
-        let tele_key = |k: &str, p: &mut Projection| {
-            if !p.top.iter().any(|t| t == "telemetry") {
-                p.top.push("telemetry".into());
-            }
-            let keys = p.telemetry.get_or_insert_with(Vec::new);
-            if !keys.iter().any(|x| x == k) {
-                keys.push(k.to_string());
-            }
-        };
-        match first {
-            "meta" => {}
-            "telemetry" => match self.parts.get(1) {
-                Some(k) => tele_key(k, p),
-                None => {
-                    *all_telemetry = true;
-                    if !p.top.iter().any(|t| t == "telemetry") {
-                        p.top.push("telemetry".into());
-                    }
-                }
-            },
-            _ if self.export_key => {
-                if !p.top.iter().any(|t| t == first) {
-                    p.top.push(first.to_string());
-                }
-            }
-            _ => tele_key(first, p),
-        }
+        p.add_path(&self.parts, self.export_key, all_telemetry)
+    }
+
+    /// Whether its first segment is a key of the export format (see [`Projection::add_path`]).
+    pub fn is_export_key(&self) -> bool {
+        self.export_key
     }
 
     /// The concrete path to write to: an existing top-level field, else inside `telemetry` when

@@ -257,9 +257,10 @@ pub trait Spec {
     fn inputs(&self) -> &[String] {
         &[]
     }
-    /// Its output ports: `""` (the main output) first, then named secondary outputs.
-    fn ports(&self) -> Vec<&'static str> {
-        vec![""]
+    /// Its output ports: the main output first, then named secondary outputs, each declared
+    /// as a constant that the component emits to (checked when the plan is built).
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        vec![crate::runtime::Port::MAIN]
     }
     /// What it reads of the events it receives, so that sources can decode only that.
     fn needs(&self) -> Needs {
@@ -273,26 +274,25 @@ pub trait Spec {
     /// Checks it once it is known to keep its state per input partition (it is fed by a source
     /// whose partitions move between instances).
     fn check_partitioned(&self, _ptr: &str, _cx: &mut Checker<'_>) {}
+    /// Sources: its partitions move between the instances that run the pipeline, so the state
+    /// of the transforms it feeds is kept per partition (Event Hubs).
+    fn hands_over_partitions(&self) -> bool {
+        false
+    }
+    /// Sinks: it reads derived rows as Arrow columns ([`crate::event::Batch::columns`]); the
+    /// runtime sends columns on a port only when all its consumers do.
+    fn accepts_columns(&self) -> bool {
+        false
+    }
+    /// Sources that `centralflow replay --from/--to` can limit to a time range: where the range
+    /// goes (`None`: the source has no such range).
+    fn replay_range(&mut self) -> Option<&mut Option<ReplayRange>> {
+        None
+    }
 }
 
-/// A boxed configuration (for large ones, so that the role's enum stays small) checks as itself.
-impl<T: Spec> Spec for Box<T> {
-    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
-        (**self).check(ptr, cx)
-    }
-    fn inputs(&self) -> &[String] {
-        (**self).inputs()
-    }
-    fn ports(&self) -> Vec<&'static str> {
-        (**self).ports()
-    }
-    fn needs(&self) -> Needs {
-        (**self).needs()
-    }
-    fn forwards(&self) -> bool {
-        (**self).forwards()
-    }
-}
+/// A time range of a replay (`--from`, `--to`), each end optional.
+pub type ReplayRange = (Option<crate::event::Nanos>, Option<crate::event::Nanos>);
 
 /// What a component reads of its input events.
 #[derive(Debug, Clone)]
@@ -303,23 +303,7 @@ pub enum Needs {
     Fields(Vec<crate::path::FieldPath>),
 }
 
-/// A component's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Source,
-    Transform,
-    Sink,
-}
-
-impl Role {
-    pub fn section(self) -> &'static str {
-        match self {
-            Role::Source => "sources",
-            Role::Transform => "transforms",
-            Role::Sink => "sinks",
-        }
-    }
-}
+pub use crate::runtime::Role;
 
 /// A component's configuration, by role.
 #[derive(Debug, Clone)]
@@ -340,10 +324,14 @@ pub struct PlanNode {
     pub inputs: Vec<(usize, usize)>,
     /// Output ports: `""` (main) then the named secondary outputs.
     pub ports: Vec<&'static str>,
+    /// Sources: their partitions move between instances ([`Spec::hands_over_partitions`]).
+    pub hands_over: bool,
+    /// Sinks: they read rows as Arrow columns ([`Spec::accepts_columns`]).
+    pub accepts_columns: bool,
     pub fingerprint: u64,
     pub config: ComponentConfig,
     /// Sources: the fields the pipeline reads of their events (`None`: all).
-    pub projection: Option<crate::model::decode::Projection>,
+    pub projection: Option<std::sync::Arc<crate::projection::Projection>>,
     /// Transforms: a source upstream hands partitions over between instances, so state is
     /// kept per input partition.
     pub partitioned: bool,
@@ -775,130 +763,9 @@ fn semantic(
     if declared("sinks") == 0 {
         cx.error("/sinks", "a pipeline needs at least one sink");
     }
-    if let Some(c) = &config.checkpoint {
-        if let Some(u) = &c.url {
-            cx.url("/checkpoint/url", u);
-        }
-        cx.positive_duration("/checkpoint/interval", &c.interval);
-        cx.storage_options("/checkpoint/storage", &c.storage);
-    }
-    if let Some(a) = &config.api {
-        if a.address.parse::<std::net::SocketAddr>().is_err() {
-            cx.error("/api/address", format!("{:?} is not an address like 127.0.0.1:8686", a.address));
-        }
-    }
-    // nodes, with names unique across sections
-    let mut nodes: Vec<PlanNode> = Vec::new();
-    let mut seen: BTreeMap<String, Role> = BTreeMap::new();
-    let fp = |section: &str, n: &str| crate::runtime::checkpoint::fingerprint(&value[section][n]);
-    for (n, c) in &config.sources {
-        let ptr = format!("/sources/{}", yaml::pointer_escape(n));
-        c.check(&ptr, cx);
-        nodes.push(PlanNode {
-            name: n.clone(),
-            role: Role::Source,
-            kind: c.kind(),
-            inputs: vec![],
-            ports: c.ports(),
-            fingerprint: fp("sources", n),
-            config: ComponentConfig::Source(c.clone()),
-            projection: None,
-            partitioned: false,
-        });
-    }
-    for (n, c) in &config.transforms {
-        let ptr = format!("/transforms/{}", yaml::pointer_escape(n));
-        c.check(&ptr, cx);
-        nodes.push(PlanNode {
-            name: n.clone(),
-            role: Role::Transform,
-            kind: c.kind(),
-            inputs: vec![],
-            ports: c.ports(),
-            fingerprint: fp("transforms", n),
-            config: ComponentConfig::Transform(c.clone()),
-            projection: None,
-            partitioned: false,
-        });
-    }
-    for (n, c) in &config.sinks {
-        let ptr = format!("/sinks/{}", yaml::pointer_escape(n));
-        c.check(&ptr, cx);
-        nodes.push(PlanNode {
-            name: n.clone(),
-            role: Role::Sink,
-            kind: c.kind(),
-            inputs: vec![],
-            ports: vec![],
-            fingerprint: fp("sinks", n),
-            config: ComponentConfig::Sink(c.clone()),
-            projection: None,
-            partitioned: false,
-        });
-    }
-    for node in &nodes {
-        if let Some(prev) = seen.insert(node.name.clone(), node.role) {
-            cx.error(
-                &format!("/{}/{}", node.role.section(), yaml::pointer_escape(&node.name)),
-                format!(
-                    "the name `{}` is also used in `{}`: component names must be unique",
-                    node.name,
-                    prev.section()
-                ),
-            );
-        }
-    }
-    // edges
-    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).chain(invalid.iter().cloned()).collect();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    for i in 0..nodes.len() {
-        let (role, inputs) = match &nodes[i].config {
-            ComponentConfig::Source(_) => continue,
-            ComponentConfig::Transform(t) => (Role::Transform, t.inputs().to_vec()),
-            ComponentConfig::Sink(s) => (Role::Sink, s.inputs().to_vec()),
-        };
-        let base = format!("/{}/{}/inputs", role.section(), yaml::pointer_escape(&nodes[i].name));
-        if inputs.is_empty() {
-            cx.error(&base, "needs at least one input");
-        }
-        let mut resolved = Vec::new();
-        for (k, input) in inputs.iter().enumerate() {
-            let ptr = format!("{base}/{k}");
-            let (comp, port) = match input.split_once('.') {
-                Some((c, p)) => (c, p),
-                None => (input.as_str(), ""),
-            };
-            if invalid.contains(comp) {
-                continue; // already reported
-            }
-            let Some(up) = nodes.iter().position(|n| n.name == comp) else {
-                cx.error(&ptr, format!("unknown input `{comp}`{}", suggest(comp, &name_refs)));
-                continue;
-            };
-            if nodes[up].role == Role::Sink {
-                cx.error(&ptr, format!("`{comp}` is a sink and has no output"));
-                continue;
-            }
-            let Some(p) = nodes[up].ports.iter().position(|x| *x == port) else {
-                let named: Vec<&str> = nodes[up].ports.iter().copied().filter(|p| !p.is_empty()).collect();
-                cx.error(
-                    &ptr,
-                    format!(
-                        "`{comp}` has no output `{port}` (its outputs: `{comp}`{})",
-                        named.iter().map(|p| format!(", `{comp}.{p}`")).collect::<String>()
-                    ),
-                );
-                continue;
-            };
-            if up == i {
-                cx.error(&ptr, "a component cannot read its own output");
-                continue;
-            }
-            resolved.push((up, p));
-        }
-        nodes[i].inputs = resolved;
-    }
-    // cycles
+    check_settings(&config, cx);
+    let mut nodes = plan_nodes(&config, value, cx);
+    resolve_edges(&mut nodes, invalid, cx);
     if let Some(cycle) = find_cycle(&nodes) {
         let first = &nodes[cycle[0]];
         let path: Vec<&str> = cycle.iter().map(|&i| nodes[i].name.as_str()).collect();
@@ -919,7 +786,131 @@ fn semantic(
     if !cx.errors.is_empty() {
         return None;
     }
-    // order nodes so that every node comes after its inputs
+    let nodes = finish(nodes, cx);
+    Some(Plan { name, nodes, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
+}
+
+/// The pipeline-wide settings: checkpoint and operations endpoint.
+fn check_settings(config: &PipelineConfig, cx: &mut Checker<'_>) {
+    if let Some(c) = &config.checkpoint {
+        if let Some(u) = &c.url {
+            cx.url("/checkpoint/url", u);
+        }
+        cx.positive_duration("/checkpoint/interval", &c.interval);
+        cx.storage_options("/checkpoint/storage", &c.storage);
+    }
+    if let Some(a) = &config.api {
+        if a.address.parse::<std::net::SocketAddr>().is_err() {
+            cx.error("/api/address", format!("{:?} is not an address like 127.0.0.1:8686", a.address));
+        }
+    }
+}
+
+/// One node per component, each checked by its own [`Spec`]; names unique across sections.
+fn plan_nodes(config: &PipelineConfig, value: &serde_json::Value, cx: &mut Checker<'_>) -> Vec<PlanNode> {
+    fn node<C: Spec + fmt::Debug>(
+        role: Role,
+        name: &str,
+        c: &C,
+        kind: &'static str,
+        value: &serde_json::Value,
+        wrap: ComponentConfig,
+        cx: &mut Checker<'_>,
+    ) -> PlanNode {
+        let ptr = format!("/{}/{}", role.section(), yaml::pointer_escape(name));
+        c.check(&ptr, cx);
+        let ports = if role == Role::Sink { Vec::new() } else { c.ports() };
+        if let (false, Err(e)) = (role == Role::Sink, crate::runtime::Port::check_declared(&ports)) {
+            cx.error(&ptr, format!("the `{kind}` component {e} (a bug in centralflow)"));
+        }
+        PlanNode {
+            name: name.to_string(),
+            role,
+            kind,
+            inputs: vec![],
+            ports: ports.iter().map(|p| p.name).collect(),
+            hands_over: c.hands_over_partitions(),
+            accepts_columns: c.accepts_columns(),
+            fingerprint: crate::runtime::checkpoint::fingerprint(&value[role.section()][name]),
+            config: wrap,
+            projection: None,
+            partitioned: false,
+        }
+    }
+    let mut nodes = Vec::new();
+    for (n, c) in &config.sources {
+        nodes.push(node(Role::Source, n, c, c.kind(), value, ComponentConfig::Source(c.clone()), cx));
+    }
+    for (n, c) in &config.transforms {
+        nodes.push(node(Role::Transform, n, c, c.kind(), value, ComponentConfig::Transform(c.clone()), cx));
+    }
+    for (n, c) in &config.sinks {
+        nodes.push(node(Role::Sink, n, c, c.kind(), value, ComponentConfig::Sink(c.clone()), cx));
+    }
+    let mut seen: BTreeMap<String, Role> = BTreeMap::new();
+    for node in &nodes {
+        if let Some(prev) = seen.insert(node.name.clone(), node.role) {
+            cx.error(
+                &format!("/{}/{}", node.role.section(), yaml::pointer_escape(&node.name)),
+                format!(
+                    "the name `{}` is also used in `{}`: component names must be unique",
+                    node.name,
+                    prev.section()
+                ),
+            );
+        }
+    }
+    nodes
+}
+
+/// Resolves every `inputs:` entry (`name` or `name.port`) to (node index, port index).
+fn resolve_edges(nodes: &mut [PlanNode], invalid: &std::collections::BTreeSet<String>, cx: &mut Checker<'_>) {
+    let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).chain(invalid.iter().cloned()).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    for i in 0..nodes.len() {
+        let inputs = match &nodes[i].config {
+            ComponentConfig::Source(_) => continue,
+            ComponentConfig::Transform(t) => t.inputs().to_vec(),
+            ComponentConfig::Sink(s) => s.inputs().to_vec(),
+        };
+        let base = format!("/{}/{}/inputs", nodes[i].role.section(), yaml::pointer_escape(&nodes[i].name));
+        if inputs.is_empty() {
+            cx.error(&base, "needs at least one input");
+        }
+        let mut resolved = Vec::new();
+        for (k, input) in inputs.iter().enumerate() {
+            let ptr = format!("{base}/{k}");
+            let (comp, port) = input.split_once('.').unwrap_or((input.as_str(), ""));
+            if invalid.contains(comp) {
+                continue; // already reported
+            }
+            let Some(up) = nodes.iter().position(|n| n.name == comp) else {
+                cx.error(&ptr, format!("unknown input `{comp}`{}", suggest(comp, &name_refs)));
+                continue;
+            };
+            if nodes[up].role == Role::Sink {
+                cx.error(&ptr, format!("`{comp}` is a sink and has no output"));
+                continue;
+            }
+            let Some(p) = nodes[up].ports.iter().position(|x| *x == port) else {
+                let named: String =
+                    nodes[up].ports.iter().filter(|p| !p.is_empty()).map(|p| format!(", `{comp}.{p}`")).collect();
+                cx.error(&ptr, format!("`{comp}` has no output `{port}` (its outputs: `{comp}`{named})"));
+                continue;
+            };
+            if up == i {
+                cx.error(&ptr, "a component cannot read its own output");
+                continue;
+            }
+            resolved.push((up, p));
+        }
+        nodes[i].inputs = resolved;
+    }
+}
+
+/// Orders the nodes so that each comes after its inputs, and derives what follows from the
+/// graph: each source's projection, and which transforms keep state per partition.
+fn finish(nodes: Vec<PlanNode>, cx: &mut Checker<'_>) -> Vec<PlanNode> {
     let order = topo_order(&nodes);
     let mut remap = vec![0; nodes.len()];
     for (new, &old) in order.iter().enumerate() {
@@ -933,61 +924,37 @@ fn semantic(
     }
     for i in 0..ordered.len() {
         if ordered[i].role == Role::Source {
-            ordered[i].projection = projection_for(&ordered, i);
+            ordered[i].projection = projection_for(&ordered, i).map(std::sync::Arc::new);
         }
         // nodes come after their inputs: one pass propagates "fed by a source whose partitions move"
-        let fed = ordered[i].inputs.iter().any(|(u, _)| {
-            ordered[*u].partitioned
-                || (ordered[*u].role == Role::Source && HANDS_OVER_PARTITIONS.contains(&ordered[*u].kind))
-        });
+        let fed = ordered[i].inputs.iter().any(|(u, _)| ordered[*u].partitioned || ordered[*u].hands_over);
         ordered[i].partitioned = ordered[i].role != Role::Source && fed;
         if let (true, ComponentConfig::Transform(t)) = (ordered[i].partitioned, &ordered[i].config) {
             t.check_partitioned(&format!("/transforms/{}", yaml::pointer_escape(&ordered[i].name)), cx);
         }
     }
-    Some(Plan { name, nodes: ordered, checkpoint: config.checkpoint, api: config.api, warnings: Vec::new() })
+    ordered
 }
 
-/// Source types whose partitions move between instances (their downstream state is kept per
-/// partition so that it can move with them).
-const HANDS_OVER_PARTITIONS: [&str; 1] = ["eventhubs"];
-
-/// The fields the pipeline reads of the events of source `src`: the union of what the
-/// components reached through main outputs need, following components that pass events on.
-/// Secondary outputs (late events, dead letters) are left out: their rare readers decode the
-/// events they get whole. `None` when some component needs everything.
-pub fn projection_for(nodes: &[PlanNode], src: usize) -> Option<crate::model::decode::Projection> {
-    let mut p = crate::model::decode::Projection::default();
-    let mut all_telemetry = false;
-    let mut stack = vec![src];
-    let mut seen = std::collections::BTreeSet::new();
-    while let Some(up) = stack.pop() {
-        for (i, n) in nodes.iter().enumerate() {
-            if !n.inputs.iter().any(|(u, port)| *u == up && *port == 0) || !seen.insert(i) {
-                continue;
-            }
+/// The fields the pipeline reads of the events of source `src` (see
+/// [`crate::projection::for_source`]). `None` when some component needs everything.
+pub fn projection_for(nodes: &[PlanNode], src: usize) -> Option<crate::projection::Projection> {
+    let readers: Vec<crate::projection::Reader> = nodes
+        .iter()
+        .map(|n| {
             let (needs, forwards) = match &n.config {
                 ComponentConfig::Transform(t) => (t.needs(), t.forwards()),
                 ComponentConfig::Sink(s) => (s.needs(), false),
-                ComponentConfig::Source(_) => continue,
+                ComponentConfig::Source(_) => (Needs::Fields(Vec::new()), false),
             };
-            match needs {
-                Needs::All => return None,
-                Needs::Fields(paths) => {
-                    for path in &paths {
-                        path.project_into(&mut p, &mut all_telemetry);
-                    }
-                }
-            }
-            if forwards {
-                stack.push(i);
-            }
-        }
-    }
-    if all_telemetry {
-        p.telemetry = None;
-    }
-    Some(p)
+            let reads = match needs {
+                Needs::All => None,
+                Needs::Fields(paths) => Some(paths.iter().map(|p| (p.parts().to_vec(), p.is_export_key())).collect()),
+            };
+            crate::projection::Reader { inputs: n.inputs.clone(), reads, forwards }
+        })
+        .collect();
+    crate::projection::for_source(&readers, src)
 }
 
 fn find_cycle(nodes: &[PlanNode]) -> Option<Vec<usize>> {
@@ -1073,24 +1040,38 @@ macro_rules! component_enum {
             }
         }
 
+        #[allow(unused_imports)]
+        use $crate::config::Spec as _;
+
+        // Method calls (not `Spec::check(c, ..)`) reach a boxed configuration through `Deref`,
+        // so that every method is forwarded, including ones added later.
         impl $crate::config::Spec for $name {
             fn check(&self, ptr: &str, cx: &mut $crate::config::Checker<'_>) {
-                match self { $(Self::$variant(c) => $crate::config::Spec::check(c, ptr, cx),)* }
+                match self { $(Self::$variant(c) => c.check(ptr, cx),)* }
             }
             fn inputs(&self) -> &[String] {
-                match self { $(Self::$variant(c) => $crate::config::Spec::inputs(c),)* }
+                match self { $(Self::$variant(c) => c.inputs(),)* }
             }
-            fn ports(&self) -> Vec<&'static str> {
-                match self { $(Self::$variant(c) => $crate::config::Spec::ports(c),)* }
+            fn ports(&self) -> Vec<$crate::runtime::Port> {
+                match self { $(Self::$variant(c) => c.ports(),)* }
             }
             fn needs(&self) -> $crate::config::Needs {
-                match self { $(Self::$variant(c) => $crate::config::Spec::needs(c),)* }
+                match self { $(Self::$variant(c) => c.needs(),)* }
             }
             fn forwards(&self) -> bool {
-                match self { $(Self::$variant(c) => $crate::config::Spec::forwards(c),)* }
+                match self { $(Self::$variant(c) => c.forwards(),)* }
             }
             fn check_partitioned(&self, ptr: &str, cx: &mut $crate::config::Checker<'_>) {
-                match self { $(Self::$variant(c) => $crate::config::Spec::check_partitioned(c, ptr, cx),)* }
+                match self { $(Self::$variant(c) => c.check_partitioned(ptr, cx),)* }
+            }
+            fn hands_over_partitions(&self) -> bool {
+                match self { $(Self::$variant(c) => c.hands_over_partitions(),)* }
+            }
+            fn accepts_columns(&self) -> bool {
+                match self { $(Self::$variant(c) => c.accepts_columns(),)* }
+            }
+            fn replay_range(&mut self) -> Option<&mut Option<$crate::config::ReplayRange>> {
+                match self { $(Self::$variant(c) => c.replay_range(),)* }
             }
         }
     };

@@ -312,7 +312,7 @@ fn window_rows_go_as_columns_only_to_ports_whose_consumers_all_read_them() {
              window: {{kind: tumbling, size: 1m}}\nsinks:\n{sinks}"
         );
         let plan = load(&text).unwrap();
-        let cols = crate::runtime::coordinator::columnar_ports(&plan);
+        let cols = crate::assemble::columnar_ports(&plan);
         let w = plan.nodes.iter().position(|n| n.name == "w").unwrap();
         let sim = plan.nodes.iter().position(|n| n.name == "sim").unwrap();
         (cols[w].clone(), cols[sim][0])

@@ -20,75 +20,8 @@ use super::{MessageSource, MAX_RECORD_BYTES};
 use crate::event::{build, Event, Field, Kind, Nanos, Text, Val, NO_TIME};
 use crate::time;
 
-/// The fields a pipeline reads of the events of one source, so that the decoder keeps only
-/// those (and checks everything else just as strictly). Computed from the plan by
-/// [`crate::config::projection_for`]; an event decoded with it decodes itself whole when asked
-/// for anything else (see [`Event::complete`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Projection {
-    /// Top-level keys kept (besides `messageSource` and `enqueuedTime`, always kept).
-    pub top: Vec<String>,
-    /// When `telemetry` is kept: its keys kept, or `None` for all of them.
-    pub telemetry: Option<Vec<String>>,
-}
-
-impl Projection {
-    /// Whether the top-level key `key` is kept.
-    pub fn covers_top(&self, key: &str) -> bool {
-        use crate::event::eq_short as eq;
-        eq(key, "messageSource") || eq(key, "enqueuedTime") || self.top.iter().any(|k| eq(k, key))
-    }
-
-    /// Whether `telemetry.key` is kept.
-    pub fn covers_telemetry(&self, key: &str) -> bool {
-        self.covers_top("telemetry") && self.telemetry.as_ref().is_none_or(|ks| ks.iter().any(|k| k == key))
-    }
-
-    /// Whether the whole telemetry object is kept.
-    pub fn covers_all_telemetry(&self) -> bool {
-        self.covers_top("telemetry") && self.telemetry.is_none()
-    }
-
-    /// The slot of a kept top-level key (see [`SLOTS`]).
-    pub fn top_slot(&self, key: &str) -> Option<usize> {
-        let s = match key {
-            "messageSource" => 0,
-            "enqueuedTime" => 1,
-            _ => self.top.iter().position(|k| crate::event::eq_short(k, key))? + 2,
-        };
-        (s < SLOTS).then_some(s)
-    }
-
-    /// The slot of a kept telemetry key (only when `telemetry` lists its keys).
-    pub fn telemetry_slot(&self, key: &str) -> Option<usize> {
-        let s = self.telemetry.as_ref()?.iter().position(|k| k == key)? + 2 + self.top.len();
-        (s < SLOTS).then_some(s)
-    }
-
-    pub(super) fn telemetry_slot_at(&self, index: usize) -> Option<usize> {
-        let s = index + 2 + self.top.len();
-        (s < SLOTS).then_some(s)
-    }
-}
-
-/// Slots per projected event: where the decoder put the first fields of the projection
-/// (`messageSource`, `enqueuedTime`, then `top`, then the `telemetry` keys, in order), so that
-/// readers find them without comparing keys. Each holds a field index, [`SLOT_ABSENT`] or
-/// [`SLOT_UNKNOWN`].
-pub const SLOTS: usize = 16;
-/// The field is not in the message.
-pub const SLOT_ABSENT: u8 = u8::MAX;
-/// The field's position is not recorded (look it up by key).
-pub const SLOT_UNKNOWN: u8 = u8::MAX - 1;
-
-pub(super) fn record_slot(slots: &mut [u8; SLOTS], slot: Option<usize>, index: usize) {
-    if let Some(s) = slot {
-        if slots[s] == SLOT_ABSENT {
-            // the first occurrence, as a lookup by key finds it
-            slots[s] = if index < SLOT_UNKNOWN as usize { index as u8 } else { SLOT_UNKNOWN };
-        }
-    }
-}
+pub use crate::projection::{record_slot, Projection, SLOTS, SLOT_ABSENT, SLOT_UNKNOWN};
+use std::sync::Arc;
 
 /// Turns the decoder's fast path ([`super::scan`]) on or off for the calling thread: for the
 /// benchmarks and tests that compare it with the serde_json path. On by default.
@@ -111,14 +44,17 @@ pub fn decode_record_into(raw: Bytes, out: &mut Vec<Result<Event, String>>) {
 }
 
 /// Like [`decode_record_into`], keeping only the fields of `proj` (when given).
-pub fn decode_record_projected(raw: Bytes, proj: Option<&'static Projection>, out: &mut Vec<Result<Event, String>>) {
+pub fn decode_record_projected(raw: Bytes, proj: Option<&Arc<Projection>>, out: &mut Vec<Result<Event, String>>) {
     decode_record_each(raw, proj, |r| out.push(r));
 }
 
 /// Like [`decode_record_projected`], handing each result to `out` (the hot loop of the files
 /// source: an event is moved once less than through a vector of results).
 #[inline]
-pub fn decode_record_each(raw: Bytes, proj: Option<&'static Projection>, mut out: impl FnMut(Result<Event, String>)) {
+pub fn decode_record_each(raw: Bytes, proj: Option<&Arc<Projection>>, mut out: impl FnMut(Result<Event, String>)) {
+    if proj.is_some() {
+        crate::event::register_completion(decode_object);
+    }
     if raw.len() > MAX_RECORD_BYTES {
         out(Err(format!(
             "record of {} bytes exceeds the limit of {} bytes (IoT Central's own message limit)",
@@ -187,13 +123,17 @@ pub fn decode_object(raw: Bytes) -> Result<Event, String> {
 }
 
 /// Decodes exactly one export message keeping only the fields of `proj` (when given).
-pub fn decode_object_projected(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, String> {
+pub fn decode_object_projected(raw: Bytes, proj: Option<&Arc<Projection>>) -> Result<Event, String> {
+    if proj.is_some() {
+        crate::event::register_completion(decode_object);
+    }
     std::str::from_utf8(&raw).map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     decode_valid(raw, proj)
 }
 
 /// Decodes one JSON object whose bytes the caller has checked to be UTF-8.
-fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, String> {
+fn decode_valid(raw: Bytes, proj_arc: Option<&Arc<Projection>>) -> Result<Event, String> {
+    let proj = proj_arc.map(|p| &**p);
     // SAFETY: every caller has validated `raw` as UTF-8: `decode_object` just now, and
     // `decode_record_into` for the whole record, of which array elements are token-aligned slices.
     let text = unsafe { std::str::from_utf8_unchecked(&raw) };
@@ -242,8 +182,8 @@ fn decode_valid(raw: Bytes, proj: Option<&'static Projection>) -> Result<Event, 
     let (arena, fields, root_len, time, source, known, tele, slots) = parts;
     let mut ev = Event::from_parts(raw, arena, fields, root_len, time, Kind::Export(source));
     ev.set_layout_hints(known, tele);
-    if let Some(p) = proj {
-        ev.set_projection(p, slots);
+    if let Some(p) = proj_arc {
+        ev.set_projection(p.clone(), slots);
     }
     Ok(ev)
 }
@@ -340,7 +280,7 @@ struct RootSeed<'s> {
     nested: &'s mut Vec<Field>,
     arena: &'s mut String,
     env: &'s mut Envelope,
-    proj: Option<&'static Projection>,
+    proj: Option<&'s Projection>,
     slots: &'s mut [u8; SLOTS],
 }
 
@@ -512,7 +452,7 @@ fn strip_pos(e: &dyn fmt::Display) -> String {
 /// What the decoder keeps of a top-level value: everything without a projection; else what the
 /// projection covers (`messageSource` and `enqueuedTime` always), of `telemetry` only its listed
 /// keys. Skipped values get the same checks.
-pub(super) fn keep_for(proj: Option<&'static Projection>, key: &str, kind: KeyKind) -> Keep<'static> {
+pub(super) fn keep_for<'p>(proj: Option<&'p Projection>, key: &str, kind: KeyKind) -> Keep<'p> {
     match proj {
         None => Keep::All,
         Some(p) if p.covers_top(key) => match (kind, p.telemetry.as_deref()) {
@@ -535,11 +475,11 @@ struct ObjSeed<'s> {
     base: &'s str,
     nested: &'s mut Vec<Field>,
     arena: &'s mut String,
-    keep: Keep<'static>,
+    keep: Keep<'s>,
     /// Parse kept numbers now (projected decoding: the pipeline reads them).
     numbers: bool,
     /// Record where the kept keys are (the projection's `telemetry`).
-    slots: Option<(&'static Projection, &'s mut [u8; SLOTS])>,
+    slots: Option<(&'s Projection, &'s mut [u8; SLOTS])>,
 }
 
 impl<'de, 's> DeserializeSeed<'de> for ObjSeed<'s> {
@@ -854,18 +794,18 @@ mod projection_tests {
 
     const MSG: &str = r#"{"applicationId":"a","messageSource":"telemetry","deviceId":"d1","schema":"default@v1","templateId":"t","enqueuedTime":"2026-11-01T00:00:01.5Z","telemetry":{"temperature":21.5,"humidity":40,"status":"ok","geo":{"lat":1.5}},"enrichments":{"site":"p1"},"messageProperties":{"iothub-creation-time-utc":"2026-11-01T00:00:01Z"}}"#;
 
-    fn proj(top: &[&str], tele: Option<&[&str]>) -> &'static Projection {
-        Box::leak(Box::new(Projection {
-            top: top.iter().map(|s| s.to_string()).collect(),
-            telemetry: tele.map(|t| t.iter().map(|s| s.to_string()).collect()),
-        }))
+    fn proj(top: &[&str], tele: Option<&[&str]>) -> Arc<Projection> {
+        Arc::new(Projection::new(
+            top.iter().map(|s| s.to_string()).collect(),
+            tele.map(|t| t.iter().map(|s| s.to_string()).collect()),
+        ))
     }
 
     #[test]
     fn projected_events_answer_every_path_like_full_ones() {
         let full = decode_object(Bytes::from_static(MSG.as_bytes())).unwrap();
         let p = proj(&["deviceId", "telemetry"], Some(&["temperature"]));
-        let part = decode_object_projected(Bytes::from_static(MSG.as_bytes()), Some(p)).unwrap();
+        let part = decode_object_projected(Bytes::from_static(MSG.as_bytes()), Some(&p)).unwrap();
         assert!(part.projection().is_some());
         for path in [
             "deviceId",
@@ -930,7 +870,7 @@ mod projection_tests {
         let mut by_slot = 0;
         for msg in msgs {
             let full = decode_object(Bytes::from(msg.to_string())).unwrap();
-            for p in projections {
+            for p in &projections {
                 let part = decode_object_projected(Bytes::from(msg.to_string()), Some(p)).unwrap();
                 for path in paths {
                     let fp = FieldPath::parse(path).unwrap();
@@ -967,13 +907,13 @@ mod projection_tests {
             ),
         ] {
             let full = decode_object(Bytes::from(bad.to_string())).unwrap_err();
-            let part = decode_object_projected(Bytes::from(bad.to_string()), Some(p)).unwrap_err();
+            let part = decode_object_projected(Bytes::from(bad.to_string()), Some(&p)).unwrap_err();
             assert!(full.contains(want) && part.contains(want), "{bad}: {full} / {part}");
         }
     }
 
     /// Decodes with the fast path on or off.
-    fn decode_with(fast: bool, text: &[u8], p: Option<&'static Projection>) -> Result<String, String> {
+    fn decode_with(fast: bool, text: &[u8], p: Option<&Arc<Projection>>) -> Result<String, String> {
         set_fast_path(fast);
         let mut out = Vec::new();
         decode_record_projected(Bytes::copy_from_slice(text), p, &mut out);
@@ -1061,8 +1001,8 @@ mod projection_tests {
                 1 => Some(proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]))),
                 _ => Some(proj(&["telemetry", "properties", "x"], None)),
             };
-            let fast = decode_with(true, &text, p);
-            let slow = decode_with(false, &text, p);
+            let fast = decode_with(true, &text, p.as_ref());
+            let slow = decode_with(false, &text, p.as_ref());
             proptest::prop_assert_eq!(fast, slow, "{}", String::from_utf8_lossy(&text));
         }
     }
@@ -1086,7 +1026,7 @@ mod projection_tests {
                 _ => Some(proj(&["deviceId", "telemetry", "enrichments"], None)),
             };
             let mut out = Vec::new();
-            decode_record_projected(Bytes::copy_from_slice(&text), p, &mut out);
+            decode_record_projected(Bytes::copy_from_slice(&text), p.as_ref(), &mut out);
             for ev in out.into_iter().flatten() {
                 for path in ["deviceId", "messageSource", "temperature", "telemetry.humidity", "pressure", "battery",
                              "enrichments.site", "templateId", "telemetry.location"] {
@@ -1109,7 +1049,7 @@ mod projection_tests {
     fn stored_reads_are_taken_for_projected_fields() {
         let p = proj(&["deviceId", "telemetry"], Some(&["temperature", "humidity", "pressure"]));
         let mut out = Vec::new();
-        decode_record_projected(Bytes::from_static(SAMPLES[1].as_bytes()), Some(p), &mut out);
+        decode_record_projected(Bytes::from_static(SAMPLES[1].as_bytes()), Some(&p), &mut out);
         let ev = out.pop().unwrap().unwrap();
         let read = |path: &str| crate::path::FieldPath::parse(path).unwrap().get_stored(&ev);
         assert!(matches!(read("deviceId"), Some(Some(Val::Str(_)))));

@@ -11,7 +11,7 @@
 //!
 //! Why: scanning is most of the decoding time, and serde_json's visitor machinery (typed keys,
 //! `RawValue`, `IgnoredAny`) costs about twice what a scanner specialised to this one format does
-//! (see ARCHITECTURE.md, "W1: where the time goes").
+//! (see docs/performance.md, "W1: where the time goes").
 
 use super::decode::{keep_for, key_kind, parse_number, record_slot, Envelope, Keep, KeyKind, Projection, SLOTS};
 use super::MessageSource;
@@ -336,7 +336,7 @@ pub(super) struct Out<'s> {
 }
 
 /// Decodes one export message (UTF-8 already validated) as the serde_json path would, or bails.
-pub(super) fn decode(text: &str, proj: Option<&'static Projection>, out: Out<'_>) -> R<()> {
+pub(super) fn decode(text: &str, proj: Option<&Projection>, out: Out<'_>) -> R<()> {
     let Out { root, nested, env, slots } = out;
     let mut sc = Scanner { b: text.as_bytes(), i: 0 };
     sc.ws();
@@ -427,9 +427,9 @@ fn object<'a>(
     sc: &mut Scanner<'a>,
     text: &'a str,
     nested: &mut Vec<Field>,
-    keep: Keep<'static>,
+    keep: Keep<'_>,
     numbers: bool,
-    mut slots: Option<(&'static Projection, &mut [u8; SLOTS])>,
+    mut slots: Option<(&Projection, &mut [u8; SLOTS])>,
 ) -> R<Val> {
     if sc.peek() != b'{' {
         sc.literal(b"null")?;

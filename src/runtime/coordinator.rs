@@ -1,6 +1,10 @@
-//! Builds the component tasks of a plan, runs them, and drives checkpoints.
+//! Runs a wired [`Graph`]: spawns one task per component and drives the checkpoint
+//! [`Protocol`] with what the components report, a timer and the stop signal.
+//!
+//! What a run starts from (the checkpoint store, its lock, the restored checkpoint, the first
+//! epoch, the instance id) is opened by [`Session::open`] before the components are built,
+//! because building them needs it; see [`crate::assemble`] for how a plan becomes a graph.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,10 +13,11 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::checkpoint::{Checkpoint, CheckpointStore, ComponentState};
-use super::io::{Inputs, Item, Msg, Outputs};
-use super::{BuildCx, Control, Emitter, EndReason, Mode, Report, Sink, Source, SourceCx, Transform, TICK};
-use crate::config::{ComponentConfig, Plan, Role};
+use super::checkpoint::{Checkpoint, CheckpointStore, LocalLock};
+use super::io::{Inputs, Msg, Outputs};
+use super::protocol::{Action, NodeInfo, Protocol};
+use super::tasks::{self, TransformCx};
+use super::{Control, Mode, PartitionBoard, Report, Role, Sink, Source, SourceCx, Transform, REPORTS};
 use crate::metrics::{self, ComponentMetrics, SharedProgress};
 
 /// How to run a plan.
@@ -51,353 +56,167 @@ pub struct ComponentSummary {
     pub late_events: u64,
 }
 
-struct NodeRt {
-    name: String,
-    role: Role,
-    fingerprint: u64,
-    ctrl: Option<mpsc::UnboundedSender<Control>>,
-    done: bool,
-    final_state: Option<Vec<u8>>,
-    final_partitions: Vec<super::PartitionState>,
-    metrics: ComponentMetrics,
-    kind: String,
+/// What one run starts from: the checkpoint store (locked while the session lives), the
+/// checkpoint restored from it, and the numbering of new epochs.
+pub struct Session {
+    pub store: Option<CheckpointStore>,
+    _lock: Option<LocalLock>,
+    pub restored: Option<Checkpoint>,
+    /// The epoch before this run's first (epochs only grow, also across `--reset-state`).
+    pub base_epoch: u64,
+    /// Identifies this process among instances writing to the same places.
+    pub instance: String,
+    pub interval: Duration,
 }
 
-struct Pending {
-    epoch: u64,
-    started: Instant,
-    waiting: HashSet<usize>,
-    states: HashMap<usize, Vec<u8>>,
-    /// Per-partition states: (source, partition) -> component -> state.
-    partitions: HashMap<(u16, u32), BTreeMap<String, Vec<u8>>>,
-    is_final: bool,
+/// A component's restored state: for the same configuration (`state`), or, from another
+/// configuration, the state a sink may still finish committing (`previous`, see
+/// [`Sink::recover`]).
+#[derive(Debug, Default, Clone)]
+pub struct Restored {
+    pub state: Option<Vec<u8>>,
+    pub previous: Option<Vec<u8>>,
 }
 
-impl Pending {
-    fn add_partitions(&mut self, component: &str, parts: &[super::PartitionState]) {
-        for p in parts {
-            self.partitions.entry((p.source, p.partition)).or_default().insert(component.to_string(), p.state.clone());
+impl Session {
+    /// Opens and locks the store, reads the last checkpoint (unless `reset`).
+    pub async fn open(
+        pipeline: &str,
+        store: Option<CheckpointStore>,
+        interval: Duration,
+        reset: bool,
+    ) -> anyhow::Result<Session> {
+        let lock = match &store {
+            Some(s) => s.lock(pipeline)?,
+            None => None,
+        };
+        let restored = match (&store, reset) {
+            (Some(s), false) => s.latest().await.context("reading the last checkpoint")?,
+            _ => None,
+        };
+        if let Some(ck) = &restored {
+            tracing::info!(epoch = ck.epoch, "resuming from checkpoint");
+        }
+        // A checkpoint numbered below the old ones would be pruned as the oldest (and the next
+        // start would resume from the old state), and output files, named by epoch, would take
+        // the names of the old run's files.
+        let base_epoch = match (&restored, &store) {
+            (Some(ck), _) => ck.epoch,
+            (None, Some(s)) => s.latest_epoch().await.context("listing checkpoints")?.unwrap_or(0),
+            (None, None) => 0,
+        };
+        if restored.is_none() && base_epoch > 0 {
+            tracing::info!(
+                after = base_epoch,
+                "starting over (--reset-state): epochs continue after the old checkpoints"
+            );
+        }
+        let instance = instance_id(store.as_ref()).await?;
+        Ok(Session { store, _lock: lock, restored, base_epoch, instance, interval })
+    }
+
+    /// The state the last checkpoint holds for a component with this name and configuration.
+    pub fn restored(&self, name: &str, fingerprint: u64) -> Restored {
+        match self.restored.as_ref().and_then(|ck| ck.components.get(name)) {
+            Some(cs) if cs.fingerprint == fingerprint => Restored { state: Some(cs.state.clone()), previous: None },
+            Some(cs) => {
+                tracing::warn!(component = name, "configuration changed since the checkpoint: state not restored");
+                Restored { state: None, previous: (!cs.state.is_empty()).then(|| cs.state.clone()) }
+            }
+            None => Restored::default(),
         }
     }
 }
 
-/// Runs a plan until its sources are exhausted or `stop` resolves, then writes the final
+/// A built component.
+pub enum Component {
+    Source(Box<dyn Source>),
+    Transform(Box<dyn Transform>),
+    /// A sink, and whether it reads rows as Arrow columns.
+    Sink(Box<dyn Sink>, bool),
+}
+
+impl Component {
+    pub fn role(&self) -> Role {
+        match self {
+            Component::Source(_) => Role::Source,
+            Component::Transform(_) => Role::Transform,
+            Component::Sink(..) => Role::Sink,
+        }
+    }
+}
+
+/// One component of a graph, built and ready to run.
+pub struct Node {
+    pub name: String,
+    pub kind: &'static str,
+    pub fingerprint: u64,
+    /// Upstream (node index, output port); every input comes earlier in the graph.
+    pub inputs: Vec<(usize, usize)>,
+    /// Output ports, by name: `""` (main) first.
+    pub ports: Vec<&'static str>,
+    /// Per output port: whether every consumer reads rows as Arrow columns.
+    pub columnar: Vec<bool>,
+    pub component: Component,
+    pub restored: Restored,
+    pub metrics: ComponentMetrics,
+}
+
+/// The components of a pipeline and their edges.
+pub struct Graph {
+    pub nodes: Vec<Node>,
+}
+
+/// Runs a graph until its sources are exhausted or `stop` resolves, then writes the final
 /// checkpoint, commits, and returns.
-pub async fn run_pipeline(
-    plan: &Plan,
+pub async fn run(
+    graph: Graph,
+    session: Session,
     opts: RunOptions,
     stop: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunSummary> {
-    let store = match plan.checkpoint.as_ref().and_then(|c| c.url.as_ref().map(|u| (u, c))) {
-        Some((url, c)) => {
-            let loc =
-                crate::storage::open(url, &c.storage).with_context(|| format!("opening the checkpoint store {url}"))?;
-            Some(CheckpointStore::new(loc, &plan.name))
-        }
-        None => None,
-    };
-    let _lock = match &store {
-        Some(s) => s.lock(&plan.name)?,
-        None => None,
-    };
-    let interval = plan.checkpoint.as_ref().map(|c| c.interval()).unwrap_or(Duration::from_secs(10));
-    let restored = match (&store, opts.reset_state) {
-        (Some(s), false) => s.latest().await.context("reading the last checkpoint")?,
-        _ => None,
-    };
-    if let Some(ck) = &restored {
-        tracing::info!(epoch = ck.epoch, "resuming from checkpoint");
-    }
-    // Epochs only grow, also across `--reset-state`: a checkpoint numbered below the old ones
-    // would be pruned as the oldest (and the next start would resume from the old state), and
-    // output files, named by epoch, would take the names of the old run's files.
-    let base_epoch = match (&restored, &store) {
-        (Some(ck), _) => ck.epoch,
-        (None, Some(s)) => s.latest_epoch().await.context("listing checkpoints")?.unwrap_or(0),
-        (None, None) => 0,
-    };
-    if restored.is_none() && base_epoch > 0 {
-        tracing::info!(after = base_epoch, "starting over (--reset-state): epochs continue after the old checkpoints");
-    }
-    let instance = instance_id(store.as_ref()).await?;
-    let persist = store.is_some();
+    let (report_tx, mut reports) = mpsc::channel::<Report>(REPORTS);
+    let board = Arc::new(PartitionBoard::default());
+    let summary_of: Vec<(String, Role, &'static str, ComponentMetrics)> =
+        graph.nodes.iter().map(|n| (n.name.clone(), n.component.role(), n.kind, n.metrics.clone())).collect();
+    let infos: Vec<NodeInfo> = graph
+        .nodes
+        .iter()
+        .map(|n| NodeInfo { name: n.name.clone(), role: n.component.role(), fingerprint: n.fingerprint })
+        .collect();
+    let (mut tasks, ctrl) = spawn(graph, &session, &opts, &board, report_tx);
+    let mut proto = Protocol::new(infos, session.base_epoch);
 
-    let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
-    let n = plan.nodes.len();
-    // edges
-    let mut out_ports: Vec<Vec<Vec<mpsc::Sender<Msg>>>> =
-        plan.nodes.iter().map(|p| vec![Vec::new(); p.ports.len().max(1)]).collect();
-    let mut in_rx: Vec<Vec<mpsc::Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
-    for (i, node) in plan.nodes.iter().enumerate() {
-        for &(up, port) in &node.inputs {
-            let (tx, rx) = mpsc::channel(opts.channel_capacity.max(1));
-            out_ports[up][port].push(tx);
-            in_rx[i].push(rx);
-        }
-    }
-
-    let columnar = columnar_ports(plan);
-
-    let mut tasks = JoinSet::new();
-    let board = Arc::new(super::PartitionBoard::default());
-    let mut rt: Vec<NodeRt> = Vec::with_capacity(n);
-    let mut source_index = 0u16;
-    let mut in_rx = in_rx.into_iter();
-    let mut out_ports = out_ports.into_iter();
-    for (i, node) in plan.nodes.iter().enumerate() {
-        let inputs = Inputs::new(in_rx.next().unwrap());
-        let outputs = Outputs::new(out_ports.next().unwrap());
-        let metrics = ComponentMetrics::new(&node.name, node.kind);
-        // state under another configuration is not restored, but a sink still gets it to finish
-        // what the checkpoint covers (`Sink::recover`)
-        let (restored_state, previous_state) = match restored.as_ref().and_then(|ck| ck.components.get(&node.name)) {
-            Some(cs) if cs.fingerprint == node.fingerprint => (Some(cs.state.clone()), None),
-            Some(cs) => {
-                tracing::warn!(component = %node.name, "configuration changed since the checkpoint: state not restored");
-                (None, (!cs.state.is_empty()).then(|| cs.state.clone()))
-            }
-            None => (None, None),
-        };
-        let bcx = BuildCx {
-            pipeline: &plan.name,
-            name: &node.name,
-            mode: opts.mode,
-            restored: restored_state.clone(),
-            state: store.clone(),
-            instance: &instance,
-            metrics: metrics.clone(),
-            // one per source and run: leaked so that events can point at it without counting
-            projection: node.projection.clone().map(|p| &*Box::leak(Box::new(p))),
-            partitioned: node.partitioned,
-            first_epoch: base_epoch + 1,
-        };
-        let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
-        let reports = report_tx.clone();
-        let span = tracing::info_span!("component", name = %node.name, kind = node.kind);
-        let mut has_ctrl = true;
-        match &node.config {
-            ComponentConfig::Source(cfg) => {
-                let src = crate::sources::build(cfg, &bcx).await.with_context(|| format!("source {}", node.name))?;
-                let cx = SourceCx {
-                    name: node.name.as_str().into(),
-                    mode: opts.mode,
-                    metrics: metrics.clone(),
-                    progress: opts.progress.clone(),
-                    node: i,
-                    source_index,
-                    outputs,
-                    ctrl: ctrl_rx,
-                    reports: reports.clone(),
-                    deferred: Default::default(),
-                    warned_dead_letters: 0,
-                    board: board.clone(),
-                };
-                source_index += 1;
-                tasks.spawn(tracing::Instrument::instrument(source_task(src, cx, i, reports), span));
-            }
-            ComponentConfig::Transform(cfg) => {
-                let t = crate::transforms::build(cfg, &bcx).with_context(|| format!("transform {}", node.name))?;
-                has_ctrl = false;
-                let ports = node.ports.len();
-                tasks.spawn(tracing::Instrument::instrument(
-                    transform_task(
-                        t,
-                        node.name.clone(),
-                        inputs,
-                        outputs,
-                        (ports, columnar[i].clone()),
-                        i,
-                        reports,
-                        opts.mode,
-                        persist,
-                        metrics.clone(),
-                    ),
-                    span,
-                ));
-            }
-            ComponentConfig::Sink(cfg) => {
-                let s = crate::sinks::build(cfg, &bcx).await.with_context(|| format!("sink {}", node.name))?;
-                tasks.spawn(tracing::Instrument::instrument(
-                    sink_task(
-                        (s, cfg.accepts_columns()),
-                        inputs,
-                        ctrl_rx,
-                        i,
-                        reports,
-                        (restored_state, previous_state),
-                        metrics.clone(),
-                    ),
-                    span,
-                ));
-            }
-        }
-        rt.push(NodeRt {
-            name: node.name.clone(),
-            role: node.role,
-            fingerprint: node.fingerprint,
-            ctrl: has_ctrl.then_some(ctrl_tx),
-            done: false,
-            final_state: None,
-            final_partitions: Vec::new(),
-            metrics,
-            kind: node.kind.to_string(),
-        });
-    }
-    drop(report_tx);
-
-    let mut epoch = base_epoch;
-    let first_epoch = epoch;
-    let mut pending: Option<Pending> = None;
-    let mut stopping = false;
-    let mut final_done = false;
-    let mut failure: Option<String> = None;
+    let interval = session.interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut last_durable = Instant::now();
-    // sources commit an epoch once every sink has committed it (output visible before positions move)
-    let mut sink_committed: HashMap<usize, u64> =
-        rt.iter().enumerate().filter(|(_, r)| r.role == Role::Sink).map(|(i, _)| (i, epoch)).collect();
-    let mut sources_committed = epoch;
-    let mut final_epoch: Option<u64> = None;
     tokio::pin!(stop);
-
-    while !final_done {
-        tokio::select! {
-            r = reports.recv() => {
-                let Some(r) = r else { break };
-                match r {
-                    Report::Snapshot { node, epoch: e, state, partitions } => {
-                        if let Some(p) = pending.as_mut().filter(|p| p.epoch == e) {
-                            p.states.insert(node, state);
-                            p.add_partitions(&rt[node].name, &partitions);
-                            p.waiting.remove(&node);
-                        }
-                    }
-                    Report::Finished { node, state, partitions } => {
-                        rt[node].done = true;
-                        if let Some(p) = pending.as_mut() {
-                            if p.waiting.remove(&node) {
-                                p.states.insert(node, state.clone());
-                                p.add_partitions(&rt[node].name, &partitions);
-                            }
-                        }
-                        rt[node].final_state = Some(state);
-                        rt[node].final_partitions = partitions;
-                    }
-                    Report::Drained { node } => {
-                        rt[node].done = true;
-                        if let Some(p) = pending.as_ref().filter(|p| p.waiting.contains(&node)) {
-                            send(&rt[node], Control::Flush(p.epoch));
-                        }
-                    }
-                    Report::Committed { node, epoch: e } => {
-                        let c = sink_committed.entry(node).or_insert(e);
-                        *c = (*c).max(e);
-                        let all = sink_committed.values().copied().min().unwrap_or(e);
-                        if all > sources_committed {
-                            tracing::debug!(epoch = all, "every sink committed: sources commit");
-                            sources_committed = all;
-                            for r in rt.iter().filter(|r| r.role == Role::Source) {
-                                send(r, Control::Commit(all));
-                            }
-                        }
-                    }
-                    Report::Failed { node, error } => {
-                        tracing::error!(component = %rt[node].name, "{}", crate::secret::redact(&error));
-                        failure = Some(format!("{}: {}", rt[node].name, error));
-                        break;
-                    }
-                    Report::RequestCheckpoint => {
-                        if pending.is_none() && !stopping {
-                            epoch += 1;
-                            pending = Some(start_epoch(&rt, epoch, false));
-                        }
-                    }
+    let mut stop_asked = false;
+    while !proto.is_finished() {
+        let actions = tokio::select! {
+            r = reports.recv() => match r {
+                Some(Report::Failed { node, error }) => {
+                    tracing::error!(component = %summary_of[node].0, "{}", crate::secret::redact(&error));
+                    proto.report(Report::Failed { node, error })
                 }
-            }
-            _ = ticker.tick(), if pending.is_none() && !stopping => {
-                if rt.iter().any(|r| r.role == Role::Source && !r.done) {
-                    epoch += 1;
-                    pending = Some(start_epoch(&rt, epoch, false));
-                }
-            }
-            _ = &mut stop, if !stopping => {
-                stopping = true;
+                Some(r) => proto.report(r),
+                None => break,
+            },
+            _ = ticker.tick(), if proto.idle() => proto.tick(),
+            _ = &mut stop, if !stop_asked => {
+                stop_asked = true;
                 tracing::info!("stopping: sources end their streams, everything in flight is flushed");
-                for r in rt.iter().filter(|r| r.role == Role::Source && !r.done) {
-                    send(r, Control::Stop);
-                }
+                proto.stop()
             }
-        }
-        // a complete checkpoint is written, then committed
-        if pending.as_ref().is_some_and(|p| p.waiting.is_empty()) {
-            let p = pending.take().unwrap();
-            let aligned = p.started.elapsed();
-            let ck = Checkpoint {
-                epoch: p.epoch,
-                written_at: crate::time::now_nanos(),
-                components: p
-                    .states
-                    .iter()
-                    .map(|(&i, s)| {
-                        (rt[i].name.clone(), ComponentState { fingerprint: rt[i].fingerprint, state: s.clone() })
-                    })
-                    .collect::<BTreeMap<_, _>>(),
-            };
-            let written = match &store {
-                Some(s) => match s.write(&ck).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        metrics::global().checkpoints_failed.inc();
-                        tracing::error!("checkpoint {} not written, its output stays staged: {e:#}", p.epoch);
-                        if p.is_final {
-                            failure = Some(format!("final checkpoint could not be written: {e:#}"));
-                        }
-                        false
-                    }
-                },
-                None => true,
-            };
-            if written {
-                tracing::debug!(
-                    epoch = p.epoch,
-                    aligned_ms = aligned.as_secs_f64() * 1e3,
-                    durable_ms = p.started.elapsed().as_secs_f64() * 1e3,
-                    "checkpoint durable"
-                );
-                board.publish(p.epoch, p.partitions);
-                let m = metrics::global();
-                m.checkpoint_seconds.observe(p.started.elapsed().as_secs_f64());
-                m.checkpoint_epoch.set(p.epoch as i64);
-                last_durable = Instant::now();
-                if sink_committed.is_empty() {
-                    sources_committed = p.epoch;
-                }
-                for r in rt.iter().filter(|r| r.role != Role::Transform) {
-                    if r.role == Role::Sink || sink_committed.is_empty() {
-                        send(r, Control::Commit(p.epoch));
-                    }
-                }
-                if p.is_final {
-                    final_epoch = Some(p.epoch);
-                }
-            } else if p.is_final {
-                final_done = true;
-            }
-        }
-        if final_epoch.is_some_and(|f| sources_committed >= f) {
-            final_done = true;
-        }
+        };
+        carry_out(actions, &mut proto, session.store.as_ref(), &ctrl, &board, &mut last_durable).await;
         metrics::global().checkpoint_age_seconds.set(last_durable.elapsed().as_secs_f64());
-        // when everything has drained, one last epoch covers the rest
-        if pending.is_none() && !final_done && final_epoch.is_none() && rt.iter().all(|r| r.done) {
-            epoch += 1;
-            pending = Some(start_epoch(&rt, epoch, true));
-        }
     }
 
-    for r in &rt {
-        send(r, Control::Shutdown);
+    for tx in ctrl.iter().flatten() {
+        let _ = tx.try_send(Control::Shutdown);
     }
+    let mut failure = proto.failure().map(str::to_string);
     if failure.is_some() {
         tasks.abort_all();
     }
@@ -412,62 +231,134 @@ pub async fn run_pipeline(
         anyhow::bail!(crate::secret::redact(&f));
     }
     Ok(RunSummary {
-        epochs: epoch - first_epoch,
-        restored_epoch: restored.map(|c| c.epoch),
-        components: rt
-            .iter()
-            .map(|r| ComponentSummary {
-                name: r.name.clone(),
-                role: r.role,
-                kind: r.kind.clone(),
-                events_in: r.metrics.events_in.get(),
-                events_out: r.metrics.events_out.get(),
-                dead_letters: r.metrics.dead_letters.get(),
-                late_events: r.metrics.late_events.get(),
+        epochs: proto.epochs(),
+        restored_epoch: session.restored.as_ref().map(|c| c.epoch),
+        components: summary_of
+            .into_iter()
+            .map(|(name, role, kind, m)| ComponentSummary {
+                name,
+                role,
+                kind: kind.to_string(),
+                events_in: m.events_in.get(),
+                events_out: m.events_out.get(),
+                dead_letters: m.dead_letters.get(),
+                late_events: m.late_events.get(),
             })
             .collect(),
     })
 }
 
-fn send(r: &NodeRt, c: Control) {
-    if let Some(tx) = &r.ctrl {
-        let _ = tx.send(c);
+/// Carries out the protocol's actions, feeding the outcome of each checkpoint write back to it.
+async fn carry_out(
+    mut actions: Vec<Action>,
+    proto: &mut Protocol,
+    store: Option<&CheckpointStore>,
+    ctrl: &[Option<mpsc::Sender<Control>>],
+    board: &PartitionBoard,
+    last_durable: &mut Instant,
+) {
+    while !actions.is_empty() {
+        let mut next = Vec::new();
+        for a in actions {
+            match a {
+                Action::Send(node, c) => {
+                    if let Some(tx) = &ctrl[node] {
+                        // a component that has exited no longer needs it
+                        let _ = tx.send(c).await;
+                    }
+                }
+                Action::Write(ck) => {
+                    let result = match store {
+                        Some(s) => s.write(&ck).await.map_err(|e| {
+                            metrics::global().checkpoints_failed.inc();
+                            format!("{e:#}")
+                        }),
+                        None => Ok(()),
+                    };
+                    next.extend(proto.written(ck.epoch, result));
+                }
+                Action::Durable { epoch, started, partitions } => {
+                    tracing::debug!(epoch, durable_ms = started.elapsed().as_secs_f64() * 1e3, "checkpoint durable");
+                    board.publish(epoch, partitions);
+                    let m = metrics::global();
+                    m.checkpoint_seconds.observe(started.elapsed().as_secs_f64());
+                    m.checkpoint_epoch.set(epoch as i64);
+                    *last_durable = Instant::now();
+                }
+            }
+        }
+        actions = next;
     }
 }
 
-fn start_epoch(rt: &[NodeRt], epoch: u64, is_final: bool) -> Pending {
-    let mut p = Pending {
-        epoch,
-        started: Instant::now(),
-        waiting: HashSet::new(),
-        states: HashMap::new(),
-        partitions: HashMap::new(),
-        is_final,
-    };
-    for (i, r) in rt.iter().enumerate() {
-        match (r.role, r.done) {
-            (Role::Sink, true) => {
-                p.waiting.insert(i);
-                send(r, Control::Flush(epoch));
+/// Wires the edges and spawns one task per component; returns the tasks and, per component,
+/// its control channel (sources and sinks).
+fn spawn(
+    graph: Graph,
+    session: &Session,
+    opts: &RunOptions,
+    board: &Arc<PartitionBoard>,
+    reports: mpsc::Sender<Report>,
+) -> (JoinSet<()>, Vec<Option<mpsc::Sender<Control>>>) {
+    let n = graph.nodes.len();
+    let mut out_ports: Vec<Vec<Vec<mpsc::Sender<Msg>>>> =
+        graph.nodes.iter().map(|p| vec![Vec::new(); p.ports.len().max(1)]).collect();
+    let mut in_rx: Vec<Vec<mpsc::Receiver<Msg>>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, node) in graph.nodes.iter().enumerate() {
+        for &(up, port) in &node.inputs {
+            let (tx, rx) = mpsc::channel(opts.channel_capacity.max(1));
+            out_ports[up][port].push(tx);
+            in_rx[i].push(rx);
+        }
+    }
+    let mut tasks = JoinSet::new();
+    let mut ctrl = Vec::with_capacity(n);
+    let mut source_index = 0u16;
+    for (i, ((node, rx), ports)) in graph.nodes.into_iter().zip(in_rx).zip(out_ports).enumerate() {
+        let inputs = Inputs::new(rx);
+        let outputs = Outputs::new(ports, node.ports.clone());
+        let span = tracing::info_span!("component", name = %node.name, kind = node.kind);
+        let (ctrl_tx, ctrl_rx) = mpsc::channel(REPORTS);
+        let reports = reports.clone();
+        match node.component {
+            Component::Source(src) => {
+                let cx = SourceCx::new(
+                    node.name.as_str().into(),
+                    opts,
+                    node.metrics,
+                    (i, source_index),
+                    outputs,
+                    ctrl_rx,
+                    reports.clone(),
+                    board.clone(),
+                );
+                source_index += 1;
+                tasks.spawn(tracing::Instrument::instrument(tasks::source(src, cx, i, reports), span));
+                ctrl.push(Some(ctrl_tx));
             }
-            (Role::Sink, false) => {
-                p.waiting.insert(i);
+            Component::Transform(t) => {
+                let cx = TransformCx {
+                    name: node.name,
+                    node: i,
+                    ports: node.ports,
+                    columnar: node.columnar,
+                    reports,
+                    live: opts.mode == Mode::Live,
+                    persist: session.store.is_some(),
+                    metrics: node.metrics,
+                };
+                tasks.spawn(tracing::Instrument::instrument(tasks::transform(t, cx, inputs, outputs), span));
+                ctrl.push(None);
             }
-            (Role::Source, false) => {
-                p.waiting.insert(i);
-                send(r, Control::Barrier(epoch));
-            }
-            (Role::Transform, false) => {
-                p.waiting.insert(i);
-            }
-            (_, true) => {
-                p.states.insert(i, r.final_state.clone().unwrap_or_default());
-                let parts = r.final_partitions.clone();
-                p.add_partitions(&r.name, &parts);
+            Component::Sink(s, accepts_columns) => {
+                let cx =
+                    tasks::SinkCx { node: i, accepts_columns, reports, restored: node.restored, metrics: node.metrics };
+                tasks.spawn(tracing::Instrument::instrument(tasks::sink(s, cx, inputs, ctrl_rx), span));
+                ctrl.push(Some(ctrl_tx));
             }
         }
     }
-    p
+    (tasks, ctrl)
 }
 
 /// A stable id for this process's outputs: `CENTRALFLOW_INSTANCE`, else one kept in the state
@@ -489,230 +380,5 @@ async fn instance_id(store: Option<&CheckpointStore>) -> anyhow::Result<String> 
             }
         },
         None => Ok(fresh()),
-    }
-}
-
-async fn source_task(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, reports: mpsc::UnboundedSender<Report>) {
-    let reason = match src.run(&mut cx).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = reports.send(Report::Failed { node, error: format!("{e:#}") });
-            return;
-        }
-    };
-    let _ = cx.outputs.broadcast(Msg::End(reason)).await;
-    let _ = reports.send(Report::Finished { node, state: src.snapshot(), partitions: Vec::new() });
-    loop {
-        match cx.control().await {
-            Control::Commit(e) => {
-                if let Err(err) = src.commit(e).await {
-                    let _ = reports.send(Report::Failed { node, error: format!("commit of epoch {e}: {err:#}") });
-                    return;
-                }
-            }
-            Control::Shutdown => return,
-            _ => {}
-        }
-    }
-}
-
-/// Per node and output port: whether every consumer of the port reads rows as Arrow columns
-/// ([`crate::sinks::SinkConfig::accepts_columns`]), so that a transform may emit them so.
-pub(crate) fn columnar_ports(plan: &Plan) -> Vec<Vec<bool>> {
-    plan.nodes
-        .iter()
-        .enumerate()
-        .map(|(i, node)| {
-            (0..node.ports.len().max(1))
-                .map(|p| {
-                    let mut consumers = plan.nodes.iter().filter(|n| n.inputs.contains(&(i, p))).peekable();
-                    consumers.peek().is_some()
-                        && consumers.all(|n| matches!(&n.config, ComponentConfig::Sink(s) if s.accepts_columns()))
-                })
-                .collect()
-        })
-        .collect()
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn transform_task(
-    mut t: Box<dyn Transform>,
-    name: String,
-    mut inputs: Inputs,
-    outputs: Outputs,
-    (ports, columnar): (usize, Vec<bool>),
-    node: usize,
-    reports: mpsc::UnboundedSender<Report>,
-    mode: Mode,
-    persist: bool,
-    metrics: ComponentMetrics,
-) {
-    let mut em = Emitter::new(ports).with_columnar(&columnar);
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let live = mode == Mode::Live;
-    let fail = |e: String| {
-        let _ = reports.send(Report::Failed { node, error: e });
-    };
-    loop {
-        let item = tokio::select! {
-            it = inputs.recv() => it,
-            _ = tick.tick(), if live => {
-                t.on_tick(crate::time::now_nanos(), &mut em);
-                if emit(&mut em, &outputs, &metrics).await.is_err() { return; }
-                continue;
-            }
-        };
-        match item {
-            Item::Batch(b) => {
-                if b.columns.is_some() {
-                    return fail(format!("{name} was sent rows as columns, which no transform reads (a runtime bug)"));
-                }
-                metrics.events_in.inc_by(b.len() as u64);
-                let batch = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
-                let t0 = Instant::now();
-                t.process(batch, &mut em);
-                metrics.batch_seconds.observe(t0.elapsed().as_secs_f64());
-                if emit(&mut em, &outputs, &metrics).await.is_err() {
-                    return;
-                }
-            }
-            Item::Barrier(e) => {
-                match t.snapshot().and_then(|state| Ok((state, partition_states(t.as_ref())?))) {
-                    Ok((state, partitions)) => {
-                        let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions });
-                    }
-                    Err(err) => return fail(format!("snapshot: {err:#}")),
-                }
-                if outputs.broadcast(Msg::Barrier(e)).await.is_err() {
-                    return;
-                }
-            }
-            Item::Partition(change) => {
-                let r = match &change {
-                    super::PartitionChange::Added { source, partition, states } => t.set_partition_state(
-                        *source,
-                        *partition,
-                        Some(states.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[])),
-                    ),
-                    super::PartitionChange::Removed { source, partition } => {
-                        t.set_partition_state(*source, *partition, None)
-                    }
-                };
-                if let Err(err) = r {
-                    return fail(format!("adopting partition state: {err:#}"));
-                }
-                if outputs.broadcast(Msg::Partition(change)).await.is_err() {
-                    return;
-                }
-            }
-            Item::End(reason) => {
-                let flush = reason == EndReason::Exhausted || !persist;
-                t.on_end(flush, &mut em);
-                let _ = emit(&mut em, &outputs, &metrics).await;
-                let _ = outputs.broadcast(Msg::End(reason)).await;
-                match t.snapshot().and_then(|state| Ok((state, partition_states(t.as_ref())?))) {
-                    Ok((state, partitions)) => {
-                        let _ = reports.send(Report::Finished { node, state, partitions });
-                    }
-                    Err(err) => fail(format!("snapshot: {err:#}")),
-                }
-                return;
-            }
-        }
-    }
-}
-
-fn partition_states(t: &dyn Transform) -> anyhow::Result<Vec<super::PartitionState>> {
-    t.state_partitions()
-        .into_iter()
-        .map(|(source, partition)| {
-            Ok(super::PartitionState { source, partition, state: t.partition_state(source, partition)? })
-        })
-        .collect()
-}
-
-async fn emit(em: &mut Emitter, outputs: &Outputs, metrics: &ComponentMetrics) -> Result<(), super::io::Disconnected> {
-    for (port, batches) in em.take_batches().into_iter().enumerate() {
-        for batch in batches {
-            if batch.is_empty() {
-                continue;
-            }
-            if port == 0 {
-                metrics.events_out.inc_by(batch.len() as u64);
-            }
-            outputs.send(port, batch).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn sink_task(
-    (mut s, accepts_columns): (Box<dyn Sink>, bool),
-    mut inputs: Inputs,
-    mut ctrl: mpsc::UnboundedReceiver<Control>,
-    node: usize,
-    reports: mpsc::UnboundedSender<Report>,
-    (restored, previous): (Option<Vec<u8>>, Option<Vec<u8>>),
-    metrics: ComponentMetrics,
-) {
-    let fail = |e: anyhow::Error| {
-        let _ = reports.send(Report::Failed { node, error: format!("{e:#}") });
-    };
-    if let Some(prev) = previous {
-        if let Err(e) = s.recover(&prev).await {
-            metrics.errors.inc();
-            tracing::error!(
-                "the output staged by the last checkpoint under the sink's previous configuration was not committed: {}",
-                crate::secret::redact(&format!("{e:#}"))
-            );
-        }
-    }
-    if let Err(e) = s.start(restored.as_deref()).await {
-        return fail(e);
-    }
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut drained = false;
-    loop {
-        tokio::select! {
-            c = ctrl.recv() => match c {
-                Some(Control::Flush(e)) => match s.flush(e).await {
-                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions: Vec::new() }); }
-                    Err(err) => return fail(err),
-                },
-                Some(Control::Commit(e)) => match s.commit(e).await {
-                    Ok(()) => { let _ = reports.send(Report::Committed { node, epoch: e }); }
-                    Err(err) => return fail(err),
-                },
-                Some(Control::Shutdown) | None => {
-                    if let Err(err) = s.close().await { fail(err) }
-                    return;
-                }
-                Some(_) => {}
-            },
-            item = inputs.recv(), if !drained => match item {
-                Item::Batch(b) => {
-                    if b.columns.is_some() && !accepts_columns {
-                        return fail(anyhow::anyhow!("this sink was sent rows as columns, which it does not read (a runtime bug)"));
-                    }
-                    metrics.events_in.inc_by(b.len() as u64);
-                    let t0 = Instant::now();
-                    if let Err(err) = s.write(b).await { return fail(err) }
-                    metrics.batch_seconds.observe(t0.elapsed().as_secs_f64());
-                }
-                Item::Barrier(e) => match s.flush(e).await {
-                    Ok(state) => { let _ = reports.send(Report::Snapshot { node, epoch: e, state, partitions: Vec::new() }); }
-                    Err(err) => return fail(err),
-                },
-                Item::Partition(_) => {}
-                Item::End(reason) => {
-                    if let Err(err) = s.on_end(reason).await { return fail(err) }
-                    drained = true;
-                    let _ = reports.send(Report::Drained { node });
-                }
-            },
-            _ = tick.tick() => if let Err(err) = s.on_tick().await { return fail(err) },
-        }
     }
 }

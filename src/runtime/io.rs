@@ -9,6 +9,39 @@ use tokio::sync::mpsc;
 
 use crate::event::{Batch, Event};
 
+/// An output port of a component: its place among the ports the component declares
+/// (`Spec::ports`, main output first) and its name (`NAME.late` reads port `late`). Components
+/// name their ports as constants; sending or emitting on a port the component did not declare is
+/// a bug and panics, so that nothing is ever dropped for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Port {
+    pub index: usize,
+    pub name: &'static str,
+}
+
+impl Port {
+    /// The main output.
+    pub const MAIN: Port = Port::new(0, "");
+
+    pub const fn new(index: usize, name: &'static str) -> Port {
+        Port { index, name }
+    }
+
+    /// Checks a component's declared ports: the main output first, each at its own index, names
+    /// unique. Called when a plan is built.
+    pub fn check_declared(ports: &[Port]) -> Result<(), String> {
+        if ports.first() != Some(&Port::MAIN) {
+            return Err(format!("declares {ports:?}: the main output must come first"));
+        }
+        for (i, p) in ports.iter().enumerate() {
+            if p.index != i || ports[..i].iter().any(|q| q.name == p.name) {
+                return Err(format!("declares port `{}` at index {} among {ports:?}", p.name, p.index));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What flows on an edge.
 #[derive(Debug, Clone)]
 pub enum Msg {
@@ -143,6 +176,7 @@ impl Inputs {
 #[derive(Clone, Default)]
 pub struct Outputs {
     ports: Vec<Vec<mpsc::Sender<Msg>>>,
+    names: Vec<&'static str>,
 }
 
 /// A downstream component stopped reading.
@@ -151,20 +185,34 @@ pub struct Outputs {
 pub struct Disconnected;
 
 impl Outputs {
-    pub fn new(ports: Vec<Vec<mpsc::Sender<Msg>>>) -> Outputs {
-        Outputs { ports }
+    /// The edges of each declared port (by index), and the ports' names.
+    pub fn new(ports: Vec<Vec<mpsc::Sender<Msg>>>, names: Vec<&'static str>) -> Outputs {
+        assert!(ports.len() <= names.len().max(1), "edges on {} ports, {} declared", ports.len(), names.len());
+        Outputs { ports, names }
+    }
+
+    fn edges(&self, port: Port) -> &[mpsc::Sender<Msg>] {
+        assert_declared(&self.names, port);
+        self.ports.get(port.index).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Whether anything reads `port`.
-    pub fn is_connected(&self, port: usize) -> bool {
-        self.ports.get(port).is_some_and(|p| !p.is_empty())
+    pub fn is_connected(&self, port: Port) -> bool {
+        !self.edges(port).is_empty()
     }
 
     /// Sends a batch on a port (to every edge of it). Waits while a receiver is full.
-    pub async fn send(&self, port: usize, batch: Batch) -> Result<(), Disconnected> {
-        let Some(edges) = self.ports.get(port) else {
-            return Ok(());
-        };
+    pub async fn send(&self, port: Port, batch: Batch) -> Result<(), Disconnected> {
+        self.send_edges(self.edges(port), batch).await
+    }
+
+    /// Sends a batch on the port at `index`, as [`Emitter::take_batches`] lists them.
+    pub(crate) async fn send_at(&self, index: usize, batch: Batch) -> Result<(), Disconnected> {
+        let port = Port::new(index, self.names.get(index).copied().unwrap_or("?"));
+        self.send(port, batch).await
+    }
+
+    async fn send_edges(&self, edges: &[mpsc::Sender<Msg>], batch: Batch) -> Result<(), Disconnected> {
         if edges.is_empty() || batch.is_empty() {
             return Ok(());
         }
@@ -186,9 +234,16 @@ impl Outputs {
     }
 }
 
+/// Panics on a port that is not among `names` (see [`Port`]).
+fn assert_declared(names: &[&'static str], port: Port) {
+    let declared = names.get(port.index).is_some_and(|n| *n == port.name) || (names.is_empty() && port == Port::MAIN);
+    assert!(declared, "port `{}` (index {}) is not among the declared ports {names:?}: a bug", port.name, port.index);
+}
+
 /// Collects what a transform emits on each port during one call.
 #[derive(Debug)]
 pub struct Emitter {
+    names: Vec<&'static str>,
     ports: Vec<Vec<Event>>,
     /// Per port: batches already closed, in order, ahead of the events in `ports`.
     ready: Vec<Vec<Batch>>,
@@ -197,9 +252,11 @@ pub struct Emitter {
 }
 
 impl Emitter {
-    pub fn new(ports: usize) -> Emitter {
-        let n = ports.max(1);
+    /// An emitter for a component with these output ports (as it declares them).
+    pub fn new(ports: &[&'static str]) -> Emitter {
+        let n = ports.len().max(1);
         Emitter {
+            names: if ports.is_empty() { vec![""] } else { ports.to_vec() },
             ports: (0..n).map(|_| Vec::new()).collect(),
             ready: (0..n).map(|_| Vec::new()).collect(),
             columnar: vec![false; n],
@@ -214,18 +271,18 @@ impl Emitter {
         self
     }
     /// Whether rows may be emitted on `port` as columns ([`Emitter::emit_columns`]).
-    pub fn wants_columns(&self, port: usize) -> bool {
-        self.columnar.get(port).copied().unwrap_or(false)
+    pub fn wants_columns(&self, port: Port) -> bool {
+        assert_declared(&self.names, port);
+        self.columnar.get(port.index).copied().unwrap_or(false)
     }
     /// Emits an event on the main output.
     pub fn emit(&mut self, ev: Event) {
         self.ports[0].push(ev);
     }
-    /// Emits an event on a secondary port (1 = first declared secondary output).
-    pub fn emit_to(&mut self, port: usize, ev: Event) {
-        if let Some(p) = self.ports.get_mut(port) {
-            p.push(ev);
-        }
+    /// Emits an event on a declared port (panics on any other: see [`Port`]).
+    pub fn emit_to(&mut self, port: Port, ev: Event) {
+        assert_declared(&self.names, port);
+        self.ports[port.index].push(ev);
     }
     /// Emits many events on the main output.
     pub fn emit_all(&mut self, evs: impl IntoIterator<Item = Event>) {
@@ -233,16 +290,16 @@ impl Emitter {
     }
     /// Emits rows as columns on a port that [wants them](Emitter::wants_columns), after what
     /// was emitted on it before.
-    pub fn emit_columns(&mut self, port: usize, rows: arrow::record_batch::RecordBatch) {
-        assert!(self.wants_columns(port), "columns emitted on port {port}, whose consumers read events only");
+    pub fn emit_columns(&mut self, port: Port, rows: arrow::record_batch::RecordBatch) {
+        assert!(self.wants_columns(port), "columns emitted on port `{}`, whose consumers read events only", port.name);
         if rows.num_rows() == 0 {
             return;
         }
-        let events = std::mem::take(&mut self.ports[port]);
+        let events = std::mem::take(&mut self.ports[port.index]);
         if !events.is_empty() {
-            self.ready[port].push(Batch::new(events));
+            self.ready[port.index].push(Batch::new(events));
         }
-        self.ready[port].push(Batch::columns(rows));
+        self.ready[port.index].push(Batch::columns(rows));
     }
     /// Replaces the main output with a whole vector (cheapest for pass-through transforms).
     pub fn set_main(&mut self, evs: Vec<Event>) {
@@ -273,8 +330,9 @@ impl Emitter {
             .collect()
     }
     /// Events emitted on a port so far (for tests).
-    pub fn port(&self, port: usize) -> &[Event] {
-        &self.ports[port]
+    pub fn port(&self, port: Port) -> &[Event] {
+        assert_declared(&self.names, port);
+        &self.ports[port.index]
     }
 }
 
@@ -323,6 +381,28 @@ mod tests {
         tb.send(Msg::End(EndReason::Stopped)).await.unwrap();
         assert!(matches!(inputs.recv().await, Item::End(EndReason::Stopped)));
         assert!(inputs.is_done());
+    }
+
+    #[test]
+    #[should_panic(expected = "not among the declared ports")]
+    fn emitting_on_an_undeclared_port_panics() {
+        let mut em = Emitter::new(&["", "late"]);
+        em.emit_to(Port::new(2, "dead_letter"), Event::row());
+    }
+
+    #[test]
+    #[should_panic(expected = "not among the declared ports")]
+    fn a_port_of_another_name_at_a_declared_index_panics() {
+        let mut em = Emitter::new(&["", "late"]);
+        em.emit_to(Port::new(1, "dead_letter"), Event::row());
+    }
+
+    #[test]
+    fn declared_ports_are_checked() {
+        assert!(Port::check_declared(&[Port::MAIN, Port::new(1, "late")]).is_ok());
+        assert!(Port::check_declared(&[Port::new(1, "late")]).is_err(), "no main output");
+        assert!(Port::check_declared(&[Port::MAIN, Port::new(2, "late")]).is_err(), "a gap");
+        assert!(Port::check_declared(&[Port::MAIN, Port::new(1, "x"), Port::new(2, "x")]).is_err(), "twice");
     }
 
     #[tokio::test]

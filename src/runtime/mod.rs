@@ -9,8 +9,10 @@
 //! `commit(n)` (make staged files visible) and sources to commit (acknowledge, store offsets).
 
 pub mod checkpoint;
-pub(crate) mod coordinator;
+pub mod coordinator;
 pub mod io;
+mod protocol;
+mod tasks;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -21,8 +23,36 @@ use tokio::sync::mpsc;
 
 use crate::event::{Batch, Event, Nanos};
 use crate::metrics::{ComponentMetrics, SharedProgress};
-pub use coordinator::{run_pipeline, RunOptions, RunSummary};
-pub use io::{Emitter, EndReason, Item, Msg, Outputs, PartitionChange};
+pub use coordinator::{run, Component, Graph, Node, Restored, RunOptions, RunSummary, Session};
+pub use io::{Emitter, EndReason, Item, Msg, Outputs, PartitionChange, Port};
+
+/// Capacity of the control channel of each component and of the report channel. Both are
+/// bounded like every channel; the protocol has far fewer messages outstanding (one epoch at a
+/// time, a few messages per component per epoch), so senders never wait on them in practice.
+pub(crate) const REPORTS: usize = 256;
+
+/// A component's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Transform,
+    Sink,
+}
+
+impl Role {
+    /// Its section of the pipeline YAML.
+    pub fn section(self) -> &'static str {
+        match self {
+            Role::Source => "sources",
+            Role::Transform => "transforms",
+            Role::Sink => "sinks",
+        }
+    }
+}
+
+/// The output ports of every source: the events, and the records that could not be decoded
+/// ([`SourceCx::dead_letter`]).
+pub const SOURCE_PORTS: [Port; 2] = [Port::MAIN, Port::new(1, "dead_letter")];
 
 /// Live (`centralflow run`) or replay (`centralflow replay`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,14 +254,41 @@ pub struct SourceCx {
     node: usize,
     source_index: u16,
     outputs: Outputs,
-    ctrl: mpsc::UnboundedReceiver<Control>,
-    reports: mpsc::UnboundedSender<Report>,
+    ctrl: mpsc::Receiver<Control>,
+    reports: mpsc::Sender<Report>,
     deferred: VecDeque<Control>,
     warned_dead_letters: u64,
     board: Arc<PartitionBoard>,
 }
 
 impl SourceCx {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        name: Arc<str>,
+        opts: &RunOptions,
+        metrics: ComponentMetrics,
+        (node, source_index): (usize, u16),
+        outputs: Outputs,
+        ctrl: mpsc::Receiver<Control>,
+        reports: mpsc::Sender<Report>,
+        board: Arc<PartitionBoard>,
+    ) -> SourceCx {
+        SourceCx {
+            name,
+            mode: opts.mode,
+            metrics,
+            progress: opts.progress.clone(),
+            node,
+            source_index,
+            outputs,
+            ctrl,
+            reports,
+            deferred: Default::default(),
+            warned_dead_letters: 0,
+            board,
+        }
+    }
+
     /// Sends a batch on the main output, stamping each event with this source's index.
     pub async fn send(&mut self, mut batch: Batch) -> anyhow::Result<()> {
         if batch.is_empty() {
@@ -242,7 +299,7 @@ impl SourceCx {
         }
         self.metrics.events_out.inc_by(batch.len() as u64);
         self.progress.events.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.outputs.send(0, batch).await?;
+        self.outputs.send(Port::MAIN, batch).await?;
         Ok(())
     }
 
@@ -253,8 +310,8 @@ impl SourceCx {
             return Ok(());
         }
         self.metrics.dead_letters.inc_by(events.len() as u64);
-        if self.outputs.is_connected(1) {
-            self.outputs.send(1, Batch::new(events)).await?;
+        if self.outputs.is_connected(SOURCE_PORTS[1]) {
+            self.outputs.send(SOURCE_PORTS[1], Batch::new(events)).await?;
         } else {
             log_unrouted_dead_letters(&self.name, &events, &mut self.warned_dead_letters);
         }
@@ -280,7 +337,10 @@ impl SourceCx {
     /// Injects barrier `epoch` after everything sent so far and records `position` for it.
     pub async fn barrier(&mut self, epoch: u64, position: Vec<u8>) -> anyhow::Result<()> {
         self.outputs.broadcast(Msg::Barrier(epoch)).await?;
-        let _ = self.reports.send(Report::Snapshot { node: self.node, epoch, state: position, partitions: Vec::new() });
+        let _ = self
+            .reports
+            .send(Report::Snapshot { node: self.node, epoch, state: position, partitions: Vec::new() })
+            .await;
         Ok(())
     }
 
@@ -321,7 +381,9 @@ impl SourceCx {
 
     /// Asks for a checkpoint soon (e.g. unacknowledged deliveries near the broker's prefetch limit).
     pub fn request_checkpoint(&self) {
-        let _ = self.reports.send(Report::RequestCheckpoint);
+        // when the report channel is full the coordinator has plenty to do already; the next
+        // request or tick starts the checkpoint
+        let _ = self.reports.try_send(Report::RequestCheckpoint);
     }
 }
 
@@ -354,7 +416,7 @@ pub struct BuildCx<'a> {
     /// Identifies this process among instances writing to the same places.
     pub instance: &'a str,
     /// Sources: the fields the pipeline reads of their events (`None`: decode everything).
-    pub projection: Option<&'static crate::model::decode::Projection>,
+    pub projection: Option<std::sync::Arc<crate::projection::Projection>>,
     /// Transforms: keep state per input partition, because a source upstream hands its
     /// partitions over between instances (Event Hubs).
     pub partitioned: bool,

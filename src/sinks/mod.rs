@@ -19,17 +19,6 @@ crate::component_enum! {
     }
 }
 
-impl SinkConfig {
-    /// Whether the sink reads derived rows as Arrow columns ([`crate::event::Batch::columns`]).
-    /// The runtime sends columns on a port only when all its consumers do.
-    pub fn accepts_columns(&self) -> bool {
-        match self {
-            SinkConfig::Parquet(c) => c.accepts_columns(),
-            _ => false,
-        }
-    }
-}
-
 /// Builds a sink from its configuration.
 pub async fn build(cfg: &SinkConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match cfg {

@@ -23,6 +23,7 @@
 //! `source_connected` metric and in `/health/ready`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -175,8 +176,8 @@ impl Spec for AmqpConfig {
             }
         }
     }
-    fn ports(&self) -> Vec<&'static str> {
-        super::SOURCE_PORTS.to_vec()
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        crate::runtime::SOURCE_PORTS.to_vec()
     }
 }
 
@@ -207,7 +208,7 @@ pub struct AmqpSource {
     /// acknowledged on the channel its deliveries came on.
     link: Option<Link>,
     name: String,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     linger: Duration,
     /// See [`AmqpConfig::quiet_checkpoint`]; `None` when turned off.
     quiet: Option<Duration>,
@@ -251,7 +252,7 @@ impl AmqpSource {
         Ok(AmqpSource {
             link: None,
             name: cx.name.to_string(),
-            projection: cx.projection,
+            projection: cx.projection.clone(),
             linger,
             quiet,
             processed,
@@ -415,7 +416,7 @@ impl AmqpSource {
         }
         let body = Bytes::from(d.data);
         let mut out = Vec::with_capacity(1);
-        decode_record_projected(body.clone(), self.projection, &mut out);
+        decode_record_projected(body.clone(), self.projection.as_ref(), &mut out);
         let good = out.iter().filter(|r| r.is_ok()).count();
         if good == 0 {
             let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());

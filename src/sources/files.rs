@@ -110,8 +110,8 @@ impl Spec for FilesConfig {
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
     }
-    fn ports(&self) -> Vec<&'static str> {
-        super::SOURCE_PORTS.to_vec()
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        crate::runtime::SOURCE_PORTS.to_vec()
     }
 }
 
@@ -136,7 +136,7 @@ struct Position {
 
 pub struct FilesSource {
     cfg: FilesConfig,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     name: String,
     pos: Position,
     restored: bool,
@@ -154,7 +154,7 @@ impl FilesSource {
         }
         let from = cfg.from.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MIN);
         let to = cfg.to.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MAX);
-        Ok(FilesSource { cfg, projection: cx.projection, name: cx.name.to_string(), pos, restored, from, to })
+        Ok(FilesSource { cfg, projection: cx.projection.clone(), name: cx.name.to_string(), pos, restored, from, to })
     }
 }
 
@@ -306,7 +306,7 @@ impl Source for FilesSource {
             from: self.from,
             to: self.to,
             component: self.name.clone(),
-            projection: self.projection,
+            projection: self.projection.clone(),
             progress: cx.progress.clone(),
             metrics: cx.metrics.clone(),
             handle: tokio::runtime::Handle::current(),
@@ -345,7 +345,7 @@ impl Source for FilesSource {
 
 struct Reader {
     loc: Location,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     files: Vec<FileEntry>,
     start: Position,
     format: Format,
@@ -393,7 +393,7 @@ struct PartCx {
     partition: u32,
     from: Nanos,
     to: Nanos,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     component: String,
 }
 
@@ -405,6 +405,7 @@ impl PartCx {
         let mut dead = Vec::new();
         // one count per part, so that two decoding threads never share it
         let origin: Arc<str> = Arc::from(&*self.display);
+        let projection = self.projection.as_deref().map(Projection::copy);
         for &(no, s, mut e) in lines {
             if e > s && text[e - 1] == b'\r' {
                 e -= 1;
@@ -413,7 +414,7 @@ impl PartCx {
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            decode_record_each(text.slice(s..e), self.projection, |r| match r {
+            decode_record_each(text.slice(s..e), projection.as_ref(), |r| match r {
                 Ok(mut ev) => {
                     if ev.time < self.from || ev.time >= self.to {
                         return;
@@ -709,7 +710,7 @@ impl Reader {
             partition: f.partition,
             from: self.from,
             to: self.to,
-            projection: self.projection,
+            projection: self.projection.clone(),
             component: self.component.clone(),
         });
         for group in lines.chunks(self.batch_size.max(1)) {

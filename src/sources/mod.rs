@@ -21,9 +21,6 @@ crate::component_enum! {
     }
 }
 
-/// Output ports of every source: the events, and the records that could not be decoded.
-pub const SOURCE_PORTS: [&str; 2] = ["", "dead_letter"];
-
 /// Builds a source from its configuration.
 pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Source>> {
     Ok(match cfg {

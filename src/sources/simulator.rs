@@ -8,6 +8,7 @@
 //! and the same as replaying what `centralflow simulate` wrote to a file.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -232,8 +233,8 @@ impl Spec for SimulatorConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
     }
-    fn ports(&self) -> Vec<&'static str> {
-        super::SOURCE_PORTS.to_vec()
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        crate::runtime::SOURCE_PORTS.to_vec()
     }
 }
 
@@ -398,7 +399,7 @@ fn write_value(s: &mut String, spec: &FieldSpec, dev: u64, r: &mut Rng) {
 
 pub struct SimulatorSource {
     gen: Generator,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     next: u64,
     name: String,
     batch: usize,
@@ -420,7 +421,7 @@ impl SimulatorSource {
             let batch = cfg.batch_size;
             return Ok(SimulatorSource {
                 gen: Generator::new(cfg, 0)?,
-                projection: cx.projection,
+                projection: cx.projection.clone(),
                 next,
                 name: cx.name.to_string(),
                 batch,
@@ -429,7 +430,7 @@ impl SimulatorSource {
         let batch = cfg.batch_size;
         Ok(SimulatorSource {
             gen: Generator::new(cfg, crate::time::now_nanos())?,
-            projection: cx.projection,
+            projection: cx.projection.clone(),
             next,
             name: cx.name.to_string(),
             batch,
@@ -441,7 +442,7 @@ impl SimulatorSource {
         let mut dead = Vec::new();
         for i in from..to {
             let text = Bytes::from(self.gen.message(i));
-            match decode_object_projected(text.clone(), self.projection) {
+            match decode_object_projected(text.clone(), self.projection.as_ref()) {
                 Ok(mut ev) => {
                     ev.meta.offset = i as i64;
                     events.push(ev);

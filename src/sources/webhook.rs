@@ -146,8 +146,8 @@ impl Spec for WebhookConfig {
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
     }
-    fn ports(&self) -> Vec<&'static str> {
-        super::SOURCE_PORTS.to_vec()
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        crate::runtime::SOURCE_PORTS.to_vec()
     }
 }
 
@@ -204,7 +204,7 @@ struct App {
     path: String,
     token: Secret,
     format: WebhookFormat,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     slots: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Incoming>,
     stopping: AtomicBool,
@@ -225,7 +225,7 @@ pub struct WebhookSource {
     marked: VecDeque<(u64, Vec<Held>)>,
     /// Requests whose events were sent since the last barrier.
     waiting: Vec<Held>,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     metrics: ComponentMetrics,
 }
 
@@ -243,7 +243,7 @@ impl WebhookSource {
             handle: None,
             marked: VecDeque::new(),
             waiting: Vec::new(),
-            projection: cx.projection,
+            projection: cx.projection.clone(),
             metrics: cx.metrics.clone(),
             cfg,
         })
@@ -273,7 +273,7 @@ impl WebhookSource {
             path: self.cfg.path.clone(),
             token: self.cfg.token.clone(),
             format: self.cfg.format,
-            projection: self.projection,
+            projection: self.projection.clone(),
             slots: Arc::new(Semaphore::new(self.cfg.queue)),
             tx,
             stopping: AtomicBool::new(false),
@@ -454,7 +454,7 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
         }
     };
     let mut out = Vec::with_capacity(1);
-    decode_record_projected(record, app.projection, &mut out);
+    decode_record_projected(record, app.projection.as_ref(), &mut out);
     let mut events = Vec::with_capacity(out.len());
     let mut bad = Vec::new();
     for r in out {

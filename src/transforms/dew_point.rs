@@ -132,7 +132,7 @@ mod tests {
             output: FieldPath::parse(&cfg.output).unwrap(),
             metrics: ComponentMetrics::new("dp", "dew_point"),
         };
-        let mut em = Emitter::new(1);
+        let mut em = Emitter::new(&[""]);
         d.process(
             Batch::new(vec![
                 mk(r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"temperature":20,"humidity":50}}"#),

@@ -12,7 +12,10 @@ use crate::config::{Checker, Spec};
 use crate::event::Batch;
 use crate::expr::Expr;
 use crate::metrics::ComponentMetrics;
-use crate::runtime::{BuildCx, Emitter, Transform};
+use crate::runtime::{BuildCx, Emitter, Port, Transform};
+
+/// Events it could not process.
+pub const DEAD_LETTER: Port = Port::new(1, "dead_letter");
 
 /// Keeps events matching a condition.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -30,8 +33,8 @@ impl Spec for FilterConfig {
     fn inputs(&self) -> &[String] {
         &self.inputs
     }
-    fn ports(&self) -> Vec<&'static str> {
-        vec!["", "dead_letter"]
+    fn ports(&self) -> Vec<Port> {
+        vec![Port::MAIN, DEAD_LETTER]
     }
     fn needs(&self) -> crate::config::Needs {
         // `field == "text"` reads one field; anything else may read any
@@ -86,7 +89,7 @@ impl Transform for Filter {
         events.retain(|ev| judge(ev, verdicts.next().unwrap_or(Ok(false))));
         self.metrics.dead_letters.inc_by(dead.len() as u64);
         for d in dead {
-            out.emit_to(1, d);
+            out.emit_to(DEAD_LETTER, d);
         }
         out.set_main(events);
     }
@@ -113,7 +116,7 @@ mod tests {
             name: "f".into(),
             metrics: ComponentMetrics::new("f", "filter"),
         };
-        let mut em = Emitter::new(2);
+        let mut em = Emitter::new(&["", "dead_letter"]);
         f.process(input, &mut em);
         let mut ports = em.take().into_iter();
         (ports.next().unwrap(), ports.next().unwrap())

@@ -16,7 +16,10 @@ use crate::event::{Batch, Event, Value};
 use crate::expr::Expr;
 use crate::metrics::ComponentMetrics;
 use crate::path::FieldPath;
-use crate::runtime::{BuildCx, Emitter, Transform};
+use crate::runtime::{BuildCx, Emitter, Port, Transform};
+
+/// Events it could not process.
+pub const DEAD_LETTER: Port = Port::new(1, "dead_letter");
 
 /// Derives, renames and removes fields.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -74,8 +77,8 @@ impl Spec for MapConfig {
     fn inputs(&self) -> &[String] {
         &self.inputs
     }
-    fn ports(&self) -> Vec<&'static str> {
-        vec!["", "dead_letter"]
+    fn ports(&self) -> Vec<Port> {
+        vec![Port::MAIN, DEAD_LETTER]
     }
 }
 
@@ -146,7 +149,7 @@ impl Transform for Map {
                 Ok(()) => keep.push(ev),
                 Err(reason) => {
                     self.metrics.dead_letters.inc();
-                    out.emit_to(1, dead_letter_of(&ev, &reason, &self.name));
+                    out.emit_to(DEAD_LETTER, dead_letter_of(&ev, &reason, &self.name));
                 }
             }
         }
@@ -197,15 +200,15 @@ mod tests {
     #[test]
     fn errors_go_to_dead_letter_or_null() {
         let mut m = map(serde_json::json!({"inputs": [], "set": {"bad": "data * 2"}}));
-        let mut em = Emitter::new(2);
+        let mut em = Emitter::new(&["", "dead_letter"]);
         m.process(Batch::new(vec![ev(MSG)]), &mut em);
-        assert_eq!(em.port(0).len(), 0);
-        assert_eq!(em.port(1).len(), 1);
-        assert!(em.port(1)[0].get_str("reason").unwrap().starts_with("set bad:"));
+        assert_eq!(em.port(Port::MAIN).len(), 0);
+        assert_eq!(em.port(DEAD_LETTER).len(), 1);
+        assert!(em.port(DEAD_LETTER)[0].get_str("reason").unwrap().starts_with("set bad:"));
         let mut m = map(serde_json::json!({"inputs": [], "set": {"bad": "data * 2"}, "on_error": "null"}));
-        let mut em = Emitter::new(2);
+        let mut em = Emitter::new(&["", "dead_letter"]);
         m.process(Batch::new(vec![ev(MSG)]), &mut em);
-        assert_eq!(em.port(0).len(), 1);
-        assert_eq!(em.port(0)[0].get_path(&["telemetry", "bad"]), Some(crate::event::ValRef::Null));
+        assert_eq!(em.port(Port::MAIN).len(), 1);
+        assert_eq!(em.port(Port::MAIN)[0].get_path(&["telemetry", "bad"]), Some(crate::event::ValRef::Null));
     }
 }

@@ -221,6 +221,12 @@ fn system_time(ns: Nanos) -> std::time::SystemTime {
 }
 
 impl Spec for EventHubsConfig {
+    fn hands_over_partitions(&self) -> bool {
+        true
+    }
+    fn replay_range(&mut self) -> Option<&mut Option<crate::config::ReplayRange>> {
+        Some(&mut self.replay_range)
+    }
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
         let cs_given = self.connection_string.as_ref().is_some_and(|s| !s.is_empty());
         cx.secret(&format!("{ptr}/connection_string"), cs_given);
@@ -296,8 +302,8 @@ impl Spec for EventHubsConfig {
             }
         }
     }
-    fn ports(&self) -> Vec<&'static str> {
-        super::SOURCE_PORTS.to_vec()
+    fn ports(&self) -> Vec<crate::runtime::Port> {
+        crate::runtime::SOURCE_PORTS.to_vec()
     }
 }
 
@@ -442,7 +448,7 @@ struct Mark {
 pub struct EventHubsSource {
     cfg: EventHubsConfig,
     name: Arc<str>,
-    projection: Option<&'static Projection>,
+    projection: Option<Arc<Projection>>,
     mode: Mode,
     owner: String,
     store: Option<BlobCheckpointStore>,
@@ -500,7 +506,7 @@ impl EventHubsSource {
             interval: dur(&cfg.balance_interval)?,
             expiry: dur(&cfg.ownership_expiry)?,
             name: cx.name.into(),
-            projection: cx.projection,
+            projection: cx.projection.clone(),
             mode: cx.mode,
             owner,
             store,
@@ -551,7 +557,7 @@ impl EventHubsSource {
                 .then(|| self.parts.get(&partition).map_or(0, |p| p.owner_level)),
             batch_size: self.cfg.batch_size,
             linger: self.linger,
-            projection: self.projection,
+            projection: self.projection.clone(),
             component: self.name.clone(),
             connector: self.connector.clone(),
         };

@@ -92,7 +92,7 @@ pub struct ReaderCfg {
     pub owner_level: Option<i64>,
     pub batch_size: usize,
     pub linger: Duration,
-    pub projection: Option<&'static Projection>,
+    pub projection: Option<Arc<Projection>>,
     pub component: Arc<str>,
     pub connector: Arc<Connector>,
 }
@@ -369,7 +369,7 @@ fn convert(
     }
     let enqueued = if enqueued_ms == i64::MIN { NO_TIME } else { enqueued_ms * 1_000_000 };
     let mut out = Vec::with_capacity(1);
-    decode_record_projected(body.clone(), cfg.projection, &mut out);
+    decode_record_projected(body.clone(), cfg.projection.as_ref(), &mut out);
     let dl_origin = || format!("partition {partition} seq {seq}");
     if !out.iter().any(|r| r.is_ok()) {
         let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty event body".into());

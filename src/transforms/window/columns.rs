@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 use super::agg::AggFn;
 use super::{Pane, Window};
 use crate::event::Nanos;
-use crate::sinks::parquet::ts_type;
+use crate::rows::ts_type;
 
 /// One group-by column: the text of each row's part of the key, without its type tag (`None`:
 /// null), and the tag of its non-null values.

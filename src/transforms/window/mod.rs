@@ -32,7 +32,7 @@ use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind, Nanos, RowLayout, ValRef, Value, NO_TIME};
 use crate::metrics::ComponentMetrics;
 use crate::path::FieldPath;
-use crate::runtime::{BuildCx, Emitter, Transform};
+use crate::runtime::{BuildCx, Emitter, Port, Transform};
 
 /// Event-time windowed aggregation.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -171,8 +171,8 @@ impl Spec for WindowConfig {
     fn inputs(&self) -> &[String] {
         &self.inputs
     }
-    fn ports(&self) -> Vec<&'static str> {
-        vec!["", "late", "dead_letter"]
+    fn ports(&self) -> Vec<Port> {
+        PORTS.to_vec()
     }
     fn needs(&self) -> crate::config::Needs {
         let paths: Result<Vec<FieldPath>, String> =
@@ -194,8 +194,12 @@ impl Spec for WindowConfig {
     }
 }
 
-const LATE: usize = 1;
-const DEAD: usize = 2;
+/// Events that arrived after all their windows were emitted.
+pub const LATE: Port = Port::new(1, "late");
+/// Events whose time or values could not be read.
+pub const DEAD: Port = Port::new(2, "dead_letter");
+/// Its output ports: the rows, then `late`, then `dead_letter`.
+pub const PORTS: [Port; 3] = [Port::MAIN, LATE, DEAD];
 /// Events per parallel extraction task.
 const EXTRACT_CHUNK: usize = 256;
 
@@ -691,14 +695,14 @@ impl Window {
                     let wm = self.state.watermark.current();
                     self.state.panes.keys().take_while(|(_, _, start)| all || start + size <= wm).copied().collect()
                 };
-                let as_columns = out.wants_columns(0);
+                let as_columns = out.wants_columns(Port::MAIN);
                 for pk in ready {
                     let pane = self.state.panes.remove(&pk).unwrap();
                     let start = pk.2;
                     let order = sorted_order(&pane.keys);
                     if as_columns {
                         if let Some(rows) = self.pane_columns(&pane, &order, start, start + size) {
-                            out.emit_columns(0, rows);
+                            out.emit_columns(Port::MAIN, rows);
                             continue;
                         }
                     }

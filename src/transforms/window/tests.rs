@@ -4,6 +4,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+const PORT_NAMES: [&str; 3] = ["", "late", "dead_letter"];
+
 const S: Nanos = 1_000_000_000;
 const T0: Nanos = 1_793_491_200 * S; // 2026-11-01T00:00:00Z
 
@@ -41,11 +43,11 @@ struct Out {
 fn run(w: &mut Window, batches: Vec<Vec<Event>>, flush: bool) -> Out {
     let mut out = Out { rows: vec![], late: vec![], dead: vec![] };
     for b in batches {
-        let mut em = Emitter::new(3);
+        let mut em = Emitter::new(&PORT_NAMES);
         w.process(Batch::new(b), &mut em);
         collect(&mut em, &mut out);
     }
-    let mut em = Emitter::new(3);
+    let mut em = Emitter::new(&PORT_NAMES);
     w.on_end(flush, &mut em);
     collect(&mut em, &mut out);
     out
@@ -91,11 +93,11 @@ fn window_boundaries_are_inclusive_at_the_start() {
 #[test]
 fn windows_close_when_the_watermark_passes_their_end_not_before() {
     let mut w = window(TUMBLING);
-    let mut em = Emitter::new(3);
+    let mut em = Emitter::new(&PORT_NAMES);
     w.process(Batch::new(vec![ev("a", 10.0, Some(1.0)), ev("a", 89.0, Some(1.0))]), &mut em);
-    assert!(em.port(0).is_empty(), "watermark 59s < end 60s");
+    assert!(em.port(Port::MAIN).is_empty(), "watermark 59s < end 60s");
     w.process(Batch::new(vec![ev("a", 90.0, Some(1.0))]), &mut em);
-    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=1"], "watermark 60s reaches the end");
+    assert_eq!(summary(em.port(Port::MAIN)), vec!["a [0,60) n=1"], "watermark 60s reaches the end");
 }
 
 #[test]
@@ -209,11 +211,11 @@ fn group_by_several_fields_and_event_time_from_any_field() {
 #[test]
 fn the_watermark_is_the_minimum_over_partitions() {
     let mut w = window("inputs: [x]\nwindow: {kind: tumbling, size: 1m}\n");
-    let mut em = Emitter::new(3);
+    let mut em = Emitter::new(&PORT_NAMES);
     w.process(Batch::new(vec![ev_p("a", 10.0, None, 0), ev_p("a", 20.0, None, 1), ev_p("a", 200.0, None, 0)]), &mut em);
-    assert!(em.port(0).is_empty(), "partition 1 is at 20s");
+    assert!(em.port(Port::MAIN).is_empty(), "partition 1 is at 20s");
     w.process(Batch::new(vec![ev_p("a", 130.0, None, 1)]), &mut em);
-    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=2"]);
+    assert_eq!(summary(em.port(Port::MAIN)), vec!["a [0,60) n=2"]);
 }
 
 #[test]
@@ -250,16 +252,16 @@ fn partitioned(cfg: &str) -> Window {
 #[test]
 fn partitioned_state_keeps_a_watermark_per_partition() {
     let mut w = partitioned("inputs: [x]\nwindow: {kind: tumbling, size: 1m}\n");
-    let mut em = Emitter::new(3);
+    let mut em = Emitter::new(&PORT_NAMES);
     let batch = vec![ev_p("a", 10.0, None, 0), ev_p("b", 20.0, None, 1), ev_p("a", 200.0, None, 0)];
     w.process(Batch::new(batch), &mut em);
-    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=1"], "partition 0 closes its own window");
+    assert_eq!(summary(em.port(Port::MAIN)), vec!["a [0,60) n=1"], "partition 0 closes its own window");
     // partition 1 is behind partition 0 but not late by its own progress
     w.process(Batch::new(vec![ev_p("b", 30.0, None, 1)]), &mut em);
-    assert!(em.port(1).is_empty());
+    assert!(em.port(LATE).is_empty());
     w.process(Batch::new(vec![ev_p("b", 61.0, None, 1), ev_p("b", 40.0, None, 1)]), &mut em);
-    assert_eq!(em.port(1).len(), 1, "late by its partition's watermark");
-    assert_eq!(summary(em.port(0)), vec!["a [0,60) n=1", "b [0,60) n=2"]);
+    assert_eq!(em.port(LATE).len(), 1, "late by its partition's watermark");
+    assert_eq!(summary(em.port(Port::MAIN)), vec!["a [0,60) n=1", "b [0,60) n=2"]);
 }
 
 #[test]
@@ -517,7 +519,7 @@ fn rows_and_columns(cfg: &str, batches: &[Vec<Event>]) -> (Vec<Event>, Vec<arrow
     let mut cols = Vec::new();
     let mut col_rows_as_events = 0;
     let mut step = |w: &mut Window, b: Option<&Vec<Event>>, columnar: bool| {
-        let mut em = Emitter::new(3).with_columnar(&[columnar, false, false]);
+        let mut em = Emitter::new(&PORT_NAMES).with_columnar(&[columnar, false, false]);
         match b {
             Some(b) => w.process(Batch::new(b.clone()), &mut em),
             None => w.on_end(true, &mut em),
@@ -576,8 +578,8 @@ proptest! {
         for c in &cols {
             let refs: Vec<&Event> = rows[at..at + c.num_rows()].iter().collect();
             at += c.num_rows();
-            let schema = crate::sinks::parquet::infer_rows_schema(&refs, false);
-            let expected = crate::sinks::parquet::encode_rows(&refs, &schema, false).unwrap();
+            let schema = crate::rows::infer_rows_schema(&refs, false);
+            let expected = crate::rows::encode_rows(&refs, &schema, false).unwrap();
             let names = |s: &arrow::datatypes::Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
             prop_assert_eq!(names(&c.schema()), names(&schema));
             for (i, (got, want)) in c.columns().iter().zip(expected.columns()).enumerate() {
