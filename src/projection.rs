@@ -219,7 +219,7 @@ pub fn for_source(readers: &[Reader], src: usize) -> Option<Projection> {
     let mut seen = std::collections::BTreeSet::new();
     while let Some(up) = stack.pop() {
         for (i, r) in readers.iter().enumerate() {
-            if i == src || !r.inputs.iter().any(|(u, port)| *u == up && *port == 0) || !seen.insert(i) {
+            if !r.inputs.iter().any(|(u, port)| *u == up && *port == 0) || !seen.insert(i) {
                 continue;
             }
             for (parts, export_key) in r.reads.as_ref()? {

@@ -182,7 +182,8 @@ pub async fn run(
     let infos: Vec<NodeInfo> = graph
         .nodes
         .iter()
-        .map(|n| NodeInfo { name: n.name.clone(), role: n.component.role(), fingerprint: n.fingerprint })
+        .zip(&summary_of)
+        .map(|(n, (name, role, ..))| NodeInfo { name: name.clone(), role: *role, fingerprint: n.fingerprint })
         .collect();
     let (mut tasks, ctrl) = spawn(graph, &session, &opts, &board, report_tx);
     let mut proto = Protocol::new(infos, session.base_epoch);

@@ -22,6 +22,8 @@ pub struct Port {
 impl Port {
     /// The main output.
     pub const MAIN: Port = Port::new(0, "");
+    /// `dead_letter` as the only secondary output (sources, filter, map).
+    pub const DEAD_LETTER: Port = Port::new(1, "dead_letter");
 
     pub const fn new(index: usize, name: &'static str) -> Port {
         Port { index, name }
@@ -206,10 +208,10 @@ impl Outputs {
         self.send_edges(self.edges(port), batch).await
     }
 
-    /// Sends a batch on the port at `index`, as [`Emitter::take_batches`] lists them.
+    /// Sends a batch on the port at `index`, as [`Emitter::take_batches`] lists them (an
+    /// emitter of this component's declared ports: every index is one of them).
     pub(crate) async fn send_at(&self, index: usize, batch: Batch) -> Result<(), Disconnected> {
-        let port = Port::new(index, self.names.get(index).copied().unwrap_or("?"));
-        self.send(port, batch).await
+        self.send_edges(self.ports.get(index).map(Vec::as_slice).unwrap_or(&[]), batch).await
     }
 
     async fn send_edges(&self, edges: &[mpsc::Sender<Msg>], batch: Batch) -> Result<(), Disconnected> {

@@ -52,7 +52,7 @@ impl Role {
 
 /// The output ports of every source: the events, and the records that could not be decoded
 /// ([`SourceCx::dead_letter`]).
-pub const SOURCE_PORTS: [Port; 2] = [Port::MAIN, Port::new(1, "dead_letter")];
+pub const SOURCE_PORTS: [Port; 2] = [Port::MAIN, Port::DEAD_LETTER];
 
 /// Live (`centralflow run`) or replay (`centralflow replay`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,8 +310,8 @@ impl SourceCx {
             return Ok(());
         }
         self.metrics.dead_letters.inc_by(events.len() as u64);
-        if self.outputs.is_connected(SOURCE_PORTS[1]) {
-            self.outputs.send(SOURCE_PORTS[1], Batch::new(events)).await?;
+        if self.outputs.is_connected(Port::DEAD_LETTER) {
+            self.outputs.send(Port::DEAD_LETTER, Batch::new(events)).await?;
         } else {
             log_unrouted_dead_letters(&self.name, &events, &mut self.warned_dead_letters);
         }

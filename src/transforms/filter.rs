@@ -15,7 +15,7 @@ use crate::metrics::ComponentMetrics;
 use crate::runtime::{BuildCx, Emitter, Port, Transform};
 
 /// Events it could not process.
-pub const DEAD_LETTER: Port = Port::new(1, "dead_letter");
+pub const DEAD_LETTER: Port = Port::DEAD_LETTER;
 
 /// Keeps events matching a condition.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

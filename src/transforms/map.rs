@@ -19,7 +19,7 @@ use crate::path::FieldPath;
 use crate::runtime::{BuildCx, Emitter, Port, Transform};
 
 /// Events it could not process.
-pub const DEAD_LETTER: Port = Port::new(1, "dead_letter");
+pub const DEAD_LETTER: Port = Port::DEAD_LETTER;
 
 /// Derives, renames and removes fields.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

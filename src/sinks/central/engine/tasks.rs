@@ -19,6 +19,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Logs a device's trouble: the first time for each device (for the first 50 devices), then
 /// every thousandth time in all, so that a thousand failing devices do not flood the log.
+/// Holds a device back for `wait` and logs why (as [`device_log`] does, at warning level).
+fn defer(sh: &Shared, dev: &mut Dev, total: &mut u64, id: &str, wait: std::time::Duration, msg: &str) {
+    dev.not_before = Some(Instant::now() + wait);
+    device_log(sh, dev, total, tracing::Level::WARN, id, msg);
+}
+
 fn device_log(sh: &Shared, dev: &mut Dev, total: &mut u64, level: tracing::Level, id: &str, msg: &str) {
     dev.logged += 1;
     *total += 1;
@@ -102,13 +108,12 @@ pub(super) async fn register_task(sh: Arc<Shared>, id: Arc<str>, model: Option<S
         }
         RegOutcome::Retry(after, why) => {
             let wait = after.unwrap_or_else(|| next_backoff(&mut dev.backoff));
-            dev.not_before = Some(Instant::now() + wait);
-            device_log(
+            defer(
                 &sh,
                 dev,
                 &mut st.retries,
-                tracing::Level::WARN,
                 &id,
+                wait,
                 &format!("registration of {id:?} will be retried in {wait:?}: {why}"),
             );
         }
@@ -193,15 +198,7 @@ pub(super) async fn send_task(
             st.cache_dirty = true;
             if dev.auth_failures > 2 {
                 let wait = next_backoff(&mut dev.backoff);
-                dev.not_before = Some(Instant::now() + wait);
-                device_log(
-                    &sh,
-                    dev,
-                    &mut st.retries,
-                    tracing::Level::WARN,
-                    &id,
-                    &format!("{why}; registering again in {wait:?}"),
-                );
+                defer(&sh, dev, &mut st.retries, &id, wait, &format!("{why}; registering again in {wait:?}"));
             } else {
                 tracing::info!(component = %sh.name, device = %id, "{why}; registering again");
             }

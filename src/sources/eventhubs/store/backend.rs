@@ -2,13 +2,15 @@
 //! conditionally on a version) one blob, on a remote object store or in the local folder.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{
-    Attribute, AttributeValue, Attributes, GetOptions, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+    Attribute, AttributeValue, Attributes, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    UpdateVersion,
 };
 use serde::Serialize;
 
@@ -24,16 +26,26 @@ struct RemoteBody<'a> {
 }
 
 impl BlobCheckpointStore {
+    /// Every object under `prefix` of a remote store (none when the prefix does not exist).
+    pub(super) async fn list_remote(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        root: &Path,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<object_store::ObjectMeta>> {
+        let p = join(root, prefix.trim_end_matches('/'));
+        match store.list(Some(&p)).try_collect().await {
+            Ok(m) => Ok(m),
+            Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("listing {prefix} in {}", self.display)),
+        }
+    }
+
     /// (partition, full name) of every blob under a prefix.
     pub(super) async fn list_names(&self, prefix: &str) -> anyhow::Result<Vec<(String, String)>> {
         match &self.backend {
             Backend::Remote { store, prefix: root, .. } => {
-                let p = join(root, prefix.trim_end_matches('/'));
-                let metas: Vec<object_store::ObjectMeta> = match store.list(Some(&p)).try_collect().await {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => Vec::new(),
-                    Err(e) => return Err(e).with_context(|| format!("listing {prefix} in {}", self.display)),
-                };
+                let metas = self.list_remote(store, root, prefix).await?;
                 Ok(metas
                     .into_iter()
                     .filter_map(|m| {

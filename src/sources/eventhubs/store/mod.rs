@@ -339,12 +339,7 @@ impl BlobCheckpointStore {
         let prefix = self.prefix("centralflow/instances");
         match &self.backend {
             Backend::Remote { store, prefix: root, .. } => {
-                let p = join(root, prefix.trim_end_matches('/'));
-                let metas: Vec<object_store::ObjectMeta> = match store.list(Some(&p)).try_collect().await {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => Vec::new(),
-                    Err(e) => return Err(e).with_context(|| format!("listing instances in {}", self.display)),
-                };
+                let metas = self.list_remote(store, root, &prefix).await?;
                 Ok(metas
                     .into_iter()
                     .filter_map(|m| Some((m.location.filename()?.to_string(), m.last_modified.timestamp_millis())))
