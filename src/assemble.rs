@@ -35,7 +35,10 @@ pub async fn open_session(plan: &Plan, reset: bool) -> anyhow::Result<Session> {
         }
         None => None,
     };
-    let interval = plan.checkpoint.as_ref().map(|c| c.interval()).unwrap_or(Duration::from_secs(10));
+    let interval = match &plan.checkpoint {
+        Some(c) => c.interval()?,
+        None => Duration::from_secs(10),
+    };
     Session::open(&plan.name, store, interval, reset).await
 }
 

@@ -9,6 +9,7 @@
 //!
 //! `centralflow schema` prints the JSON Schema of the whole format (from the same types).
 
+pub mod values;
 pub mod yaml;
 
 use std::collections::BTreeMap;
@@ -61,20 +62,20 @@ pub struct CheckpointConfig {
     pub url: Option<String>,
     /// Time between checkpoints (e.g. `10s`).
     #[serde(default = "default_interval")]
-    pub interval: String,
+    pub interval: values::Dur,
     /// Object-store options for `url` (same keys as the cloud's environment variables, lower case).
     #[serde(default)]
     pub storage: BTreeMap<String, String>,
 }
 
-fn default_interval() -> String {
-    "10s".into()
+fn default_interval() -> values::Dur {
+    values::Dur::new("10s")
 }
 
 impl CheckpointConfig {
-    /// The interval (validated).
-    pub fn interval(&self) -> Duration {
-        crate::time::parse_duration(&self.interval).unwrap_or(Duration::from_secs(10))
+    /// The interval.
+    pub fn interval(&self) -> anyhow::Result<Duration> {
+        self.interval.get().map_err(|e| e.context("checkpoint.interval"))
     }
 }
 
@@ -173,20 +174,25 @@ impl<'a> Checker<'a> {
         self.warnings.push(e);
     }
 
-    /// Checks a duration string.
-    pub fn duration(&mut self, pointer: &str, s: &str) -> Option<Duration> {
-        match crate::time::parse_duration(s) {
-            Ok(d) => Some(d),
+    /// Reports a value that did not parse; returns it when it did.
+    pub fn valid<'v, T: values::Parse>(&mut self, pointer: &str, v: &'v values::Parsed<T>) -> Option<&'v T> {
+        match v.value() {
+            Ok(t) => Some(t),
             Err(e) => {
-                self.error(pointer, e);
+                self.error(pointer, e.to_string());
                 None
             }
         }
     }
 
-    /// Checks a positive duration string.
-    pub fn positive_duration(&mut self, pointer: &str, s: &str) -> Option<Duration> {
-        let d = self.duration(pointer, s)?;
+    /// Checks a duration.
+    pub fn duration(&mut self, pointer: &str, d: &values::Dur) -> Option<Duration> {
+        self.valid(pointer, d).copied()
+    }
+
+    /// Checks a duration that must be longer than zero.
+    pub fn positive_duration(&mut self, pointer: &str, d: &values::Dur) -> Option<Duration> {
+        let d = self.duration(pointer, d)?;
         if d.is_zero() {
             self.error(pointer, "must be longer than zero");
             return None;
@@ -194,24 +200,14 @@ impl<'a> Checker<'a> {
         Some(d)
     }
 
-    /// Checks an RFC 3339 timestamp string.
-    pub fn timestamp(&mut self, pointer: &str, s: &str) -> Option<crate::event::Nanos> {
-        let t = crate::time::parse_rfc3339(s);
-        if t.is_none() {
-            self.error(pointer, format!("{s:?} is not an RFC 3339 timestamp (like 2026-11-01T13:00:00Z)"));
-        }
-        t
+    /// Checks an RFC 3339 timestamp.
+    pub fn timestamp(&mut self, pointer: &str, t: &values::Timestamp) -> Option<crate::event::Nanos> {
+        self.valid(pointer, t).copied()
     }
 
-    /// Compiles an expression.
-    pub fn expr(&mut self, pointer: &str, src: &str) -> Option<crate::expr::Expr> {
-        match crate::expr::Expr::compile(src) {
-            Ok(e) => Some(e),
-            Err(msg) => {
-                self.error(pointer, format!("invalid expression: {msg}"));
-                None
-            }
-        }
+    /// Checks an expression.
+    pub fn expr<'v>(&mut self, pointer: &str, e: &'v values::Expression) -> Option<&'v crate::expr::Expr> {
+        self.valid(pointer, e)
     }
 
     /// Checks a storage location.

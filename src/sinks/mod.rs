@@ -12,7 +12,7 @@ use crate::runtime::{BuildCx, Sink};
 crate::component_enum! {
     /// A sink: `type` selects the kind.
     SinkConfig {
-        Parquet("parquet", parquet::ParquetConfig),
+        Parquet("parquet", Box<parquet::ParquetConfig>),
         Console("console", console::ConsoleConfig),
         Jsonl("jsonl", jsonl::JsonlConfig),
         Central("central", Box<central::CentralConfig>),
@@ -22,7 +22,7 @@ crate::component_enum! {
 /// Builds a sink from its configuration.
 pub async fn build(cfg: &SinkConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match cfg {
-        SinkConfig::Parquet(c) => Box::new(parquet::ParquetSink::new(c.clone(), cx).await?),
+        SinkConfig::Parquet(c) => Box::new(parquet::ParquetSink::new((**c).clone(), cx).await?),
         SinkConfig::Console(c) => Box::new(console::ConsoleSink::new(c.clone(), cx)),
         SinkConfig::Jsonl(c) => Box::new(jsonl::JsonlSink::new(c.clone(), cx)?),
         SinkConfig::Central(c) => Box::new(central::CentralSink::new((**c).clone(), cx).await?),

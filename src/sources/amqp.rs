@@ -39,6 +39,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::values::Dur;
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event};
 use crate::metrics;
@@ -74,7 +75,7 @@ pub struct AmqpConfig {
     pub batch_size: usize,
     /// How long a partial batch may wait for more deliveries.
     #[serde(default = "d_linger")]
-    pub linger: String,
+    pub linger: Dur,
     /// Ask for a checkpoint when unacknowledged deliveries reach this share of `prefetch`
     /// (the broker stops delivering at `prefetch`).
     #[serde(default = "d_checkpoint_at")]
@@ -84,7 +85,7 @@ pub struct AmqpConfig {
     /// acknowledged without waiting for `checkpoint.interval`. Slow steady streams are not
     /// affected: they are checkpointed on the interval. `0s` turns it off.
     #[serde(default = "d_quiet")]
-    pub quiet_checkpoint: String,
+    pub quiet_checkpoint: Dur,
 }
 
 /// Queue declaration.
@@ -122,11 +123,11 @@ fn d_tag() -> String {
 fn d_batch() -> usize {
     1000
 }
-fn d_linger() -> String {
-    "50ms".into()
+fn d_linger() -> Dur {
+    Dur::new("50ms")
 }
-fn d_quiet() -> String {
-    "250ms".into()
+fn d_quiet() -> Dur {
+    Dur::new("250ms")
 }
 fn d_checkpoint_at() -> f64 {
     0.5
@@ -241,9 +242,8 @@ impl AmqpSource {
             let st: State = postcard::from_bytes(state).context("amqp source state in the checkpoint is corrupt")?;
             processed = st.processed.into_iter().map(|(h, n)| (h, (n, 0))).collect();
         }
-        let linger = crate::time::parse_duration(&cfg.linger).map_err(anyhow::Error::msg)?;
-        let quiet = Some(crate::time::parse_duration(&cfg.quiet_checkpoint).map_err(anyhow::Error::msg)?)
-            .filter(|d| !d.is_zero());
+        let linger = cfg.linger.get()?;
+        let quiet = Some(cfg.quiet_checkpoint.get()?).filter(|d| !d.is_zero());
         let dead_letter_exchange = cfg
             .dead_letter_exchange
             .clone()

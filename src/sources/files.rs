@@ -26,6 +26,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::config::values::Timestamp;
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Nanos};
 use crate::model::decode::{decode_record_each, decode_record_into, Projection};
@@ -48,10 +49,10 @@ pub struct FilesConfig {
     pub layout: Layout,
     /// Only messages enqueued at or after this time (RFC 3339).
     #[serde(default)]
-    pub from: Option<String>,
+    pub from: Option<Timestamp>,
     /// Only messages enqueued before this time (RFC 3339).
     #[serde(default)]
-    pub to: Option<String>,
+    pub to: Option<Timestamp>,
     /// Only files whose name ends with one of these (e.g. `[.json, .json.gz]`). Default: every
     /// file except those whose name starts with `.` or `_`.
     #[serde(default)]
@@ -152,8 +153,8 @@ impl FilesSource {
             pos = postcard::from_bytes(state).context("files source position in the checkpoint is corrupt")?;
             restored = true;
         }
-        let from = cfg.from.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MIN);
-        let to = cfg.to.as_deref().and_then(crate::time::parse_rfc3339).unwrap_or(i64::MAX);
+        let from = cfg.from.as_ref().map(Timestamp::get).transpose()?.unwrap_or(i64::MIN);
+        let to = cfg.to.as_ref().map(Timestamp::get).transpose()?.unwrap_or(i64::MAX);
         Ok(FilesSource { cfg, projection: cx.projection.clone(), name: cx.name.to_string(), pos, restored, from, to })
     }
 }

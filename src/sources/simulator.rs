@@ -18,6 +18,7 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::values::{Dur, Parse, Parsed};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Nanos};
 use crate::model::decode::{decode_object_projected, Projection};
@@ -38,10 +39,10 @@ pub struct SimulatorConfig {
     pub count: Option<u64>,
     /// Stop after this much event time (e.g. `10m`).
     #[serde(default)]
-    pub duration: Option<String>,
+    pub duration: Option<Dur>,
     /// Event time of the first message: RFC 3339, or `now` (the default).
     #[serde(default)]
-    pub start: Option<String>,
+    pub start: Option<Parsed<StartAt>>,
     /// Random seed: the same seed gives the same messages.
     #[serde(default = "d_seed")]
     pub seed: u64,
@@ -57,7 +58,7 @@ pub struct SimulatorConfig {
     pub out_of_order: f64,
     /// How late, at most.
     #[serde(default = "d_delay")]
-    pub max_delay: String,
+    pub max_delay: Dur,
     /// The IoT Central application id.
     #[serde(default = "d_app")]
     pub application_id: String,
@@ -140,8 +141,24 @@ fn d_seed() -> u64 {
 fn d_ooo() -> f64 {
     0.02
 }
-fn d_delay() -> String {
-    "20s".into()
+fn d_delay() -> Dur {
+    Dur::new("20s")
+}
+
+/// The simulator's `start`: `now`, or an RFC 3339 time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    Now,
+    At(Nanos),
+}
+
+impl Parse for StartAt {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text == "now" {
+            return Ok(StartAt::Now);
+        }
+        Nanos::parse(text).map(StartAt::At)
+    }
 }
 fn d_app() -> String {
     "6e9d8f3c-2b1a-4c8e-9f0d-1a2b3c4d5e6f".into()
@@ -197,8 +214,8 @@ impl Spec for SimulatorConfig {
         if let Some(d) = &self.duration {
             cx.positive_duration(&format!("{ptr}/duration"), d);
         }
-        if let Some(s) = self.start.as_deref().filter(|s| *s != "now") {
-            cx.timestamp(&format!("{ptr}/start"), s);
+        if let Some(s) = &self.start {
+            cx.valid(&format!("{ptr}/start"), s);
         }
         cx.duration(&format!("{ptr}/max_delay"), &self.max_delay);
         if !(0.0..=1.0).contains(&self.out_of_order) {
@@ -281,19 +298,14 @@ pub struct Generator {
 impl Generator {
     /// A generator; `now` is the event time used for `start: now`.
     pub fn new(cfg: SimulatorConfig, now: Nanos) -> anyhow::Result<Generator> {
-        let start = match cfg.start.as_deref() {
-            None | Some("now") => now / 1_000_000 * 1_000_000,
-            Some(s) => {
-                crate::time::parse_rfc3339(s).with_context(|| format!("start {s:?} is not an RFC 3339 timestamp"))?
-            }
+        let start = match cfg.start.as_ref().map(|s| s.get().context("start")).transpose()? {
+            None | Some(StartAt::Now) => now / 1_000_000 * 1_000_000,
+            Some(StartAt::At(t)) => t,
         };
         let step = 1e9 / cfg.rate;
-        let max_delay = crate::time::parse_duration(&cfg.max_delay).map_err(anyhow::Error::msg)?.as_nanos() as Nanos;
+        let max_delay = cfg.max_delay.nanos()?;
         let by_duration = match &cfg.duration {
-            Some(d) => {
-                Some((crate::time::parse_duration(d).map_err(anyhow::Error::msg)?.as_nanos() as f64 / step).ceil()
-                    as u64)
-            }
+            Some(d) => Some((d.nanos()? as f64 / step).ceil() as u64),
             None => None,
         };
         let limit = match (cfg.count, by_duration) {
@@ -417,7 +429,7 @@ impl SimulatorSource {
             next = n;
             // keep the original start so that event times continue where they were
             let mut cfg = cfg.clone();
-            cfg.start = Some(crate::time::format_rfc3339(start));
+            cfg.start = Some(Parsed::new(crate::time::format_rfc3339(start)));
             let batch = cfg.batch_size;
             return Ok(SimulatorSource {
                 gen: Generator::new(cfg, 0)?,
@@ -557,7 +569,7 @@ mod tests {
     #[test]
     fn duration_and_count_bound_the_stream() {
         let mut c = cfg();
-        c.duration = Some("1m".into());
+        c.duration = Some(Dur::new("1m"));
         assert_eq!(Generator::new(c.clone(), 0).unwrap().limit(), Some(600));
         c.count = Some(100);
         assert_eq!(Generator::new(c, 0).unwrap().limit(), Some(100));

@@ -39,6 +39,7 @@ use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::values::Dur;
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event};
 use crate::metrics::{self, ComponentMetrics};
@@ -76,7 +77,7 @@ pub struct WebhookConfig {
     pub batch_size: usize,
     /// How long a partial batch may wait for more requests.
     #[serde(default = "d_linger")]
-    pub linger: String,
+    pub linger: Dur,
 }
 
 /// Certificate and key files.
@@ -114,8 +115,8 @@ fn d_retry_after() -> u64 {
 fn d_batch() -> usize {
     1000
 }
-fn d_linger() -> String {
-    "20ms".into()
+fn d_linger() -> Dur {
+    Dur::new("20ms")
 }
 
 impl Spec for WebhookConfig {
@@ -234,7 +235,7 @@ impl WebhookSource {
         if cx.mode == Mode::Replay {
             anyhow::bail!("a webhook source never ends: use `centralflow run`, not `replay`");
         }
-        let linger = crate::time::parse_duration(&cfg.linger).map_err(anyhow::Error::msg)?;
+        let linger = cfg.linger.get()?;
         Ok(WebhookSource {
             name: cx.name.to_string(),
             linger,

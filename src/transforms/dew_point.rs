@@ -9,6 +9,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::values::Path;
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Value};
 use crate::metrics::ComponentMetrics;
@@ -22,31 +23,29 @@ pub struct DewPointConfig {
     pub inputs: Vec<String>,
     /// Temperature in °C.
     #[serde(default = "d_t")]
-    pub temperature: String,
+    pub temperature: Path,
     /// Relative humidity in %.
     #[serde(default = "d_h")]
-    pub humidity: String,
+    pub humidity: Path,
     /// Where to write the dew point (°C).
     #[serde(default = "d_o")]
-    pub output: String,
+    pub output: Path,
 }
 
-fn d_t() -> String {
-    "temperature".into()
+fn d_t() -> Path {
+    Path::new("temperature")
 }
-fn d_h() -> String {
-    "humidity".into()
+fn d_h() -> Path {
+    Path::new("humidity")
 }
-fn d_o() -> String {
-    "dew_point".into()
+fn d_o() -> Path {
+    Path::new("dew_point")
 }
 
 impl Spec for DewPointConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
         for (field, v) in [("temperature", &self.temperature), ("humidity", &self.humidity), ("output", &self.output)] {
-            if let Err(e) = FieldPath::parse(v) {
-                cx.error(&format!("{ptr}/{field}"), e);
-            }
+            cx.valid(&format!("{ptr}/{field}"), v);
         }
     }
     fn inputs(&self) -> &[String] {
@@ -63,11 +62,10 @@ pub struct DewPoint {
 
 impl DewPoint {
     pub fn new(cfg: &DewPointConfig, cx: &BuildCx<'_>) -> anyhow::Result<DewPoint> {
-        let p = |s: &str| FieldPath::parse(s).map_err(anyhow::Error::msg);
         Ok(DewPoint {
-            temperature: p(&cfg.temperature)?,
-            humidity: p(&cfg.humidity)?,
-            output: p(&cfg.output)?,
+            temperature: cfg.temperature.get()?,
+            humidity: cfg.humidity.get()?,
+            output: cfg.output.get()?,
             metrics: cx.metrics.clone(),
         })
     }
@@ -127,9 +125,9 @@ mod tests {
         let mk = |j: &str| crate::model::decode::decode_one(bytes::Bytes::from(j.to_string())).unwrap();
         let cfg: DewPointConfig = serde_json::from_value(serde_json::json!({"inputs": []})).unwrap();
         let mut d = DewPoint {
-            temperature: FieldPath::parse(&cfg.temperature).unwrap(),
-            humidity: FieldPath::parse(&cfg.humidity).unwrap(),
-            output: FieldPath::parse(&cfg.output).unwrap(),
+            temperature: cfg.temperature.get().unwrap(),
+            humidity: cfg.humidity.get().unwrap(),
+            output: cfg.output.get().unwrap(),
             metrics: ComponentMetrics::new("dp", "dew_point"),
         };
         let mut em = Emitter::new(&[""]);

@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::dead_letter_of;
+use crate::config::values::Expression;
 use crate::config::{Checker, Spec};
 use crate::event::Batch;
 use crate::expr::Expr;
@@ -23,7 +24,7 @@ pub const DEAD_LETTER: Port = Port::DEAD_LETTER;
 pub struct FilterConfig {
     pub inputs: Vec<String>,
     /// An expression that is true for the events to keep, e.g. `messageSource == "telemetry"`.
-    pub condition: String,
+    pub condition: Expression,
 }
 
 impl Spec for FilterConfig {
@@ -38,7 +39,7 @@ impl Spec for FilterConfig {
     }
     fn needs(&self) -> crate::config::Needs {
         // `field == "text"` reads one field; anything else may read any
-        match Expr::compile(&self.condition).ok().and_then(|e| e.compared_field().cloned()) {
+        match self.condition.value().ok().and_then(|e| e.compared_field().cloned()) {
             Some(f) => crate::config::Needs::Fields(vec![f]),
             None => crate::config::Needs::All,
         }
@@ -56,7 +57,7 @@ pub struct Filter {
 
 impl Filter {
     pub fn new(cfg: &FilterConfig, cx: &BuildCx<'_>) -> anyhow::Result<Filter> {
-        let expr = Expr::compile(&cfg.condition).map_err(anyhow::Error::msg)?;
+        let expr = cfg.condition.get()?;
         Ok(Filter { expr, name: cx.name.to_string(), metrics: cx.metrics.clone() })
     }
 }
@@ -110,9 +111,9 @@ mod tests {
     }
 
     fn run(condition: &str, input: Batch) -> (Vec<Event>, Vec<Event>) {
-        let cfg = FilterConfig { inputs: vec![], condition: condition.into() };
+        let cfg = FilterConfig { inputs: vec![], condition: Expression::new(condition) };
         let mut f = Filter {
-            expr: Expr::compile(&cfg.condition).unwrap(),
+            expr: cfg.condition.get().unwrap(),
             name: "f".into(),
             metrics: ComponentMetrics::new("f", "filter"),
         };

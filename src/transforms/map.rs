@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{dead_letter_of, PARALLEL_BATCH};
+use crate::config::values::{Expression, Path};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Value};
 use crate::expr::Expr;
@@ -28,13 +29,13 @@ pub struct MapConfig {
     pub inputs: Vec<String>,
     /// `path: expression`, evaluated in order.
     #[serde(default)]
-    pub set: IndexMap<String, String>,
+    pub set: IndexMap<Path, Expression>,
     /// `from: to`; a bare `to` stays in the same object.
     #[serde(default)]
-    pub rename: IndexMap<String, String>,
+    pub rename: IndexMap<Path, Path>,
     /// Paths to remove.
     #[serde(default)]
-    pub remove: Vec<String>,
+    pub remove: Vec<Path>,
     /// What a failing expression does: `dead_letter` (the event goes there) or `null`.
     #[serde(default)]
     pub on_error: OnError,
@@ -54,24 +55,17 @@ impl Spec for MapConfig {
             cx.error(ptr, "does nothing: give at least one of `set`, `rename`, `remove`");
         }
         for (k, v) in &self.set {
-            let p = format!("{ptr}/set/{}", crate::config::yaml::pointer_escape(k));
-            if let Err(e) = FieldPath::parse(k) {
-                cx.error(&p, e);
-            }
+            let p = format!("{ptr}/set/{}", crate::config::yaml::pointer_escape(k.text()));
+            cx.valid(&p, k);
             cx.expr(&p, v);
         }
         for (k, v) in &self.rename {
-            let p = format!("{ptr}/rename/{}", crate::config::yaml::pointer_escape(k));
-            for s in [k, v] {
-                if let Err(e) = FieldPath::parse(s) {
-                    cx.error(&p, e);
-                }
-            }
+            let p = format!("{ptr}/rename/{}", crate::config::yaml::pointer_escape(k.text()));
+            cx.valid(&p, k);
+            cx.valid(&p, v);
         }
         for (i, r) in self.remove.iter().enumerate() {
-            if let Err(e) = FieldPath::parse(r) {
-                cx.error(&format!("{ptr}/remove/{i}"), e);
-            }
+            cx.valid(&format!("{ptr}/remove/{i}"), r);
         }
     }
     fn inputs(&self) -> &[String] {
@@ -91,20 +85,12 @@ pub struct Map {
     metrics: ComponentMetrics,
 }
 
-fn path(s: &str) -> anyhow::Result<FieldPath> {
-    FieldPath::parse(s).map_err(anyhow::Error::msg)
-}
-
 impl Map {
     pub fn new(cfg: &MapConfig, cx: &BuildCx<'_>) -> anyhow::Result<Map> {
         Ok(Map {
-            set: cfg
-                .set
-                .iter()
-                .map(|(k, v)| Ok((path(k)?, Expr::compile(v).map_err(anyhow::Error::msg)?)))
-                .collect::<anyhow::Result<_>>()?,
-            rename: cfg.rename.iter().map(|(k, v)| Ok((path(k)?, path(v)?))).collect::<anyhow::Result<_>>()?,
-            remove: cfg.remove.iter().map(|r| path(r)).collect::<anyhow::Result<_>>()?,
+            set: cfg.set.iter().map(|(k, v)| Ok((k.get()?, v.get()?))).collect::<anyhow::Result<_>>()?,
+            rename: cfg.rename.iter().map(|(k, v)| Ok((k.get()?, v.get()?))).collect::<anyhow::Result<_>>()?,
+            remove: cfg.remove.iter().map(Path::get).collect::<anyhow::Result<_>>()?,
             on_error: cfg.on_error,
             name: cx.name.to_string(),
             metrics: cx.metrics.clone(),
@@ -164,9 +150,9 @@ mod tests {
     fn map(yaml: serde_json::Value) -> Map {
         let cfg: MapConfig = serde_json::from_value(yaml).unwrap();
         Map {
-            set: cfg.set.iter().map(|(k, v)| (path(k).unwrap(), Expr::compile(v).unwrap())).collect(),
-            rename: cfg.rename.iter().map(|(k, v)| (path(k).unwrap(), path(v).unwrap())).collect(),
-            remove: cfg.remove.iter().map(|r| path(r).unwrap()).collect(),
+            set: cfg.set.iter().map(|(k, v)| (k.get().unwrap(), v.get().unwrap())).collect(),
+            rename: cfg.rename.iter().map(|(k, v)| (k.get().unwrap(), v.get().unwrap())).collect(),
+            remove: cfg.remove.iter().map(|r| r.get().unwrap()).collect(),
             on_error: cfg.on_error,
             name: "m".into(),
             metrics: ComponentMetrics::new("m", "map"),

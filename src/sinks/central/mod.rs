@@ -49,6 +49,7 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::values::{self, Dur, Parsed};
 use crate::event::Batch;
 use crate::runtime::{BuildCx, EndReason, Mode, Sink};
 use crate::secret::Secret;
@@ -77,17 +78,17 @@ pub struct CentralConfig {
     /// Which device each row is sent as: a template over the row, `{field.path}` placeholders
     /// and literal text (`{deviceId}`, `{deviceId}-computed`, `site-{enrichments.site}`).
     #[serde(default = "d_device")]
-    pub device_id: String,
+    pub device_id: Parsed<Template>,
     /// Model (device template) id sent at registration (`iotcModelId`); a template too.
     #[serde(default)]
-    pub model_id: Option<String>,
+    pub model_id: Option<Parsed<Template>>,
     /// Component to send the telemetry to (a template); needs `transport: mqtt`.
     #[serde(default)]
-    pub component: Option<String>,
+    pub component: Option<Parsed<Template>>,
     /// The field giving each message's creation time (`iothub-creation-time-utc`). Default:
     /// `window_end` when the row has it, else `enqueuedTime`.
     #[serde(default)]
-    pub creation_time: Option<String>,
+    pub creation_time: Option<values::Path>,
     /// Which fields become which telemetry names: a list of fields (the telemetry name is the
     /// last segment: `temperature_avg`, `telemetry.temp` → `temp`) or a map `name: field`.
     /// Default: the row's `telemetry` object, or else every top-level field but the device id,
@@ -98,7 +99,7 @@ pub struct CentralConfig {
     /// computed data so that an export filter (`computed` does not exist) keeps it out of the
     /// export that feeds this pipeline.
     #[serde(default = "d_props")]
-    pub properties: IndexMap<String, String>,
+    pub properties: IndexMap<String, Parsed<Template>>,
     /// `https_batch` (default), `https` (one message per request) or `mqtt` (components).
     #[serde(default)]
     pub transport: Transport,
@@ -119,10 +120,10 @@ pub struct CentralConfig {
     pub queue: usize,
     /// In `run`, how long a checkpoint waits for unsent rows before it stores them in its state.
     #[serde(default = "d_flush")]
-    pub flush_timeout: String,
+    pub flush_timeout: Dur,
     /// Timeout of one HTTP request or MQTT exchange.
     #[serde(default = "d_timeout")]
-    pub request_timeout: String,
+    pub request_timeout: Dur,
     /// A local file for the device registration cache. Default: an object beside the
     /// checkpoints (in memory only when the pipeline has no checkpoint store).
     #[serde(default)]
@@ -135,11 +136,11 @@ pub struct CentralConfig {
 fn d_dps() -> String {
     "https://global.azure-devices-provisioning.net".into()
 }
-fn d_device() -> String {
-    "{deviceId}".into()
+fn d_device() -> Parsed<Template> {
+    Parsed::new("{deviceId}")
 }
-fn d_props() -> IndexMap<String, String> {
-    IndexMap::from([("computed".to_string(), "true".to_string())])
+fn d_props() -> IndexMap<String, Parsed<Template>> {
+    IndexMap::from([("computed".to_string(), Parsed::new("true"))])
 }
 fn d_batch() -> usize {
     100
@@ -156,11 +157,11 @@ fn d_concurrency() -> usize {
 fn d_queue() -> usize {
     10_000
 }
-fn d_flush() -> String {
-    "10s".into()
+fn d_flush() -> Dur {
+    Dur::new("10s")
 }
-fn d_timeout() -> String {
-    "30s".into()
+fn d_timeout() -> Dur {
+    Dur::new("30s")
 }
 fn d_mqtt_port() -> u16 {
     8883
@@ -183,15 +184,15 @@ pub enum Transport {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Measurements {
-    List(Vec<String>),
-    Map(IndexMap<String, String>),
+    List(Vec<values::Path>),
+    Map(IndexMap<String, values::Path>),
 }
 
 impl Measurements {
-    fn pairs(&self) -> Vec<(String, String)> {
+    fn pairs(&self) -> Vec<(String, &values::Path)> {
         match self {
-            Measurements::List(l) => l.iter().map(|f| (leaf(f), f.clone())).collect(),
-            Measurements::Map(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Measurements::List(l) => l.iter().map(|f| (leaf(f.text()), f)).collect(),
+            Measurements::Map(m) => m.iter().map(|(k, v)| (k.clone(), v)).collect(),
         }
     }
 }
@@ -219,7 +220,7 @@ pub struct CentralSink {
 impl CentralSink {
     pub async fn new(cfg: CentralConfig, cx: &BuildCx<'_>) -> anyhow::Result<CentralSink> {
         let shaper = Shaper::new(&cfg)?;
-        let flush_timeout = crate::time::parse_duration(&cfg.flush_timeout).map_err(anyhow::Error::msg)?;
+        let flush_timeout = cfg.flush_timeout.get()?;
         let engine = engine::Engine::new(&cfg, cx).await.context("setting up the central sink")?;
         Ok(CentralSink {
             engine,

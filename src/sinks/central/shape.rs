@@ -2,6 +2,7 @@
 //! property values) and the `Shaper` that builds each row's message body, properties and id.
 
 use super::{message_id, valid_device_id, CentralConfig, OutMsg};
+use crate::config::values::Parsed;
 use crate::event::{Event, Kind, ValRef};
 use crate::path::FieldPath;
 
@@ -34,6 +35,12 @@ enum Part {
 #[derive(Debug, Clone)]
 pub struct Template {
     parts: Vec<Part>,
+}
+
+impl crate::config::values::Parse for Template {
+    fn parse(text: &str) -> Result<Self, String> {
+        Template::parse(text)
+    }
 }
 
 impl Template {
@@ -111,30 +118,24 @@ pub(crate) struct Shaper {
 
 impl Shaper {
     pub(crate) fn new(cfg: &CentralConfig) -> anyhow::Result<Shaper> {
-        let t = |s: &str| Template::parse(s).map_err(anyhow::Error::msg);
-        let device = t(&cfg.device_id)?;
+        let device = cfg.device_id.get()?;
         let creation = match &cfg.creation_time {
-            Some(c) => vec![FieldPath::parse(c).map_err(anyhow::Error::msg)?],
+            Some(c) => vec![c.get()?],
             None => vec![FieldPath::parse("window_end").unwrap(), FieldPath::parse("enqueuedTime").unwrap()],
         };
         let mut excluded: Vec<String> = vec!["window_start".into(), "window_end".into()];
         excluded.extend(device.fields().map(|f| f.parts()[0].clone()));
         if let Some(c) = &cfg.creation_time {
-            excluded.push(c.split('.').next().unwrap_or(c).to_string());
+            excluded.push(c.text().split('.').next().unwrap_or(c.text()).to_string());
         }
         let measurements = match &cfg.measurements {
-            Some(m) => Some(
-                m.pairs()
-                    .into_iter()
-                    .map(|(n, f)| Ok((n, FieldPath::parse(&f).map_err(anyhow::Error::msg)?)))
-                    .collect::<anyhow::Result<Vec<_>>>()?,
-            ),
+            Some(m) => Some(m.pairs().into_iter().map(|(n, f)| Ok((n, f.get()?))).collect::<anyhow::Result<Vec<_>>>()?),
             None => None,
         };
         Ok(Shaper {
-            model: cfg.model_id.as_deref().map(t).transpose()?,
-            component: cfg.component.as_deref().map(t).transpose()?,
-            props: cfg.properties.iter().map(|(k, v)| Ok((k.clone(), t(v)?))).collect::<anyhow::Result<_>>()?,
+            model: cfg.model_id.as_ref().map(Parsed::get).transpose()?,
+            component: cfg.component.as_ref().map(Parsed::get).transpose()?,
+            props: cfg.properties.iter().map(|(k, v)| Ok((k.clone(), v.get()?))).collect::<anyhow::Result<_>>()?,
             device,
             creation,
             measurements,

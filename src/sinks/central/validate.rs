@@ -3,10 +3,10 @@
 //! sending.
 
 use super::sas;
-use super::shape::{Template, PROPERTY_CHARS};
+use super::shape::PROPERTY_CHARS;
 use super::{CentralConfig, Measurements, Transport};
+use crate::config::values;
 use crate::config::{Checker, Needs, Spec};
-use crate::path::FieldPath;
 
 fn valid_property_name(n: &str) -> bool {
     !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || PROPERTY_CHARS.contains(c))
@@ -68,23 +68,16 @@ impl Spec for CentralConfig {
         if self.ca_file.as_deref().is_some_and(|f| f.trim().is_empty()) {
             cx.error(&p("ca_file"), "is empty");
         }
-        match Template::parse(&self.device_id) {
-            Ok(t) => {
-                if t.is_static() && !valid_device_id(&self.device_id) {
-                    cx.error(&p("device_id"), "a device id has letters, digits and `- . _ :` only (at most 128)");
-                }
+        if let Some(t) = cx.valid(&p("device_id"), &self.device_id) {
+            if t.is_static() && !valid_device_id(self.device_id.text()) {
+                cx.error(&p("device_id"), "a device id has letters, digits and `- . _ :` only (at most 128)");
             }
-            Err(e) => cx.error(&p("device_id"), e),
         }
         if let Some(m) = &self.model_id {
-            if let Err(e) = Template::parse(m) {
-                cx.error(&p("model_id"), e);
-            }
+            cx.valid(&p("model_id"), m);
         }
         if let Some(c) = &self.component {
-            if let Err(e) = Template::parse(c) {
-                cx.error(&p("component"), e);
-            }
+            cx.valid(&p("component"), c);
             if self.transport != Transport::Mqtt {
                 cx.error(
                     &p("component"),
@@ -93,9 +86,7 @@ impl Spec for CentralConfig {
             }
         }
         if let Some(t) = &self.creation_time {
-            if let Err(e) = FieldPath::parse(t) {
-                cx.error(&p("creation_time"), e);
-            }
+            cx.valid(&p("creation_time"), t);
         }
         if let Some(m) = &self.measurements {
             let pairs = m.pairs();
@@ -112,9 +103,7 @@ impl Spec for CentralConfig {
                 if name.is_empty() {
                     cx.error(&ptr, "a telemetry name is empty");
                 }
-                if let Err(e) = FieldPath::parse(field) {
-                    cx.error(&ptr, e);
-                }
+                cx.valid(&ptr, *field);
             }
         }
         for (k, v) in &self.properties {
@@ -127,9 +116,7 @@ impl Spec for CentralConfig {
                     ),
                 );
             }
-            if let Err(e) = Template::parse(v) {
-                cx.error(&ptr, e);
-            }
+            cx.valid(&ptr, v);
         }
         if self.batch_size == 0 || self.batch_size > 500 {
             cx.error(&p("batch_size"), "must be between 1 and 500");
@@ -158,23 +145,19 @@ impl Spec for CentralConfig {
     fn needs(&self) -> Needs {
         let Some(m) = &self.measurements else { return Needs::All };
         let mut fields = Vec::new();
-        for t in [Some(&self.device_id), self.model_id.as_ref(), self.component.as_ref()].into_iter().flatten() {
-            if let Ok(t) = Template::parse(t) {
+        let templates = [Some(&self.device_id), self.model_id.as_ref(), self.component.as_ref()].into_iter().flatten();
+        for t in templates.chain(self.properties.values()) {
+            if let Ok(t) = t.value() {
                 fields.extend(t.fields().cloned());
             }
         }
-        for v in self.properties.values() {
-            if let Ok(t) = Template::parse(v) {
-                fields.extend(t.fields().cloned());
-            }
-        }
-        let times: Vec<String> = match &self.creation_time {
+        let times: Vec<values::Path> = match &self.creation_time {
             Some(t) => vec![t.clone()],
-            None => vec!["window_end".into(), "enqueuedTime".into()],
+            None => vec![values::Path::new("window_end"), values::Path::new("enqueuedTime")],
         };
-        for f in times.iter().chain(m.pairs().iter().map(|(_, f)| f)) {
-            if let Ok(p) = FieldPath::parse(f) {
-                fields.push(p);
+        for f in times.iter().chain(m.pairs().into_iter().map(|(_, f)| f)) {
+            if let Ok(p) = f.value() {
+                fields.push(p.clone());
             }
         }
         Needs::Fields(fields)

@@ -35,10 +35,10 @@ use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::values::{self, ByteSize, Dur, Parsed};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind};
 use crate::metrics::ComponentMetrics;
-use crate::path::FieldPath;
 use crate::rows::{conform, encode_export, encode_rows, export_schema, infer_rows_schema, schema_covers};
 use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
@@ -69,11 +69,11 @@ pub struct ParquetConfig {
     /// Hive-style partition path from the event time (strftime) and fields (`{path}`), e.g.
     /// `date=%Y-%m-%d/hour=%H` or `site={enrichments.site}/date=%Y-%m-%d`.
     #[serde(default)]
-    pub partition_by: Option<String>,
+    pub partition_by: Option<Parsed<PartitionTemplate>>,
     /// The timestamp field for `partition_by` (default: the event time: `enqueuedTime` for
     /// export messages, `window_start` for window output).
     #[serde(default)]
-    pub partition_time: Option<String>,
+    pub partition_time: Option<values::Path>,
     /// `auto` (export layout for export messages, rows otherwise), `export` or `rows`.
     #[serde(default)]
     pub layout: ParquetLayout,
@@ -122,10 +122,10 @@ pub struct Roll {
     pub rows: Option<u64>,
     /// Bytes per file, e.g. `128MiB`.
     #[serde(default)]
-    pub bytes: Option<String>,
+    pub bytes: Option<Parsed<ByteSize>>,
     /// Age of a file, e.g. `5m`.
     #[serde(default)]
-    pub interval: Option<String>,
+    pub interval: Option<Dur>,
 }
 
 impl Spec for ParquetConfig {
@@ -145,22 +145,16 @@ impl Spec for ParquetConfig {
             cx.error(&format!("{ptr}/roll/rows"), "must be at least 1");
         }
         if let Some(b) = &self.roll.bytes {
-            if let Err(e) = parse_bytes(b) {
-                cx.error(&format!("{ptr}/roll/bytes"), e);
-            }
+            cx.valid(&format!("{ptr}/roll/bytes"), b);
         }
         if let Some(i) = &self.roll.interval {
             cx.positive_duration(&format!("{ptr}/roll/interval"), i);
         }
         if let Some(p) = &self.partition_by {
-            if let Err(e) = PartitionTemplate::parse(p) {
-                cx.error(&format!("{ptr}/partition_by"), e);
-            }
+            cx.valid(&format!("{ptr}/partition_by"), p);
         }
         if let Some(p) = &self.partition_time {
-            if let Err(e) = FieldPath::parse(p) {
-                cx.error(&format!("{ptr}/partition_time"), e);
-            }
+            cx.valid(&format!("{ptr}/partition_time"), p);
         }
         if self.file_prefix.is_empty() || self.file_prefix.contains('/') {
             cx.error(&format!("{ptr}/file_prefix"), "must be a non-empty name without `/`");
@@ -170,13 +164,6 @@ impl Spec for ParquetConfig {
     fn inputs(&self) -> &[String] {
         &self.inputs
     }
-}
-
-fn parse_bytes(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|b| b.as_u64())
-        .map_err(|e| format!("{s:?} is not a size like 128MiB ({e})"))
 }
 
 // ---------------------------------------------------------------- the sink
@@ -232,12 +219,10 @@ impl ParquetSink {
             .set_max_row_group_row_count(Some(cfg.row_group_size))
             .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
             .build();
-        let template =
-            cfg.partition_by.as_deref().map(PartitionTemplate::parse).transpose().map_err(anyhow::Error::msg)?;
-        let time_path = cfg.partition_time.as_deref().map(FieldPath::parse).transpose().map_err(anyhow::Error::msg)?;
-        let roll_bytes = cfg.roll.bytes.as_deref().map(parse_bytes).transpose().map_err(anyhow::Error::msg)?;
-        let roll_interval =
-            cfg.roll.interval.as_deref().map(crate::time::parse_duration).transpose().map_err(anyhow::Error::msg)?;
+        let template = cfg.partition_by.as_ref().map(Parsed::get).transpose()?;
+        let time_path = cfg.partition_time.as_ref().map(Parsed::get).transpose()?;
+        let roll_bytes = cfg.roll.bytes.as_ref().map(|b| b.get().map(|b| b.0)).transpose()?;
+        let roll_interval = cfg.roll.interval.as_ref().map(Dur::get).transpose()?;
         let layout = match cfg.layout {
             ParquetLayout::Auto => None,
             l => Some(l),
@@ -693,9 +678,10 @@ mod tests {
 
     #[test]
     fn sizes() {
-        assert_eq!(parse_bytes("128MiB").unwrap(), 128 << 20);
-        assert_eq!(parse_bytes("1000").unwrap(), 1000);
-        assert!(parse_bytes("lots").is_err());
+        let bytes = |s: &str| Parsed::<ByteSize>::new(s).get().map(|b| b.0);
+        assert_eq!(bytes("128MiB").unwrap(), 128 << 20);
+        assert_eq!(bytes("1000").unwrap(), 1000);
+        assert!(bytes("lots").is_err());
     }
 
     /// Rows as columns go through the same rolling and schema handling as rows as events:

@@ -19,6 +19,12 @@ pub struct PartitionTemplate {
     has_fields: bool,
 }
 
+impl crate::config::values::Parse for PartitionTemplate {
+    fn parse(text: &str) -> Result<Self, String> {
+        PartitionTemplate::parse(text)
+    }
+}
+
 impl PartitionTemplate {
     pub fn parse(t: &str) -> Result<PartitionTemplate, String> {
         let mut segs = Vec::new();

@@ -40,6 +40,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use crate::config::values::{Dur, Timestamp};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Nanos};
 use crate::metrics;
@@ -90,17 +91,17 @@ pub struct EventHubsConfig {
     pub storage: BTreeMap<String, String>,
     /// How often ownership is renewed and partitions are shared out again.
     #[serde(default = "d_balance")]
-    pub balance_interval: String,
+    pub balance_interval: Dur,
     /// An ownership not renewed for this long is taken over (a crashed instance's partitions
     /// move after at most this long). At least twice `balance_interval`.
     #[serde(default = "d_expiry")]
-    pub ownership_expiry: String,
+    pub ownership_expiry: Dur,
     /// Events per batch sent downstream.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// How long a partial batch may wait for more events.
     #[serde(default = "d_linger")]
-    pub linger: String,
+    pub linger: Dur,
     /// A custom AMQP endpoint (`amqp://127.0.0.1:5672` for an emulator; `amqps://` for TLS).
     /// Empty: the namespace's own.
     #[serde(default)]
@@ -144,7 +145,7 @@ pub enum Start {
     #[default]
     Earliest,
     Latest,
-    EnqueuedTime(String),
+    EnqueuedTime(Timestamp),
     SequenceNumber(i64),
 }
 
@@ -154,17 +155,17 @@ fn d_group() -> String {
 fn d_prefetch() -> u32 {
     300
 }
-fn d_balance() -> String {
-    "10s".into()
+fn d_balance() -> Dur {
+    Dur::new("10s")
 }
-fn d_expiry() -> String {
-    "60s".into()
+fn d_expiry() -> Dur {
+    Dur::new("60s")
 }
 fn d_batch() -> usize {
     1000
 }
-fn d_linger() -> String {
-    "50ms".into()
+fn d_linger() -> Dur {
+    Dur::new("50ms")
 }
 
 impl EventHubsConfig {
@@ -203,7 +204,8 @@ impl EventHubsConfig {
             Start::Earliest => (StartLocation::Earliest, false),
             Start::Latest => (StartLocation::Latest, false),
             Start::EnqueuedTime(t) => {
-                let ns = crate::time::parse_rfc3339(t).unwrap_or(0);
+                // checked when the source was built (`EventHubsSource::new`)
+                let ns = t.value().copied().unwrap_or_default();
                 (StartLocation::EnqueuedTime(system_time(ns)), true)
             }
             Start::SequenceNumber(n) => (StartLocation::SequenceNumber(*n), true),
@@ -499,12 +501,14 @@ impl EventHubsSource {
             }
             _ => None,
         };
-        let dur = |s: &str| crate::time::parse_duration(s).map_err(anyhow::Error::msg);
+        if let Start::EnqueuedTime(t) = &cfg.start {
+            t.get().context("start.enqueued_time")?;
+        }
         Ok(EventHubsSource {
             committed: cx.metrics.committed.clone(),
-            linger: dur(&cfg.linger)?,
-            interval: dur(&cfg.balance_interval)?,
-            expiry: dur(&cfg.ownership_expiry)?,
+            linger: cfg.linger.get()?,
+            interval: cfg.balance_interval.get()?,
+            expiry: cfg.ownership_expiry.get()?,
             name: cx.name.into(),
             projection: cx.projection.clone(),
             mode: cx.mode,

@@ -14,6 +14,12 @@ use crate::path::FieldPath;
 /// Relative accuracy of quantiles: a returned value is within 1% of a value of the right rank.
 pub const QUANTILE_ACCURACY: f64 = 0.01;
 
+impl crate::config::values::Parse for AggFn {
+    fn parse(text: &str) -> Result<Self, String> {
+        AggFn::parse(text)
+    }
+}
+
 /// One aggregate function.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AggFn {

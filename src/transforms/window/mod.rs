@@ -28,6 +28,7 @@ use sketches_ddsketch::DDSketch;
 
 use self::agg::{AggFn, AggPlan, Skipped};
 use self::watermark::Watermark;
+use crate::config::values::{self, Dur, Parsed};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind, Nanos, RowLayout, ValRef, Value, NO_TIME};
 use crate::metrics::ComponentMetrics;
@@ -44,33 +45,33 @@ pub struct WindowConfig {
     pub window: WindowSpec,
     /// The timestamp field (default: `enqueuedTime`, or `window_start` for window output).
     #[serde(default)]
-    pub time: Option<String>,
+    pub time: Option<values::Path>,
     /// How far behind the largest event time seen an event may arrive and still count.
     #[serde(default = "d_zero")]
-    pub allowed_lateness: String,
+    pub allowed_lateness: Dur,
     /// In `run`: a partition without events for this long stops holding the watermark back.
     #[serde(default = "d_idle")]
-    pub idle_timeout: String,
+    pub idle_timeout: Dur,
     /// Fields to group by.
     #[serde(default = "d_group")]
-    pub group_by: Vec<String>,
+    pub group_by: Vec<values::Path>,
     /// `field: [aggregates]`: count, sum, avg, min, max, first, last, stddev, stddev_pop,
     /// median, pNN (p95, p99), qX (q0.999).
     #[serde(default)]
-    pub aggregates: IndexMap<String, Vec<String>>,
+    pub aggregates: IndexMap<values::Path, Vec<Parsed<AggFn>>>,
     /// Late events: `output` (to `NAME.late`) or `drop` (counted in `late_events`).
     #[serde(default)]
     pub late: LateMode,
 }
 
-fn d_zero() -> String {
-    "0s".into()
+fn d_zero() -> Dur {
+    Dur::new("0s")
 }
-fn d_idle() -> String {
-    "1m".into()
+fn d_idle() -> Dur {
+    Dur::new("1m")
 }
-fn d_group() -> Vec<String> {
-    vec!["deviceId".into()]
+fn d_group() -> Vec<values::Path> {
+    vec![values::Path::new("deviceId")]
 }
 
 /// The kind of window.
@@ -78,15 +79,15 @@ fn d_group() -> Vec<String> {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum WindowSpec {
     /// Fixed, non-overlapping windows aligned to the Unix epoch.
-    Tumbling { size: String },
+    Tumbling { size: Dur },
     /// Windows of `size` starting every `hop`.
-    Hopping { size: String, hop: String },
+    Hopping { size: Dur, hop: Dur },
     /// Activity sessions: a session ends after `gap` without events. With `max_duration`, no
     /// session crosses a multiple of it (counted from the Unix epoch).
     Session {
-        gap: String,
+        gap: Dur,
         #[serde(default)]
-        max_duration: Option<String>,
+        max_duration: Option<Dur>,
     },
 }
 
@@ -133,37 +134,24 @@ impl Spec for WindowConfig {
         cx.duration(&format!("{ptr}/allowed_lateness"), &self.allowed_lateness);
         cx.positive_duration(&format!("{ptr}/idle_timeout"), &self.idle_timeout);
         if let Some(t) = &self.time {
-            if let Err(e) = FieldPath::parse(t) {
-                cx.error(&format!("{ptr}/time"), e);
-            }
+            cx.valid(&format!("{ptr}/time"), t);
         }
         for (i, g) in self.group_by.iter().enumerate() {
-            if let Err(e) = FieldPath::parse(g) {
-                cx.error(&format!("{ptr}/group_by/{i}"), e);
-            }
+            cx.valid(&format!("{ptr}/group_by/{i}"), g);
         }
         let mut columns = BTreeSet::new();
         for (field, fns) in &self.aggregates {
-            let p = format!("{ptr}/aggregates/{}", crate::config::yaml::pointer_escape(field));
-            let path = match FieldPath::parse(field) {
-                Ok(p) => p,
-                Err(e) => {
-                    cx.error(&p, e);
-                    continue;
-                }
-            };
+            let p = format!("{ptr}/aggregates/{}", crate::config::yaml::pointer_escape(field.text()));
+            let Some(path) = cx.valid(&p, field) else { continue };
             if fns.is_empty() {
                 cx.error(&p, "lists no aggregates");
             }
             for (i, f) in fns.iter().enumerate() {
-                match AggFn::parse(f) {
-                    Ok(func) => {
-                        let col = format!("{}_{}", agg::column_name(&path), func.suffix());
-                        if !columns.insert(col.clone()) {
-                            cx.error(&format!("{p}/{i}"), format!("the column `{col}` is produced twice"));
-                        }
+                if let Some(func) = cx.valid(&format!("{p}/{i}"), f) {
+                    let col = format!("{}_{}", agg::column_name(path), func.suffix());
+                    if !columns.insert(col.clone()) {
+                        cx.error(&format!("{p}/{i}"), format!("the column `{col}` is produced twice"));
                     }
-                    Err(e) => cx.error(&format!("{p}/{i}"), e),
                 }
             }
         }
@@ -175,15 +163,15 @@ impl Spec for WindowConfig {
         PORTS.to_vec()
     }
     fn needs(&self) -> crate::config::Needs {
-        let paths: Result<Vec<FieldPath>, String> =
-            self.time.iter().chain(&self.group_by).chain(self.aggregates.keys()).map(|p| FieldPath::parse(p)).collect();
+        let paths: Result<Vec<FieldPath>, &str> =
+            self.time.iter().chain(&self.group_by).chain(self.aggregates.keys()).map(|p| p.value().cloned()).collect();
         match paths {
             Ok(p) => crate::config::Needs::Fields(p),
             Err(_) => crate::config::Needs::All,
         }
     }
     fn check_partitioned(&self, ptr: &str, cx: &mut Checker<'_>) {
-        if !self.group_by.iter().any(|g| g == "deviceId") {
+        if !self.group_by.iter().any(|g| g.text() == "deviceId") {
             cx.warn(
                 &format!("{ptr}/group_by"),
                 "its input comes from partitions that move between instances, so its state and watermark are \
@@ -395,10 +383,6 @@ fn session_end(shape: Shape, first: Nanos, last: Nanos) -> Nanos {
     }
 }
 
-fn nanos(s: &str) -> anyhow::Result<i64> {
-    Ok(crate::time::parse_duration(s).map_err(anyhow::Error::msg)?.as_nanos() as i64)
-}
-
 impl Window {
     pub fn new(cfg: &WindowConfig, cx: &BuildCx<'_>) -> anyhow::Result<Window> {
         let mut w = Window::from_config(cfg, cx.name, cx.metrics.clone())?;
@@ -412,33 +396,22 @@ impl Window {
     /// Builds the transform (without restoring state).
     pub fn from_config(cfg: &WindowConfig, name: &str, metrics: ComponentMetrics) -> anyhow::Result<Window> {
         let shape = match &cfg.window {
-            WindowSpec::Tumbling { size } => Shape::Tumbling { size: nanos(size)? },
-            WindowSpec::Hopping { size, hop } => Shape::Hopping { size: nanos(size)?, hop: nanos(hop)? },
+            WindowSpec::Tumbling { size } => Shape::Tumbling { size: size.nanos()? },
+            WindowSpec::Hopping { size, hop } => Shape::Hopping { size: size.nanos()?, hop: hop.nanos()? },
             WindowSpec::Session { gap, max_duration } => {
-                Shape::Session { gap: nanos(gap)?, max: max_duration.as_deref().map(nanos).transpose()? }
+                Shape::Session { gap: gap.nanos()?, max: max_duration.as_ref().map(Dur::nanos).transpose()? }
             }
         };
-        let p = |s: &str| FieldPath::parse(s).map_err(anyhow::Error::msg);
-        let time = match cfg.time.as_deref() {
-            None => None,
-            Some(t) => Some(p(t)?),
-        };
-        let group_by: Vec<FieldPath> = cfg.group_by.iter().map(|g| p(g)).collect::<anyhow::Result<_>>()?;
+        let time = cfg.time.as_ref().map(Parsed::get).transpose()?;
+        let group_by: Vec<FieldPath> = cfg.group_by.iter().map(Parsed::get).collect::<anyhow::Result<_>>()?;
         let group_cols: Vec<String> = group_by.iter().map(|g| g.as_str().replace('.', "_")).collect();
         let spec: Vec<(FieldPath, Vec<AggFn>)> = cfg
             .aggregates
             .iter()
-            .map(|(f, fns)| {
-                Ok((
-                    p(f)?,
-                    fns.iter()
-                        .map(|x| AggFn::parse(x).map_err(anyhow::Error::msg))
-                        .collect::<anyhow::Result<Vec<_>>>()?,
-                ))
-            })
+            .map(|(f, fns)| Ok((f.get()?, fns.iter().map(Parsed::get).collect::<anyhow::Result<Vec<_>>>()?)))
             .collect::<anyhow::Result<_>>()?;
-        let lateness = nanos(&cfg.allowed_lateness)?;
-        let idle = nanos(&cfg.idle_timeout)?;
+        let lateness = cfg.allowed_lateness.nanos()?;
+        let idle = cfg.idle_timeout.nanos()?;
         let plan = AggPlan::new(&spec);
         let layout = RowLayout::new(
             group_cols

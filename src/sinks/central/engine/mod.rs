@@ -156,7 +156,7 @@ impl Engine {
         let group = GroupKey::parse(cfg.group_key.expose()).map_err(anyhow::Error::msg)?;
         let endpoint = super::check_endpoint(&cfg.dps_endpoint).map_err(anyhow::Error::msg)?;
         let scheme = if endpoint.scheme() == "http" { "http" } else { "https" };
-        let request_timeout = crate::time::parse_duration(&cfg.request_timeout).map_err(anyhow::Error::msg)?;
+        let request_timeout = cfg.request_timeout.get()?;
         let ca = match &cfg.ca_file {
             Some(f) => Some(std::fs::read(f).with_context(|| format!("reading the CA certificate {f}"))?),
             None => None,
