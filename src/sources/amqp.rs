@@ -569,39 +569,10 @@ impl Source for AmqpSource {
         metrics::set_ready(&self.name, false, "connecting");
         loop {
             if link.is_none() {
-                match self.connect().await {
-                    Ok(l) => {
-                        self.new_channel();
-                        tracing::info!(queue = %self.cfg.queue, "connected to the broker");
-                        cx.metrics.connected.set(1);
-                        metrics::set_ready(&self.name, true, "connected");
-                        backoff = Duration::from_millis(200);
-                        link = Some(l);
-                    }
-                    Err(e) => {
-                        cx.metrics.connected.set(0);
-                        cx.metrics.errors.inc();
-                        metrics::set_ready(&self.name, false, &format!("disconnected: {e:#}"));
-                        tracing::warn!(
-                            "cannot reach the broker, retrying in {backoff:?}: {}",
-                            crate::secret::redact(&format!("{e:#}"))
-                        );
-                        let sleep = tokio::time::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        tokio::select! {
-                            c = cx.control() => match c {
-                                Control::Barrier(e) => {
-                                    self.marks.push_back(self.mark(e));
-                                    cx.barrier(e, self.snapshot_state()).await?;
-                                }
-                                Control::Commit(e) => self.commit_on(None, e).await?,
-                                Control::Stop | Control::Shutdown => return Ok(EndReason::Stopped),
-                                Control::Flush(_) => {}
-                            },
-                            _ = sleep => {}
-                        }
-                        continue;
-                    }
+                match self.connect_or_wait(cx, &mut backoff).await? {
+                    std::ops::ControlFlow::Continue(Some(l)) => link = Some(l),
+                    std::ops::ControlFlow::Continue(None) => continue,
+                    std::ops::ControlFlow::Break(end) => return Ok(end),
                 }
             }
             let l = link.as_mut().unwrap();
@@ -613,29 +584,11 @@ impl Source for AmqpSource {
             let quiet = crate::time::sleep_until_or_never(quiet_at);
             tokio::select! {
                 biased;
-                c = cx.control() => match c {
-                    Control::Barrier(e) => {
-                        flush(cx, &mut events, &mut dead).await?;
-                        deadline = None;
-                        self.epoch = e;
-                        self.marks.push_back(self.mark(e));
-                        cx.barrier(e, self.snapshot_state()).await?;
+                c = cx.control() => {
+                    if let Some(end) = self.on_control(cx, c, &mut link, &mut events, &mut dead, &mut deadline).await? {
+                        return Ok(end);
                     }
-                    Control::Commit(e) => {
-                        if let Err(err) = self.commit_on(link.as_ref(), e).await {
-                            tracing::warn!("acknowledging epoch {e} failed, the connection is re-established: {err:#}");
-                            link = None;
-                        }
-                    }
-                    Control::Stop | Control::Shutdown => {
-                        flush(cx, &mut events, &mut dead).await?;
-                        // no more deliveries; what was delivered and not processed comes back
-                        let _ = l.channel.basic_cancel(self.cfg.consumer_tag.as_str().into(), Default::default()).await;
-                        self.link = link.take();
-                        return Ok(EndReason::Stopped);
-                    }
-                    Control::Flush(_) => {}
-                },
+                }
                 _ = linger => {
                     flush(cx, &mut events, &mut dead).await?;
                     deadline = None;
@@ -650,40 +603,16 @@ impl Source for AmqpSource {
                 d = l.consumer.next() => match d {
                     Some(Ok(delivery)) => {
                         last_delivery = tokio::time::Instant::now();
-                        let link_ref = link.as_ref().unwrap();
-                        cx.metrics.bytes_in.inc_by(delivery.data.len() as u64);
-                        if let Err(e) = self.on_delivery(link_ref, delivery, &mut events, &mut dead).await {
-                            tracing::warn!("connection problem while handling a delivery: {e:#}");
-                            link = None;
-                            continue;
-                        }
-                        if deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + self.linger);
-                        }
-                        if events.len() >= self.cfg.batch_size {
-                            flush(cx, &mut events, &mut dead).await?;
-                            deadline = None;
-                        }
-                        let unacked = self.delivered.len() as f64;
-                        if !self.asked_checkpoint && unacked >= self.cfg.prefetch as f64 * self.cfg.checkpoint_at {
-                            self.asked_checkpoint = true;
-                            cx.request_checkpoint();
-                        }
+                        self.take_delivery(cx, delivery, &mut link, &mut events, &mut dead, &mut deadline).await?;
                     }
                     Some(Err(e)) => {
                         tracing::warn!("lost the broker connection ({}); reconnecting", crate::secret::redact(&e.to_string()));
-                        cx.metrics.connected.set(0);
-                        cx.metrics.reconnects.inc();
-                        metrics::set_ready(&self.name, false, "reconnecting");
-                        flush(cx, &mut events, &mut dead).await?;
+                        self.lost_connection(cx, &mut events, &mut dead).await?;
                         link = None;
                     }
                     None => {
                         tracing::warn!("the broker closed the consumer; reconnecting");
-                        cx.metrics.connected.set(0);
-                        cx.metrics.reconnects.inc();
-                        metrics::set_ready(&self.name, false, "reconnecting");
-                        flush(cx, &mut events, &mut dead).await?;
+                        self.lost_connection(cx, &mut events, &mut dead).await?;
                         link = None;
                     }
                 },
@@ -705,6 +634,136 @@ impl Source for AmqpSource {
 
     fn snapshot(&self) -> Vec<u8> {
         self.snapshot_state()
+    }
+}
+
+/// The steps of the source's loop ([`Source::run`]).
+impl AmqpSource {
+    /// Connects to the broker (`Continue(Some(link))`), or says why not and waits the backoff
+    /// while answering control messages (`Continue(None)`, or `Break` when asked to stop).
+    async fn connect_or_wait(
+        &mut self,
+        cx: &mut SourceCx,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<std::ops::ControlFlow<EndReason, Option<Link>>> {
+        let e = match self.connect().await {
+            Ok(l) => {
+                self.new_channel();
+                tracing::info!(queue = %self.cfg.queue, "connected to the broker");
+                cx.metrics.connected.set(1);
+                metrics::set_ready(&self.name, true, "connected");
+                *backoff = Duration::from_millis(200);
+                return Ok(std::ops::ControlFlow::Continue(Some(l)));
+            }
+            Err(e) => e,
+        };
+        cx.metrics.connected.set(0);
+        cx.metrics.errors.inc();
+        metrics::set_ready(&self.name, false, &format!("disconnected: {e:#}"));
+        tracing::warn!(
+            "cannot reach the broker, retrying in {backoff:?}: {}",
+            crate::secret::redact(&format!("{e:#}"))
+        );
+        let sleep = tokio::time::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            c = cx.control() => match c {
+                Control::Barrier(e) => {
+                    self.marks.push_back(self.mark(e));
+                    cx.barrier(e, self.snapshot_state()).await?;
+                }
+                Control::Commit(e) => self.commit_on(None, e).await?,
+                Control::Stop | Control::Shutdown => return Ok(std::ops::ControlFlow::Break(EndReason::Stopped)),
+                Control::Flush(_) => {}
+            },
+            _ = sleep => {}
+        }
+        Ok(std::ops::ControlFlow::Continue(None))
+    }
+
+    /// Answers a control message while connected: `Some` when the source stops (the link is
+    /// kept for the final acknowledgement). A failed acknowledgement drops `link`.
+    async fn on_control(
+        &mut self,
+        cx: &mut SourceCx,
+        c: Control,
+        link: &mut Option<Link>,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<Option<EndReason>> {
+        match c {
+            Control::Barrier(e) => {
+                flush(cx, events, dead).await?;
+                *deadline = None;
+                self.epoch = e;
+                self.marks.push_back(self.mark(e));
+                cx.barrier(e, self.snapshot_state()).await?;
+            }
+            Control::Commit(e) => {
+                if let Err(err) = self.commit_on(link.as_ref(), e).await {
+                    tracing::warn!("acknowledging epoch {e} failed, the connection is re-established: {err:#}");
+                    *link = None;
+                }
+            }
+            Control::Stop | Control::Shutdown => {
+                flush(cx, events, dead).await?;
+                // no more deliveries; what was delivered and not processed comes back
+                let l = link.as_ref().unwrap();
+                let _ = l.channel.basic_cancel(self.cfg.consumer_tag.as_str().into(), Default::default()).await;
+                self.link = link.take();
+                return Ok(Some(EndReason::Stopped));
+            }
+            Control::Flush(_) => {}
+        }
+        Ok(None)
+    }
+
+    /// Takes one delivery: decodes it into `events` (or `dead`), sends a full batch on, and asks
+    /// for a checkpoint when enough deliveries wait for their acknowledgement. A connection
+    /// problem drops `link`.
+    async fn take_delivery(
+        &mut self,
+        cx: &mut SourceCx,
+        delivery: lapin::message::Delivery,
+        link: &mut Option<Link>,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<()> {
+        let link_ref = link.as_ref().unwrap();
+        cx.metrics.bytes_in.inc_by(delivery.data.len() as u64);
+        if let Err(e) = self.on_delivery(link_ref, delivery, events, dead).await {
+            tracing::warn!("connection problem while handling a delivery: {e:#}");
+            *link = None;
+            return Ok(());
+        }
+        if deadline.is_none() {
+            *deadline = Some(tokio::time::Instant::now() + self.linger);
+        }
+        if events.len() >= self.cfg.batch_size {
+            flush(cx, events, dead).await?;
+            *deadline = None;
+        }
+        let unacked = self.delivered.len() as f64;
+        if !self.asked_checkpoint && unacked >= self.cfg.prefetch as f64 * self.cfg.checkpoint_at {
+            self.asked_checkpoint = true;
+            cx.request_checkpoint();
+        }
+        Ok(())
+    }
+
+    /// The connection is gone: says so, and sends on what was received.
+    async fn lost_connection(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        cx.metrics.connected.set(0);
+        cx.metrics.reconnects.inc();
+        metrics::set_ready(&self.name, false, "reconnecting");
+        flush(cx, events, dead).await
     }
 }
 

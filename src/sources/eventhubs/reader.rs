@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use azure_messaging_eventhubs::error::ErrorKind as EhErrorKind;
 use azure_messaging_eventhubs::models::{AmqpSimpleValue, AmqpValue, ReceivedEventData};
-use azure_messaging_eventhubs::{ConsumerClient, OpenReceiverOptions, StartLocation, StartPosition};
+use azure_messaging_eventhubs::{ConsumerClient, EventReceiver, OpenReceiverOptions, StartLocation, StartPosition};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -110,167 +110,272 @@ enum StreamEnd {
 }
 
 /// Reads one partition until stopped (or until its end, for a replay).
-pub async fn read(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, mut stop: watch::Receiver<bool>) {
+pub async fn read(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) {
     let (p, g) = (cfg.partition, cfg.generation);
-    let origin: Arc<str> = format!("partition {p}").into();
-    let mut last: Option<i64> = match cfg.start {
-        StartAt::After(s) => Some(s),
-        StartAt::Position(_) => None,
-    };
-    let mut backoff = Duration::from_millis(100);
-    let mut healthy: Option<bool> = None;
-    let mut failures = 0u32;
-    let mut skipped = 0u64;
-    'client: loop {
-        if *stop.borrow() {
+    let mut r = Reader::new(cfg, tx, stop);
+    loop {
+        if *r.stop.borrow() {
             break;
         }
-        let client = tokio::select! {
-            _ = stop.changed() => break 'client,
-            c = cfg.connector.open() => c,
+        let (client, receiver) = match r.connect().await {
+            Ok(opened) => opened,
+            Err(Retry::Again) => continue,
+            Err(Retry::Stop) => break,
         };
-        let client = match client {
-            Ok(c) => c,
-            Err(e) => {
-                let detail = crate::secret::redact(&format!("connecting: {e:#}"));
-                report_health(&tx, p, g, &mut healthy, false, detail).await;
-                if pause(&mut stop, &mut backoff).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        let start = match (last, &cfg.start) {
-            (Some(s), _) => StartPosition { location: StartLocation::SequenceNumber(s), inclusive: false },
-            (None, StartAt::Position(sp)) => sp.clone(),
-            (None, StartAt::After(s)) => {
-                StartPosition { location: StartLocation::SequenceNumber(*s), inclusive: false }
-            }
-        };
-        let opts = OpenReceiverOptions {
-            owner_level: cfg.owner_level,
-            prefetch: Some(cfg.prefetch),
-            start_position: Some(start),
-            receive_timeout: None,
-        };
-        let receiver = match client.open_receiver_on_partition(p.to_string(), Some(opts)).await {
-            Ok(r) => r,
-            Err(e) => {
-                report_health(&tx, p, g, &mut healthy, false, format!("opening the receiver: {e}")).await;
-                close_client(client).await;
-                if pause(&mut stop, &mut backoff).await {
-                    break;
-                }
-                continue;
-            }
-        };
-        // streams on this receiver; the SDK re-attaches its link by itself
-        let outcome = 'stream: loop {
-            let stream = receiver.stream_events();
-            futures::pin_mut!(stream);
-            let mut events: Vec<Event> = Vec::with_capacity(cfg.batch_size);
-            let mut dead: Vec<Event> = Vec::new();
-            let mut pos: Option<Pos> = None;
-            let mut deadline: Option<tokio::time::Instant> = None;
-            // the attach happens on the first poll: call the link healthy when nothing failed for a while
-            let settle = tokio::time::sleep(Duration::from_millis(if healthy == Some(true) { 0 } else { 1500 }));
-            tokio::pin!(settle);
-            let mut settled = healthy == Some(true);
-            let end = loop {
-                let linger = crate::time::sleep_until_or_never(deadline);
-                tokio::select! {
-                    biased;
-                    _ = stop.changed() => break StreamEnd::Stop,
-                    _ = linger => {
-                        if send_batch(&tx, p, g, &mut events, &mut dead, &mut pos).await.is_err() { break StreamEnd::Stop }
-                        deadline = None;
-                    }
-                    _ = &mut settle, if !settled => {
-                        settled = true;
-                        failures = 0;
-                        backoff = Duration::from_millis(100);
-                        report_health(&tx, p, g, &mut healthy, true, "receiving".into()).await;
-                    }
-                    item = stream.next() => match item {
-                        Some(Ok(ev)) => {
-                            if !settled {
-                                settled = true;
-                                failures = 0;
-                                backoff = Duration::from_millis(100);
-                                report_health(&tx, p, g, &mut healthy, true, "receiving".into()).await;
-                            }
-                            let seq = ev.sequence_number().unwrap_or(-1);
-                            if let Some(l) = last.filter(|l| seq <= *l) {
-                                // the SDK re-attached with its original start filter: seen already
-                                skipped += 1;
-                                if l - seq > 2 * cfg.prefetch as i64 {
-                                    tracing::info!(partition = p, sequence_number = l, "the link was re-attached from its first position: opening a new one after the last event read");
-                                    break StreamEnd::Replaying;
-                                }
-                                if skipped == 1 || skipped % 10_000 == 0 {
-                                    tracing::debug!(partition = p, skipped, "dropping events received again after a re-attach");
-                                }
-                                continue;
-                            }
-                            let enqueued_ms = ev.enqueued_time().map(system_ms).unwrap_or(i64::MIN);
-                            if let Some(e) = cfg.end {
-                                if seq > e.last_seq || e.to_ms.is_some_and(|t| enqueued_ms >= t) {
-                                    break StreamEnd::Finished;
-                                }
-                            }
-                            last = Some(seq);
-                            let at = convert(&ev, p, seq, enqueued_ms, &cfg, &origin, &mut events, &mut dead);
-                            pos = Some(at);
-                            if deadline.is_none() {
-                                deadline = Some(tokio::time::Instant::now() + cfg.linger);
-                            }
-                            if events.len() >= cfg.batch_size {
-                                if send_batch(&tx, p, g, &mut events, &mut dead, &mut pos).await.is_err() { break StreamEnd::Stop }
-                                deadline = None;
-                            }
-                            if cfg.end.is_some_and(|e| seq >= e.last_seq) {
-                                break StreamEnd::Finished;
-                            }
-                        }
-                        Some(Err(e)) => {
-                            if matches!(e.kind, EhErrorKind::ConsumerDisconnected(_)) {
-                                break StreamEnd::Stolen(e.to_string());
-                            }
-                            break StreamEnd::Failed(crate::secret::redact(&e.to_string()));
-                        }
-                        None => break StreamEnd::Closed,
-                    }
-                }
-            };
-            let _ = send_batch(&tx, p, g, &mut events, &mut dead, &mut pos).await;
-            match end {
-                StreamEnd::Failed(detail) => {
-                    failures += 1;
-                    report_health(&tx, p, g, &mut healthy, false, detail).await;
-                    if pause(&mut stop, &mut backoff).await {
-                        break 'stream StreamEnd::Stop;
-                    }
-                    if failures >= 3 {
-                        // a fresh client after repeated failures
-                        break 'stream StreamEnd::Closed;
-                    }
-                }
-                StreamEnd::Closed => {}
-                other => break 'stream other,
-            }
-        };
+        let outcome = r.stream(&receiver).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), receiver.close()).await;
         close_client(client).await;
         match outcome {
             StreamEnd::Stolen(detail) => {
-                let _ = tx.send(Msg::Stolen { partition: p, generation: g, detail }).await;
+                let _ = r.tx.send(Msg::Stolen { partition: p, generation: g, detail }).await;
                 return;
             }
             StreamEnd::Stop | StreamEnd::Finished => break,
             StreamEnd::Closed | StreamEnd::Failed(_) | StreamEnd::Replaying => continue,
         }
     }
-    let _ = tx.send(Msg::Ended { partition: p, generation: g }).await;
+    let _ = r.tx.send(Msg::Ended { partition: p, generation: g }).await;
+}
+
+/// After a failed attempt to open a client or a receiver (reported, backoff waited).
+enum Retry {
+    Again,
+    Stop,
+}
+
+/// One partition's reader: its settings, and what it keeps across clients and streams.
+struct Reader {
+    cfg: ReaderCfg,
+    tx: mpsc::Sender<Msg>,
+    stop: watch::Receiver<bool>,
+    origin: Arc<str>,
+    /// The sequence number of the last event passed on (or of the checkpoint).
+    last: Option<i64>,
+    backoff: Duration,
+    /// The health last reported.
+    healthy: Option<bool>,
+    /// Stream failures since the link last worked.
+    failures: u32,
+    /// Events dropped as received again after a re-attach.
+    skipped: u64,
+}
+
+/// What a stream has received and not yet passed on, with the position after it and the time
+/// it must go out by.
+struct Pending {
+    events: Vec<Event>,
+    dead: Vec<Event>,
+    pos: Option<Pos>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Reader {
+    fn new(cfg: ReaderCfg, tx: mpsc::Sender<Msg>, stop: watch::Receiver<bool>) -> Reader {
+        let origin: Arc<str> = format!("partition {}", cfg.partition).into();
+        let last = match cfg.start {
+            StartAt::After(s) => Some(s),
+            StartAt::Position(_) => None,
+        };
+        Reader {
+            cfg,
+            tx,
+            stop,
+            origin,
+            last,
+            backoff: Duration::from_millis(100),
+            healthy: None,
+            failures: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Opens a client and a receiver on the partition, after the last event passed on. A
+    /// failure is reported and the backoff waited.
+    async fn connect(&mut self) -> Result<(ConsumerClient, EventReceiver), Retry> {
+        let client = tokio::select! {
+            _ = self.stop.changed() => return Err(Retry::Stop),
+            c = self.cfg.connector.open() => c,
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => {
+                let detail = crate::secret::redact(&format!("connecting: {e:#}"));
+                self.report_health(false, detail).await;
+                return Err(self.retry().await);
+            }
+        };
+        let opts = OpenReceiverOptions {
+            owner_level: self.cfg.owner_level,
+            prefetch: Some(self.cfg.prefetch),
+            start_position: Some(self.start_position()),
+            receive_timeout: None,
+        };
+        match client.open_receiver_on_partition(self.cfg.partition.to_string(), Some(opts)).await {
+            Ok(r) => Ok((client, r)),
+            Err(e) => {
+                self.report_health(false, format!("opening the receiver: {e}")).await;
+                close_client(client).await;
+                Err(self.retry().await)
+            }
+        }
+    }
+
+    /// Where a new receiver starts: after the last event passed on, else where configured.
+    fn start_position(&self) -> StartPosition {
+        match (self.last, &self.cfg.start) {
+            (Some(s), _) => StartPosition { location: StartLocation::SequenceNumber(s), inclusive: false },
+            (None, StartAt::Position(sp)) => sp.clone(),
+            (None, StartAt::After(s)) => {
+                StartPosition { location: StartLocation::SequenceNumber(*s), inclusive: false }
+            }
+        }
+    }
+
+    /// Waits the backoff (see [`pause`]).
+    async fn retry(&mut self) -> Retry {
+        if pause(&mut self.stop, &mut self.backoff).await {
+            Retry::Stop
+        } else {
+            Retry::Again
+        }
+    }
+
+    /// Streams from `receiver` (the SDK re-attaches its link by itself), opening a new stream
+    /// after one that closed or failed, until the receiver must go: `Closed` then asks for a
+    /// fresh client (after repeated failures).
+    async fn stream(&mut self, receiver: &EventReceiver) -> StreamEnd {
+        loop {
+            match self.receive(receiver).await {
+                StreamEnd::Failed(detail) => {
+                    self.failures += 1;
+                    self.report_health(false, detail).await;
+                    if pause(&mut self.stop, &mut self.backoff).await {
+                        return StreamEnd::Stop;
+                    }
+                    if self.failures >= 3 {
+                        // a fresh client after repeated failures
+                        return StreamEnd::Closed;
+                    }
+                }
+                StreamEnd::Closed => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Receives one stream of `receiver` until it ends, passing events on in batches.
+    async fn receive(&mut self, receiver: &EventReceiver) -> StreamEnd {
+        let stream = receiver.stream_events();
+        futures::pin_mut!(stream);
+        let mut out =
+            Pending { events: Vec::with_capacity(self.cfg.batch_size), dead: Vec::new(), pos: None, deadline: None };
+        // the attach happens on the first poll: call the link healthy when nothing failed for a while
+        let settle = tokio::time::sleep(Duration::from_millis(if self.healthy == Some(true) { 0 } else { 1500 }));
+        tokio::pin!(settle);
+        let mut settled = self.healthy == Some(true);
+        let end = loop {
+            let linger = crate::time::sleep_until_or_never(out.deadline);
+            tokio::select! {
+                biased;
+                _ = self.stop.changed() => break StreamEnd::Stop,
+                _ = linger => {
+                    if self.flush(&mut out).await.is_err() { break StreamEnd::Stop }
+                    out.deadline = None;
+                }
+                _ = &mut settle, if !settled => {
+                    settled = true;
+                    self.settled().await;
+                }
+                item = stream.next() => match item {
+                    Some(Ok(ev)) => {
+                        if !settled {
+                            settled = true;
+                            self.settled().await;
+                        }
+                        if let Some(end) = self.on_event(&ev, &mut out).await {
+                            break end;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        if matches!(e.kind, EhErrorKind::ConsumerDisconnected(_)) {
+                            break StreamEnd::Stolen(e.to_string());
+                        }
+                        break StreamEnd::Failed(crate::secret::redact(&e.to_string()));
+                    }
+                    None => break StreamEnd::Closed,
+                }
+            }
+        };
+        let _ = self.flush(&mut out).await;
+        end
+    }
+
+    /// The link works: the failures and the backoff start again, and the health says so.
+    async fn settled(&mut self) {
+        self.failures = 0;
+        self.backoff = Duration::from_millis(100);
+        self.report_health(true, "receiving".into()).await;
+    }
+
+    /// Takes one received event into `out` (sending the batch when it is full), or drops it as
+    /// received again; `Some` when the stream must end.
+    async fn on_event(&mut self, ev: &ReceivedEventData, out: &mut Pending) -> Option<StreamEnd> {
+        let p = self.cfg.partition;
+        let seq = ev.sequence_number().unwrap_or(-1);
+        if let Some(l) = self.last.filter(|l| seq <= *l) {
+            // the SDK re-attached with its original start filter: seen already
+            self.skipped += 1;
+            if l - seq > 2 * self.cfg.prefetch as i64 {
+                tracing::info!(
+                    partition = p,
+                    sequence_number = l,
+                    "the link was re-attached from its first position: opening a new one after the last event read"
+                );
+                return Some(StreamEnd::Replaying);
+            }
+            if self.skipped == 1 || self.skipped % 10_000 == 0 {
+                tracing::debug!(
+                    partition = p,
+                    skipped = self.skipped,
+                    "dropping events received again after a re-attach"
+                );
+            }
+            return None;
+        }
+        let enqueued_ms = ev.enqueued_time().map(system_ms).unwrap_or(i64::MIN);
+        if let Some(e) = self.cfg.end {
+            if seq > e.last_seq || e.to_ms.is_some_and(|t| enqueued_ms >= t) {
+                return Some(StreamEnd::Finished);
+            }
+        }
+        self.last = Some(seq);
+        let at = convert(ev, p, seq, enqueued_ms, &self.cfg, &self.origin, &mut out.events, &mut out.dead);
+        out.pos = Some(at);
+        if out.deadline.is_none() {
+            out.deadline = Some(tokio::time::Instant::now() + self.cfg.linger);
+        }
+        if out.events.len() >= self.cfg.batch_size {
+            if self.flush(out).await.is_err() {
+                return Some(StreamEnd::Stop);
+            }
+            out.deadline = None;
+        }
+        if self.cfg.end.is_some_and(|e| seq >= e.last_seq) {
+            return Some(StreamEnd::Finished);
+        }
+        None
+    }
+
+    /// Passes on what `out` holds, if anything.
+    async fn flush(&self, out: &mut Pending) -> Result<(), ()> {
+        let (p, g) = (self.cfg.partition, self.cfg.generation);
+        send_batch(&self.tx, p, g, &mut out.events, &mut out.dead, &mut out.pos).await
+    }
+
+    /// Reports the link's health (see [`report_health`]).
+    async fn report_health(&mut self, ok: bool, detail: String) {
+        report_health(&self.tx, self.cfg.partition, self.cfg.generation, &mut self.healthy, ok, detail).await;
+    }
 }
 
 async fn close_client(client: ConsumerClient) {

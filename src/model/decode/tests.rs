@@ -1,0 +1,164 @@
+//! Tests of decoding: every kind of message, unknown fields, arrays, and the reasons given
+//! for bad input.
+
+use super::*;
+use crate::event::ValRef;
+
+fn ok(json: &str) -> Event {
+    decode_one(Bytes::from(json.to_string())).unwrap_or_else(|e| panic!("{e}: {json}"))
+}
+fn err(json: &[u8]) -> String {
+    decode_one(Bytes::from(json.to_vec())).expect_err("should fail")
+}
+
+const TELEMETRY: &str = r#"{
+    "applicationId": "1dffa667-9bee-4f16-b243-25ad4151475e",
+    "messageSource": "telemetry",
+    "deviceId": "1vzb5ghlsg1",
+    "schema": "default@v1",
+    "templateId": "urn:qugj6vbw5:___qbj_27r",
+    "enqueuedTime": "2020-08-05T22:26:55.455Z",
+    "telemetry": {
+        "Activity": "running",
+        "BloodPressure": { "Diastolic": 7, "Systolic": 71 },
+        "BodyTemperature": 98.73447010562934,
+        "HeartRate": 88,
+        "HeartRateVariability": 17,
+        "RespiratoryRate": 13
+    },
+    "enrichments": { "userSpecifiedKey": "sampleValue" },
+    "module": "VitalsModule",
+    "component": "DeviceComponent",
+    "messageProperties": { "messageProp": "value" }
+}"#;
+
+#[test]
+fn telemetry_sample_from_the_docs() {
+    let ev = ok(TELEMETRY);
+    assert_eq!(ev.kind, Kind::Export(MessageSource::Telemetry));
+    assert_eq!(crate::time::format_rfc3339(ev.time), "2020-08-05T22:26:55.455Z");
+    assert_eq!(ev.get_str("deviceId"), Some("1vzb5ghlsg1"));
+    assert_eq!(ev.get_str("component"), Some("DeviceComponent"));
+    assert_eq!(ev.get_path(&["telemetry", "Activity"]).unwrap().as_str(), Some("running"));
+    assert_eq!(ev.get_path(&["telemetry", "HeartRate"]).unwrap().as_f64(), Some(88.0));
+    assert_eq!(ev.get_path(&["telemetry", "BloodPressure", "Systolic"]).unwrap().as_f64(), Some(71.0));
+    assert_eq!(ev.get_path(&["enrichments", "userSpecifiedKey"]).unwrap().as_str(), Some("sampleValue"));
+    assert_eq!(ev.get_path(&["messageProperties", "messageProp"]).unwrap().as_str(), Some("value"));
+    // unmodified: the telemetry object's own text is kept for archiving
+    match ev.get("telemetry").unwrap() {
+        ValRef::Obj(o) => {
+            let raw = o.raw_json().expect("raw kept");
+            assert!(raw.starts_with('{') && raw.ends_with('}'));
+            let v: serde_json::Value = serde_json::from_str(raw).unwrap();
+            assert_eq!(v["HeartRate"], 88);
+        }
+        other => panic!("{other:?}"),
+    }
+    // whole message round-trips
+    let a: serde_json::Value = serde_json::from_str(TELEMETRY).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn every_message_kind_decodes() {
+    let samples = [
+        (MessageSource::Telemetry, TELEMETRY.to_string()),
+        (MessageSource::Properties, r#"{"applicationId":"fb74969c-8682-4708-af01-33499a7f7d98","messageSource":"properties","deviceId":"Pepjmh1Hcc","enqueuedTime":"2023-03-02T10:35:39.281Z","enrichments":{},"messageType":"devicePropertyReportedChange","schema":"default@v1","templateId":"dtmi:azureiot:ddzig4ascxz","properties":[{"component":"device_info","name":"swVersion","value":"12"}]}"#.to_string()),
+        (MessageSource::DeviceConnectivity, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceConnectivity","messageType":"connected","deviceId":"1vzb5ghlsg1","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-04-05T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+        (MessageSource::DeviceLifecycle, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceLifecycle","messageType":"registered","deviceId":"1vzb5ghlsg1","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-01-01T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+        (MessageSource::DeviceTemplateLifecycle, r#"{"applicationId":"1dffa667-9bee-4f16-b243-25ad4151475e","messageSource":"deviceTemplateLifecycle","messageType":"created","schema":"default@v1","templateId":"urn:qugj6vbw5:___qbj_27r","enqueuedTime":"2021-01-01T22:26:55.455Z","enrichments":{"userSpecifiedKey":"sampleValue"}}"#.to_string()),
+        (MessageSource::Audit, r#"{"actor":{"id":"test-audit","type":"apiToken"},"applicationId":"570c2d7b-1111-2222-abcd-000000000000","enqueuedTime":"2022-07-25T21:54:40.000Z","enrichments":{},"messageSource":"audit","messageType":"created","resource":{"displayName":"Sensor 1","id":"sensor","type":"device"},"schema":"default@v1"}"#.to_string()),
+    ];
+    for (kind, json) in samples {
+        let ev = ok(&json);
+        assert_eq!(ev.kind, Kind::Export(kind), "{json}");
+        let a: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(a, b, "lossless for {kind:?}");
+    }
+    let audit = ok(
+        r#"{"actor":{"id":"a","type":"apiToken"},"enqueuedTime":"2022-07-25T21:54:40Z","messageSource":"audit","messageType":"updated","resource":{"id":"sensor"},"updated":{"displayName":"x"}}"#,
+    );
+    assert_eq!(audit.get_path(&["actor", "type"]).unwrap().as_str(), Some("apiToken"));
+    assert_eq!(audit.get_path(&["updated", "displayName"]).unwrap().as_str(), Some("x"));
+    assert!(audit.get("deviceId").is_none(), "optional envelope fields stay optional");
+}
+
+#[test]
+fn unknown_fields_any_order_and_escapes_are_kept() {
+    let json = r#"{"zzz":[1,2,{"a":null}],"enqueuedTime":"2021-01-29T16:45:39.143Z","telemetry":{"t\u00e9mp":8.5,"s":"a\"b","n":null,"b":true,"geo":{"lat":1.5,"lon":-2}},"messageSource":"telemetry","deviceId":"dev\\1","messageProperties":{"iothub-creation-time-utc":"2021-01-29T16:45:39.021Z"},"future":{"x":1}}"#;
+    let ev = ok(json);
+    assert_eq!(ev.get_str("deviceId"), Some("dev\\1"));
+    assert_eq!(ev.get_path(&["telemetry", "témp"]).unwrap().as_f64(), Some(8.5));
+    assert_eq!(ev.get_path(&["telemetry", "s"]).unwrap().as_str(), Some("a\"b"));
+    assert_eq!(ev.get_path(&["telemetry", "n"]), Some(ValRef::Null));
+    assert_eq!(ev.get_path(&["telemetry", "b"]), Some(ValRef::Bool(true)));
+    assert_eq!(ev.get_path(&["telemetry", "geo", "lon"]).unwrap().as_f64(), Some(-2.0));
+    assert_eq!(
+        ev.get_path(&["messageProperties", "iothub-creation-time-utc"]).unwrap().as_time(),
+        crate::time::parse_rfc3339("2021-01-29T16:45:39.021Z")
+    );
+    assert_eq!(ev.get_path(&["future", "x"]).unwrap().as_f64(), Some(1.0));
+    let a: serde_json::Value = serde_json::from_str(json).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(ev.root().iter().next().unwrap().0, "zzz", "original order kept");
+}
+
+#[test]
+fn json_arrays_are_several_messages() {
+    let rec = format!(
+        "[{TELEMETRY}, {}]",
+        r#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":"b","telemetry":{}}"#
+    );
+    let out = decode_record(Bytes::from(rec));
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[1].as_ref().unwrap().get_str("deviceId"), Some("b"));
+    let bad = decode_record(Bytes::from_static(
+        br#"[{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z"}, 5]"#,
+    ));
+    assert!(bad[0].is_ok());
+    assert!(bad[1].as_ref().unwrap_err().starts_with("array element 1:"), "{:?}", bad[1]);
+}
+
+#[test]
+fn bad_input_gives_reasons() {
+    assert!(err(b"{\"messageSource\": \"telemetry\", ").starts_with("malformed JSON"));
+    assert!(err(b"not json").starts_with("malformed JSON"));
+    assert_eq!(
+        err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"}\xff"),
+        "invalid UTF-8 at byte 67"
+    );
+    assert!(err(br#"{"enqueuedTime":"2020-08-05T22:26:56Z"}"#).contains("no messageSource"));
+    assert_eq!(err(br#"{"messageSource":"telemetry"}"#), "enqueuedTime is missing");
+    assert!(err(br#"{"messageSource":"telemetry","enqueuedTime":"yesterday"}"#)
+        .contains("enqueuedTime: \"yesterday\" is not an RFC 3339 timestamp"));
+    let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","deviceId":5}"#);
+    assert!(e.starts_with("deviceId: invalid type: integer `5`, expected a string"), "{e}");
+    let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","telemetry":[1]}"#);
+    assert!(e.starts_with("telemetry: invalid type: sequence, expected an object"), "{e}");
+    let e = err(br#"{"messageSource":"properties","enqueuedTime":"2020-08-05T22:26:56Z","properties":"x"}"#);
+    assert!(e.starts_with("properties: expected an array"), "{e}");
+    let big = format!(
+        r#"{{"messageSource":"telemetry","enqueuedTime":"2020-08-05T22:26:56Z","telemetry":{{"blob":"{}"}}}}"#,
+        "x".repeat(MAX_RECORD_BYTES)
+    );
+    assert!(err(big.as_bytes()).contains("exceeds the limit of 262144 bytes"));
+    assert!(err(b"{\"messageSource\":\"telemetry\",\"enqueuedTime\":\"2020-08-05T22:26:56Z\"} trailing")
+        .starts_with("malformed JSON"));
+}
+
+#[test]
+fn times_outside_the_representable_range_are_bad_input() {
+    // found by fast_path_agrees_with_serde_json: such a year overflowed the nanoseconds
+    let e = err(br#"{"messageSource":"telemetry","enqueuedTime":"1026-11-01T00:00:02Z"}"#);
+    assert!(e.contains("between the years 1677 and 2262"), "{e}");
+}
+
+#[test]
+fn unknown_message_sources_are_kept() {
+    let ev = ok(r#"{"messageSource":"somethingNew","enqueuedTime":"2020-08-05T22:26:56Z"}"#);
+    assert_eq!(ev.kind, Kind::Export(MessageSource::Other));
+    assert_eq!(ev.get_str("messageSource"), Some("somethingNew"));
+}
