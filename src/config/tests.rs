@@ -1,3 +1,4 @@
+use super::structure::SECTIONS;
 use super::*;
 
 fn env(name: &str) -> Option<String> {

@@ -7,7 +7,7 @@
 //! on the serde_json path, which decides and words the error. So this scanner must never accept
 //! what serde_json rejects: it validates every byte it skips (string escapes and control
 //! characters, number grammar, literals, commas and colons, trailing text) and is tested against
-//! the serde_json path on mutated messages (`decode::tests::fast_path_agrees_with_serde_json`).
+//! the serde_json path on mutated messages (`decode::projection_tests::fast_path_agrees_with_serde_json`).
 //!
 //! Why: scanning is most of the decoding time, and serde_json's visitor machinery (typed keys,
 //! `RawValue`, `IgnoredAny`) costs about twice what a scanner specialised to this one format does
