@@ -100,35 +100,3 @@ fn transforms_downstream_keep_state_per_partition() {
     let t = plan.nodes.iter().find(|n| n.name == "t").unwrap();
     assert!(t.partitioned);
 }
-
-/// What a partition's next owner reads is what its last owner stored: position and state
-/// together, the state object written first and named by the checkpoint.
-#[tokio::test]
-async fn checkpoint_and_state_are_stored_together() {
-    use super::store::BlobCheckpointStore;
-    use super::{write_checkpoint, Pos};
-    let dir = tempfile::tempdir().unwrap();
-    let store = BlobCheckpointStore::open(
-        dir.path().to_str().unwrap(),
-        &Default::default(),
-        "ns.servicebus.windows.net",
-        "hub",
-        "$Default",
-    )
-    .unwrap();
-    let pos = Pos { seq: 41, offset: "9000".into(), enqueued_ms: 1 };
-    let states = crate::runtime::ComponentStates::from([
-        ("per_minute".to_string(), vec![1, 2, 3]),
-        ("other".to_string(), vec![]),
-    ]);
-    let name = write_checkpoint(&store, "3", 7, "inst-a", &pos, &states).await.unwrap().expect("a state object");
-    let cp = store.checkpoint("3").await.unwrap().unwrap();
-    assert_eq!((cp.sequence_number, cp.offset.as_deref()), (Some(41), Some("9000")));
-    assert_eq!((cp.epoch(), cp.owner(), cp.state_object()), (Some(7), Some("inst-a"), Some(name.as_str())));
-    let back: crate::runtime::ComponentStates = postcard::from_bytes(&store.get_state(&name).await.unwrap()).unwrap();
-    assert_eq!(back, states);
-    // without state: no object, and the checkpoint names none
-    let none = write_checkpoint(&store, "3", 8, "inst-a", &pos, &Default::default()).await.unwrap();
-    assert!(none.is_none());
-    assert_eq!(store.checkpoint("3").await.unwrap().unwrap().state_object(), None);
-}

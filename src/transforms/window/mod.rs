@@ -12,175 +12,37 @@
 //!
 //! Rows: the group-by fields, `window_start`, `window_end`, `count`, then `FIELD_AGG` for each
 //! aggregate, ordered by window and group. Their event time is `window_start`.
+//!
+//! The parts, one concern a file: the state and the event-by-event update here; the YAML
+//! configuration in `config`; group keys in `keys`; session windows in `session`; emitting
+//! rows in `emit` (and as columns in `columns`); aggregates in `agg`; the watermark in
+//! `watermark`.
 
 pub mod agg;
 mod columns;
+mod config;
+mod emit;
+mod keys;
+mod session;
 mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
-use indexmap::IndexMap;
 use rayon::prelude::*;
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sketches_ddsketch::DDSketch;
 
 use self::agg::{AggFn, AggPlan, Skipped};
 use self::watermark::Watermark;
-use crate::config::values::{self, Dur, Parsed};
-use crate::config::{Checker, Spec};
-use crate::event::{Batch, Event, Kind, Nanos, RowLayout, ValRef, Value, NO_TIME};
+use crate::config::values::{Dur, Parsed};
+use crate::event::{Batch, Event, Kind, Nanos, RowLayout, NO_TIME};
 use crate::metrics::ComponentMetrics;
 use crate::path::FieldPath;
 use crate::runtime::{BuildCx, Emitter, Port, Transform};
-
-/// Event-time windowed aggregation.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct WindowConfig {
-    pub inputs: Vec<String>,
-    /// The windows: `{kind: tumbling, size: 1m}`, `{kind: hopping, size: 10m, hop: 1m}` or
-    /// `{kind: session, gap: 5m, max_duration: 1h}`.
-    pub window: WindowSpec,
-    /// The timestamp field (default: `enqueuedTime`, or `window_start` for window output).
-    #[serde(default)]
-    pub time: Option<values::Path>,
-    /// How far behind the largest event time seen an event may arrive and still count.
-    #[serde(default = "d_zero")]
-    pub allowed_lateness: Dur,
-    /// In `run`: a partition without events for this long stops holding the watermark back.
-    #[serde(default = "d_idle")]
-    pub idle_timeout: Dur,
-    /// Fields to group by.
-    #[serde(default = "d_group")]
-    pub group_by: Vec<values::Path>,
-    /// `field: [aggregates]`: count, sum, avg, min, max, first, last, stddev, stddev_pop,
-    /// median, pNN (p95, p99), qX (q0.999).
-    #[serde(default)]
-    pub aggregates: IndexMap<values::Path, Vec<Parsed<AggFn>>>,
-    /// Late events: `output` (to `NAME.late`) or `drop` (counted in `late_events`).
-    #[serde(default)]
-    pub late: LateMode,
-}
-
-fn d_zero() -> Dur {
-    Dur::new("0s")
-}
-fn d_idle() -> Dur {
-    Dur::new("1m")
-}
-fn d_group() -> Vec<values::Path> {
-    vec![values::Path::new("deviceId")]
-}
-
-/// The kind of window.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum WindowSpec {
-    /// Fixed, non-overlapping windows aligned to the Unix epoch.
-    Tumbling { size: Dur },
-    /// Windows of `size` starting every `hop`.
-    Hopping { size: Dur, hop: Dur },
-    /// Activity sessions: a session ends after `gap` without events. With `max_duration`, no
-    /// session crosses a multiple of it (counted from the Unix epoch).
-    Session {
-        gap: Dur,
-        #[serde(default)]
-        max_duration: Option<Dur>,
-    },
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LateMode {
-    #[default]
-    Output,
-    Drop,
-}
-
-impl Spec for WindowConfig {
-    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
-        let w = format!("{ptr}/window");
-        match &self.window {
-            WindowSpec::Tumbling { size } => {
-                cx.positive_duration(&format!("{w}/size"), size);
-            }
-            WindowSpec::Hopping { size, hop } => {
-                let s = cx.positive_duration(&format!("{w}/size"), size);
-                let h = cx.positive_duration(&format!("{w}/hop"), hop);
-                if let (Some(s), Some(h)) = (s, h) {
-                    if h > s {
-                        cx.error(&format!("{w}/hop"), "must not be longer than `size` (windows would leave gaps)");
-                    } else if s.as_nanos() % h.as_nanos() != 0 {
-                        cx.error(&format!("{w}/hop"), "`size` must be a multiple of `hop`");
-                    } else if s.as_nanos() / h.as_nanos() > 1000 {
-                        cx.error(&format!("{w}/hop"), "more than 1000 windows overlap: use a larger hop");
-                    }
-                }
-            }
-            WindowSpec::Session { gap, max_duration } => {
-                let g = cx.positive_duration(&format!("{w}/gap"), gap);
-                if let Some(m) = max_duration {
-                    let m = cx.positive_duration(&format!("{w}/max_duration"), m);
-                    if let (Some(g), Some(m)) = (g, m) {
-                        if m <= g {
-                            cx.error(&format!("{w}/max_duration"), "must be longer than `gap`");
-                        }
-                    }
-                }
-            }
-        }
-        cx.duration(&format!("{ptr}/allowed_lateness"), &self.allowed_lateness);
-        cx.positive_duration(&format!("{ptr}/idle_timeout"), &self.idle_timeout);
-        if let Some(t) = &self.time {
-            cx.valid(&format!("{ptr}/time"), t);
-        }
-        for (i, g) in self.group_by.iter().enumerate() {
-            cx.valid(&format!("{ptr}/group_by/{i}"), g);
-        }
-        let mut columns = BTreeSet::new();
-        for (field, fns) in &self.aggregates {
-            let p = format!("{ptr}/aggregates/{}", crate::config::yaml::pointer_escape(field.text()));
-            let Some(path) = cx.valid(&p, field) else { continue };
-            if fns.is_empty() {
-                cx.error(&p, "lists no aggregates");
-            }
-            for (i, f) in fns.iter().enumerate() {
-                if let Some(func) = cx.valid(&format!("{p}/{i}"), f) {
-                    let col = format!("{}_{}", agg::column_name(path), func.suffix());
-                    if !columns.insert(col.clone()) {
-                        cx.error(&format!("{p}/{i}"), format!("the column `{col}` is produced twice"));
-                    }
-                }
-            }
-        }
-    }
-    fn inputs(&self) -> &[String] {
-        &self.inputs
-    }
-    fn ports(&self) -> Vec<Port> {
-        PORTS.to_vec()
-    }
-    fn needs(&self) -> crate::config::Needs {
-        let paths: Result<Vec<FieldPath>, &str> =
-            self.time.iter().chain(&self.group_by).chain(self.aggregates.keys()).map(|p| p.value().cloned()).collect();
-        match paths {
-            Ok(p) => crate::config::Needs::Fields(p),
-            Err(_) => crate::config::Needs::All,
-        }
-    }
-    fn check_partitioned(&self, ptr: &str, cx: &mut Checker<'_>) {
-        if !self.group_by.iter().any(|g| g.text() == "deviceId") {
-            cx.warn(
-                &format!("{ptr}/group_by"),
-                "its input comes from partitions that move between instances, so its state and watermark are \
-                 kept per partition: a group whose events span partitions gives one row per partition and window. \
-                 Include `deviceId` in `group_by` when the hub is partitioned by device",
-            );
-        }
-    }
-}
+pub use config::{LateMode, WindowConfig, WindowSpec};
+use keys::{key_hash, write_key};
+use session::session_end;
 
 /// Events that arrived after all their windows were emitted.
 pub const LATE: Port = Port::new(1, "late");
@@ -214,13 +76,6 @@ struct Pane {
     sketches: Vec<DDSketch>,
 }
 
-/// Hashes group keys (fixed seeds: the table is rebuilt after a restore anyway).
-fn key_hash(key: &str) -> u64 {
-    static STATE: std::sync::LazyLock<ahash::RandomState> =
-        std::sync::LazyLock::new(|| ahash::RandomState::with_seeds(0x5ca1ab1e, 0xdecade, 0xfeed, 0xc0ffee));
-    STATE.hash_one(key)
-}
-
 impl Pane {
     fn reindex(&mut self) {
         let Pane { index, keys, .. } = self;
@@ -244,31 +99,6 @@ impl Pane {
         plan.init_sketches(sketches);
         s
     }
-}
-
-/// The indices of `keys` in ascending key order. A pane's keys mostly share a prefix (a type
-/// tag and a device-id stem): sorting on the 8 bytes after the common prefix, packed into an
-/// integer, and comparing whole keys only on ties costs a fraction of comparing strings
-/// throughout (which was 3% of W1).
-fn sorted_order(keys: &[Box<str>]) -> Vec<usize> {
-    let Some(first) = keys.first() else { return Vec::new() };
-    let mut common = first.len();
-    for k in &keys[1..] {
-        common = first.as_bytes()[..common].iter().zip(k.as_bytes()).take_while(|(a, b)| a == b).count();
-    }
-    let mut order: Vec<(u64, u32)> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let rest = &k.as_bytes()[common..];
-            let mut word = [0u8; 8];
-            let n = rest.len().min(8);
-            word[..n].copy_from_slice(&rest[..n]);
-            (u64::from_be_bytes(word), i as u32)
-        })
-        .collect();
-    order.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| keys[a.1 as usize].cmp(&keys[b.1 as usize])));
-    order.into_iter().map(|(_, i)| i as usize).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -321,50 +151,6 @@ pub struct Window {
     partitioned: bool,
 }
 
-/// Appends the group key of an event to `key`: per field a type tag and the text, fields
-/// separated by U+001F.
-fn write_key(group_by: &[FieldPath], ev: &Event, key: &mut String) {
-    for (i, g) in group_by.iter().enumerate() {
-        if i > 0 {
-            key.push('\u{1f}');
-        }
-        // the common case, a string the decoder recorded, without building a `ValRef`
-        if let Some(Some(crate::event::Val::Str(t))) = g.get_stored(ev) {
-            key.push('s');
-            key.push_str(ev.text(t));
-            continue;
-        }
-        match g.get(ev) {
-            None | Some(ValRef::Null) => key.push('z'),
-            Some(ValRef::Str(s)) => {
-                key.push('s');
-                key.push_str(&s);
-            }
-            Some(ValRef::Num(n)) => {
-                key.push('n');
-                key.push_str(n);
-            }
-            Some(ValRef::Int(n)) => {
-                key.push('n');
-                key.push_str(&n.to_string());
-            }
-            Some(ValRef::Float(f)) => {
-                key.push('n');
-                key.push_str(&f.to_string());
-            }
-            Some(ValRef::Bool(b)) => key.push_str(if b { "btrue" } else { "bfalse" }),
-            Some(ValRef::Time(t)) => {
-                key.push('t');
-                key.push_str(&t.to_string());
-            }
-            Some(other) => {
-                key.push('j');
-                key.push_str(&other.to_json());
-            }
-        }
-    }
-}
-
 /// What the window needs of an event, read in parallel before the sequential update.
 struct Extracted {
     /// `time, key start, key end` per event (`NO_TIME`: no usable time).
@@ -372,15 +158,6 @@ struct Extracted {
     keys: String,
     /// `fields` values per event.
     vals: Vec<f64>,
-}
-
-/// End of a session: `gap` after its last event, but not past its `max_duration` boundary.
-fn session_end(shape: Shape, first: Nanos, last: Nanos) -> Nanos {
-    match shape {
-        Shape::Session { gap, max: Some(m) } => (last + gap).min((first.div_euclid(m) + 1) * m),
-        Shape::Session { gap, max: None } => last + gap,
-        _ => last,
-    }
 }
 
 impl Window {
@@ -471,20 +248,6 @@ impl Window {
         }
     }
 
-    /// A group-by value from its part of the group key (see [`write_key`]).
-    fn key_value(tag: &str, text: &str) -> Value {
-        match tag {
-            "s" => Value::Str(text.to_string()),
-            "n" => {
-                text.parse::<i64>().map(Value::Int).unwrap_or_else(|_| Value::Float(text.parse().unwrap_or(f64::NAN)))
-            }
-            "b" => Value::Bool(text == "true"),
-            "t" => Value::Time(text.parse().unwrap_or(NO_TIME)),
-            "j" => Value::Json(text.to_string()),
-            _ => Value::Null,
-        }
-    }
-
     fn add_to_pane(&mut self, scope: Scope, start: Nanos, key: &str, vals: &[f64], t: Nanos) {
         let plan = &self.plan;
         let pk = (scope.0, scope.1, start);
@@ -509,64 +272,6 @@ impl Window {
             &mut pane.sketches[slot * ns..(slot + 1) * ns],
             &mut self.skipped,
         );
-    }
-
-    /// Adds an event to sessions; false when it is late.
-    #[allow(clippy::too_many_arguments)]
-    fn add_to_session(
-        &mut self,
-        scope: Scope,
-        key: &str,
-        vals: &[f64],
-        t: Nanos,
-        gap: Nanos,
-        max: Option<Nanos>,
-        wm: Nanos,
-    ) -> bool {
-        self.key.clear();
-        self.key.push_str(key);
-        if let Some(m) = max {
-            self.key.push('\u{1e}');
-            self.key.push_str(&t.div_euclid(m).to_string());
-        }
-        let shape = self.shape;
-        let key: Box<str> = self.key.as_str().into();
-        let skey = (scope.0, scope.1, key.clone());
-        let sessions = self.state.sessions.entry(skey.clone()).or_default();
-        // sessions this event touches: t within (first - gap, last + gap)
-        let touching: Vec<usize> = sessions
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| t > s.first - gap && t < s.last + gap)
-            .map(|(i, _)| i)
-            .collect();
-        if touching.is_empty() && session_end(shape, t, t) <= wm {
-            if sessions.is_empty() {
-                self.state.sessions.remove(&skey);
-            }
-            return false;
-        }
-        let plan = &self.plan;
-        let mut merged = Session { first: t, last: t, cells: Vec::with_capacity(plan.stride), sketches: Vec::new() };
-        plan.init(&mut merged.cells);
-        plan.init_sketches(&mut merged.sketches);
-        // Sessions that touch the same event never share an event time, so the order of merging
-        // does not matter; the new event is added last, which breaks first/last ties by arrival.
-        for &i in touching.iter().rev() {
-            let mut acc = sessions.remove(i);
-            self.timers.remove(&(session_end(shape, acc.first, acc.last), scope, key.clone(), acc.first));
-            plan.merge(&mut acc.cells, &mut acc.sketches, &merged.cells, &merged.sketches);
-            acc.first = acc.first.min(merged.first);
-            acc.last = acc.last.max(merged.last);
-            merged = acc;
-        }
-        plan.add_values(vals, t, &mut merged.cells, &mut merged.sketches, &mut self.skipped);
-        merged.first = merged.first.min(t);
-        merged.last = merged.last.max(t);
-        self.timers.insert((session_end(shape, merged.first, merged.last), scope, key, merged.first));
-        let pos = sessions.iter().position(|s| s.first > merged.first).unwrap_or(sessions.len());
-        sessions.insert(pos, merged);
-        true
     }
 
     /// The scope of an event's state.
@@ -632,99 +337,6 @@ impl Window {
             }
             Shape::Session { gap, max } => self.add_to_session(scope, key, vals, t, gap, max, wm),
         }
-    }
-
-    fn row(&self, key: &str, start: Nanos, end: Nanos, cells: &[f64], sketches: &[DDSketch]) -> Event {
-        let mut row = Event::from_layout(&self.layout, key.len());
-        let key = key.split('\u{1e}').next().unwrap_or(key);
-        for (i, part) in key.split('\u{1f}').enumerate().take(self.group_cols.len()) {
-            let (tag, text) = part.split_at(1);
-            match tag {
-                "s" => row.set_str_at(i, text),
-                _ => row.set_at(i, &Self::key_value(tag, text)),
-            }
-        }
-        let g = self.group_cols.len();
-        row.set_at(g, &Value::Time(start));
-        row.set_at(g + 1, &Value::Time(end));
-        row.set_at(g + 2, &Value::Int(cells[0] as i64));
-        self.plan.finish_at(cells, sketches, &mut row, g + 3);
-        row.time = start;
-        row
-    }
-
-    /// Emits every window that the watermark has passed (all of them with `all`).
-    fn emit_ready(&mut self, all: bool, out: &mut Emitter) {
-        match self.shape {
-            Shape::Tumbling { size } | Shape::Hopping { size, .. } => {
-                let ready: Vec<(u16, u32, Nanos)> = if self.partitioned {
-                    self.state
-                        .panes
-                        .keys()
-                        .filter(|(src, part, start)| all || start + size <= self.state.watermark.partition(*src, *part))
-                        .copied()
-                        .collect()
-                } else {
-                    let wm = self.state.watermark.current();
-                    self.state.panes.keys().take_while(|(_, _, start)| all || start + size <= wm).copied().collect()
-                };
-                let as_columns = out.wants_columns(Port::MAIN);
-                for pk in ready {
-                    let pane = self.state.panes.remove(&pk).unwrap();
-                    let start = pk.2;
-                    let order = sorted_order(&pane.keys);
-                    if as_columns {
-                        if let Some(rows) = self.pane_columns(&pane, &order, start, start + size) {
-                            out.emit_columns(Port::MAIN, rows);
-                            continue;
-                        }
-                    }
-                    let (stride, ns) = (self.plan.stride, self.plan.sketches);
-                    let rows: Vec<Event> = order
-                        .into_iter()
-                        .map(|i| {
-                            self.row(
-                                &pane.keys[i],
-                                start,
-                                start + size,
-                                &pane.cells[i * stride..(i + 1) * stride],
-                                &pane.sketches[i * ns..(i + 1) * ns],
-                            )
-                        })
-                        .collect();
-                    out.emit_all(rows);
-                }
-                self.last_pane = None;
-            }
-            Shape::Session { .. } => {
-                let limit = if self.partitioned {
-                    self.state.watermark.highest_partition()
-                } else {
-                    self.state.watermark.current()
-                };
-                let ready: Vec<(Nanos, Scope, Box<str>, Nanos)> = self
-                    .timers
-                    .iter()
-                    .take_while(|(end, ..)| all || *end <= limit)
-                    .filter(|(end, scope, ..)| all || !self.partitioned || *end <= self.watermark_of(*scope))
-                    .cloned()
-                    .collect();
-                for t in ready {
-                    self.timers.remove(&t);
-                    let (end, scope, key, first) = t;
-                    let skey = (scope.0, scope.1, key);
-                    let Some(list) = self.state.sessions.get_mut(&skey) else { continue };
-                    let Some(i) = list.iter().position(|s| s.first == first) else { continue };
-                    let s = list.remove(i);
-                    if list.is_empty() {
-                        self.state.sessions.remove(&skey);
-                    }
-                    let row = self.row(&skey.2, s.first, end, &s.cells, &s.sketches);
-                    out.emit(row);
-                }
-            }
-        }
-        self.update_gauges();
     }
 
     fn update_gauges(&self) {

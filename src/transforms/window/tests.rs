@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use crate::event::ValRef;
 
 const PORT_NAMES: [&str; 3] = ["", "late", "dead_letter"];
 
@@ -603,19 +604,4 @@ fn a_key_holding_json_is_emitted_as_rows_on_a_columnar_port() {
     assert!(cols.is_empty());
     assert_eq!(fell_back, 2);
     assert_eq!(rows.len(), 2);
-}
-
-proptest! {
-    /// Sorting a pane's keys on their packed bytes after the common prefix gives string order.
-    #[test]
-    fn pane_keys_sort_in_string_order(
-        stem in "[a-z0-9\\x00-]{0,10}",
-        tails in prop::collection::vec("[a-c\\x00é]{0,12}", 0..60),
-    ) {
-        let keys: Vec<Box<str>> = tails.iter().map(|t| format!("s{stem}{t}").into()).collect();
-        let got: Vec<&str> = sorted_order(&keys).into_iter().map(|i| &*keys[i]).collect();
-        let mut want: Vec<&str> = keys.iter().map(|k| &**k).collect();
-        want.sort();
-        prop_assert_eq!(got, want);
-    }
 }
