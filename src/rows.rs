@@ -13,22 +13,45 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
-    TimestampNanosecondBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
-use crate::event::{Event, ValRef, NO_TIME};
+use crate::event::{Event, Nanos, ValRef, NO_TIME};
 
 const EXPORT_STRINGS: [&str; 8] =
     ["applicationId", "messageSource", "messageType", "deviceId", "schema", "templateId", "module", "component"];
 const EXPORT_JSON: [&str; 7] =
     ["telemetry", "properties", "enrichments", "messageProperties", "actor", "resource", "updated"];
 
-/// The Arrow type of every timestamp column written (window output built as columns uses it too,
-/// so that its files and files written from rows share a schema).
+/// The Arrow type of every timestamp column built (window output built as columns uses it too,
+/// so that its files and files written from rows share a schema): microseconds, UTC-adjusted,
+/// which every common reader opens as a timestamp. Spark (and so Fabric, Synapse and
+/// Databricks) refuses nanosecond timestamps; IoT Central's times have millisecond precision,
+/// so nothing is lost. A sink may write another unit ([`with_time_unit`]).
 pub fn ts_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// An event time (nanoseconds since the epoch) in the unit of [`ts_type`].
+#[inline]
+pub fn ts_value(t: Nanos) -> i64 {
+    t.div_euclid(1_000)
+}
+
+/// `schema` with every timestamp column in `unit` (UTC-adjusted), for a sink that writes that
+/// unit; [`conform`] then casts batches built with [`ts_type`] to it.
+pub fn with_time_unit(schema: &SchemaRef, unit: TimeUnit) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            DataType::Timestamp(_, tz) => f.as_ref().clone().with_data_type(DataType::Timestamp(unit, tz.clone())),
+            _ => f.as_ref().clone(),
+        })
+        .collect();
+    Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()))
 }
 
 /// The schema of the export layout.
@@ -64,12 +87,12 @@ fn push_meta(events: &[&Event], cols: &mut Vec<ArrayRef>) {
     let mut p = Int32Builder::with_capacity(events.len());
     let mut o = Int64Builder::with_capacity(events.len());
     let mut g = StringBuilder::new();
-    let mut q = TimestampNanosecondBuilder::with_capacity(events.len()).with_timezone("UTC");
+    let mut q = TimestampMicrosecondBuilder::with_capacity(events.len()).with_timezone("UTC");
     for ev in events {
         p.append_value(ev.meta.partition as i32);
         o.append_value(ev.meta.offset);
         g.append_option(ev.meta.origin.as_deref());
-        q.append_option((ev.meta.enqueued != NO_TIME).then_some(ev.meta.enqueued));
+        q.append_option((ev.meta.enqueued != NO_TIME).then_some(ts_value(ev.meta.enqueued)));
     }
     cols.push(Arc::new(p.finish()));
     cols.push(Arc::new(o.finish()));
@@ -85,7 +108,7 @@ pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Resul
     let mut jsons: Vec<StringBuilder> =
         (0..EXPORT_JSON.len()).map(|_| StringBuilder::with_capacity(n, n * 64)).collect();
     let mut extra = StringBuilder::new();
-    let mut time = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut buf = String::new();
     for ev in events {
         let mut seen_s = [false; EXPORT_STRINGS.len()];
@@ -138,7 +161,7 @@ pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Resul
             }
             None => extra.append_null(),
         }
-        time.append_option((ev.time != NO_TIME).then_some(ev.time));
+        time.append_option((ev.time != NO_TIME).then_some(ts_value(ev.time)));
     }
     let mut cols: Vec<ArrayRef> = Vec::new();
     let mut strings = strings.into_iter();
@@ -304,9 +327,9 @@ pub fn encode_rows<'a>(
                 Arc::new(b.finish())
             }
             DataType::Timestamp(_, _) => {
-                let mut b = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
+                let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
                 for ev in events {
-                    b.append_option(get(ev).and_then(|v| v.as_time()));
+                    b.append_option(get(ev).and_then(|v| v.as_time()).map(ts_value));
                 }
                 Arc::new(b.finish())
             }

@@ -111,30 +111,60 @@ fn rolling_by_rows_and_compression_options() {
     }
 }
 
-#[test]
-fn window_rows_get_typed_columns() {
-    let dir = tempfile::tempdir().unwrap();
+/// Window output through the Parquet sink with `timestamp_unit` set to `unit` (`None`: the
+/// default): the lake's folder, and its files' schema.
+fn window_lake(dir: &Path, unit: Option<&str>) -> (std::path::PathBuf, arrow::datatypes::SchemaRef) {
+    let lake = dir.join(format!("lake-{}", unit.unwrap_or("default")));
+    let unit = unit.map(|u| format!("    timestamp_unit: {u}\n")).unwrap_or_default();
     let p = pipeline(
-        dir.path(),
+        dir,
         "p.yaml",
         &format!(
-            "sources:\n  sim:\n    type: simulator\n    devices: 5\n    rate: 10\n    count: 1200\n    start: 2026-11-01T00:00:00Z\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    window: {{kind: tumbling, size: 1m}}\n    allowed_lateness: 30s\n    aggregates: {{temperature: [avg, max]}}\nsinks:\n  lake:\n    type: parquet\n    inputs: [w]\n    url: {}\n    partition_by: date=%Y-%m-%d\n",
-            dir.path().join("lake").display()
+            "sources:\n  sim:\n    type: simulator\n    devices: 5\n    rate: 10\n    count: 1200\n    start: 2026-11-01T00:00:00Z\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    window: {{kind: tumbling, size: 1m}}\n    allowed_lateness: 30s\n    aggregates: {{temperature: [avg, max]}}\nsinks:\n  lake:\n    type: parquet\n    inputs: [w]\n    url: {}\n    partition_by: date=%Y-%m-%d\n{unit}",
+            lake.display()
         ),
     );
     ok(&run(&["replay", p.to_str().unwrap()], &[], T));
-    let files = parquet_files(&dir.path().join("lake"));
+    let files = parquet_files(&lake);
     let b = read_parquet_bytes(bytes::Bytes::from(std::fs::read(&files[0]).unwrap()));
     let schema = b[0].schema();
-    let types: BTreeMap<String, String> =
-        schema.fields().iter().map(|f| (f.name().clone(), f.data_type().to_string())).collect();
-    assert_eq!(types["deviceId"], "Utf8");
-    assert_eq!(types["count"], "Int64");
-    assert_eq!(types["temperature_avg"], "Float64");
-    assert!(types["window_start"].starts_with("Timestamp(ns"), "{}", types["window_start"]);
-    let rows = read_rows(&dir.path().join("lake"));
+    (lake, schema)
+}
+
+#[test]
+fn window_rows_get_typed_columns() {
+    use arrow::datatypes::{DataType, TimeUnit};
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, schema) = window_lake(dir.path(), None);
+    let types: BTreeMap<String, DataType> =
+        schema.fields().iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
+    assert_eq!(types["deviceId"], DataType::Utf8);
+    assert_eq!(types["count"], DataType::Int64);
+    assert_eq!(types["temperature_avg"], DataType::Float64);
+    // microseconds, UTC-adjusted: what Spark (Fabric, Synapse, Databricks) reads
+    assert_eq!(types["window_start"], DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())));
+    let rows = read_rows(&lake);
     let total: i64 = rows.iter().map(|r| r["count"].parse::<i64>().unwrap()).sum();
     assert_eq!(total, 1200, "every message counted once");
+}
+
+#[test]
+fn timestamp_unit_changes_the_type_and_not_the_times() {
+    use arrow::datatypes::{DataType, TimeUnit};
+    let dir = tempfile::tempdir().unwrap();
+    let (us_lake, _) = window_lake(dir.path(), None);
+    let sorted = |lake: &Path| {
+        let mut r = read_rows(lake);
+        r.sort();
+        r
+    };
+    let us = sorted(&us_lake);
+    for (unit, arrow_unit) in [("ms", TimeUnit::Millisecond), ("ns", TimeUnit::Nanosecond)] {
+        let (lake, schema) = window_lake(dir.path(), Some(unit));
+        let ws = schema.field_with_name("window_end").unwrap().data_type().clone();
+        assert_eq!(ws, DataType::Timestamp(arrow_unit, Some("UTC".into())), "{unit}");
+        assert_eq!(sorted(&lake), us, "{unit}: the same rows and times");
+    }
 }
 
 fn visible_files_are_complete(lake: &Path) -> usize {

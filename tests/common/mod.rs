@@ -161,7 +161,11 @@ pub fn batch_rows(b: &RecordBatch) -> Vec<BTreeMap<String, String>> {
         .columns()
         .iter()
         .map(|c| -> Box<dyn Fn(usize) -> String + '_> {
-            if let Some(ts) = c.as_any().downcast_ref::<TimestampNanosecondArray>() {
+            if let arrow::datatypes::DataType::Timestamp(_, tz) = c.data_type() {
+                // any unit, as nanoseconds
+                let ns = arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, tz.clone());
+                let ts = arrow::compute::cast(c.as_ref(), &ns).unwrap();
+                let ts = ts.as_any().downcast_ref::<TimestampNanosecondArray>().unwrap().clone();
                 Box::new(move |i| centralflow::time::format_rfc3339(ts.value(i)))
             } else {
                 let f = arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap();

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use arrow::datatypes::{DataType, SchemaRef};
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use async_trait::async_trait;
 use futures::TryStreamExt;
@@ -39,7 +39,9 @@ use crate::config::values::{self, ByteSize, Dur, Parsed};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind};
 use crate::metrics::ComponentMetrics;
-use crate::rows::{conform, encode_export, encode_rows, export_schema, infer_rows_schema, schema_covers};
+use crate::rows::{
+    conform, encode_export, encode_rows, export_schema, infer_rows_schema, schema_covers, with_time_unit,
+};
 use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
 
@@ -80,6 +82,10 @@ pub struct ParquetConfig {
     /// Add `_partition`, `_offset`, `_origin` and `_enqueued_time` columns (where an event came from).
     #[serde(default)]
     pub metadata_columns: bool,
+    /// The unit of timestamp columns: `us` (the default: every common reader, Spark included,
+    /// opens it), `ms`, or `ns` (which Spark, hence Fabric, Synapse and Databricks, refuses).
+    #[serde(default)]
+    pub timestamp_unit: TimestampUnit,
     /// File name prefix.
     #[serde(default = "d_prefix")]
     pub file_prefix: String,
@@ -102,6 +108,26 @@ pub enum Compression {
     Zstd,
     Snappy,
     None,
+}
+
+/// The unit of the timestamp columns written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestampUnit {
+    #[default]
+    Us,
+    Ms,
+    Ns,
+}
+
+impl TimestampUnit {
+    fn arrow(self) -> TimeUnit {
+        match self {
+            TimestampUnit::Us => TimeUnit::Microsecond,
+            TimestampUnit::Ms => TimeUnit::Millisecond,
+            TimestampUnit::Ns => TimeUnit::Nanosecond,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -180,7 +206,10 @@ struct OpenFile {
     writer: AsyncArrowWriter<BufWriter>,
     staged: Path,
     target: Path,
+    /// The schema rows are built in ([`crate::rows::ts_type`] timestamps).
     schema: SchemaRef,
+    /// The schema written, when the file's timestamp unit differs from the built one.
+    written: Option<SchemaRef>,
     rows: u64,
     opened: Instant,
 }
@@ -352,10 +381,13 @@ impl ParquetSink {
         if !self.open.contains_key(key) {
             let (staged, target) = self.paths(key);
             let buf = BufWriter::new(self.loc.store.clone(), staged.clone());
-            let writer = AsyncArrowWriter::try_new(buf, schema.clone(), Some(self.file_props(schema)))?;
+            let written = (self.cfg.timestamp_unit != TimestampUnit::Us)
+                .then(|| with_time_unit(schema, self.cfg.timestamp_unit.arrow()));
+            let out = written.as_ref().unwrap_or(schema);
+            let writer = AsyncArrowWriter::try_new(buf, out.clone(), Some(self.file_props(out)))?;
             self.open.insert(
                 key.to_string(),
-                OpenFile { writer, staged, target, schema: schema.clone(), rows: 0, opened: Instant::now() },
+                OpenFile { writer, staged, target, schema: schema.clone(), written, rows: 0, opened: Instant::now() },
             );
         }
         Ok(())
@@ -373,6 +405,14 @@ impl ParquetSink {
     /// Writes a batch in the file's schema to the open file of `key`.
     async fn append(&mut self, key: &str, rows: &RecordBatch) -> anyhow::Result<()> {
         let f = self.open.get_mut(key).expect("an open file");
+        let cast;
+        let rows = match &f.written {
+            Some(out) => {
+                cast = conform(rows, out)?;
+                &cast
+            }
+            None => rows,
+        };
         f.writer.write(rows).await.with_context(|| format!("writing {}", f.staged))?;
         f.rows += rows.num_rows() as u64;
         Ok(())

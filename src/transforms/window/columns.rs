@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanArray, Float64Array, Float64Builder, Int64Array, Int64Builder, StringBuilder,
-    TimestampNanosecondArray,
+    TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 use super::agg::AggFn;
 use super::{Pane, Window};
 use crate::event::Nanos;
-use crate::rows::ts_type;
+use crate::rows::{ts_type, ts_value};
 
 /// One group-by column: the text of each row's part of the key, without its type tag (`None`:
 /// null), and the tag of its non-null values.
@@ -87,8 +87,8 @@ impl Window {
                 }
                 b'b' => Arc::new(BooleanArray::from(vals.iter().map(|v| v.map(|s| s == "true")).collect::<Vec<_>>())),
                 b't' => Arc::new(
-                    TimestampNanosecondArray::from(
-                        vals.iter().map(|v| v.and_then(|s| s.parse().ok())).collect::<Vec<_>>(),
+                    TimestampMicrosecondArray::from(
+                        vals.iter().map(|v| v.and_then(|s| s.parse().ok()).map(ts_value)).collect::<Vec<_>>(),
                     )
                     .with_data_type(ts_type()),
                 ),
@@ -99,7 +99,7 @@ impl Window {
         }
         for (name, t) in [("window_start", start), ("window_end", end)] {
             fields.push(Field::new(name, ts_type(), true));
-            cols.push(Arc::new(TimestampNanosecondArray::from(vec![t; n]).with_data_type(ts_type())));
+            cols.push(Arc::new(TimestampMicrosecondArray::from(vec![ts_value(t); n]).with_data_type(ts_type())));
         }
         let (stride, ns) = (self.plan.stride, self.plan.sketches);
         fields.push(Field::new("count", DataType::Int64, true));
