@@ -80,6 +80,15 @@ pub enum Command {
     },
     /// Print the JSON Schema of the pipeline format (for editor completion).
     Schema,
+    /// Print a pipeline's DAG as a diagram (Mermaid for Markdown, or Graphviz DOT), secondary
+    /// outputs (`late`, `dead_letter`) on dashed, labelled edges.
+    Graph {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Diagram language.
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: crate::diagram::Format,
+    },
     /// Write simulated IoT Central export messages as JSON lines.
     Simulate {
         /// Number of devices.
@@ -147,6 +156,13 @@ fn init_logging(cli: &Cli) {
 async fn dispatch(cli: Cli) -> i32 {
     match cli.command {
         Command::Validate { pipelines } => validate(&pipelines),
+        Command::Graph { pipeline, format } => match load(&pipeline) {
+            Ok(plan) => {
+                print!("{}", crate::diagram::render(&plan, format));
+                0
+            }
+            Err(code) => code,
+        },
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
             0

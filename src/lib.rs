@@ -11,6 +11,7 @@ pub mod api;
 pub mod assemble;
 pub mod cli;
 pub mod config;
+pub mod diagram;
 pub mod event;
 pub mod expr;
 pub mod metrics;

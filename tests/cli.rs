@@ -140,3 +140,60 @@ fn help_describes_the_commands() {
         assert!(text.contains(c), "{text}");
     }
 }
+
+/// `graph` draws every shipped pipeline: its DOT parses with pydot (Graphviz's grammar, not ours)
+/// into one node per component and the edges the Mermaid diagram draws, dead-letter and late
+/// outputs labelled.
+#[test]
+fn graph_draws_every_shipped_pipeline_in_dot_and_mermaid() {
+    let python = std::env::var("W1_PYTHON").expect("W1_PYTHON names a Python with pydot: run scripts/test");
+    let dir = root().join("pipelines");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    for f in files {
+        let out = run(&["graph", "--format", "dot", f.to_str().unwrap()], &pipeline_env(), T);
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        let parse = "import sys, json, pydot\n(g,) = pydot.graph_from_dot_data(sys.stdin.read())\n\
+print(json.dumps({'nodes': sorted(n.get_name() for n in g.get_nodes() if n.get_name() not in ('node', 'edge', 'graph')),\
+ 'edges': len(g.get_edges()), 'labelled': sorted(e.get('label') for e in g.get_edges() if e.get('label'))}))";
+        let mut child = std::process::Command::new(&python)
+            .args(["-c", parse])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+        let parsed = child.wait_with_output().unwrap();
+        assert!(parsed.status.success(), "{}: pydot: {}", f.display(), String::from_utf8_lossy(&parsed.stderr));
+        let dot: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+        let mermaid = run(&["graph", f.to_str().unwrap()], &pipeline_env(), T);
+        let mermaid = String::from_utf8_lossy(&mermaid.stdout).to_string();
+        assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
+        let m_nodes = mermaid.lines().filter(|l| l.trim_start().starts_with('n') && !l.contains("->")).count();
+        let m_edges: Vec<&str> = mermaid.lines().filter(|l| l.contains("->")).collect();
+        assert_eq!(dot["nodes"].as_array().unwrap().len(), m_nodes, "{}: {dot} / {mermaid}", f.display());
+        assert_eq!(dot["edges"], m_edges.len(), "{}: {dot} / {mermaid}", f.display());
+        let labelled: Vec<String> = dot["labelled"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap().trim_matches('"').to_string())
+            .collect();
+        assert_eq!(labelled.len(), m_edges.iter().filter(|l| l.contains("-.->|")).count(), "{}", f.display());
+        assert!(labelled.iter().all(|l| l == "late" || l == "dead_letter"), "{labelled:?}");
+    }
+    // the demo: every component, and its dead letters drawn as such
+    let demo = run(&["graph", root().join("pipelines/demo.yaml").to_str().unwrap()], &[], T);
+    let demo = String::from_utf8_lossy(&demo.stdout);
+    for name in ["devices", "telemetry", "per_site", "aggregates", "rejected"] {
+        assert!(
+            demo.contains(&format!("[\"{name}<br/>")) || demo.contains(&format!("(\"{name}<br/>")),
+            "{name}: {demo}"
+        );
+    }
+    assert!(demo.contains("-.->|dead_letter|"), "{demo}");
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    assert!(readme.contains(&format!("```mermaid\n{demo}```")), "README.md shows the demo's graph as `graph` draws it");
+}
