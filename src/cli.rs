@@ -1,4 +1,4 @@
-//! The command line: `run`, `replay`, `validate`, `schema`, `simulate`.
+//! The command line: `run`, `replay`, `validate`, `test`, `graph`, `schema`, `simulate`.
 //!
 //! Exit codes: 0 success; 1 the pipeline failed while running; 2 the pipeline file (or the
 //! command line) is invalid.
@@ -80,6 +80,17 @@ pub enum Command {
     },
     /// Print the JSON Schema of the pipeline format (for editor completion).
     Schema,
+    /// Run pipeline unit tests (`*.test.yaml`): feed records to sources, check what components,
+    /// ports and sinks receive. Offline; sinks are never contacted. Exit code 1 when a case
+    /// fails, 2 when a test file is invalid.
+    Test {
+        /// Test files, or folders searched recursively for `*.test.yaml`.
+        #[arg(default_value = "pipelines")]
+        paths: Vec<PathBuf>,
+        /// Also write the results as JUnit XML to this file (for CI systems).
+        #[arg(long, value_name = "FILE")]
+        junit: Option<PathBuf>,
+    },
     /// Print a pipeline's DAG as a diagram (Mermaid for Markdown, or Graphviz DOT), secondary
     /// outputs (`late`, `dead_letter`) on dashed, labelled edges.
     Graph {
@@ -163,6 +174,7 @@ async fn dispatch(cli: Cli) -> i32 {
             }
             Err(code) => code,
         },
+        Command::Test { paths, junit } => crate::testing::main(&paths, junit.as_deref()),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
             0

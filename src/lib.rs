@@ -24,5 +24,6 @@ pub mod secret;
 pub mod sinks;
 pub mod sources;
 pub mod storage;
+pub mod testing;
 pub mod time;
 pub mod transforms;

@@ -131,6 +131,10 @@ pub trait Transform: Send {
     fn process(&mut self, batch: Batch, out: &mut Emitter);
     /// Called about once a second in live mode with the wall clock (idle-partition detection).
     fn on_tick(&mut self, _now: Nanos, _out: &mut Emitter) {}
+    /// Every input partition has reached event time `to` (pipeline tests: `watermark:`): a
+    /// stateful transform advances its watermark to at least `to` and emits what that closes.
+    /// Nothing in a running pipeline calls it; watermarks there come from event times.
+    fn advance_watermark(&mut self, _to: Nanos, _out: &mut Emitter) {}
     /// All inputs ended. `flush` says whether to emit everything still held (end of a replay,
     /// or a stop without a checkpoint store) or to keep it for the final checkpoint.
     fn on_end(&mut self, _flush: bool, _out: &mut Emitter) {}

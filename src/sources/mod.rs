@@ -31,3 +31,24 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
         SourceConfig::Webhook(c) => Box::new(webhook::WebhookSource::new(c.clone(), cx)?),
     })
 }
+
+/// How one raw record given to a source in a pipeline test (`centralflow test`) becomes events:
+/// exactly as the source decodes what it receives (`received`: the arrival time, for sources
+/// that stamp one). Each `Err` is a reason for the source's `dead_letter` output.
+pub fn decode_test_record(
+    cfg: &SourceConfig,
+    raw: bytes::Bytes,
+    received: crate::event::Nanos,
+    projection: Option<&std::sync::Arc<crate::projection::Projection>>,
+) -> Vec<Result<crate::event::Event, String>> {
+    let record = match cfg {
+        SourceConfig::Webhook(c) => match webhook::record_of(c.format, &raw, received) {
+            Ok(r) => r,
+            Err(reason) => return vec![Err(reason)],
+        },
+        SourceConfig::Files(_) | SourceConfig::Amqp(_) | SourceConfig::Simulator(_) | SourceConfig::EventHubs(_) => raw,
+    };
+    let mut out = Vec::with_capacity(1);
+    crate::model::decode::decode_record_projected(record, projection, &mut out);
+    out
+}

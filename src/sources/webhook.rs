@@ -434,21 +434,8 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     };
     app.metrics.bytes_in.inc_by(body.len() as u64);
     let received = crate::time::now_nanos();
-    // bridge requests become export-like messages
-    let record = match is_bridge(app.format, &body) {
-        Ok(false) => body.clone(),
-        Ok(true) => {
-            let converted = serde_json::from_slice::<Value>(&body)
-                .map_err(|e| format!("malformed JSON: {e}"))
-                .and_then(|v| bridge_to_export(&v, received));
-            match converted {
-                Ok(text) => Bytes::from(text),
-                Err(reason) => {
-                    dead(body, &reason, permit);
-                    return plain(StatusCode::BAD_REQUEST, &reason);
-                }
-            }
-        }
+    let record = match record_of(app.format, &body, received) {
+        Ok(r) => r,
         Err(reason) => {
             dead(body, &reason, permit);
             return plain(StatusCode::BAD_REQUEST, &reason);
@@ -485,6 +472,19 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
         // the pipeline stopped before a checkpoint covered the request: the sender retries
         Err(_) => busy(&app, "not processed; send again"),
     }
+}
+
+/// The export record a request body stands for: the body itself, or, for a device-bridge
+/// request, the export-like telemetry message it becomes (`received` is its time when the
+/// request has no `timestamp`). `Err`: the reason the body is refused.
+pub fn record_of(format: WebhookFormat, body: &Bytes, received: crate::event::Nanos) -> Result<Bytes, String> {
+    if !is_bridge(format, body)? {
+        return Ok(body.clone());
+    }
+    serde_json::from_slice::<Value>(body)
+        .map_err(|e| format!("malformed JSON: {e}"))
+        .and_then(|v| bridge_to_export(&v, received))
+        .map(Bytes::from)
 }
 
 /// Whether a body is a device-bridge request (`Err`: not JSON at all).

@@ -426,6 +426,12 @@ impl Transform for Window {
         }
     }
 
+    fn advance_watermark(&mut self, to: Nanos, out: &mut Emitter) {
+        self.state.watermark.advance_to(to);
+        self.emit_ready(false, out);
+        self.update_gauges();
+    }
+
     fn on_end(&mut self, flush: bool, out: &mut Emitter) {
         if flush {
             self.emit_ready(true, out);

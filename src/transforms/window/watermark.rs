@@ -125,6 +125,16 @@ impl Watermark {
         }
     }
 
+    /// Moves the watermark to at least `to`, overall and on every partition seen (as if each
+    /// had seen an event at `to` plus the lateness). Never moves it back.
+    pub fn advance_to(&mut self, to: Nanos) {
+        let floor = to.saturating_add(self.lateness);
+        for p in &mut self.parts {
+            p.max = p.max.max(floor);
+        }
+        self.wm = self.wm.max(to);
+    }
+
     /// Wall-clock tick (live mode): marks idle partitions. Returns whether the watermark moved
     /// (or a partition became idle, which may close its windows).
     pub fn tick(&mut self, now: Nanos) -> bool {
