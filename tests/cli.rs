@@ -28,9 +28,7 @@ fn pipeline_env() -> Vec<(&'static str, &'static str)> {
 
 #[test]
 fn every_shipped_pipeline_validates() {
-    let dir = root().join("pipelines");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
-    files.sort();
+    let files = shipped_pipelines();
     assert!(files.len() >= 3, "pipelines/ holds the shipped pipelines");
     for f in files {
         let out = run(&["validate", f.to_str().unwrap()], &pipeline_env(), T);
@@ -147,9 +145,7 @@ fn help_describes_the_commands() {
 #[test]
 fn graph_draws_every_shipped_pipeline_in_dot_and_mermaid() {
     let python = std::env::var("W1_PYTHON").expect("W1_PYTHON names a Python with pydot: run scripts/test");
-    let dir = root().join("pipelines");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
-    files.sort();
+    let files = shipped_pipelines();
     for f in files {
         let out = run(&["graph", "--format", "dot", f.to_str().unwrap()], &pipeline_env(), T);
         assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));

@@ -435,3 +435,19 @@ pub async fn amqp_delete(queue: &str) {
         let _ = conn.close(200, "done".into()).await;
     }
 }
+
+/// The shipped pipeline files (`pipelines/*.yaml`, not their `*.test.yaml` files), sorted.
+pub fn shipped_pipelines() -> Vec<PathBuf> {
+    let dir = root().join("pipelines");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            name.ends_with(".yaml") && !name.ends_with(".test.yaml")
+        })
+        .collect();
+    files.sort();
+    files
+}

@@ -199,6 +199,22 @@ mod tests {
     }
 
     #[test]
+    fn advancing_moves_every_partition_and_never_back() {
+        let mut w = Watermark::new(10 * S, 60 * S);
+        w.observe(0, 1, 50 * S);
+        w.observe(0, 0, 100 * S);
+        assert_eq!(w.current(), 40 * S);
+        w.advance_to(70 * S);
+        assert_eq!(w.current(), 70 * S);
+        assert_eq!(w.partition(0, 1), 70 * S, "the slow partition too");
+        assert_eq!(w.partition(0, 0), 90 * S, "a partition ahead keeps its own");
+        w.advance_to(20 * S);
+        assert_eq!(w.current(), 70 * S, "never back");
+        w.observe(0, 1, 75 * S);
+        assert_eq!(w.current(), 70 * S);
+    }
+
+    #[test]
     fn idle_partitions_stop_holding_it_back() {
         let mut w = Watermark::new(0, 5 * S);
         w.observe(0, 1, 10 * S);
