@@ -6,6 +6,7 @@
 pub mod device_context;
 pub mod dew_point;
 pub mod filter;
+pub mod jq;
 pub mod map;
 pub(crate) mod watermark;
 pub mod window;
@@ -21,6 +22,7 @@ crate::component_enum! {
         DewPoint("dew_point", dew_point::DewPointConfig),
         Window("window", window::WindowConfig),
         DeviceContext("device_context", device_context::DeviceContextConfig),
+        Jq("jq", jq::JqConfig),
     }
 }
 
@@ -32,6 +34,7 @@ pub fn build(cfg: &TransformConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn 
         TransformConfig::DewPoint(c) => Box::new(dew_point::DewPoint::new(c, cx)?),
         TransformConfig::Window(c) => Box::new(window::Window::new(c, cx)?),
         TransformConfig::DeviceContext(c) => Box::new(device_context::DeviceContext::new(c, cx)?),
+        TransformConfig::Jq(c) => Box::new(jq::Jq::new(c, cx)?),
     })
 }
 
