@@ -25,4 +25,5 @@ pub mod sinks;
 pub mod sources;
 pub mod storage;
 pub mod time;
+pub mod top;
 pub mod transforms;
