@@ -58,6 +58,8 @@ fn errors_and_records_without_time_are_dead_letters() {
     let out = em.take();
     assert!(out[0].is_empty());
     assert!(out[1][0].get_str("reason").unwrap().contains("too hot"), "{}", out[1][0].to_json());
+    let bad_key = jq("{inputs: [x], program: '{(null): 1}'}");
+    assert!(bad_key.apply(&ev).unwrap_err().contains("is not JSON"), "jaq builds it, JSON has no such object");
     let no_time = jq("{inputs: [x], program: '{a: 1}', time: when}");
     assert!(no_time.apply(&ev).unwrap_err().contains("no usable event time in `when`"));
 }
