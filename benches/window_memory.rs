@@ -1,6 +1,7 @@
 //! Memory per open (group, window) state: 100,000 devices, each with one open 1-minute window
 //! over 5 aggregated telemetry fields, measured with a counting allocator (live heap bytes
 //! after the events are gone, minus before), for plain aggregates and with a quantile sketch.
+//! And memory per device of `device_context`: 100,000 devices with 20 reported properties each.
 //!
 //!   cargo bench --bench window_memory
 //!
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use centralflow::event::Batch;
 use centralflow::metrics::ComponentMetrics;
 use centralflow::runtime::{Emitter, Transform};
+use centralflow::transforms::device_context::{DeviceContext, DeviceContextConfig};
 use centralflow::transforms::window::{Window, WindowConfig};
 
 /// The system allocator, counting live bytes.
@@ -71,6 +73,52 @@ fn measure(devices: usize, aggregates: &str) -> (f64, usize) {
     (live as f64 / devices as f64, w.state_bytes())
 }
 
+/// Live heap bytes per device of `device_context` state: every device has reported `props`
+/// properties (short string values, as firmware versions and serial numbers are) and has been
+/// asked for its `device` object once (which is cached).
+fn measure_context(devices: usize, props: usize) -> (f64, usize) {
+    let cfg: DeviceContextConfig = serde_saphyr::from_str("{inputs: [x], allowed_lateness: 0s}").unwrap();
+    let metrics = ComponentMetrics::new("ctx", "device_context");
+    let cx = centralflow::runtime::BuildCx {
+        pipeline: "p",
+        name: "ctx",
+        mode: centralflow::runtime::Mode::Replay,
+        restored: None,
+        state: None,
+        instance: "i",
+        metrics,
+        projection: None,
+        partitioned: false,
+        first_epoch: 1,
+    };
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut t = DeviceContext::new(&cfg, &cx).unwrap();
+    for chunk in (0..devices).collect::<Vec<_>>().chunks(2048) {
+        let mut events = Vec::with_capacity(chunk.len() * 2);
+        for d in chunk {
+            let list: Vec<String> =
+                (0..props).map(|p| format!(r#"{{"name":"property{p:02}","value":"v{}.{}"}}"#, d % 7, p)).collect();
+            let prop = format!(
+                r#"{{"messageSource":"properties","messageType":"devicePropertyReportedChange","deviceId":"device-{d:06}","enqueuedTime":"2026-11-01T00:00:00Z","properties":[{}]}}"#,
+                list.join(",")
+            );
+            let tele = format!(
+                r#"{{"messageSource":"telemetry","deviceId":"device-{d:06}","enqueuedTime":"2026-11-01T00:00:01Z","telemetry":{{"t":1}}}}"#
+            );
+            for j in [prop, tele] {
+                events.push(centralflow::model::decode::decode_one(bytes::Bytes::from(j)).unwrap());
+            }
+        }
+        let mut out = Emitter::new(&["", "dead_letter"]);
+        t.process(Batch::new(events), &mut out);
+        t.on_end(true, &mut out);
+        assert_eq!(out.take()[0].len(), chunk.len(), "each telemetry event out, enriched");
+    }
+    assert_eq!(t.devices(), devices);
+    let live = LIVE.load(Ordering::Relaxed) - before;
+    (live as f64 / devices as f64, t.state_bytes())
+}
+
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let devices = if bench { 100_000 } else { 2_000 };
@@ -82,4 +130,11 @@ fn main() {
         println!("| `{aggs}` | {per:.0} | {:.0} |", state as f64 / devices as f64);
         assert!(per > 0.0 && per < 64.0 * 1024.0, "{aggs}: {per} bytes per window");
     }
+    let props = 20;
+    println!("\ndevice_context: {devices} devices x {props} reported properties\n");
+    println!("| live heap bytes per device | of which device states (estimate) |");
+    println!("|---|---|");
+    let (per, state) = measure_context(devices, props);
+    println!("| {per:.0} | {:.0} |", state as f64 / devices as f64);
+    assert!(per > 0.0 && per < 64.0 * 1024.0, "{per} bytes per device");
 }
