@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod eventhubs;
 pub mod files;
+pub mod message;
 pub mod simulator;
 pub mod webhook;
 
