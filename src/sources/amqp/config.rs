@@ -4,8 +4,9 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::config::values::Dur;
+use crate::config::values::{Dur, Path};
 use crate::config::{Checker, Spec};
+use crate::model::format::MessageFormat;
 use crate::secret::Secret;
 
 /// An AMQP 0-9-1 queue.
@@ -16,6 +17,17 @@ pub struct AmqpConfig {
     pub url: Secret,
     /// The queue to consume.
     pub queue: String,
+    /// What the messages are: `export` (IoT Central's export messages, the default), `json`
+    /// (objects of any shape, e.g. a transformed export) or `auto`.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds); else
+    /// the message's `timestamp_in_ms` header or `timestamp` property.
+    #[serde(default)]
+    pub time: Option<Path>,
+    /// `json`/`auto`: the field holding a record's device id; else the `iotcentral-device-id` header.
+    #[serde(default)]
+    pub device_id: Option<Path>,
     /// Declare the queue (and its bindings) at start; without it the queue must exist.
     #[serde(default)]
     pub declare: Option<Declare>,
@@ -113,6 +125,7 @@ impl Spec for AmqpConfig {
         if self.queue.trim().is_empty() {
             cx.error(&format!("{ptr}/queue"), "is empty");
         }
+        crate::sources::message::check(ptr, cx, self.format, &self.time, &self.device_id);
         if self.prefetch == 0 {
             cx.error(
                 &format!("{ptr}/prefetch"),

@@ -42,7 +42,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Batch, Event};
 use crate::metrics;
-use crate::model::decode::{decode_record_projected, Projection};
+use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
 use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
 pub use config::{AmqpConfig, Binding, Declare};
 
@@ -76,6 +78,7 @@ pub struct AmqpSource {
     link: Option<Link>,
     name: String,
     projection: Option<Arc<Projection>>,
+    decoder: MessageDecoder,
     linger: Duration,
     /// See [`AmqpConfig::quiet_checkpoint`]; `None` when turned off.
     quiet: Option<Duration>,
@@ -119,6 +122,7 @@ impl AmqpSource {
             link: None,
             name: cx.name.to_string(),
             projection: cx.projection.clone(),
+            decoder: crate::sources::message::decoder(cfg.format, &cfg.time, &cfg.device_id)?,
             linger,
             quiet,
             processed,
@@ -281,8 +285,9 @@ impl AmqpSource {
             }
         }
         let body = Bytes::from(d.data);
-        let mut out = Vec::with_capacity(1);
-        decode_record_projected(body.clone(), self.projection.as_ref(), &mut out);
+        let enqueued = sent_time(&d.properties);
+        let transport = Transport { enqueued, device_id: crate::sources::message::transport_device(&attrs) };
+        let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
         let good = out.iter().filter(|r| r.is_ok()).count();
         if good == 0 {
             let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
@@ -304,6 +309,7 @@ impl AmqpSource {
             match r {
                 Ok(mut ev) => {
                     ev.meta.offset = tag as i64;
+                    ev.meta.enqueued = enqueued;
                     ev.meta.attrs = attrs.clone();
                     events.push(ev);
                 }
@@ -412,6 +418,22 @@ fn durable_queue(durable: bool) -> QueueDeclareOptions {
 
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+/// When the message was stamped: the `timestamp_in_ms` header (RabbitMQ's message timestamp
+/// plugin sets it, in milliseconds), else the `timestamp` property (seconds); `NO_TIME` without.
+fn sent_time(props: &BasicProperties) -> crate::event::Nanos {
+    let header = props.headers().as_ref().and_then(|h| match h.inner().get("timestamp_in_ms")? {
+        AMQPValue::LongLongInt(ms) => Some(*ms),
+        AMQPValue::LongInt(ms) => Some(*ms as i64),
+        AMQPValue::Timestamp(ms) => Some(*ms as i64),
+        _ => None,
+    });
+    match (header, props.timestamp()) {
+        (Some(ms), _) => ms.saturating_mul(1_000_000),
+        (None, Some(s)) => (*s as i64).saturating_mul(1_000_000_000),
+        (None, None) => crate::event::NO_TIME,
+    }
 }
 
 fn amqp_value_string(v: &AMQPValue) -> String {
