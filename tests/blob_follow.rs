@@ -38,7 +38,10 @@ fn follow_through_two_kills(c: &Container) {
         .filter(|&(p, m)| (p, m) != (0, LATE))
         .flat_map(|f| if f == (1, LATE + 1) { vec![f, (0, LATE)] } else { vec![f] })
         .collect();
-    let kills = [rng.between(Duration::from_millis(300), Duration::from_millis(2000)), rng.between(Duration::from_millis(300), Duration::from_millis(2000))];
+    let kills = [
+        rng.between(Duration::from_millis(300), Duration::from_millis(2000)),
+        rng.between(Duration::from_millis(300), Duration::from_millis(2000)),
+    ];
     eprintln!("killing after {kills:?}");
     let mut child = f.start();
     let t0 = Instant::now();
@@ -144,7 +147,10 @@ fn restart_past_older_files(c: &Container, n: u32) {
     let took = started.elapsed();
     f.stop(child);
     let polls = f.first_polls();
-    eprintln!("{}: the restart committed the new file {took:?} after it started; first polls (requests, entries): {polls:?}", c.url);
+    eprintln!(
+        "{}: the restart committed the new file {took:?} after it started; first polls (requests, entries): {polls:?}",
+        c.url
+    );
     let (requests, entries) = polls[1];
     assert!(entries < 100, "the restart listed {entries} entries in {requests} requests");
     let raw = f.raw(&dir.path().join("out"));

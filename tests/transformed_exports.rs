@@ -69,7 +69,8 @@ async fn publish(queue: &str, bodies: Vec<(Vec<u8>, Option<u64>, Option<&str>)>)
             props = props.with_timestamp(ts);
         }
         if let Some(d) = device {
-            let h = std::collections::BTreeMap::from([("iotcentral-device-id".into(), AMQPValue::LongString(d.into()))]);
+            let h =
+                std::collections::BTreeMap::from([("iotcentral-device-id".into(), AMQPValue::LongString(d.into()))]);
             props = props.with_headers(FieldTable::from(h));
         }
         let confirm = ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, props);
@@ -90,12 +91,17 @@ fn transformed_exports_from_rabbitmq() {
             amqp_delete(q).await;
         }
         // the flattened shape as IoT Central's example emits it: time and device from the message
-        let mut flat: Vec<(Vec<u8>, Option<u64>, Option<&str>)> =
-            msgs.iter().map(|m| (flattened(m).to_string().into_bytes(), Some(secs(&m.1)), Some(m.0.as_str()))).collect();
+        let mut flat: Vec<(Vec<u8>, Option<u64>, Option<&str>)> = msgs
+            .iter()
+            .map(|m| (flattened(m).to_string().into_bytes(), Some(secs(&m.1)), Some(m.0.as_str())))
+            .collect();
         flat.push((flattened(&msgs[0]).to_string().into_bytes(), None, Some("d1"))); // no time at all
         publish(&queues[0], flat).await;
-        publish(&queues[1], msgs.iter().map(|m| (Value::Array(rows(m)).to_string().into_bytes(), None, None)).collect())
-            .await;
+        publish(
+            &queues[1],
+            msgs.iter().map(|m| (Value::Array(rows(m)).to_string().into_bytes(), None, None)).collect(),
+        )
+        .await;
         publish(&queues[2], msgs.iter().map(|m| (custom(m).to_string().into_bytes(), None, None)).collect()).await;
     });
     let src = |q: &str, extra: &str| {
@@ -120,7 +126,11 @@ fn transformed_exports_from_rabbitmq() {
         .unwrap();
     let start = Instant::now();
     while queues.iter().any(|q| amqp_depth(q) != (0, 0)) {
-        assert!(start.elapsed() < T, "the queues did not drain: {:?}", queues.iter().map(|q| amqp_depth(q)).collect::<Vec<_>>());
+        assert!(
+            start.elapsed() < T,
+            "the queues did not drain: {:?}",
+            queues.iter().map(|q| amqp_depth(q)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // without a checkpoint store, a stop emits every open window
@@ -146,9 +156,8 @@ fn transformed_exports_from_the_webhook() {
     const TOKEN: &str = "transformed-export-token";
     let dir = tempfile::tempdir().unwrap();
     let msgs = messages();
-    let ports: Vec<u16> = (0..3)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        .collect();
+    let ports: Vec<u16> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
     let src = |port: u16, extra: &str| {
         format!(
             "    type: webhook\n    address: 127.0.0.1:{port}\n    token: ${{TOKEN}}\n    format: json\n    linger: 5ms\n{extra}"
@@ -163,8 +172,12 @@ fn transformed_exports_from_the_webhook() {
         "checkpoint:\n  interval: 100ms\n",
     );
     let p = pipeline(dir.path(), "p.yaml", &yaml);
-    let mut child =
-        cmd(&["run", p.to_str().unwrap()]).env("TOKEN", TOKEN).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd(&["run", p.to_str().unwrap()])
+        .env("TOKEN", TOKEN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     for port in &ports {
         let end = Instant::now() + T;
         while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {

@@ -141,7 +141,7 @@ mod tests {
         assert_eq!(kinds(MessageFormat::Export, EXPORT), [Ok("export")]);
         assert_eq!(kinds(MessageFormat::Export, ROW), [Err(NO_MESSAGE_SOURCE.to_string())]);
         assert_eq!(kinds(MessageFormat::Json, ROW), [Ok("row")]);
-        assert_eq!(kinds(MessageFormat::Json, EXPORT)[0].as_ref().unwrap_err().contains("no usable time"), true);
+        assert!(kinds(MessageFormat::Json, EXPORT)[0].as_ref().unwrap_err().contains("no usable time"));
         assert_eq!(kinds(MessageFormat::Auto, EXPORT), [Ok("export")]);
         assert_eq!(kinds(MessageFormat::Auto, ROW), [Ok("row")]);
         let mixed = format!("[{EXPORT},{ROW},7]");

@@ -150,10 +150,7 @@ fn event_time(ev: &Event, opts: &GenericOptions, transport: &Transport<'_>) -> R
     let found = opts.time.as_ref().and_then(|p| p.get(ev)).filter(|v| !v.is_null());
     match (found, &opts.time) {
         (Some(v), Some(path)) => time_of(&v).ok_or_else(|| {
-            format!(
-                "no usable time: `{path}` is {}, not an RFC 3339 timestamp or epoch milliseconds",
-                shown(&v)
-            )
+            format!("no usable time: `{path}` is {}, not an RFC 3339 timestamp or epoch milliseconds", shown(&v))
         }),
         _ if transport.enqueued != NO_TIME => Ok(transport.enqueued),
         (_, Some(path)) => {

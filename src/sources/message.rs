@@ -1,7 +1,8 @@
 //! The options every source shares for what its messages are: `format` (`export`, `json` or
 //! `auto`), and for records that are not export messages, `time` (the field holding the event
 //! time) and `device_id` (the field holding the device). Each source's configuration has the
-//! three fields (serde cannot flatten them into a struct that refuses unknown fields); these
+//! three fields (serde cannot flatten them into a struct that refuses unknown fields; the paths
+//! are boxed, so that every source's configuration stays small); these
 //! functions check them and build the [`MessageDecoder`] from them.
 
 use crate::config::values::Path;
@@ -10,7 +11,7 @@ use crate::model::format::{MessageDecoder, MessageFormat};
 use crate::model::generic::GenericOptions;
 
 /// Checks `format`, `time` and `device_id` of the source at `ptr`.
-pub fn check(ptr: &str, cx: &mut Checker<'_>, format: MessageFormat, time: &Option<Path>, device_id: &Option<Path>) {
+pub fn check(ptr: &str, cx: &mut Checker<'_>, format: MessageFormat, time: Option<&Path>, device_id: Option<&Path>) {
     for (name, path) in [("time", time), ("device_id", device_id)] {
         let Some(p) = path else { continue };
         let at = format!("{ptr}/{name}");
@@ -21,12 +22,12 @@ pub fn check(ptr: &str, cx: &mut Checker<'_>, format: MessageFormat, time: &Opti
 }
 
 /// The decoder for these options (checked by [`check`]).
-pub fn decoder(format: MessageFormat, time: &Option<Path>, device_id: &Option<Path>) -> anyhow::Result<MessageDecoder> {
+pub fn decoder(format: MessageFormat, time: Option<&Path>, device_id: Option<&Path>) -> anyhow::Result<MessageDecoder> {
     Ok(MessageDecoder {
         format,
         generic: GenericOptions {
-            time: time.as_ref().map(Path::get).transpose()?,
-            device_id: device_id.as_ref().map(Path::get).transpose()?,
+            time: time.map(Path::get).transpose()?,
+            device_id: device_id.map(Path::get).transpose()?,
         },
     })
 }

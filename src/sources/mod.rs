@@ -52,14 +52,20 @@ pub fn decode_test_record(
             Ok(r) => (webhook::decoder(c), r, Transport::NONE),
             Err(reason) => return vec![Err(reason)],
         },
-        SourceConfig::Files(c) => (message::decoder(c.format, &c.time, &c.device_id), raw, Transport::NONE),
+        SourceConfig::Files(c) => {
+            (message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()), raw, Transport::NONE)
+        }
         // brokers stamp what they deliver: `received` stands for that time
-        SourceConfig::Amqp(c) => {
-            (message::decoder(c.format, &c.time, &c.device_id), raw, Transport { enqueued: received, device_id })
-        }
-        SourceConfig::EventHubs(c) => {
-            (message::decoder(c.format, &c.time, &c.device_id), raw, Transport { enqueued: received, device_id })
-        }
+        SourceConfig::Amqp(c) => (
+            message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
+            raw,
+            Transport { enqueued: received, device_id },
+        ),
+        SourceConfig::EventHubs(c) => (
+            message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
+            raw,
+            Transport { enqueued: received, device_id },
+        ),
         SourceConfig::Simulator(_) => (Ok(Default::default()), raw, Transport::NONE),
     };
     match decoder {

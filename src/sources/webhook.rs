@@ -72,10 +72,10 @@ pub struct WebhookConfig {
     /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds). The
     /// webhook has no enqueued time: a record without it is refused (400, dead letter).
     #[serde(default)]
-    pub time: Option<Path>,
+    pub time: Option<Box<Path>>,
     /// `json`/`auto`: the field holding a record's device id (it becomes `deviceId`).
     #[serde(default)]
-    pub device_id: Option<Path>,
+    pub device_id: Option<Box<Path>>,
     /// Requests held at once (waiting to be processed or for their checkpoint); more get 503.
     #[serde(default = "d_queue")]
     pub queue: usize,
@@ -157,7 +157,13 @@ impl Spec for WebhookConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
-        crate::sources::message::check(ptr, cx, message_format(self.format), &self.time, &self.device_id);
+        crate::sources::message::check(
+            ptr,
+            cx,
+            message_format(self.format),
+            self.time.as_deref(),
+            self.device_id.as_deref(),
+        );
     }
     fn ports(&self) -> Vec<crate::runtime::Port> {
         crate::runtime::SOURCE_PORTS.to_vec()
@@ -176,7 +182,7 @@ fn message_format(f: WebhookFormat) -> MessageFormat {
 /// How the webhook decodes a body once [`record_of`] has turned a bridge request into an export
 /// message (records of any shape need their own time: the webhook has no enqueued time).
 pub fn decoder(cfg: &WebhookConfig) -> anyhow::Result<MessageDecoder> {
-    crate::sources::message::decoder(message_format(cfg.format), &cfg.time, &cfg.device_id)
+    crate::sources::message::decoder(message_format(cfg.format), cfg.time.as_deref(), cfg.device_id.as_deref())
 }
 
 /// The device bridge's rule for device ids: `^[a-zA-Z0-9-._:]*[a-zA-Z0-9-]+$`.

@@ -279,7 +279,7 @@ mod tests {
         let d = diff_rows(&e, &a, Order::Any).expect("a difference");
         assert!(d.contains("1 missing, 1 unexpected"), "{d}");
         assert!(d.contains("n: expected 2, got 3"), "{d}");
-        let same = vec![m(json!({"site": "a", "n": 2.0})), m(json!({"site": "b", "n": 1}))];
+        let same = [m(json!({"site": "a", "n": 2.0})), m(json!({"site": "b", "n": 1}))];
         assert_eq!(diff_rows(&e, &[same[1].clone(), same[0].clone()], Order::Any), None);
         assert!(diff_rows(&e, &[same[1].clone(), same[0].clone()], Order::Exact).is_some());
     }

@@ -358,14 +358,13 @@ fn check_input(ri: RawInput, plan: &Plan, ptr: &str, dir: &Path, cx: &mut Checke
         cx.error(ptr, "needs exactly one of `messages`, `message`, `lines`, `file`, `simulator`");
         return None;
     }
-    let received = match ri.received.as_deref().unwrap_or(DEFAULT_RECEIVED) {
-        s => match crate::time::parse_rfc3339(s) {
-            Some(t) => t,
-            None => {
-                cx.error(&format!("{ptr}/received"), format!("{s:?} is not an RFC 3339 time"));
-                return None;
-            }
-        },
+    let s = ri.received.as_deref().unwrap_or(DEFAULT_RECEIVED);
+    let received = match crate::time::parse_rfc3339(s) {
+        Some(t) => t,
+        None => {
+            cx.error(&format!("{ptr}/received"), format!("{s:?} is not an RFC 3339 time"));
+            return None;
+        }
     };
     let records = records_of(&ri, ptr, dir, received, cx)?;
     let attributes = ri.attributes.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect();

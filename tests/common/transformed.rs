@@ -156,7 +156,9 @@ pub fn check_output(out: &Path) {
     // the raw archives hold the records' own fields
     let raw = read_rows(&out.join("raw_rows"));
     assert_eq!(raw.len(), 2 * msgs.len());
-    assert!(raw.iter().all(|r| r["deviceId"] == r["Device"] && r.contains_key("Value") && r.contains_key("EnqueuedTime")));
+    assert!(raw
+        .iter()
+        .all(|r| r["deviceId"] == r["Device"] && r.contains_key("Value") && r.contains_key("EnqueuedTime")));
     let raw = read_rows(&out.join("raw_custom"));
     assert_eq!(raw.len(), msgs.len());
     assert!(raw.iter().all(|r| r.contains_key("T1") && r.contains_key("Timestamp")), "{raw:?}");

@@ -24,10 +24,10 @@ pub struct AmqpConfig {
     /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds); else
     /// the message's `timestamp_in_ms` header or `timestamp` property.
     #[serde(default)]
-    pub time: Option<Path>,
+    pub time: Option<Box<Path>>,
     /// `json`/`auto`: the field holding a record's device id; else the `iotcentral-device-id` header.
     #[serde(default)]
-    pub device_id: Option<Path>,
+    pub device_id: Option<Box<Path>>,
     /// Declare the queue (and its bindings) at start; without it the queue must exist.
     #[serde(default)]
     pub declare: Option<Declare>,
@@ -125,7 +125,7 @@ impl Spec for AmqpConfig {
         if self.queue.trim().is_empty() {
             cx.error(&format!("{ptr}/queue"), "is empty");
         }
-        crate::sources::message::check(ptr, cx, self.format, &self.time, &self.device_id);
+        crate::sources::message::check(ptr, cx, self.format, self.time.as_deref(), self.device_id.as_deref());
         if self.prefetch == 0 {
             cx.error(
                 &format!("{ptr}/prefetch"),

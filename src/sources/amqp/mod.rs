@@ -122,7 +122,7 @@ impl AmqpSource {
             link: None,
             name: cx.name.to_string(),
             projection: cx.projection.clone(),
-            decoder: crate::sources::message::decoder(cfg.format, &cfg.time, &cfg.device_id)?,
+            decoder: crate::sources::message::decoder(cfg.format, cfg.time.as_deref(), cfg.device_id.as_deref())?,
             linger,
             quiet,
             processed,

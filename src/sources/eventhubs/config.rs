@@ -42,11 +42,11 @@ pub struct EventHubsConfig {
     /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds); else
     /// the event's enqueued time.
     #[serde(default)]
-    pub time: Option<Path>,
+    pub time: Option<Box<Path>>,
     /// `json`/`auto`: the field holding a record's device id; else the `iotcentral-device-id`
     /// property.
     #[serde(default)]
-    pub device_id: Option<Path>,
+    pub device_id: Option<Box<Path>>,
     /// Where to start in a partition that has no checkpoint: `earliest` (default), `latest`,
     /// `{enqueued_time: RFC 3339}` or `{sequence_number: N}` (that event included).
     #[serde(default)]
@@ -203,7 +203,7 @@ impl Spec for EventHubsConfig {
         Some(&mut self.replay_range)
     }
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
-        crate::sources::message::check(ptr, cx, self.format, &self.time, &self.device_id);
+        crate::sources::message::check(ptr, cx, self.format, self.time.as_deref(), self.device_id.as_deref());
         let cs_given = self.connection_string.as_ref().is_some_and(|s| !s.is_empty());
         cx.secret(&format!("{ptr}/connection_string"), cs_given);
         match (cs_given, &self.credential) {

@@ -170,7 +170,11 @@ impl EventHubsSource {
             expiry: cfg.ownership_expiry.get()?,
             name: cx.name.into(),
             projection: cx.projection.clone(),
-            decoder: Arc::new(crate::sources::message::decoder(cfg.format, &cfg.time, &cfg.device_id)?),
+            decoder: Arc::new(crate::sources::message::decoder(
+                cfg.format,
+                cfg.time.as_deref(),
+                cfg.device_id.as_deref(),
+            )?),
             mode: cx.mode,
             owner,
             store,

@@ -24,10 +24,10 @@ pub struct FilesConfig {
     pub format: MessageFormat,
     /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds).
     #[serde(default)]
-    pub time: Option<Path>,
+    pub time: Option<Box<Path>>,
     /// `json`/`auto`: the field holding a record's device id (it becomes `deviceId`).
     #[serde(default)]
-    pub device_id: Option<Path>,
+    pub device_id: Option<Box<Path>>,
     /// Record framing: `auto` (a file whose first line is not a complete JSON value but starts
     /// with `[` is one JSON array; otherwise JSON lines), `jsonl` or `json_array`.
     #[serde(default)]
@@ -117,7 +117,7 @@ impl Spec for FilesConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
-        crate::sources::message::check(ptr, cx, self.format, &self.time, &self.device_id);
+        crate::sources::message::check(ptr, cx, self.format, self.time.as_deref(), self.device_id.as_deref());
         cx.positive_duration(&format!("{ptr}/poll_interval"), &self.poll_interval);
         cx.duration(&format!("{ptr}/lookback"), &self.lookback);
         if self.follow && self.layout == Layout::Plain {

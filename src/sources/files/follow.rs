@@ -149,7 +149,8 @@ impl Scan<'_> {
             let start = state.map(|s| s.horizon.clone()).filter(|h| !h.is_empty()).or(self.from.clone());
             for meta in self.tree.files(part, start.as_deref(), self.to.as_deref()).await? {
                 let Some((entry, file)) = self.entry(part, &meta) else { continue };
-                if state.is_some_and(|s| s.is_done(&file.rel)) || start.as_deref().is_some_and(|s| minute_of(&file.rel) < s)
+                if state.is_some_and(|s| s.is_done(&file.rel))
+                    || start.as_deref().is_some_and(|s| minute_of(&file.rel) < s)
                 {
                     continue;
                 }
@@ -170,8 +171,12 @@ impl Scan<'_> {
         let current = pos.parts.iter().find_map(|(p, s)| s.current.as_ref().map(|(rel, line)| (p, rel, *line)));
         let is_current = |f: &RoundFile| current.is_some_and(|(p, rel, _)| *p == f.part && *rel == f.rel);
         files.sort_by(|a, b| {
-            (!is_current(&a.1), a.0.minute, a.0.partition, a.0.path.as_ref())
-                .cmp(&(!is_current(&b.1), b.0.minute, b.0.partition, b.0.path.as_ref()))
+            (!is_current(&a.1), a.0.minute, a.0.partition, a.0.path.as_ref()).cmp(&(
+                !is_current(&b.1),
+                b.0.minute,
+                b.0.partition,
+                b.0.path.as_ref(),
+            ))
         });
         let skip = match (files.first(), current) {
             (Some((_, f)), Some((_, _, line))) if is_current(f) => line,
@@ -208,7 +213,8 @@ impl FilesSource {
     /// `follow: true`: polls for new files and reads them until stopped (`run`), or reads the
     /// files there are once (`replay`).
     pub(super) async fn follow(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason> {
-        let loc = storage::open(&self.cfg.url, &self.cfg.storage).with_context(|| format!("opening {}", self.cfg.url))?;
+        let loc =
+            storage::open(&self.cfg.url, &self.cfg.storage).with_context(|| format!("opening {}", self.cfg.url))?;
         let counts = ListCounts::of(&self.metrics_label);
         let poll = self.cfg.poll_interval.get()?;
         let lookback = self.cfg.lookback.nanos()?;

@@ -85,7 +85,8 @@ impl FilesSource {
         }
         let from = cfg.from.as_ref().map(Timestamp::get).transpose()?.unwrap_or(i64::MIN);
         let to = cfg.to.as_ref().map(Timestamp::get).transpose()?.unwrap_or(i64::MAX);
-        let decoder = Arc::new(crate::sources::message::decoder(cfg.format, &cfg.time, &cfg.device_id)?);
+        let decoder =
+            Arc::new(crate::sources::message::decoder(cfg.format, cfg.time.as_deref(), cfg.device_id.as_deref())?);
         Ok(FilesSource {
             cfg,
             projection: cx.projection.clone(),

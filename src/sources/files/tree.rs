@@ -180,7 +180,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let app = dir.path().join("container/app-1");
         let mut files = Vec::new();
-        for (part, minute) in [(0, "2024/01/01/00/00"), (0, "2026/11/01/12/59"), (0, "2026/11/01/13/04"), (1, "2026/11/01/13/05")]
+        for (part, minute) in
+            [(0, "2024/01/01/00/00"), (0, "2026/11/01/12/59"), (0, "2026/11/01/13/04"), (1, "2026/11/01/13/05")]
         {
             let d = app.join(format!("{part}/{minute}"));
             std::fs::create_dir_all(&d).unwrap();
