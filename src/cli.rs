@@ -1,4 +1,4 @@
-//! The command line: `run`, `replay`, `validate`, `test`, `graph`, `schema`, `simulate`.
+//! The command line: `run`, `replay`, `validate`, `test`, `graph`, `top`, `schema`, `simulate`.
 //!
 //! Exit codes: 0 success; 1 the pipeline failed while running; 2 the pipeline file (or the
 //! command line) is invalid.
@@ -100,6 +100,18 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "mermaid")]
         format: crate::diagram::Format,
     },
+    /// A live view of a running instance (`centralflow run`), from its /metrics: events in and
+    /// out per second, errors, dead letters, late events, watermark and consumer lag per
+    /// component, and the last checkpoint. Quit with q, Esc or Ctrl-C.
+    Top {
+        /// The instance's operations endpoint: host:port or an http:// URL.
+        #[arg(default_value = crate::top::DEFAULT_ADDRESS)]
+        address: String,
+        /// Print one plain-text snapshot (two polls a second apart) and exit: 0 when the instance
+        /// answered, 1 when it did not.
+        #[arg(long)]
+        once: bool,
+    },
     /// Write simulated IoT Central export messages as JSON lines.
     Simulate {
         /// Number of devices.
@@ -175,6 +187,7 @@ async fn dispatch(cli: Cli) -> i32 {
             Err(code) => code,
         },
         Command::Test { paths, junit } => crate::testing::main(&paths, junit.as_deref()),
+        Command::Top { address, once } => crate::top::main(&address, once).await,
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
             0

@@ -26,4 +26,5 @@ pub mod sources;
 pub mod storage;
 pub mod testing;
 pub mod time;
+pub mod top;
 pub mod transforms;

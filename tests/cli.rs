@@ -134,7 +134,7 @@ fn simulate_writes_export_json_lines() {
 fn help_describes_the_commands() {
     let out = run(&["--help"], &[], T);
     let text = String::from_utf8_lossy(&out.stdout);
-    for c in ["run", "replay", "validate", "schema", "simulate"] {
+    for c in ["run", "replay", "validate", "test", "graph", "top", "schema", "simulate"] {
         assert!(text.contains(c), "{text}");
     }
 }

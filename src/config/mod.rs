@@ -14,6 +14,7 @@ mod graph;
 mod registry;
 mod structure;
 pub mod values;
+mod variants;
 pub mod yaml;
 
 pub use checker::{dotted, Checker, ConfigError};

@@ -175,15 +175,10 @@ fn validate_against(schema: &serde_json::Value, value: &mut serde_json::Value, b
         }
     };
     for _round in 0..4 {
-        let errors: Vec<SchemaError> = validator
-            .iter_errors(value)
-            .map(|e| SchemaError {
-                path: e.instance_path.to_string(),
-                kind: SchemaErrorKind::of(&e.kind),
-                message: e.to_string(),
-                schema_path: e.schema_path.to_string(),
-            })
-            .collect();
+        let mut errors: Vec<SchemaError> = Vec::new();
+        for e in validator.iter_errors(value) {
+            super::variants::explain(schema, &e, None, &mut errors);
+        }
         if errors.is_empty() {
             return;
         }
@@ -206,7 +201,7 @@ fn validate_against(schema: &serde_json::Value, value: &mut serde_json::Value, b
             continue;
         }
         for e in errors {
-            report_schema_error(schema, base, &e, cx);
+            report_schema_error(base, &e, cx);
         }
         return;
     }
@@ -236,26 +231,50 @@ fn coerce(v: &serde_json::Value, wanted: &str) -> Option<serde_json::Value> {
 }
 
 /// The parts of a JSON Schema validation error that we report.
-struct SchemaError {
-    path: String,
-    kind: SchemaErrorKind,
-    message: String,
-    schema_path: String,
+pub(super) struct SchemaError {
+    /// Instance path, below the validated value.
+    pub path: String,
+    pub kind: SchemaErrorKind,
+    /// jsonschema's own message, for the kinds we do not word ourselves.
+    pub message: String,
+    /// The variant of a tagged value the error is about ("a tumbling window"), when the error
+    /// is at that value itself.
+    pub variant: Option<String>,
 }
 
-enum SchemaErrorKind {
-    Unknown(Vec<String>),
+pub(super) enum SchemaErrorKind {
+    Unknown {
+        unexpected: Vec<String>,
+        known: Vec<String>,
+    },
     Required(String),
     Type(String),
-    Enum(Vec<String>),
+    Enum {
+        options: Vec<serde_json::Value>,
+        given: Option<String>,
+    },
+    /// Already worded (by [`super::variants`]).
+    Said(String),
     Other,
 }
 
-impl SchemaErrorKind {
-    fn of(k: &jsonschema::error::ValidationErrorKind) -> SchemaErrorKind {
+impl SchemaError {
+    pub(super) fn new(path: String, kind: SchemaErrorKind) -> SchemaError {
+        SchemaError { path, kind, message: String::new(), variant: None }
+    }
+
+    pub(super) fn said(path: String, message: String) -> SchemaError {
+        SchemaError::new(path, SchemaErrorKind::Said(message))
+    }
+
+    /// One jsonschema error as it is, within `variant` if given.
+    pub(super) fn of(root: &serde_json::Value, e: &jsonschema::ValidationError<'_>, variant: Option<String>) -> Self {
         use jsonschema::error::ValidationErrorKind as K;
-        match k {
-            K::AdditionalProperties { unexpected } => SchemaErrorKind::Unknown(unexpected.clone()),
+        let kind = match &e.kind {
+            K::AdditionalProperties { unexpected } => SchemaErrorKind::Unknown {
+                unexpected: unexpected.clone(),
+                known: known_properties(root, e.schema_path.as_str()),
+            },
             K::Required { property } => SchemaErrorKind::Required(property.as_str().unwrap_or("?").to_string()),
             K::Type { kind } => {
                 let dbg = format!("{kind:?}").to_ascii_lowercase();
@@ -267,69 +286,97 @@ impl SchemaErrorKind {
                 found.sort();
                 SchemaErrorKind::Type(found.iter().map(|(_, t)| *t).collect::<Vec<_>>().join(" | "))
             }
-            K::Enum { options } => SchemaErrorKind::Enum(
-                options.as_array().map(|a| a.iter().map(|o| o.to_string()).collect()).unwrap_or_default(),
-            ),
+            K::Enum { options } => SchemaErrorKind::Enum {
+                options: options.as_array().cloned().unwrap_or_default(),
+                given: e.instance.as_str().map(str::to_string),
+            },
             _ => SchemaErrorKind::Other,
-        }
+        };
+        SchemaError { path: e.instance_path.to_string(), kind, message: e.to_string(), variant }
     }
 }
 
-fn report_schema_error(schema: &serde_json::Value, base: &str, e: &SchemaError, cx: &mut Checker<'_>) {
+fn report_schema_error(base: &str, e: &SchemaError, cx: &mut Checker<'_>) {
     let ptr = format!("{base}{}", e.path);
     match &e.kind {
-        SchemaErrorKind::Unknown(unexpected) => {
-            let known = known_properties(schema, &e.schema_path);
+        SchemaErrorKind::Unknown { unexpected, known } => {
             let known_refs: Vec<&str> = known.iter().map(String::as_str).collect();
+            let within = e.variant.as_ref().map(|v| format!(" in {v}")).unwrap_or_default();
             for u in unexpected {
                 let hint = suggest(u, &known_refs);
                 let list =
                     if known.is_empty() { String::new() } else { format!(" (known fields: {})", known.join(", ")) };
                 cx.error_at_key(
                     &format!("{ptr}/{}", yaml::pointer_escape(u)),
-                    format!("unknown field `{u}`{hint}{list}"),
+                    format!("unknown field `{u}`{within}{hint}{list}"),
                 );
             }
         }
-        SchemaErrorKind::Required(property) => {
-            cx.error(&ptr, format!("missing required field `{property}`"));
-        }
+        SchemaErrorKind::Required(property) => match &e.variant {
+            Some(v) => cx.error(&ptr, format!("{v} needs `{property}`")),
+            None => cx.error(&ptr, format!("missing required field `{property}`")),
+        },
         SchemaErrorKind::Type(wanted) => {
             cx.error(&ptr, format!("must be {}", wanted.replace("null", "nothing").replace(" | ", " or ")));
         }
-        SchemaErrorKind::Enum(opts) => {
-            cx.error(&ptr, format!("must be one of {}", opts.join(", ")));
-        }
+        SchemaErrorKind::Enum { options, given } => cx.error(&ptr, enum_message(options, given.as_deref())),
+        SchemaErrorKind::Said(message) => cx.error(&ptr, redact_value(message)),
         SchemaErrorKind::Other => cx.error(&ptr, redact_value(&e.message)),
     }
+}
+
+/// `must be one of "a", "b"`, with a suggestion when `given` is close to one.
+pub(super) fn enum_message(options: &[serde_json::Value], given: Option<&str>) -> String {
+    let names: Vec<&str> = options.iter().filter_map(serde_json::Value::as_str).collect();
+    let hint = given.map(|g| suggest(g, &names)).unwrap_or_default();
+    let list: Vec<String> = options.iter().map(|o| o.to_string()).collect();
+    format!("must be one of {}{hint}", list.join(", "))
 }
 
 fn redact_value(msg: &str) -> String {
     crate::secret::redact(msg)
 }
 
-/// Property names allowed at the object a schema path (ending in `additionalProperties`) refers to.
-fn known_properties(schema: &serde_json::Value, schema_path: &str) -> Vec<String> {
-    let mut cur = schema;
-    let segs: Vec<&str> = schema_path.split('/').filter(|s| !s.is_empty()).collect();
-    for seg in &segs[..segs.len().saturating_sub(1)] {
+/// Follows `$ref`s (within the document) from `node`.
+pub(super) fn resolve<'s>(root: &'s serde_json::Value, mut node: &'s serde_json::Value) -> &'s serde_json::Value {
+    for _ in 0..32 {
+        match node.get("$ref").and_then(|r| r.as_str()).and_then(|r| r.strip_prefix('#')).and_then(|p| root.pointer(p))
+        {
+            Some(target) => node = target,
+            None => break,
+        }
+    }
+    node
+}
+
+/// The schema at a jsonschema schema path (`/properties/window/$ref/oneOf/0`), following
+/// `$ref`s, and the name of the last definition followed (`WindowSpec`).
+pub(super) fn node_at<'s>(
+    root: &'s serde_json::Value,
+    schema_path: &str,
+) -> Option<(&'s serde_json::Value, Option<&'s str>)> {
+    let mut cur = root;
+    let mut def = None;
+    for seg in schema_path.split('/').filter(|s| !s.is_empty()) {
         let seg = seg.replace("~1", "/").replace("~0", "~");
         if seg == "$ref" {
             continue;
         }
-        cur = match cur.get(&seg).or_else(|| seg.parse::<usize>().ok().and_then(|i| cur.get(i))) {
-            Some(c) => c,
-            None => return Vec::new(),
-        };
-        // follow references
-        while let Some(r) = cur.get("$ref").and_then(|r| r.as_str()) {
-            match r.strip_prefix('#').and_then(|p| schema.pointer(p)) {
-                Some(t) => cur = t,
-                None => break,
-            }
+        cur = cur.get(&seg).or_else(|| seg.parse::<usize>().ok().and_then(|i| cur.get(i)))?;
+        if let Some(r) = cur.get("$ref").and_then(|r| r.as_str()) {
+            def = r.rsplit('/').next();
+            cur = resolve(root, cur);
         }
     }
-    cur.get("properties").and_then(|p| p.as_object()).map(|p| p.keys().cloned().collect()).unwrap_or_default()
+    Some((cur, def))
+}
+
+/// Property names allowed at the object a schema path (ending in `additionalProperties`) refers to.
+fn known_properties(schema: &serde_json::Value, schema_path: &str) -> Vec<String> {
+    let parent = schema_path.rsplit_once('/').map_or("", |(p, _)| p);
+    node_at(schema, parent)
+        .and_then(|(node, _)| node.get("properties")?.as_object().map(|p| p.keys().cloned().collect()))
+        .unwrap_or_default()
 }
 
 /// ` (did you mean `x`?)` when a known name is close.

@@ -333,3 +333,263 @@ fn window_rows_go_as_columns_only_to_ports_whose_consumers_all_read_them() {
     let late = "  l:\n    type: parquet\n    inputs: [w.late]\n    url: /tmp/l\n";
     assert_eq!(pipeline(&(pq("a", "") + late)).0, vec![true, true, false]);
 }
+
+/// The errors of a pipeline with one window transform whose `window:` is `window`.
+fn window_errors(window: &str) -> Vec<String> {
+    errors(&format!(
+        "sources:\n  sim:\n    type: simulator\n    count: 1\ntransforms:\n  w:\n    type: window\n    inputs: [sim]\n    \
+         window: {window}\nsinks:\n  o:\n    type: console\n    inputs: [w]\n"
+    ))
+}
+
+/// Checks that `errs` are exactly `want`, each a prefix of one error, in order.
+fn assert_errors(errs: &[String], want: &[&str]) {
+    assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    for (e, w) in errs.iter().zip(want) {
+        assert!(e.starts_with(w), "want {w:?}, got {e:?}");
+        assert!(!e.contains("is not valid under"), "{e}");
+    }
+}
+
+#[test]
+fn window_errors_name_the_kind_of_window() {
+    // the issue's example: a misspelled field, located at the key, and the field it leaves out
+    let errs = window_errors("{kind: tumbling, sise: 1m}");
+    assert_errors(
+        &errs,
+        &[
+            "transforms.w.window: a tumbling window needs `size` (line 9, column 13)",
+            "transforms.w.window.sise: unknown field `sise` in a tumbling window (did you mean `size`?) \
+             (known fields: kind, size) (line 9, column 30)",
+        ],
+    );
+    assert_errors(
+        &window_errors("{kind: hopping, size: 1m}"),
+        &["transforms.w.window: a hopping window needs `hop` (line 9, column 13)"],
+    );
+    assert_errors(
+        &window_errors("{size: 1m}"),
+        &["transforms.w.window: a window needs `kind` (one of: tumbling, hopping, session) (line 9, column 13)"],
+    );
+    assert_errors(
+        &window_errors("{kind: tumblin, size: 1m}"),
+        &["transforms.w.window.kind: unknown window kind `tumblin` (did you mean `tumbling`?) \
+           (one of: tumbling, hopping, session) (line 9, column 20)"],
+    );
+    assert_errors(
+        &window_errors("{kind: 7, size: 1m}"),
+        &["transforms.w.window.kind: must be one of: tumbling, hopping, session (line 9, column 20)"],
+    );
+    assert_errors(
+        &window_errors("{kind: session, gap: [1m]}"),
+        &["transforms.w.window.gap: must be string (line 9, column 34)"],
+    );
+    assert_errors(
+        &window_errors("tumbling"),
+        &["transforms.w.window: must be a mapping with `kind` (one of: tumbling, hopping, session) (line 9, column 13)"],
+    );
+    // a right window still gets its values checked
+    assert_errors(
+        &window_errors("{kind: session, gap: 1 fortnight}"),
+        &["transforms.w.window.gap: \"1 fortnight\" is not a duration"],
+    );
+}
+
+#[test]
+fn simulator_field_errors_name_the_kind_of_field() {
+    let text = r#"sources:
+  sim:
+    type: simulator
+    count: 1
+    fields:
+      a: {kind: normal, mean: 1, sdtdev: 2}
+      b: {kind: gaussian, mean: 1}
+      c: {mean: 1}
+      d: {kind: integer, min: 1, max: 2.5}
+      e: 5
+      f: {kind: normal, mean: "${DEVICES}", stddev: 1}
+sinks:
+  o:
+    type: console
+    inputs: [sim]
+"#;
+    assert_errors(
+        &errors(text),
+        &[
+            "sources.sim.fields.a: a normal field needs `stddev` (line 6, column 10)",
+            "sources.sim.fields.a.sdtdev: unknown field `sdtdev` in a normal field (did you mean `stddev`?) \
+             (known fields: kind, mean, stddev, device_spread, decimals) (line 6, column 34)",
+            "sources.sim.fields.b.kind: unknown field kind `gaussian` (one of: normal, uniform, integer, choice, \
+             geopoint) (line 7, column 17)",
+            "sources.sim.fields.c: a field needs `kind` (one of: normal, uniform, integer, choice, geopoint) \
+             (line 8, column 10)",
+            "sources.sim.fields.d.max: must be integer (line 9, column 39)",
+            "sources.sim.fields.e: must be a mapping with `kind` (one of: normal, uniform, integer, choice, \
+             geopoint) (line 10, column 10)",
+        ],
+    );
+}
+
+/// The errors of a pipeline with one Event Hubs source with these extra lines.
+fn eventhubs_errors(lines: &str) -> Vec<String> {
+    errors(&format!(
+        "sources:\n  hub:\n    type: eventhubs\n    namespace: ns.servicebus.windows.net\n    event_hub: h\n{lines}\
+         sinks:\n  o:\n    type: console\n    inputs: [hub]\n"
+    ))
+}
+
+#[test]
+fn credential_errors_name_the_kind_of_credential() {
+    let errs = eventhubs_errors("    credential: {kind: client_secret, tenant_id: t, clientid: c}\n");
+    assert_errors(
+        &errs,
+        &[
+            "sources.hub.credential: a `client_secret` credential needs `client_id` (line 6, column 17)",
+            "sources.hub.credential: a `client_secret` credential needs `client_secret` (line 6, column 17)",
+            "sources.hub.credential.clientid: unknown field `clientid` in a `client_secret` credential \
+             (did you mean `client_id`?) (known fields: kind, tenant_id, client_id, client_secret) (line 6, column 53)",
+        ],
+    );
+    assert_errors(
+        &eventhubs_errors("    credential: {kind: azure-cli}\n"),
+        &["sources.hub.credential.kind: unknown credential kind `azure-cli` (did you mean `azure_cli`?) \
+           (one of: managed_identity, workload_identity, client_secret, azure_cli) (line 6, column 24)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    credential: {client_id: c}\n"),
+        &["sources.hub.credential: a credential needs `kind` (one of: managed_identity, workload_identity, \
+           client_secret, azure_cli) (line 6, column 17)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    credential: {kind: azure_cli, tenant_id: [t]}\n"),
+        &["sources.hub.credential.tenant_id: must be nothing or string (line 6, column 46)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    credential: managed_identity\n"),
+        &["sources.hub.credential: must be a mapping with `kind` (one of: managed_identity, workload_identity, \
+           client_secret, azure_cli) (line 6, column 17)"],
+    );
+}
+
+#[test]
+fn start_position_errors_say_what_a_start_may_be() {
+    assert_errors(
+        &eventhubs_errors("    start: earlist\n"),
+        &["sources.hub.start: must be one of \"earliest\", \"latest\" (did you mean `earliest`?), or a mapping \
+           with `enqueued_time` or `sequence_number` (line 6, column 12)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    start: {enqueud_time: \"2026-01-01T00:00:00Z\"}\n"),
+        &["sources.hub.start.enqueud_time: unknown field `enqueud_time` (did you mean `enqueued_time`?) \
+           (known fields: enqueued_time, sequence_number) (line 6, column 13)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    start: {sequence_number: x}\n"),
+        &["sources.hub.start.sequence_number: must be integer (line 6, column 30)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    start: {sequence_number: 1, enqueued_time: \"2026-01-01T00:00:00Z\"}\n"),
+        &["sources.hub.start: has both `enqueued_time` and `sequence_number`: give only one (line 6, column 12)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    start: {}\n"),
+        &["sources.hub.start: needs one of `enqueued_time` or `sequence_number` (line 6, column 12)"],
+    );
+    assert_errors(
+        &eventhubs_errors("    start: 5\n"),
+        &["sources.hub.start: must be \"earliest\", \"latest\" or a mapping with `enqueued_time` or \
+           `sequence_number` (line 6, column 12)"],
+    );
+    // a number from the environment inside a variant is converted like anywhere else
+    let text =
+        "sources:\n  hub:\n    type: eventhubs\n    namespace: ns.servicebus.windows.net\n    event_hub: h\n    \
+                credential: {kind: managed_identity}\n    start: {sequence_number: \"${DEVICES}\"}\n\
+                sinks:\n  o:\n    type: console\n    inputs: [hub]\n";
+    load(text).unwrap();
+}
+
+/// The errors of a pipeline with one central sink with these extra lines.
+fn central_errors(lines: &str) -> Vec<String> {
+    errors(&format!(
+        "sources:\n  sim:\n    type: simulator\n    count: 1\nsinks:\n  c:\n    type: central\n    inputs: [sim]\n    \
+         id_scope: x\n    group_key: ${{KEY}}\n{lines}"
+    ))
+}
+
+#[test]
+fn transport_and_measurements_errors() {
+    assert_errors(
+        &central_errors("    transport: mqq\n"),
+        &["sinks.c.transport: must be one of \"https_batch\", \"https\", \"mqtt\" (did you mean `mqtt`?) (line 11, column 16)"],
+    );
+    assert_errors(
+        &central_errors("    transport: 1\n"),
+        &["sinks.c.transport: must be \"https_batch\", \"https\" or \"mqtt\" (line 11, column 16)"],
+    );
+    assert_errors(
+        &central_errors("    measurements: 5\n"),
+        &["sinks.c.measurements: must be array or object (line 11, column 19)"],
+    );
+    assert_errors(
+        &central_errors("    measurements: {t: 1}\n"),
+        &["sinks.c.measurements.t: must be string (line 11, column 23)"],
+    );
+    assert_errors(
+        &central_errors("    measurements: [t, [h]]\n"),
+        &["sinks.c.measurements[1]: must be string (line 11, column 23)"],
+    );
+}
+
+#[test]
+fn optional_values_are_checked_as_their_type() {
+    let text = r#"sources:
+  q:
+    type: amqp
+    url: amqp://localhost
+    queue: x
+    declare: {durable: 1, bindngs: []}
+  h:
+    type: webhook
+    token: ${KEY}
+    tls: {cert_file: c.pem}
+  e:
+    type: eventhubs
+    connection_string: 5
+sinks:
+  o:
+    type: console
+    inputs: [q, h, e]
+"#;
+    assert_errors(
+        &errors(text),
+        &[
+            "sources.q.declare.durable: must be boolean (line 6, column 24)",
+            "sources.q.declare.bindngs: unknown field `bindngs` (did you mean `bindings`?) (known fields: durable, \
+             bindings, dead_letter_exchange) (line 6, column 27)",
+            "sources.h.tls: missing required field `key_file` (line 10, column 10)",
+            "sources.e.connection_string: must be string or nothing (line 13, column 24)",
+        ],
+    );
+}
+
+/// A union that no rule explains is reported by the branch with the fewest errors, and an error
+/// that is not about a union as it is.
+#[test]
+fn unions_without_a_tag_fall_back_to_the_closest_branch() {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"x": {"anyOf": [
+            {"type": "string", "minLength": 3, "maxLength": 1},
+            {"type": "string", "minLength": 3},
+        ]}},
+    });
+    let v = jsonschema::options().with_draft(jsonschema::Draft::Draft7).build(&schema).unwrap();
+    let value = serde_json::json!({"x": "ab"});
+    let mut out = Vec::new();
+    for e in v.iter_errors(&value) {
+        super::variants::explain(&schema, &e, None, &mut out);
+    }
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].path, "/x");
+    assert!(out[0].message.contains("shorter than 3"), "{}", out[0].message);
+}

@@ -191,6 +191,9 @@ pub async fn run(
     let interval = session.interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut last_durable = Instant::now();
+    // the checkpoint age gauge moves every second, not only when something happens
+    let mut age = tokio::time::interval(Duration::from_secs(1));
+    age.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     tokio::pin!(stop);
     let mut stop_asked = false;
     while !proto.is_finished() {
@@ -204,6 +207,7 @@ pub async fn run(
                 None => break,
             },
             _ = ticker.tick(), if proto.idle() => proto.tick(),
+            _ = age.tick() => Vec::new(),
             _ = &mut stop, if !stop_asked => {
                 stop_asked = true;
                 tracing::info!("stopping: sources end their streams, everything in flight is flushed");

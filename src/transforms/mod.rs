@@ -3,9 +3,12 @@
 //! [`Transform`](crate::runtime::Transform)), one line in the enum below and one arm in [`build`].
 //! [`dew_point`] is the example of a compiled-in Rust stage.
 
+pub mod device_context;
 pub mod dew_point;
 pub mod filter;
+pub mod jq;
 pub mod map;
+pub(crate) mod watermark;
 pub mod window;
 
 use crate::event::Event;
@@ -18,6 +21,8 @@ crate::component_enum! {
         Map("map", map::MapConfig),
         DewPoint("dew_point", dew_point::DewPointConfig),
         Window("window", window::WindowConfig),
+        DeviceContext("device_context", device_context::DeviceContextConfig),
+        Jq("jq", jq::JqConfig),
     }
 }
 
@@ -28,6 +33,8 @@ pub fn build(cfg: &TransformConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<dyn 
         TransformConfig::Map(c) => Box::new(map::Map::new(c, cx)?),
         TransformConfig::DewPoint(c) => Box::new(dew_point::DewPoint::new(c, cx)?),
         TransformConfig::Window(c) => Box::new(window::Window::new(c, cx)?),
+        TransformConfig::DeviceContext(c) => Box::new(device_context::DeviceContext::new(c, cx)?),
+        TransformConfig::Jq(c) => Box::new(jq::Jq::new(c, cx)?),
     })
 }
 

@@ -16,7 +16,7 @@
 //! The parts, one concern a file: the state and the event-by-event update here; the YAML
 //! configuration in `config`; group keys in `keys`; session windows in `session`; emitting
 //! rows in `emit` (and as columns in `columns`); aggregates in `agg`; the watermark in
-//! `watermark`.
+//! `transforms::watermark` (shared with `device_context`).
 
 pub mod agg;
 mod columns;
@@ -24,7 +24,6 @@ mod config;
 mod emit;
 mod keys;
 mod session;
-mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use sketches_ddsketch::DDSketch;
 
 use self::agg::{AggFn, AggPlan, Skipped};
-use self::watermark::Watermark;
+use super::watermark::Watermark;
 use crate::config::values::{Dur, Parsed};
 use crate::event::{Batch, Event, Kind, Nanos, RowLayout, NO_TIME};
 use crate::metrics::ComponentMetrics;

@@ -1,4 +1,4 @@
-//! Watermarks: per input partition, the largest event time seen; overall, the minimum of those
+//! Watermarks (of the window and of `device_context`): per input partition, the largest event time seen; overall, the minimum of those
 //! over the partitions that are not idle, minus the allowed lateness. Never moves back.
 //!
 //! Idleness is the only thing measured on the wall clock, and only in `run` (ticks): a partition

@@ -1,0 +1,324 @@
+//! A compiled jq program (jaq) and its guard against runaway evaluation.
+//!
+//! jaq has no limit of its own on how long a program runs or how deep it recurses. The guard
+//! uses the one place every evaluation step passes through: before evaluating any term, jaq
+//! asks the run's data for its look-up table ([`HasLut::lut`]). Our data type counts those calls
+//! and, every 256 of them, compares the clock with the record's deadline; on every call it also
+//! compares the stack depth used since the record started with a budget. Past either, it
+//! unwinds out of the evaluation with a private panic payload, caught around the record (jaq
+//! forbids `unsafe`, so unwinding through it leaves nothing inconsistent; its values are
+//! dropped). Outputs are pulled one at a time, so `max_outputs` stops an endless stream of them.
+//! Natives that consume a stream evaluate their producer's terms, except when the producer is
+//! itself a native without filter arguments; the only such endless producer, `range`, is
+//! replaced by jq's own definition ([`GUARDED_DEFS`]). What the guard cannot stop is one native
+//! operation that is itself huge (`"x" * 1e9`): that is bounded by memory, not time.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use jaq_core::data::{DataT, HasLut};
+use jaq_core::load::{Arena, File, Import, Loader};
+use jaq_core::{Compiler, Ctx, Native, Vars};
+use jaq_json::Val;
+
+/// The `iotc` module IoT Central's transformations import (`import "iotc" as iotc;`).
+pub const IOTC_MODULE: &str = "def find(f): first(.[] | select(f)) // null;";
+
+/// `range` as jq 1.6 defines it, replacing jaq's native one: a native stream feeding a native
+/// consumer (`last(range(1e18))`) never evaluates a term, so the guard would never see it; as a
+/// definition, every element is a step. The shorter forms are defined again after it, so that
+/// they call it.
+const GUARDED_DEFS: &str = "\
+def range($from; $upto; $by): if $by > 0 then $from | while(. < $upto; . + $by) \
+  elif $by < 0 then $from | while(. > $upto; . + $by) else empty end;
+def range($from; $upto): range($from; $upto; 1);
+def range($upto): range(0; $upto);";
+
+/// The data type our programs run with: jaq's JSON values, and a look-up table whose every use
+/// is a guard check.
+pub struct Guarded;
+
+impl DataT for Guarded {
+    type V<'a> = Val;
+    type Data<'a> = GuardedLut<'a>;
+}
+
+/// The program's look-up table, as the run's data.
+#[derive(Clone)]
+pub struct GuardedLut<'a>(&'a jaq_core::Lut<Guarded>);
+
+impl<'a> HasLut<'a, Guarded> for GuardedLut<'a> {
+    fn lut(&self) -> &'a jaq_core::Lut<Guarded> {
+        guard_step();
+        self.0
+    }
+}
+
+/// Why an evaluation was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Time,
+    Depth,
+}
+
+struct Guard {
+    deadline: Instant,
+    stack_base: usize,
+    steps: u32,
+}
+
+thread_local! {
+    static GUARD: Cell<Option<(Instant, usize)>> = const { Cell::new(None) };
+    static STEPS: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Stack a record's evaluation may use beyond where it started.
+const STACK_BUDGET: usize = 512 * 1024;
+
+#[inline]
+fn stack_address() -> usize {
+    let marker = 0u8;
+    std::hint::black_box(&marker) as *const u8 as usize
+}
+
+fn guard_step() {
+    let Some((deadline, base)) = GUARD.with(Cell::get) else { return };
+    if base.saturating_sub(stack_address()) > STACK_BUDGET {
+        std::panic::panic_any(Stop::Depth);
+    }
+    let n = STEPS.with(|s| {
+        let n = s.get().wrapping_add(1);
+        s.set(n);
+        n
+    });
+    if n % 256 == 0 && Instant::now() > deadline {
+        std::panic::panic_any(Stop::Time);
+    }
+}
+
+impl Guard {
+    fn arm(timeout: Duration) -> Guard {
+        static QUIET: std::sync::Once = std::sync::Once::new();
+        // our stops are not crashes: keep them out of the panic hook's output
+        QUIET.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if info.payload().downcast_ref::<Stop>().is_none() {
+                    previous(info)
+                }
+            }));
+        });
+        let g = Guard { deadline: Instant::now() + timeout, stack_base: stack_address(), steps: 0 };
+        GUARD.with(|c| c.set(Some((g.deadline, g.stack_base))));
+        STEPS.with(|s| s.set(g.steps));
+        g
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        GUARD.with(|c| c.set(None));
+    }
+}
+
+/// A compiled program.
+pub struct Program {
+    filter: jaq_core::compile::Filter<Native<Guarded>>,
+}
+
+impl std::fmt::Debug for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Program")
+    }
+}
+
+/// Why a record produced no outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunError {
+    /// The program raised an error (`error(...)`, a type error, ...).
+    Jq(String),
+    Timeout(Duration),
+    TooDeep,
+    TooMany(usize),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Jq(e) => write!(f, "jq error: {e}"),
+            RunError::Timeout(t) => write!(f, "the jq program ran longer than {t:?} on this record (`timeout`)"),
+            RunError::TooDeep => {
+                write!(f, "the jq program recursed deeper than {} KiB of stack on this record", STACK_BUDGET / 1024)
+            }
+            RunError::TooMany(n) => {
+                write!(f, "the jq program emitted more than {n} outputs for this record (`max_outputs`)")
+            }
+        }
+    }
+}
+
+/// Line and column (1-based) of `part`, a slice of `code`.
+fn position(code: &str, part: &str) -> (usize, usize) {
+    let offset = (part.as_ptr() as usize).saturating_sub(code.as_ptr() as usize).min(code.len());
+    let before = &code[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn near(part: &str) -> String {
+    let s: String = part.chars().take(20).collect();
+    if s.is_empty() {
+        "the end".into()
+    } else {
+        format!("`{s}`")
+    }
+}
+
+impl Program {
+    /// Compiles a program; errors say what was expected where (line and column in the program).
+    pub fn compile(code: &str) -> Result<Program, String> {
+        let guarded = jaq_core::load::parse(GUARDED_DEFS, |p| p.defs()).expect("the guarded definitions parse");
+        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs()).chain(guarded);
+        let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+        // modules are told apart by path: the main program is "", `iotc` is "iotc"
+        let read = |imp: Import<&str, String>| match *imp.path {
+            "iotc" => Ok(File { code: IOTC_MODULE.to_string(), path: "iotc".to_string() }),
+            other => Err(format!("unknown module `{other}` (only `iotc` is available)")),
+        };
+        let loader = Loader::new(defs).with_read(read);
+        let arena = Arena::default();
+        let modules = loader.load(&arena, File { code, path: String::new() }).map_err(|errs| {
+            let mut msgs = Vec::new();
+            for (_file, e) in errs {
+                match e {
+                    jaq_core::load::Error::Io(list) => {
+                        msgs.extend(list.into_iter().map(|(path, e)| format!("import \"{path}\": {e}")))
+                    }
+                    jaq_core::load::Error::Lex(list) => msgs.extend(list.into_iter().map(|(expect, at)| {
+                        let (l, c) = position(code, at);
+                        format!(
+                            "expected {} at line {l}, column {c} of the program (near {})",
+                            expect.as_str(),
+                            near(at)
+                        )
+                    })),
+                    jaq_core::load::Error::Parse(list) => msgs.extend(list.into_iter().map(|(expect, at)| {
+                        let (l, c) = position(code, at);
+                        format!(
+                            "expected {} at line {l}, column {c} of the program (near {})",
+                            expect.as_str(),
+                            near(at)
+                        )
+                    })),
+                }
+            }
+            msgs.join("; ")
+        })?;
+        let filter = Compiler::default().with_funs(funs).compile(modules).map_err(|errs| {
+            errs.into_iter()
+                .flat_map(|(_file, list)| list)
+                .map(|(name, undefined)| {
+                    let (l, c) = position(code, name);
+                    format!("undefined {} `{name}` at line {l}, column {c} of the program", undefined.as_str())
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        Ok(Program { filter })
+    }
+
+    /// Runs the program on one input, within `timeout` and at most `max_outputs` outputs.
+    pub fn run(&self, input: Val, timeout: Duration, max_outputs: usize) -> Result<Vec<Val>, RunError> {
+        let guard = Guard::arm(timeout);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let ctx = Ctx::<Guarded>::new(GuardedLut(&self.filter.lut), Vars::new([]));
+            let mut outs = Vec::new();
+            for v in self.filter.id.run((ctx, input)) {
+                match jaq_core::unwrap_valr(v) {
+                    Ok(v) if outs.len() < max_outputs => outs.push(v),
+                    Ok(_) => return Err(RunError::TooMany(max_outputs)),
+                    Err(e) => return Err(RunError::Jq(e.to_string())),
+                }
+            }
+            Ok(outs)
+        }));
+        drop(guard);
+        match ran {
+            Ok(r) => r,
+            Err(payload) => match payload.downcast_ref::<Stop>() {
+                Some(Stop::Time) => Err(RunError::Timeout(timeout)),
+                Some(Stop::Depth) => Err(RunError::TooDeep),
+                None => std::panic::resume_unwind(payload),
+            },
+        }
+    }
+}
+
+/// Parses JSON text into a jq value.
+pub fn parse(json: &str) -> Result<Val, String> {
+    jaq_json::read::parse_single(json.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// A value as compact JSON text, as jq prints it with `-c`.
+pub fn to_json(v: &Val) -> String {
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run1(code: &str, input: &str) -> Result<Vec<String>, RunError> {
+        let p = Program::compile(code).unwrap();
+        p.run(parse(input).unwrap(), Duration::from_secs(2), 100).map(|v| v.iter().map(to_json).collect())
+    }
+
+    #[test]
+    fn runs_programs_with_several_outputs_and_the_iotc_module() {
+        assert_eq!(run1(".a, .b", r#"{"a":1,"b":"x"}"#).unwrap(), vec!["1", "\"x\""]);
+        let found = run1(
+            r#"import "iotc" as iotc; .telemetry | iotc::find(.name == "t").value"#,
+            r#"{"telemetry":[{"name":"u","value":1},{"name":"t","value":2}]}"#,
+        );
+        assert_eq!(found.unwrap(), vec!["2"]);
+        assert_eq!(run1("empty", "{}").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn compile_errors_say_where() {
+        let e = Program::compile(".a |\n  {b: }").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        let e = Program::compile(".a | nosuchfilter").unwrap_err();
+        assert!(e.contains("undefined filter `nosuchfilter`") && e.contains("column 6"), "{e}");
+        let e = Program::compile(r#"import "other" as o; ."#).unwrap_err();
+        assert!(e.contains("unknown module `other`"), "{e}");
+    }
+
+    fn stopped(code: &str, timeout_ms: u64) -> Result<Vec<Val>, RunError> {
+        Program::compile(code).unwrap().run(Val::Null, Duration::from_millis(timeout_ms), 10)
+    }
+
+    #[test]
+    fn endless_tail_recursion_is_stopped_by_the_timeout() {
+        assert_eq!(stopped("def f: f; f", 50), Err(RunError::Timeout(Duration::from_millis(50))));
+    }
+
+    #[test]
+    fn endless_native_streams_are_stopped_by_the_timeout() {
+        assert_eq!(stopped("last(range(1e18))", 50), Err(RunError::Timeout(Duration::from_millis(50))));
+    }
+
+    #[test]
+    fn deep_recursion_is_stopped_before_the_stack_ends() {
+        assert_eq!(stopped("def f: 1 + f; f", 5000), Err(RunError::TooDeep));
+    }
+
+    #[test]
+    fn endless_outputs_are_cut_and_errors_reported() {
+        assert_eq!(stopped("repeat(.)", 5000), Err(RunError::TooMany(10)));
+        assert!(matches!(stopped("error(\"boom\")", 5000), Err(RunError::Jq(e)) if e.contains("boom")));
+        // and the thread goes on evaluating normally afterwards
+        assert_eq!(run1(".+1", "1").unwrap(), vec!["2"]);
+    }
+}
