@@ -45,32 +45,26 @@ fn follow_through_two_kills(c: &Container) {
     eprintln!("killing after {kills:?}");
     let mut child = f.start();
     let t0 = Instant::now();
-    let mut next_kill = 0;
     let mut since = Instant::now();
-    for (i, &(p, m)) in uploads.iter().enumerate() {
+    let kill_and_restart = |child: &mut std::process::Child, since: &mut Instant| {
+        signal(child, libc::SIGKILL);
+        let _ = child.wait();
+        eprintln!("SIGKILL at {:?}", t0.elapsed());
+        *child = f.start();
+        *since = Instant::now();
+    };
+    let mut kills = kills.iter().peekable();
+    for &(p, m) in &uploads {
         c.put(&blob_path(p, m), file_body(p, m));
-        if i == uploads.len() / 3 {
-            // the late file's neighbours are read before it lands: listing must still find it
-            std::thread::sleep(Duration::from_millis(400));
-        }
         std::thread::sleep(Duration::from_millis(150));
-        if next_kill < kills.len() && since.elapsed() >= kills[next_kill] {
-            signal(&child, libc::SIGKILL);
-            let _ = child.wait();
-            eprintln!("SIGKILL at {:?}", t0.elapsed());
-            child = f.start();
-            since = Instant::now();
-            next_kill += 1;
+        if kills.next_if(|k| since.elapsed() >= **k).is_some() {
+            kill_and_restart(&mut child, &mut since);
         }
     }
-    while next_kill < kills.len() {
-        std::thread::sleep(kills[next_kill].saturating_sub(since.elapsed()));
-        signal(&child, libc::SIGKILL);
-        let _ = child.wait();
-        eprintln!("SIGKILL at {:?} (after the uploads)", t0.elapsed());
-        child = f.start();
-        since = Instant::now();
-        next_kill += 1;
+    // a kill not yet due when the uploads ended comes after them
+    for k in kills {
+        std::thread::sleep(k.saturating_sub(since.elapsed()));
+        kill_and_restart(&mut child, &mut since);
     }
     f.wait_raw(total, &mut child, Duration::from_secs(120));
     f.stop(child);

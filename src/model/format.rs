@@ -8,10 +8,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use super::decode::{decode_object_projected, decode_record_each, Projection, NO_MESSAGE_SOURCE};
-use super::generic::{decode_generic_with, mentions_message_source, GenericOptions, Transport};
+use super::generic::{array_elements, decode_generic_with, mentions_message_source, GenericOptions, Transport};
 use crate::event::Event;
 
 /// The messages a source accepts.
@@ -61,13 +60,11 @@ impl MessageDecoder {
                     return self.auto_one(raw, proj, transport, &mut out);
                 }
                 // an array: each element is told apart on its own
-                let elems: Vec<&RawValue> = match serde_json::from_str(text) {
+                let elems = match array_elements(&raw, text) {
                     Ok(v) => v,
-                    Err(e) => return out(Err(format!("malformed JSON array: {e}"))),
+                    Err(reason) => return out(Err(reason)),
                 };
-                for (i, elem) in elems.iter().enumerate() {
-                    let start = elem.get().as_ptr() as usize - text.as_ptr() as usize;
-                    let sub = raw.slice(start..start + elem.get().len());
+                for (i, sub) in elems.into_iter().enumerate() {
                     self.auto_one(sub, proj, transport, &mut |r: Result<Event, String>| {
                         out(r.map_err(|e| format!("array element {i}: {e}")))
                     });

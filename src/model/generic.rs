@@ -25,6 +25,7 @@ use bytes::Bytes;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use super::decode::{classify, CowStr};
 use super::MAX_RECORD_BYTES;
 use crate::event::{build, Event, Field, Kind, Nanos, Val, ValRef, Value, NO_TIME};
 use crate::path::FieldPath;
@@ -86,20 +87,29 @@ pub fn decode_generic_with(
         Ok(t) => t,
         Err(e) => return out(Err(format!("invalid UTF-8 at byte {}", e.valid_up_to()))),
     };
-    match text.trim_start().as_bytes().first() {
-        Some(b'[') => {
-            let elems: Vec<&RawValue> = match serde_json::from_str(text) {
-                Ok(v) => v,
-                Err(e) => return out(Err(format!("malformed JSON array: {e}"))),
-            };
-            for (i, elem) in elems.iter().enumerate() {
-                let start = elem.get().as_ptr() as usize - text.as_ptr() as usize;
-                let sub = raw.slice(start..start + elem.get().len());
+    if !text.trim_start().starts_with('[') {
+        return out(one(raw, opts, transport));
+    }
+    match array_elements(&raw, text) {
+        Ok(elems) => {
+            for (i, sub) in elems.into_iter().enumerate() {
                 out(one(sub, opts, transport).map_err(|e| format!("array element {i}: {e}")));
             }
         }
-        _ => out(one(raw, opts, transport)),
+        Err(reason) => out(Err(reason)),
     }
+}
+
+/// The elements of a JSON array record (`text`: `raw` as text), each a slice of `raw`.
+pub(super) fn array_elements(raw: &Bytes, text: &str) -> Result<Vec<Bytes>, String> {
+    let elems: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| format!("malformed JSON array: {e}"))?;
+    Ok(elems
+        .iter()
+        .map(|elem| {
+            let start = elem.get().as_ptr() as usize - text.as_ptr() as usize;
+            raw.slice(start..start + elem.get().len())
+        })
+        .collect())
 }
 
 /// Objects nested deeper than this stay JSON text (field paths still read into them).
@@ -238,20 +248,7 @@ fn parse_object(
                 nested.extend(inner);
                 Val::Obj { start, len, raw: build::raw_span(base, v) }
             }
-            b'"' => {
-                let inner = &v[1..v.len() - 1];
-                if inner.contains('\\') {
-                    let s: String = serde_json::from_str(v).map_err(|e| e.to_string())?;
-                    Val::Str(build::arena_span(arena, &s))
-                } else {
-                    Val::Str(build::raw_span(base, inner))
-                }
-            }
-            b't' => Val::Bool(true),
-            b'f' => Val::Bool(false),
-            b'n' => Val::Null,
-            b'{' | b'[' => Val::Json(build::raw_span(base, v)),
-            _ => Val::Num(build::raw_span(base, v)),
+            _ => classify(base, arena, v),
         };
         fields.push(Field { key, val });
     }
@@ -271,35 +268,13 @@ impl<'de> de::Deserialize<'de> for Entries<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<'de>, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(Key(k)) = map.next_key::<Key<'de>>()? {
+                while let Some(CowStr(k)) = map.next_key::<CowStr<'de>>()? {
                     out.push((k, map.next_value::<&'de RawValue>()?));
                 }
                 Ok(Entries(out))
             }
         }
         d.deserialize_map(V)
-    }
-}
-
-/// A key, borrowed from the input when it has no escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
     }
 }
 

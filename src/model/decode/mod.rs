@@ -35,6 +35,7 @@ mod tests;
 pub(in crate::model) use keys::{keep_for, key_kind, Keep, KeyKind};
 pub(in crate::model) use number::parse_number;
 use seed::RootSeed;
+pub(in crate::model) use seed::{classify, CowStr};
 
 /// The reason a JSON object that is not an export message is refused (`format: auto` decodes
 /// such an object as a record of any shape instead).

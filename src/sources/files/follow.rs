@@ -272,17 +272,25 @@ impl FilesSource {
             settle: self.mode == Mode::Live,
         };
         let position = self.followed.clone();
-        let listing = scan.poll(&position, pending);
-        tokio::pin!(listing);
+        Ok(self.serving(cx, scan.poll(&position, pending)).await?.ok_or(EndReason::Stopped))
+    }
+
+    /// Awaits `work`, serving barriers meanwhile; `None` when the pipeline stopped.
+    async fn serving<T>(
+        &self,
+        cx: &mut SourceCx,
+        work: impl std::future::Future<Output = T>,
+    ) -> anyhow::Result<Option<T>> {
+        tokio::pin!(work);
         loop {
             tokio::select! {
                 biased;
                 c = cx.control() => match c {
                     Control::Barrier(e) => cx.barrier(e, super::Source::snapshot(self)).await?,
-                    Control::Stop | Control::Shutdown => return Ok(Err(EndReason::Stopped)),
+                    Control::Stop | Control::Shutdown => return Ok(None),
                     _ => {}
                 },
-                r = &mut listing => return Ok(Ok(r)),
+                r = &mut work => return Ok(Some(r)),
             }
         }
     }
@@ -313,19 +321,8 @@ impl FilesSource {
 
     /// Waits until `until`, serving barriers.
     async fn wait(&self, cx: &mut SourceCx, until: Instant) -> anyhow::Result<Option<EndReason>> {
-        let sleep = tokio::time::sleep_until(until.into());
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                biased;
-                c = cx.control() => match c {
-                    Control::Barrier(e) => cx.barrier(e, super::Source::snapshot(self)).await?,
-                    Control::Stop | Control::Shutdown => return Ok(Some(EndReason::Stopped)),
-                    _ => {}
-                },
-                _ = &mut sleep => return Ok(None),
-            }
-        }
+        let slept = self.serving(cx, tokio::time::sleep_until(until.into())).await?;
+        Ok(slept.is_none().then_some(EndReason::Stopped))
     }
 }
 
