@@ -44,6 +44,8 @@ pub struct Metrics {
     pub reconnects: Family<ComponentLabel, Counter>,
     pub committed: Family<ComponentLabel, Counter>,
     pub consumer_lag: Family<PartitionLabel, Gauge<i64, AtomicI64>>,
+    pub list_requests: Family<ComponentLabel, Counter>,
+    pub listed_entries: Family<ComponentLabel, Counter>,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_age_seconds: Gauge<f64, AtomicU64>,
     pub checkpoint_epoch: Gauge<i64, AtomicI64>,
@@ -75,6 +77,8 @@ impl Metrics {
             reconnects: Family::default(),
             committed: Family::default(),
             consumer_lag: Family::default(),
+            list_requests: Family::default(),
+            listed_entries: Family::default(),
             checkpoint_seconds: Histogram::new([0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
             checkpoint_age_seconds: Gauge::default(),
             checkpoint_epoch: Gauge::default(),
@@ -100,6 +104,8 @@ impl Metrics {
             m.committed.clone(),
         );
         r.register("consumer_lag", "Messages waiting at the broker, where known", m.consumer_lag.clone());
+        r.register("source_list_requests", "Listings a source made (files: `follow`)", m.list_requests.clone());
+        r.register("source_listed_entries", "Objects and folders those listings returned", m.listed_entries.clone());
         r.register(
             "checkpoint_duration_seconds",
             "Time from barrier to durable checkpoint",

@@ -5,8 +5,13 @@
 //! `telemetry` (an object of any JSON values), `properties` (an array of `{name, value, component?,
 //! module?}`), `actor`/`resource`/`updated` for audit logs, nothing for connectivity and lifecycle.
 //! [`decode`] turns JSON text into an [`Event`](crate::event::Event) without losing any field.
+//!
+//! Records of any other JSON shape (IoT Central's transformed exports) are decoded by
+//! [`generic`]; [`format`] picks one or the other by a source's `format:`.
 
 pub mod decode;
+pub mod format;
+pub mod generic;
 mod scan;
 
 pub use crate::event::MessageSource;

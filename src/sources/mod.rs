@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod eventhubs;
 pub mod files;
+pub mod message;
 pub mod simulator;
 pub mod webhook;
 
@@ -33,22 +34,42 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
 }
 
 /// How one raw record given to a source in a pipeline test (`centralflow test`) becomes events:
-/// exactly as the source decodes what it receives (`received`: the arrival time, for sources
-/// that stamp one). Each `Err` is a reason for the source's `dead_letter` output.
+/// exactly as the source decodes what it receives, by its `format:` (`received`: the arrival
+/// time, for sources that stamp one; `attributes`: the record's metadata, whose
+/// `iotcentral-device-id` names the device of a record of any shape). Each `Err` is a reason for
+/// the source's `dead_letter` output.
 pub fn decode_test_record(
     cfg: &SourceConfig,
     raw: bytes::Bytes,
     received: crate::event::Nanos,
+    attributes: &[(Box<str>, String)],
     projection: Option<&std::sync::Arc<crate::projection::Projection>>,
 ) -> Vec<Result<crate::event::Event, String>> {
-    let record = match cfg {
+    use crate::model::generic::Transport;
+    let device_id = message::transport_device(attributes);
+    let (decoder, record, transport) = match cfg {
         SourceConfig::Webhook(c) => match webhook::record_of(c.format, &raw, received) {
-            Ok(r) => r,
+            Ok(r) => (webhook::decoder(c), r, Transport::NONE),
             Err(reason) => return vec![Err(reason)],
         },
-        SourceConfig::Files(_) | SourceConfig::Amqp(_) | SourceConfig::Simulator(_) | SourceConfig::EventHubs(_) => raw,
+        SourceConfig::Files(c) => {
+            (message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()), raw, Transport::NONE)
+        }
+        // brokers stamp what they deliver: `received` stands for that time
+        SourceConfig::Amqp(c) => (
+            message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
+            raw,
+            Transport { enqueued: received, device_id },
+        ),
+        SourceConfig::EventHubs(c) => (
+            message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
+            raw,
+            Transport { enqueued: received, device_id },
+        ),
+        SourceConfig::Simulator(_) => (Ok(Default::default()), raw, Transport::NONE),
     };
-    let mut out = Vec::with_capacity(1);
-    crate::model::decode::decode_record_projected(record, projection, &mut out);
-    out
+    match decoder {
+        Ok(d) => d.decode(record, projection, &transport),
+        Err(e) => vec![Err(format!("{e:#}"))],
+    }
 }

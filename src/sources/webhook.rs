@@ -39,11 +39,13 @@ use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::values::Dur;
+use crate::config::values::{Dur, Path};
 use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event};
 use crate::metrics::{self, ComponentMetrics};
-use crate::model::decode::{decode_record_projected, Projection};
+use crate::model::decode::Projection;
+use crate::model::format::{MessageDecoder, MessageFormat};
+use crate::model::generic::Transport;
 use crate::model::MAX_RECORD_BYTES;
 use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
 use crate::secret::Secret;
@@ -63,9 +65,17 @@ pub struct WebhookConfig {
     /// Serve HTTPS with this certificate chain and key (PEM files).
     #[serde(default)]
     pub tls: Option<TlsFiles>,
-    /// `auto` (export messages and bridge requests), `export` or `bridge`.
+    /// `auto` (export messages, bridge requests, and records of any shape), `export`, `bridge`
+    /// or `json` (records of any shape, e.g. a transformed export).
     #[serde(default)]
     pub format: WebhookFormat,
+    /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds). The
+    /// webhook has no enqueued time: a record without it is refused (400, dead letter).
+    #[serde(default)]
+    pub time: Option<Box<Path>>,
+    /// `json`/`auto`: the field holding a record's device id (it becomes `deviceId`).
+    #[serde(default)]
+    pub device_id: Option<Box<Path>>,
     /// Requests held at once (waiting to be processed or for their checkpoint); more get 503.
     #[serde(default = "d_queue")]
     pub queue: usize,
@@ -98,6 +108,7 @@ pub enum WebhookFormat {
     Auto,
     Export,
     Bridge,
+    Json,
 }
 
 fn d_address() -> String {
@@ -146,10 +157,32 @@ impl Spec for WebhookConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
+        crate::sources::message::check(
+            ptr,
+            cx,
+            message_format(self.format),
+            self.time.as_deref(),
+            self.device_id.as_deref(),
+        );
     }
     fn ports(&self) -> Vec<crate::runtime::Port> {
         crate::runtime::SOURCE_PORTS.to_vec()
     }
+}
+
+/// What a body is once bridge requests are turned into export messages.
+fn message_format(f: WebhookFormat) -> MessageFormat {
+    match f {
+        WebhookFormat::Auto => MessageFormat::Auto,
+        WebhookFormat::Export | WebhookFormat::Bridge => MessageFormat::Export,
+        WebhookFormat::Json => MessageFormat::Json,
+    }
+}
+
+/// How the webhook decodes a body once [`record_of`] has turned a bridge request into an export
+/// message (records of any shape need their own time: the webhook has no enqueued time).
+pub fn decoder(cfg: &WebhookConfig) -> anyhow::Result<MessageDecoder> {
+    crate::sources::message::decoder(message_format(cfg.format), cfg.time.as_deref(), cfg.device_id.as_deref())
 }
 
 /// The device bridge's rule for device ids: `^[a-zA-Z0-9-._:]*[a-zA-Z0-9-]+$`.
@@ -205,6 +238,7 @@ struct App {
     path: String,
     token: Secret,
     format: WebhookFormat,
+    decoder: MessageDecoder,
     projection: Option<Arc<Projection>>,
     slots: Arc<Semaphore>,
     tx: mpsc::UnboundedSender<Incoming>,
@@ -274,6 +308,7 @@ impl WebhookSource {
             path: self.cfg.path.clone(),
             token: self.cfg.token.clone(),
             format: self.cfg.format,
+            decoder: decoder(&self.cfg)?,
             projection: self.projection.clone(),
             slots: Arc::new(Semaphore::new(self.cfg.queue)),
             tx,
@@ -441,8 +476,7 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
             return plain(StatusCode::BAD_REQUEST, &reason);
         }
     };
-    let mut out = Vec::with_capacity(1);
-    decode_record_projected(record, app.projection.as_ref(), &mut out);
+    let out = app.decoder.decode(record, app.projection.as_ref(), &Transport::NONE);
     let mut events = Vec::with_capacity(out.len());
     let mut bad = Vec::new();
     for r in out {
@@ -490,7 +524,7 @@ pub fn record_of(format: WebhookFormat, body: &Bytes, received: crate::event::Na
 /// Whether a body is a device-bridge request (`Err`: not JSON at all).
 fn is_bridge(format: WebhookFormat, body: &[u8]) -> Result<bool, String> {
     match format {
-        WebhookFormat::Export => Ok(false),
+        WebhookFormat::Export | WebhookFormat::Json => Ok(false),
         WebhookFormat::Bridge => Ok(true),
         WebhookFormat::Auto => {
             let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();

@@ -49,7 +49,8 @@ pub fn run(case: &Case) -> anyhow::Result<Captured> {
         let (mut events, mut dead) = (Vec::new(), Vec::new());
         for (n, rec) in input.records.iter().enumerate() {
             let raw = Bytes::from(rec.bytes.clone());
-            for r in crate::sources::decode_test_record(cfg, raw.clone(), input.received, projection) {
+            for r in crate::sources::decode_test_record(cfg, raw.clone(), input.received, &input.attributes, projection)
+            {
                 match r {
                     Ok(mut ev) => {
                         ev.meta.source = source_index;

@@ -3,9 +3,11 @@
 #![allow(dead_code)]
 
 pub mod amqp_pipeline;
+pub mod blob_export;
 pub mod eventhubs_emulator;
 pub mod eventhubs_pipeline;
 pub mod iotc_emulator;
+pub mod transformed;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

@@ -35,6 +35,11 @@ mod tests;
 pub(in crate::model) use keys::{keep_for, key_kind, Keep, KeyKind};
 pub(in crate::model) use number::parse_number;
 use seed::RootSeed;
+pub(in crate::model) use seed::{classify, CowStr};
+
+/// The reason a JSON object that is not an export message is refused (`format: auto` decodes
+/// such an object as a record of any shape instead).
+pub const NO_MESSAGE_SOURCE: &str = "not an IoT Central export message: no messageSource field";
 
 /// Turns the decoder's fast path ([`super::scan`]) on or off for the calling thread: for the
 /// benchmarks and tests that compare it with the serde_json path. On by default.
@@ -170,7 +175,7 @@ fn decode_valid(raw: Bytes, proj_arc: Option<&Arc<Projection>>) -> Result<Event,
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;
             de.end().map_err(|e| json_error(text, e))?;
         }
-        let source = env.source.ok_or("not an IoT Central export message: no messageSource field")?;
+        let source = env.source.ok_or(NO_MESSAGE_SOURCE)?;
         if env.time == NO_TIME {
             return Err("enqueuedTime is missing".to_string());
         }

@@ -14,7 +14,7 @@ use crate::projection::{record_slot, Projection, SLOTS};
 use crate::time;
 
 /// A string key or value that borrows from the input when it has no escapes.
-struct CowStr<'a>(Cow<'a, str>);
+pub(in crate::model) struct CowStr<'a>(pub(in crate::model) Cow<'a, str>);
 
 impl<'de> de::Deserialize<'de> for CowStr<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -48,7 +48,7 @@ fn text_of(base: &str, arena: &mut String, s: &Cow<'_, str>) -> Text {
 }
 
 /// Converts a raw JSON value into a [`Val`] that references the input.
-fn classify(base: &str, arena: &mut String, raw: &str) -> Val {
+pub(in crate::model) fn classify(base: &str, arena: &mut String, raw: &str) -> Val {
     match raw.as_bytes()[0] {
         b'"' => {
             let inner = &raw[1..raw.len() - 1];

@@ -8,9 +8,10 @@ use azure_messaging_eventhubs::{StartLocation, StartPosition};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::config::values::{Dur, Timestamp};
+use crate::config::values::{Dur, Path, Timestamp};
 use crate::config::{Checker, Spec};
 use crate::event::Nanos;
+use crate::model::format::MessageFormat;
 use crate::secret::Secret;
 
 /// An Event Hub read with a consumer group.
@@ -34,6 +35,18 @@ pub struct EventHubsConfig {
     /// A Microsoft Entra ID credential instead of a connection string.
     #[serde(default)]
     pub credential: Option<Credential>,
+    /// What the events are: `export` (IoT Central's export messages, the default), `json`
+    /// (objects of any shape, e.g. a transformed export) or `auto`.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// `json`/`auto`: the field holding a record's time (RFC 3339 or epoch milliseconds); else
+    /// the event's enqueued time.
+    #[serde(default)]
+    pub time: Option<Box<Path>>,
+    /// `json`/`auto`: the field holding a record's device id; else the `iotcentral-device-id`
+    /// property.
+    #[serde(default)]
+    pub device_id: Option<Box<Path>>,
     /// Where to start in a partition that has no checkpoint: `earliest` (default), `latest`,
     /// `{enqueued_time: RFC 3339}` or `{sequence_number: N}` (that event included).
     #[serde(default)]
@@ -190,6 +203,7 @@ impl Spec for EventHubsConfig {
         Some(&mut self.replay_range)
     }
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
+        crate::sources::message::check(ptr, cx, self.format, self.time.as_deref(), self.device_id.as_deref());
         let cs_given = self.connection_string.as_ref().is_some_and(|s| !s.is_empty());
         cx.secret(&format!("{ptr}/connection_string"), cs_given);
         match (cs_given, &self.credential) {

@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, watch};
 use crate::event::Batch;
 use crate::metrics;
 use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
 use crate::runtime::{BuildCx, Control, EndReason, Mode, PartitionBoard, Source, SourceCx};
 
 pub use config::{Credential, EventHubsConfig, Start};
@@ -108,6 +109,7 @@ pub struct EventHubsSource {
     cfg: EventHubsConfig,
     name: Arc<str>,
     projection: Option<Arc<Projection>>,
+    decoder: Arc<MessageDecoder>,
     mode: Mode,
     owner: String,
     store: Option<BlobCheckpointStore>,
@@ -168,6 +170,11 @@ impl EventHubsSource {
             expiry: cfg.ownership_expiry.get()?,
             name: cx.name.into(),
             projection: cx.projection.clone(),
+            decoder: Arc::new(crate::sources::message::decoder(
+                cfg.format,
+                cfg.time.as_deref(),
+                cfg.device_id.as_deref(),
+            )?),
             mode: cx.mode,
             owner,
             store,
@@ -219,6 +226,7 @@ impl EventHubsSource {
             batch_size: self.cfg.batch_size,
             linger: self.linger,
             projection: self.projection.clone(),
+            decoder: self.decoder.clone(),
             component: self.name.clone(),
             connector: self.connector.clone(),
         };

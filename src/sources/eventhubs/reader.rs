@@ -22,7 +22,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::event::{Event, NO_TIME};
-use crate::model::decode::{decode_record_projected, Projection};
+use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
 
 use super::Connector;
 
@@ -93,6 +95,7 @@ pub struct ReaderCfg {
     pub batch_size: usize,
     pub linger: Duration,
     pub projection: Option<Arc<Projection>>,
+    pub decoder: Arc<MessageDecoder>,
     pub component: Arc<str>,
     pub connector: Arc<Connector>,
 }
@@ -473,8 +476,8 @@ fn convert(
         }
     }
     let enqueued = if enqueued_ms == i64::MIN { NO_TIME } else { enqueued_ms * 1_000_000 };
-    let mut out = Vec::with_capacity(1);
-    decode_record_projected(body.clone(), cfg.projection.as_ref(), &mut out);
+    let transport = Transport { enqueued, device_id: crate::sources::message::transport_device(&attrs) };
+    let out = cfg.decoder.decode(body.clone(), cfg.projection.as_ref(), &transport);
     let dl_origin = || format!("partition {partition} seq {seq}");
     if !out.iter().any(|r| r.is_ok()) {
         let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty event body".into());

@@ -6,7 +6,8 @@ use tokio::sync::mpsc;
 use super::reader::{Closed, Reader};
 use super::{Position, ReaderMsg};
 use crate::event::Event;
-use crate::model::decode::decode_record_into;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
 
 impl Reader {
     /// Sends the messages of a JSON-array file; the position counts elements, so that a restart
@@ -20,7 +21,7 @@ impl Reader {
     ) -> anyhow::Result<()> {
         let f = &self.files[idx];
         let mut out = Vec::new();
-        decode_record_into_unbounded(all.clone(), &mut out);
+        decode_record_into_unbounded(&self.decoder, all.clone(), &mut out);
         let here = |line: u64| Position { file: idx, path: f.path.to_string(), line };
         let mut events = Vec::new();
         let mut dead = Vec::new();
@@ -60,7 +61,7 @@ impl Reader {
 
 /// A JSON-array file: its elements are decoded one by one (the whole file may exceed the
 /// per-record limit, each message may not).
-fn decode_record_into_unbounded(all: Bytes, out: &mut Vec<Result<Event, String>>) {
+fn decode_record_into_unbounded(decoder: &MessageDecoder, all: Bytes, out: &mut Vec<Result<Event, String>>) {
     let text = match std::str::from_utf8(&all) {
         Ok(t) => t,
         Err(e) => {
@@ -77,7 +78,7 @@ fn decode_record_into_unbounded(all: Bytes, out: &mut Vec<Result<Event, String>>
     };
     for elem in elems {
         let off = elem.get().as_ptr() as usize - text.as_ptr() as usize;
-        decode_record_into(all.slice(off..off + elem.get().len()), out);
+        decoder.decode_each(all.slice(off..off + elem.get().len()), None, &Transport::NONE, |r| out.push(r));
     }
 }
 

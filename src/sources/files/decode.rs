@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 use super::reader::{Closed, Reader};
 use super::{Position, ReaderMsg};
 use crate::event::{Event, Nanos};
-use crate::model::decode::{decode_record_each, Projection};
+use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
 
 /// The lines of one part of a mapped file: the part's events share it.
 struct MappedPart(Arc<memmap2::Mmap>, std::ops::Range<usize>);
@@ -40,6 +42,7 @@ struct PartCx {
     from: Nanos,
     to: Nanos,
     projection: Option<Arc<Projection>>,
+    decoder: Arc<MessageDecoder>,
     component: String,
 }
 
@@ -60,7 +63,7 @@ impl PartCx {
             if line.iter().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
-            decode_record_each(text.slice(s..e), projection.as_ref(), |r| match r {
+            self.decoder.decode_each(text.slice(s..e), projection.as_ref(), &Transport::NONE, |r| match r {
                 Ok(mut ev) => {
                     if ev.time < self.from || ev.time >= self.to {
                         return;
@@ -145,6 +148,7 @@ impl Reader {
             from: self.from,
             to: self.to,
             projection: self.projection.clone(),
+            decoder: self.decoder.clone(),
             component: self.component.clone(),
         });
         for group in lines.chunks(self.batch_size.max(1)) {

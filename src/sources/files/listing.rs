@@ -57,12 +57,7 @@ pub(super) async fn list_files(
     let mut files: Vec<FileEntry> = Vec::new();
     for m in metas {
         let rel = loc.relative(&m.location);
-        let name = m.location.filename().unwrap_or("");
-        let hidden = rel.split('/').any(|seg| seg.starts_with('.') || seg.starts_with('_'));
-        if hidden {
-            continue;
-        }
-        if !cfg.extensions.is_empty() && !cfg.extensions.iter().any(|e| name.ends_with(e.as_str())) {
+        if !wanted(&rel, &cfg.extensions) {
             continue;
         }
         let (partition, minute) = parse_blob_layout(&rel).map(|(p, m)| (p, Some(m))).unwrap_or((0, None));
@@ -106,8 +101,17 @@ pub(super) async fn list_files(
     Ok(files)
 }
 
+/// Whether a file (its path relative to the URL) is input: not hidden (no segment starts with
+/// `.` or `_`, so files being written under such a name and staging folders are left out), and
+/// with one of `extensions` when there are any.
+pub(super) fn wanted(rel: &str, extensions: &[String]) -> bool {
+    let name = rel.rsplit('/').next().unwrap_or("");
+    let hidden = rel.split('/').any(|seg| seg.starts_with('.') || seg.starts_with('_'));
+    !hidden && (extensions.is_empty() || extensions.iter().any(|e| name.ends_with(e.as_str())))
+}
+
 /// `{app-id}/{partition}/{YYYY}/{MM}/{dd}/{hh}/{mm}/{file...}` → (partition, minute).
-fn parse_blob_layout(rel: &str) -> Option<(u32, Nanos)> {
+pub(super) fn parse_blob_layout(rel: &str) -> Option<(u32, Nanos)> {
     let segs: Vec<&str> = rel.split('/').collect();
     if segs.len() < 8 {
         return None;

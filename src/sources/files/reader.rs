@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::array::looks_like_array_file;
 use super::listing::FileEntry;
-use super::{Format, Position, ReaderMsg};
+use super::{Framing, Position, ReaderMsg};
 use crate::event::{Event, Nanos};
 use crate::model::decode::Projection;
 use crate::storage::Location;
@@ -22,9 +22,10 @@ use crate::storage::Location;
 pub(super) struct Reader {
     pub(super) loc: Location,
     pub(super) projection: Option<Arc<Projection>>,
+    pub(super) decoder: Arc<crate::model::format::MessageDecoder>,
     pub(super) files: Vec<FileEntry>,
     pub(super) start: Position,
-    pub(super) format: Format,
+    pub(super) framing: Framing,
     pub(super) batch_size: usize,
     pub(super) mmap: bool,
     pub(super) from: Nanos,
@@ -73,22 +74,24 @@ impl Reader {
                 return;
             }
             let skip = if idx == self.start.file { self.start.line } else { 0 };
-            if let Err(e) = self.read_file(idx, skip, tx, stop) {
-                if e.downcast_ref::<Closed>().is_some() {
-                    return;
-                }
+            let dead = match self.read_file(idx, skip, tx, stop) {
+                Ok(()) => Vec::new(),
+                Err(e) if e.downcast_ref::<Closed>().is_some() => return,
                 // An unreadable file (corrupt gzip, vanished object) is a dead letter, not the end.
-                let f = &self.files[idx];
-                let dl =
-                    Event::dead_letter(Bytes::new(), &format!("cannot read file: {e:#}"), &f.display, &self.component);
-                let pos = Position {
-                    file: idx + 1,
-                    path: self.files.get(idx + 1).map(|f| f.path.to_string()).unwrap_or_default(),
-                    line: 0,
-                };
-                if tx.blocking_send(ReaderMsg::Batch { events: vec![], dead: vec![dl], pos }).is_err() {
-                    return;
+                Err(e) => {
+                    let f = &self.files[idx];
+                    let reason = format!("cannot read file: {e:#}");
+                    vec![Event::dead_letter(Bytes::new(), &reason, &f.display, &self.component)]
                 }
+            };
+            // the file is done: the position moves to the start of the next one
+            let pos = Position {
+                file: idx + 1,
+                path: self.files.get(idx + 1).map(|f| f.path.to_string()).unwrap_or_default(),
+                line: 0,
+            };
+            if tx.blocking_send(ReaderMsg::Batch { events: vec![], dead, pos }).is_err() {
+                return;
             }
         }
     }
@@ -134,10 +137,10 @@ impl Reader {
         // run. It only grows for a line longer than a chunk, or to hold a whole JSON-array file.
         let mut cur: Vec<u8> = vec![0; CHUNK];
         let (mut len, mut eof) = fill(&mut input, &mut cur, 0)?;
-        let array_mode = match self.format {
-            Format::JsonArray => true,
-            Format::Jsonl => false,
-            Format::Auto => looks_like_array_file(&cur[..len], eof),
+        let array_mode = match self.framing {
+            Framing::JsonArray => true,
+            Framing::Jsonl => false,
+            Framing::Auto => looks_like_array_file(&cur[..len], eof),
         };
         if array_mode {
             while !eof {
@@ -183,7 +186,7 @@ impl Reader {
     /// A local, uncompressed JSON-lines file, opened for [`Reader::read_mapped`]; `None` for
     /// anything else (object storage, gzip, JSON-array files, or when `mmap: false`).
     fn mappable(&self, f: &FileEntry) -> anyhow::Result<Option<(std::fs::File, u64)>> {
-        if !self.mmap || self.loc.local_path.is_none() || self.format == Format::JsonArray {
+        if !self.mmap || self.loc.local_path.is_none() || self.framing == Framing::JsonArray {
             return Ok(None);
         }
         let p = std::path::PathBuf::from(format!("/{}", f.path));
@@ -198,7 +201,7 @@ impl Reader {
         let head = &head[..n];
         let gzip = head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b;
         // an array file, or one whose first 4 KiB do not settle it, is read the other way
-        let array = self.format == Format::Auto
+        let array = self.framing == Framing::Auto
             && (looks_like_array_file(head, n as u64 == meta.len()) || head.iter().all(u8::is_ascii_whitespace));
         Ok((!gzip && !array).then_some((file, meta.len())))
     }

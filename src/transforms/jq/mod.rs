@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 use self::program::Program;
 use crate::config::values::{self, Dur, Parsed};
 use crate::config::{Checker, Needs, Spec};
-use crate::event::{Batch, Event, Value, NO_TIME};
+use crate::event::{Batch, Event};
 use crate::metrics::ComponentMetrics;
+use crate::model::generic::{decode_generic_with, GenericOptions, Transport};
 use crate::path::FieldPath;
 use crate::runtime::{BuildCx, Emitter, Port, Transform};
 
@@ -165,28 +166,22 @@ impl Jq {
         outs.iter().map(|v| self.event_of(&program::to_json(v), ev)).collect()
     }
 
-    /// A record from one output (JSON text), with the input's metadata.
+    /// A record from one output (JSON text), with the input's metadata: decoded as any record of
+    /// generic shape is ([`crate::model::generic`]), the input's time standing in for a transport's.
     fn event_of(&self, json: &str, input: &Event) -> Result<Event, String> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| format!("the program output {json:.80} is not JSON: {e}"))?;
-        let mut ev = Event::row();
-        match &value {
-            serde_json::Value::Object(m) => {
-                for (k, v) in m {
-                    ev.push(k, Value::from_json(v));
-                }
-            }
-            other => ev.push("value", Value::from_json(other)),
-        }
-        ev.meta = input.meta.clone();
-        ev.time = match &self.time {
-            Some(p) => p.get(&ev).and_then(|v| v.as_time()).unwrap_or(NO_TIME),
-            None => input.time,
+        let text = if json.trim_start().starts_with('{') { json.to_string() } else { format!("{{\"value\":{json}}}") };
+        let opts = GenericOptions { time: self.time.clone(), device_id: None };
+        let transport = Transport { enqueued: input.time, device_id: None };
+        let mut got = None;
+        decode_generic_with(bytes::Bytes::from(text), &opts, &transport, |r| got = Some(r));
+        let mut ev = match got {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => return Err(format!("output {json:.80}: {e}")),
+            None => return Err(format!("output {json:.80} is not JSON")),
         };
-        if ev.time == NO_TIME {
-            let what = self.time.as_ref().map_or("the input's time", |p| p.as_str());
-            return Err(format!("output {json:.80} has no usable event time in `{what}`"));
-        }
+        let time = ev.time;
+        ev.meta = input.meta.clone();
+        ev.time = time;
         Ok(ev)
     }
 }

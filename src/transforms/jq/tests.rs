@@ -59,9 +59,13 @@ fn errors_and_records_without_time_are_dead_letters() {
     assert!(out[0].is_empty());
     assert!(out[1][0].get_str("reason").unwrap().contains("too hot"), "{}", out[1][0].to_json());
     let bad_key = jq("{inputs: [x], program: '{(null): 1}'}");
-    assert!(bad_key.apply(&ev).unwrap_err().contains("is not JSON"), "jaq builds it, JSON has no such object");
-    let no_time = jq("{inputs: [x], program: '{a: 1}', time: when}");
-    assert!(no_time.apply(&ev).unwrap_err().contains("no usable event time in `when`"));
+    let e = bad_key.apply(&ev).unwrap_err();
+    assert!(e.starts_with("output {null:1}"), "jaq builds it, JSON has no such object: {e}");
+    // `time:` names the output's time; without it there, the input's time stands in
+    let fallback = jq("{inputs: [x], program: '{a: 1}', time: when}");
+    assert_eq!(fallback.apply(&ev).unwrap()[0].time, ev.time);
+    let bad_time = jq("{inputs: [x], program: '{when: \"yesterday\"}', time: when}");
+    assert!(bad_time.apply(&ev).is_err(), "a time that is there but not a time is dead-lettered");
 }
 
 #[test]

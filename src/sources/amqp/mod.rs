@@ -21,6 +21,8 @@
 //!
 //! The connection is re-established with backoff, forever; the state shows in logs, in the
 //! `source_connected` metric and in `/health/ready`.
+//!
+//! The YAML configuration and its checks are in `config`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -36,151 +38,17 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
-use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::config::values::Dur;
-use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event};
 use crate::metrics;
-use crate::model::decode::{decode_record_projected, Projection};
+use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
 use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
-use crate::secret::Secret;
+pub use config::{AmqpConfig, Binding, Declare};
 
-/// An AMQP 0-9-1 queue.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpConfig {
-    /// `amqp://user:password@host:5672/vhost` or `amqps://...` (a secret: from the environment).
-    pub url: Secret,
-    /// The queue to consume.
-    pub queue: String,
-    /// Declare the queue (and its bindings) at start; without it the queue must exist.
-    #[serde(default)]
-    pub declare: Option<Declare>,
-    /// Deliveries the broker may send before acknowledgements (basic.qos).
-    #[serde(default = "d_prefetch")]
-    pub prefetch: u16,
-    #[serde(default = "d_tag")]
-    pub consumer_tag: String,
-    /// Where poison messages go when the queue has no dead-letter exchange (declared with
-    /// `declare.dead_letter_exchange` or given here as `dead_letter_exchange`).
-    #[serde(default)]
-    pub dead_letter_queue: Option<String>,
-    /// The queue's dead-letter exchange, when it is set by a broker policy.
-    #[serde(default)]
-    pub dead_letter_exchange: Option<String>,
-    /// Events per batch sent downstream.
-    #[serde(default = "d_batch")]
-    pub batch_size: usize,
-    /// How long a partial batch may wait for more deliveries.
-    #[serde(default = "d_linger")]
-    pub linger: Dur,
-    /// Ask for a checkpoint when unacknowledged deliveries reach this share of `prefetch`
-    /// (the broker stops delivering at `prefetch`).
-    #[serde(default = "d_checkpoint_at")]
-    pub checkpoint_at: f64,
-    /// Ask for a checkpoint when the queue has been quiet this long after a burst (at least
-    /// `batch_size / 10` deliveries unacknowledged), so that a burst's output is committed and
-    /// acknowledged without waiting for `checkpoint.interval`. Slow steady streams are not
-    /// affected: they are checkpointed on the interval. `0s` turns it off.
-    #[serde(default = "d_quiet")]
-    pub quiet_checkpoint: Dur,
-}
-
-/// Queue declaration.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Declare {
-    #[serde(default = "yes")]
-    pub durable: bool,
-    /// Exchanges to bind the queue to (declared as well).
-    #[serde(default)]
-    pub bindings: Vec<Binding>,
-    /// `x-dead-letter-exchange` of the queue (declared as a fanout exchange if missing, with a
-    /// `{queue}.dead-letter` queue bound to it).
-    #[serde(default)]
-    pub dead_letter_exchange: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Binding {
-    pub exchange: String,
-    /// `topic` (default), `direct`, `fanout` or `headers`.
-    #[serde(default = "d_kind")]
-    pub exchange_type: String,
-    #[serde(default = "d_key")]
-    pub routing_key: String,
-}
-
-fn d_prefetch() -> u16 {
-    1000
-}
-fn d_tag() -> String {
-    "centralflow".into()
-}
-fn d_batch() -> usize {
-    1000
-}
-fn d_linger() -> Dur {
-    Dur::new("50ms")
-}
-fn d_quiet() -> Dur {
-    Dur::new("250ms")
-}
-fn d_checkpoint_at() -> f64 {
-    0.5
-}
-fn yes() -> bool {
-    true
-}
-fn d_kind() -> String {
-    "topic".into()
-}
-fn d_key() -> String {
-    "#".into()
-}
-
-impl Spec for AmqpConfig {
-    fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
-        cx.secret(&format!("{ptr}/url"), !self.url.is_empty());
-        match self.url.expose().split_once("://").map(|(s, _)| s) {
-            Some("amqp") | Some("amqps") => {}
-            _ => cx.error(&format!("{ptr}/url"), "must be an amqp:// or amqps:// URL"),
-        }
-        if self.queue.trim().is_empty() {
-            cx.error(&format!("{ptr}/queue"), "is empty");
-        }
-        if self.prefetch == 0 {
-            cx.error(
-                &format!("{ptr}/prefetch"),
-                "must be at least 1 (0 means unlimited to the broker, and unbounded memory here)",
-            );
-        }
-        if self.batch_size == 0 {
-            cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
-        }
-        cx.duration(&format!("{ptr}/linger"), &self.linger);
-        cx.duration(&format!("{ptr}/quiet_checkpoint"), &self.quiet_checkpoint);
-        if !(self.checkpoint_at > 0.0 && self.checkpoint_at <= 1.0) {
-            cx.error(&format!("{ptr}/checkpoint_at"), "must be a share in (0, 1]");
-        }
-        if let Some(d) = &self.declare {
-            for (i, b) in d.bindings.iter().enumerate() {
-                if !["topic", "direct", "fanout", "headers"].contains(&b.exchange_type.as_str()) {
-                    cx.error(
-                        &format!("{ptr}/declare/bindings/{i}/exchange_type"),
-                        "must be topic, direct, fanout or headers",
-                    );
-                }
-            }
-        }
-    }
-    fn ports(&self) -> Vec<crate::runtime::Port> {
-        crate::runtime::SOURCE_PORTS.to_vec()
-    }
-}
+mod config;
 
 /// What a checkpoint keeps: hashes of processed, not yet acknowledged messages, with counts.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -210,6 +78,7 @@ pub struct AmqpSource {
     link: Option<Link>,
     name: String,
     projection: Option<Arc<Projection>>,
+    decoder: MessageDecoder,
     linger: Duration,
     /// See [`AmqpConfig::quiet_checkpoint`]; `None` when turned off.
     quiet: Option<Duration>,
@@ -253,6 +122,7 @@ impl AmqpSource {
             link: None,
             name: cx.name.to_string(),
             projection: cx.projection.clone(),
+            decoder: crate::sources::message::decoder(cfg.format, cfg.time.as_deref(), cfg.device_id.as_deref())?,
             linger,
             quiet,
             processed,
@@ -415,8 +285,9 @@ impl AmqpSource {
             }
         }
         let body = Bytes::from(d.data);
-        let mut out = Vec::with_capacity(1);
-        decode_record_projected(body.clone(), self.projection.as_ref(), &mut out);
+        let enqueued = sent_time(&d.properties);
+        let transport = Transport { enqueued, device_id: crate::sources::message::transport_device(&attrs) };
+        let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
         let good = out.iter().filter(|r| r.is_ok()).count();
         if good == 0 {
             let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
@@ -438,6 +309,7 @@ impl AmqpSource {
             match r {
                 Ok(mut ev) => {
                     ev.meta.offset = tag as i64;
+                    ev.meta.enqueued = enqueued;
                     ev.meta.attrs = attrs.clone();
                     events.push(ev);
                 }
@@ -546,6 +418,22 @@ fn durable_queue(durable: bool) -> QueueDeclareOptions {
 
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions { durable: true, ..Default::default() }
+}
+
+/// When the message was stamped: the `timestamp_in_ms` header (RabbitMQ's message timestamp
+/// plugin sets it, in milliseconds), else the `timestamp` property (seconds); `NO_TIME` without.
+fn sent_time(props: &BasicProperties) -> crate::event::Nanos {
+    let header = props.headers().as_ref().and_then(|h| match h.inner().get("timestamp_in_ms")? {
+        AMQPValue::LongLongInt(ms) => Some(*ms),
+        AMQPValue::LongInt(ms) => Some(*ms as i64),
+        AMQPValue::Timestamp(ms) => Some(*ms as i64),
+        _ => None,
+    });
+    match (header, props.timestamp()) {
+        (Some(ms), _) => ms.saturating_mul(1_000_000),
+        (None, Some(s)) => (*s as i64).saturating_mul(1_000_000_000),
+        (None, None) => crate::event::NO_TIME,
+    }
 }
 
 fn amqp_value_string(v: &AMQPValue) -> String {
