@@ -125,6 +125,11 @@ impl Watermark {
         }
     }
 
+    /// How far the watermark is behind the wall clock `now`, in seconds (`None` before any event).
+    pub fn lag_seconds(&self, now: Nanos) -> Option<f64> {
+        (self.wm != i64::MIN).then(|| (now - self.wm) as f64 / 1e9)
+    }
+
     /// Moves the watermark to at least `to`, overall and on every partition seen (as if each
     /// had seen an event at `to` plus the lateness). Never moves it back.
     pub fn advance_to(&mut self, to: Nanos) {

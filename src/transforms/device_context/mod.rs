@@ -301,9 +301,8 @@ impl Transform for DeviceContext {
         if self.state.watermark.tick(now) {
             self.release(false, out);
         }
-        let wm = self.state.watermark.current();
-        if wm != i64::MIN {
-            self.metrics.watermark_lag.set((now - wm) as f64 / 1e9);
+        if let Some(lag) = self.state.watermark.lag_seconds(now) {
+            self.metrics.watermark_lag.set(lag);
         }
     }
 

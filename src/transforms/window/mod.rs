@@ -419,9 +419,8 @@ impl Transform for Window {
         if self.state.watermark.tick(now) {
             self.emit_ready(false, out);
         }
-        let wm = self.state.watermark.current();
-        if wm != i64::MIN {
-            self.metrics.watermark_lag.set((now - wm) as f64 / 1e9);
+        if let Some(lag) = self.state.watermark.lag_seconds(now) {
+            self.metrics.watermark_lag.set(lag);
         }
     }
 
