@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod eventhubs;
 pub mod files;
 pub mod message;
+pub mod servicebus;
 pub mod simulator;
 pub mod webhook;
 
@@ -19,6 +20,7 @@ crate::component_enum! {
         Simulator("simulator", simulator::SimulatorConfig),
         Webhook("webhook", webhook::WebhookConfig),
         EventHubs("eventhubs", eventhubs::EventHubsConfig),
+        ServiceBus("servicebus", servicebus::ServiceBusConfig),
     }
 }
 
@@ -28,6 +30,7 @@ pub async fn build(cfg: &SourceConfig, cx: &BuildCx<'_>) -> anyhow::Result<Box<d
         SourceConfig::Files(c) => Box::new(files::FilesSource::new(c.clone(), cx)?),
         SourceConfig::Amqp(c) => Box::new(amqp::AmqpSource::new(c.clone(), cx)?),
         SourceConfig::EventHubs(c) => Box::new(eventhubs::EventHubsSource::new(c.clone(), cx)?),
+        SourceConfig::ServiceBus(c) => Box::new(servicebus::ServiceBusSource::new(c.clone(), cx)?),
         SourceConfig::Simulator(c) => Box::new(simulator::SimulatorSource::new(c.clone(), cx)?),
         SourceConfig::Webhook(c) => Box::new(webhook::WebhookSource::new(c.clone(), cx)?),
     })
@@ -62,6 +65,11 @@ pub fn decode_test_record(
             Transport { enqueued: received, device_id },
         ),
         SourceConfig::EventHubs(c) => (
+            message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
+            raw,
+            Transport { enqueued: received, device_id },
+        ),
+        SourceConfig::ServiceBus(c) => (
             message::decoder(c.format, c.time.as_deref(), c.device_id.as_deref()),
             raw,
             Transport { enqueued: received, device_id },

@@ -36,6 +36,7 @@ mod dps;
 mod engine;
 mod hub;
 mod mqtt;
+pub(crate) use mqtt::tls_config;
 pub mod sas;
 mod shape;
 mod validate;

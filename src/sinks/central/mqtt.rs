@@ -46,7 +46,7 @@ pub fn topic(m: &OutMsg) -> String {
 }
 
 /// TLS for the hub: the web PKI roots plus an extra CA.
-pub(super) fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+pub(crate) fn tls_config(extra_ca_pem: Option<&[u8]>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());

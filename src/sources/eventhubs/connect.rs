@@ -69,7 +69,7 @@ impl Connector {
     }
 }
 
-fn credential(c: &Credential) -> anyhow::Result<Arc<dyn azure_core::credentials::TokenCredential>> {
+pub(crate) fn credential(c: &Credential) -> anyhow::Result<Arc<dyn azure_core::credentials::TokenCredential>> {
     use azure_identity::*;
     Ok(match c {
         Credential::ManagedIdentity { client_id } => {

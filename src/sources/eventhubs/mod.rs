@@ -33,7 +33,7 @@
 mod balance;
 mod commit;
 mod config;
-mod connect;
+pub(crate) mod connect;
 mod partitions;
 pub mod reader;
 pub mod store;

@@ -1,0 +1,317 @@
+//! The AMQP 1.0 side of the `servicebus` source on fe2o3-amqp: the connection (TLS, or plain to
+//! an emulator), claims-based authorization (`$cbs` put-token with a SAS token or an Entra ID
+//! token), the peek-lock receive link, and the entity's `$management` link for renew-lock and
+//! the round trip that confirms completions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::link::receiver::CreditMode;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::types::definitions::ReceiverSettleMode;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Message};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Timestamp, Value};
+use fe2o3_amqp::{Connection, Receiver, Session};
+use fe2o3_amqp_cbs::client::CbsClient;
+use fe2o3_amqp_cbs::token::CbsToken;
+use fe2o3_amqp_management::client::MgmtClient;
+use fe2o3_amqp_management::error::Error as MgmtError;
+use fe2o3_amqp_management::request::Request;
+use fe2o3_amqp_management::response::Response;
+
+use super::config::{Address, ServiceBusConfig};
+use crate::secret::Secret;
+
+/// How long a management call may take before the link counts as broken.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// SAS tokens are made for this long and renewed well before they run out.
+const TOKEN_LIFE: Duration = Duration::from_secs(3600);
+/// Lock tokens per renew-lock request.
+pub const RENEW_CHUNK: usize = 1000;
+
+/// How the source proves who it is.
+pub enum Auth {
+    Sas { key_name: String, key: Secret },
+    Token(Arc<dyn azure_core::credentials::TokenCredential>),
+}
+
+impl Auth {
+    pub fn new(cfg: &ServiceBusConfig) -> anyhow::Result<Auth> {
+        if let Some(c) = &cfg.credential {
+            return Ok(Auth::Token(crate::sources::eventhubs::connect::credential(c)?));
+        }
+        let cs = cfg.connection().map_err(anyhow::Error::msg)?.context("needs a connection string or a credential")?;
+        match (cs.key_name, cs.key) {
+            (Some(key_name), Some(key)) => Ok(Auth::Sas { key_name, key: Secret::new(key) }),
+            _ => anyhow::bail!("the connection string has no SharedAccessKeyName/SharedAccessKey"),
+        }
+    }
+
+    /// A token for `audience`, its type and when it expires (Unix milliseconds).
+    async fn token(&self, audience: &str) -> anyhow::Result<(String, &'static str, i64)> {
+        match self {
+            Auth::Sas { key_name, key } => {
+                let expiry = crate::time::now_nanos() / 1_000_000_000 + TOKEN_LIFE.as_secs() as i64;
+                Ok((sas_token(audience, key_name, key.expose(), expiry), "servicebus.windows.net:sastoken", expiry * 1000))
+            }
+            Auth::Token(c) => {
+                let t = c
+                    .get_token(&["https://servicebus.azure.net/.default"], None)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("getting an Entra ID token: {e}"))?;
+                let expires = t.expires_on.unix_timestamp() * 1000;
+                Ok((t.token.secret().to_string(), "jwt", expires))
+            }
+        }
+    }
+}
+
+/// A Service Bus SAS token: `SharedAccessSignature sr=URI&sig=SIG&se=EXPIRY&skn=KEYNAME`, where
+/// SIG is base64(HMAC-SHA256(key as UTF-8, url-encoded URI + "\n" + expiry)).
+pub fn sas_token(uri: &str, key_name: &str, key: &str, expiry: i64) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    // as the SDKs' quote_plus / EscapeDataString: all but the unreserved characters
+    const SET: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, SET).to_string();
+    let sr = enc(uri);
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("HMAC takes any key length");
+    mac.update(format!("{sr}\n{expiry}").as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    format!("SharedAccessSignature sr={sr}&sig={}&se={expiry}&skn={}", enc(&sig), enc(key_name))
+}
+
+/// An open connection to the entity.
+pub struct Link {
+    _conn: ConnectionHandle<()>,
+    _session: SessionHandle<()>,
+    cbs: CbsClient,
+    mgmt: MgmtClient,
+    pub receiver: Receiver,
+    receiver_name: String,
+    audience: String,
+    /// When the authorization token runs out (Unix ms).
+    pub token_expires: i64,
+}
+
+impl Link {
+    /// Connects, authorizes, attaches the receiver (peek-lock, no credit yet) and the
+    /// management link.
+    pub async fn open(addr: &Address, entity: &str, auth: &Auth, name: &str) -> anyhow::Result<Link> {
+        let tcp = tokio::net::TcpStream::connect((addr.host.as_str(), addr.port))
+            .await
+            .with_context(|| format!("connecting to {}:{}", addr.host, addr.port))?;
+        let _ = tcp.set_nodelay(true);
+        let id = format!("centralflow-{name}-{:x}", rand::random::<u64>());
+        let builder = Connection::builder()
+            .container_id(id.clone())
+            .hostname(addr.namespace.as_str())
+            .sasl_profile(SaslProfile::Anonymous)
+            .idle_time_out(120_000u32);
+        let mut conn = if addr.tls {
+            let cfg = crate::sinks::central::tls_config(None)?;
+            let server = rustls::pki_types::ServerName::try_from(addr.host.clone())
+                .with_context(|| format!("{} is not a TLS server name", addr.host))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(server, tcp)
+                .await
+                .with_context(|| format!("TLS with {}", addr.host))?;
+            builder.open_with_stream(tls).await
+        } else {
+            builder.open_with_stream(tcp).await
+        }
+        .map_err(|e| anyhow::anyhow!("opening the AMQP connection: {e}"))?;
+        let mut session = Session::begin(&mut conn).await.map_err(|e| anyhow::anyhow!("beginning a session: {e}"))?;
+        let mut cbs = CbsClient::attach(&mut session).await.map_err(|e| anyhow::anyhow!("attaching $cbs: {e}"))?;
+        let audience = format!("sb://{}/{}", addr.namespace, entity);
+        let token_expires = put_token(&mut cbs, auth, &audience).await?;
+        let receiver_name = format!("{id}-receiver");
+        let mut receiver = Receiver::builder()
+            .name(receiver_name.clone())
+            .source(entity.to_string())
+            .receiver_settle_mode(ReceiverSettleMode::First)
+            .credit_mode(CreditMode::Manual)
+            .auto_accept(false)
+            .attach(&mut session)
+            .await
+            .map_err(|e| anyhow::anyhow!("attaching a receiver to {entity}: {e}"))?;
+        let mgmt = MgmtClient::builder()
+            .management_node_address(format!("{entity}/$management"))
+            .client_node_addr(format!("{id}-management"))
+            .attach(&mut session)
+            .await
+            .map_err(|e| anyhow::anyhow!("attaching {entity}/$management: {e}"))?;
+        receiver.set_credit(0).await.ok();
+        Ok(Link { _conn: conn, _session: session, cbs, mgmt, receiver, receiver_name, audience, token_expires })
+    }
+
+    /// Puts a new token when the current one has less than a quarter of its life left.
+    pub async fn refresh_token(&mut self, auth: &Auth) -> anyhow::Result<()> {
+        let now = crate::time::now_nanos() / 1_000_000;
+        if self.token_expires - now > TOKEN_LIFE.as_millis() as i64 / 4 {
+            return Ok(());
+        }
+        self.token_expires = put_token(&mut self.cbs, auth, &self.audience).await?;
+        Ok(())
+    }
+
+    /// Renews the locks of these messages; their new expiry times (Unix ms), in order.
+    pub async fn renew_locks(&mut self, tokens: &[[u8; 16]]) -> anyhow::Result<Vec<i64>> {
+        let list: Vec<Value> = tokens.iter().map(|t| Value::Uuid(lock_token(t).into())).collect();
+        let mut body = OrderedMap::new();
+        body.insert(Value::String("lock-tokens".into()), Value::Array(list.into()));
+        let req = MgmtRequest {
+            operation: "com.microsoft:renew-lock",
+            link_name: Some(self.receiver_name.clone()),
+            body: Value::Map(body),
+        };
+        let res = self.call(req).await?;
+        let Some(Value::Array(a)) = res.get("expirations") else {
+            anyhow::bail!("renew-lock answered without expirations");
+        };
+        a.0.iter()
+            .map(|v| match v {
+                Value::Timestamp(t) => Ok(t.milliseconds()),
+                other => Err(anyhow::anyhow!("renew-lock answered an expiration of {other:?}")),
+            })
+            .collect()
+    }
+
+    /// A management round trip (peek one message). The namespace handles a connection's frames
+    /// in order: once it answers, it has seen the dispositions sent before.
+    pub async fn round_trip(&mut self, from_sequence: i64) -> anyhow::Result<()> {
+        let mut body = OrderedMap::new();
+        body.insert(Value::String("from-sequence-number".into()), Value::Long(from_sequence));
+        body.insert(Value::String("message-count".into()), Value::Int(1));
+        let req = MgmtRequest { operation: "com.microsoft:peek-message", link_name: None, body: Value::Map(body) };
+        self.call(req).await.map(|_| ())
+    }
+
+    async fn call(&mut self, req: MgmtRequest) -> anyhow::Result<OrderedMap<String, Value>> {
+        let op = req.operation;
+        let res: MgmtResponse = tokio::time::timeout(CALL_TIMEOUT, self.mgmt.call(req))
+            .await
+            .map_err(|_| anyhow::anyhow!("{op}: no answer in {CALL_TIMEOUT:?}"))?
+            .map_err(|e| anyhow::anyhow!("{op}: {e}"))?;
+        Ok(res.0)
+    }
+}
+
+async fn put_token(cbs: &mut CbsClient, auth: &Auth, audience: &str) -> anyhow::Result<i64> {
+    let (token, kind, expires) = auth.token(audience).await?;
+    let put = cbs.put_token(audience.to_string(), CbsToken::new(token, kind, Some(Timestamp::from_milliseconds(expires))));
+    tokio::time::timeout(CALL_TIMEOUT, put)
+        .await
+        .map_err(|_| anyhow::anyhow!("$cbs put-token: no answer in {CALL_TIMEOUT:?}"))?
+        .map_err(|e| anyhow::anyhow!("authorizing for {audience}: {}", crate::secret::redact(&e.to_string())))?;
+    Ok(expires)
+}
+
+/// The lock token of a delivery: its 16-byte delivery tag is a .NET `Guid` (first three groups
+/// little-endian); on the wire, in renew-lock, it is an AMQP uuid (RFC 4122 byte order).
+pub fn lock_token(tag: &[u8; 16]) -> [u8; 16] {
+    let mut u = *tag;
+    u[0..4].reverse();
+    u[4..6].reverse();
+    u[6..8].reverse();
+    u
+}
+
+/// A `$management` request: an operation with a map body.
+struct MgmtRequest {
+    operation: &'static str,
+    link_name: Option<String>,
+    body: Value,
+}
+
+impl Request for MgmtRequest {
+    const OPERATION: &'static str = "";
+    type Response = MgmtResponse;
+    type Body = Value;
+
+    fn encode_application_properties(&mut self) -> Option<ApplicationProperties> {
+        let mut p = ApplicationProperties::builder()
+            .insert("operation", SimpleValue::String(self.operation.to_string()))
+            .insert("com.microsoft:server-timeout", SimpleValue::Uint(CALL_TIMEOUT.as_millis() as u32));
+        if let Some(l) = &self.link_name {
+            p = p.insert("associated-link-name", SimpleValue::String(l.clone()));
+        }
+        Some(p.build())
+    }
+
+    fn encode_body(self) -> Value {
+        self.body
+    }
+}
+
+/// A `$management` answer: status 200 (or 204, "no messages", for a peek) and a map body.
+struct MgmtResponse(OrderedMap<String, Value>);
+
+impl Response for MgmtResponse {
+    const STATUS_CODE: u16 = 200;
+    type Body = Body<Value>;
+    type Error = MgmtError;
+
+    fn from_message(mut message: Message<Body<Value>>) -> Result<Self, MgmtError> {
+        let code = status_of(&message);
+        if code == Some(204) {
+            return Ok(MgmtResponse(OrderedMap::new()));
+        }
+        Self::verify_status_code(&mut message)?;
+        Self::decode_message(message)
+    }
+
+    fn decode_message(message: Message<Body<Value>>) -> Result<Self, MgmtError> {
+        let mut out = OrderedMap::new();
+        if let Body::Value(v) = message.body {
+            if let Value::Map(m) = v.0 {
+                for (k, v) in m.into_iter() {
+                    if let Value::String(k) | Value::Symbol(fe2o3_amqp::types::primitives::Symbol(k)) = k {
+                        out.insert(k, v);
+                    }
+                }
+            }
+        }
+        Ok(MgmtResponse(out))
+    }
+}
+
+fn status_of(message: &Message<Body<Value>>) -> Option<i64> {
+    let props = message.application_properties.as_ref()?;
+    match props.0.get("statusCode").or_else(|| props.0.get("status-code"))? {
+        SimpleValue::Int(i) => Some(*i as i64),
+        SimpleValue::Uint(i) => Some(*i as i64),
+        SimpleValue::Long(i) => Some(*i),
+        SimpleValue::Short(i) => Some(*i as i64),
+        SimpleValue::Ushort(i) => Some(*i as i64),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A known answer computed outside Rust, with the Python SDK's encoding (quote_plus):
+    /// `python3 -c 'import hmac,hashlib,base64,urllib.parse as u; sr=u.quote_plus("sb://ns.servicebus.windows.net/q");
+    /// print(u.quote_plus(base64.b64encode(hmac.new(b"key", (sr+"\n1700000000").encode(), hashlib.sha256).digest()).decode()))'`
+    #[test]
+    fn sas_tokens_match_an_independent_computation() {
+        let t = sas_token("sb://ns.servicebus.windows.net/q", "listen", "key", 1_700_000_000);
+        assert_eq!(
+            t,
+            "SharedAccessSignature sr=sb%3A%2F%2Fns.servicebus.windows.net%2Fq\
+             &sig=Z%2B6BLPu5z1O7CUS4t%2FqSp8qQbFea7wTvKxD0%2FHUZdqk%3D&se=1700000000&skn=listen"
+        );
+    }
+
+    #[test]
+    fn lock_tokens_are_dotnet_guids() {
+        let tag = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+        assert_eq!(lock_token(&tag), [4, 3, 2, 1, 6, 5, 8, 7, 9, 10, 11, 12, 13, 14, 15, 16]);
+    }
+}

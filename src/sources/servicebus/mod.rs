@@ -1,0 +1,695 @@
+//! `servicebus`: reads a Service Bus queue or topic subscription (IoT Central's
+//! `servicebusqueue@v1` and `servicebustopic@v1` export destinations) over AMQP 1.0 in peek-lock
+//! mode, with no loss and no duplicates across lost locks, connection faults and crashes.
+//!
+//! Delivery: the receive link has at most `prefetch` messages locked and unsettled (manual link
+//! credit). A message is completed (`accepted`) only at `Commit(n)`, once checkpoint `n` that
+//! covers it is durable and every sink has committed it; a management round trip after the
+//! dispositions confirms that the namespace has seen them. Messages held past half of their
+//! lock span have their locks renewed (`com.microsoft:renew-lock` on `ENTITY/$management`), so
+//! a slow checkpoint never lets a lock expire.
+//!
+//! If a lock is lost anyway (a dropped connection, renewal off or failing), Service Bus
+//! delivers the message again with a higher delivery count. The source remembers what it has
+//! processed and not yet had confirmed as completed, by a 128-bit hash of message id, sequence
+//! number and body; a redelivered copy of such a message is not processed again, only completed
+//! at the next checkpoint. That memory is part of the checkpoint, so a restarted process skips
+//! the redeliveries of what the restored state contains. A completion whose lock may already
+//! have run out, or that was not confirmed, is remembered for [`FORGET_AFTER`] (longer than the
+//! longest lock, five minutes) in case its message comes back.
+//!
+//! A message that cannot be decoded is dead-lettered to the entity's `$DeadLetterQueue`
+//! (rejected with `com.microsoft:dead-letter`, `DeadLetterReason` = the reason,
+//! `DeadLetterErrorDescription` = its origin) and goes to the source's `dead_letter` output.
+//!
+//! The connection is re-established with backoff, forever; the state shows in logs, in the
+//! `source_connected` metric and in `/health/ready`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::types::definitions::{Error as AmqpError, ErrorCondition, Fields};
+use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
+use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Batch, Event, Nanos, NO_TIME};
+use crate::model::decode::Projection;
+use crate::model::format::MessageDecoder;
+use crate::model::generic::Transport;
+use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
+pub use config::{ConnectionString, ServiceBusConfig};
+use link::{Auth, Link};
+
+mod config;
+mod link;
+
+/// How long a completion that may not have taken effect is remembered (Service Bus locks last
+/// at most five minutes; a message whose lock ran out comes back soon after).
+pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// What a checkpoint keeps: hashes of processed messages not known to be completed, with the
+/// time (Unix ms) after which each may be forgotten (0: not yet completed).
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct State {
+    processed: Vec<(u128, i64)>,
+}
+
+/// A received message not yet completed.
+struct Held {
+    /// Position among the deliveries of this connection.
+    n: u64,
+    info: DeliveryInfo,
+    tag: Option<[u8; 16]>,
+    /// When its lock runs out (Unix ms), as the namespace said.
+    locked_until: i64,
+    /// The lock span, learnt at receipt.
+    span: i64,
+    hash: u128,
+}
+
+/// A barrier: the last delivery before it, on which connection.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    epoch: u64,
+    generation: u64,
+    upto: u64,
+}
+
+pub struct ServiceBusSource {
+    cfg: ServiceBusConfig,
+    entity: String,
+    address: config::Address,
+    auth: Auth,
+    link: Option<Link>,
+    name: String,
+    projection: Option<Arc<Projection>>,
+    decoder: MessageDecoder,
+    linger: Duration,
+    quiet: Option<Duration>,
+    /// Processed messages: hash -> forget after (Unix ms; 0 while not completed).
+    processed: HashMap<u128, i64>,
+    held: VecDeque<Held>,
+    generation: u64,
+    received: u64,
+    marks: VecDeque<Mark>,
+    epoch: u64,
+    asked_checkpoint: bool,
+    last_sequence: i64,
+    skipped: u64,
+    renewals: u64,
+    committed: prometheus_client::metrics::counter::Counter,
+}
+
+impl ServiceBusSource {
+    pub fn new(cfg: ServiceBusConfig, cx: &BuildCx<'_>) -> anyhow::Result<ServiceBusSource> {
+        if cx.mode == Mode::Replay {
+            anyhow::bail!("a servicebus source never ends: use `centralflow run`, not `replay`");
+        }
+        let entity = cfg.entity().map_err(anyhow::Error::msg)?;
+        let address = cfg.address().map_err(anyhow::Error::msg)?;
+        let auth = Auth::new(&cfg)?;
+        let mut processed = HashMap::new();
+        if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
+            let st: State =
+                postcard::from_bytes(state).context("servicebus source state in the checkpoint is corrupt")?;
+            // what the checkpoint covers may come back once its locks run out
+            let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
+            processed = st.processed.into_iter().map(|(h, f)| (h, if f == 0 { forget } else { f })).collect();
+        }
+        Ok(ServiceBusSource {
+            entity,
+            address,
+            auth,
+            link: None,
+            name: cx.name.to_string(),
+            projection: cx.projection.clone(),
+            decoder: crate::sources::message::decoder(cfg.format, cfg.time.as_deref(), cfg.device_id.as_deref())?,
+            linger: cfg.linger.get()?,
+            quiet: Some(cfg.quiet_checkpoint.get()?).filter(|d| !d.is_zero()),
+            processed,
+            held: VecDeque::new(),
+            generation: 0,
+            received: 0,
+            marks: VecDeque::new(),
+            epoch: 0,
+            asked_checkpoint: false,
+            last_sequence: -1,
+            skipped: 0,
+            renewals: 0,
+            committed: cx.metrics.committed.clone(),
+            cfg,
+        })
+    }
+
+    fn snapshot_state(&self) -> Vec<u8> {
+        let st = State { processed: self.processed.iter().map(|(h, f)| (*h, *f)).collect() };
+        postcard::to_allocvec(&st).unwrap_or_default()
+    }
+
+    fn mark(&self, epoch: u64) -> Mark {
+        Mark { epoch, generation: self.generation, upto: self.received }
+    }
+
+    /// The connection is gone, and the deliveries on it: their messages come back when their
+    /// locks run out, and are recognised then.
+    fn forget_link(&mut self) {
+        let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
+        for h in self.held.drain(..) {
+            if let Some(f) = self.processed.get_mut(&h.hash) {
+                if *f == 0 {
+                    *f = forget;
+                }
+            }
+        }
+        self.generation += 1;
+        self.received = 0;
+    }
+
+    /// Handles one delivery: its events go to `events`, a message that cannot be decoded is
+    /// dead-lettered.
+    async fn on_delivery(
+        &mut self,
+        link: &Link,
+        d: fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<u64> {
+        let (info, msg) = d.into_parts();
+        let tag = <[u8; 16]>::try_from(&info.delivery_tag()[..]).ok();
+        let now = now_ms();
+        let m = Meta::of(&msg);
+        self.received += 1;
+        if m.sequence >= 0 {
+            self.last_sequence = self.last_sequence.max(m.sequence);
+        }
+        let body = match body_bytes(msg.body) {
+            Ok(b) => b,
+            Err(reason) => {
+                self.dead_letter(link, info, Bytes::new(), &reason, &m, dead).await?;
+                return Ok(0);
+            }
+        };
+        let len = body.len() as u64;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        hasher.update(m.message_id.as_deref().unwrap_or("").as_bytes());
+        hasher.update(&m.sequence.to_le_bytes());
+        hasher.update(&body);
+        let hash = hasher.digest128();
+        let locked_until = m.locked_until.unwrap_or(now + 30_000);
+        let held = Held { n: self.received, info, tag, locked_until, span: (locked_until - now).max(1000), hash };
+        if m.delivery_count > 0 && self.processed.contains_key(&hash) {
+            // processed already (before a lost lock, a reconnect or the restored checkpoint)
+            self.processed.insert(hash, 0);
+            self.held.push_back(held);
+            self.skipped += 1;
+            if self.skipped <= 10 || self.skipped % 1000 == 0 {
+                tracing::info!(skipped = self.skipped, "redelivered message already processed: completed at the next checkpoint");
+            }
+            return Ok(len);
+        }
+        let origin = m.origin(&self.entity);
+        let transport =
+            Transport { enqueued: m.enqueued, device_id: crate::sources::message::transport_device(&m.attrs) };
+        let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
+        if !out.iter().any(|r| r.is_ok()) {
+            let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
+            self.dead_letter(link, held.info, body, &reason, &m, dead).await?;
+            return Ok(len);
+        }
+        self.processed.insert(hash, 0);
+        self.held.push_back(held);
+        let origin: Arc<str> = origin.into();
+        for r in out {
+            match r {
+                Ok(mut ev) => {
+                    ev.meta.offset = m.sequence;
+                    ev.meta.enqueued = m.enqueued;
+                    ev.meta.origin = Some(origin.clone());
+                    ev.meta.attrs = m.attrs.clone();
+                    events.push(ev);
+                }
+                // the message decoded in part: its bad elements go to the dead-letter output
+                Err(reason) => dead.push(Event::dead_letter(body.clone(), &reason, &origin, &self.name)),
+            }
+        }
+        Ok(len)
+    }
+
+    /// Moves a message to the entity's `$DeadLetterQueue` with the reason and its origin.
+    async fn dead_letter(
+        &mut self,
+        link: &Link,
+        info: DeliveryInfo,
+        body: Bytes,
+        reason: &str,
+        m: &Meta,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        let origin = m.origin(&self.entity);
+        let short: String = reason.chars().take(1024).collect();
+        let mut fields = Fields::new();
+        fields.insert(Symbol::from("DeadLetterReason"), Value::String(short.clone()));
+        fields.insert(Symbol::from("DeadLetterErrorDescription"), Value::String(format!("centralflow: {origin}")));
+        let err = AmqpError {
+            condition: ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter")),
+            description: Some(short),
+            info: Some(Box::new(fields)),
+        };
+        link.receiver.reject(info, err).await.context("dead-lettering a message")?;
+        self.committed.inc();
+        dead.push(Event::dead_letter(body, reason, &origin, &self.name));
+        Ok(())
+    }
+
+    /// Completes what checkpoint `epoch` covers and confirms the namespace saw it.
+    async fn commit_on(&mut self, epoch: u64) -> anyhow::Result<()> {
+        self.asked_checkpoint = false;
+        let mut mark = None;
+        while self.marks.front().is_some_and(|m| m.epoch <= epoch) {
+            mark = self.marks.pop_front();
+        }
+        let Some(mark) = mark else { return Ok(()) };
+        let Some(link) = self.link.as_mut() else { return Ok(()) };
+        if mark.generation != self.generation {
+            return Ok(()); // those deliveries died with their connection: they come back
+        }
+        let n = self.held.iter().take_while(|h| h.n <= mark.upto).count();
+        if n == 0 {
+            return Ok(());
+        }
+        let done: Vec<Held> = self.held.drain(..n).collect();
+        let now = now_ms();
+        let sent = link.receiver.accept_all(done.iter().map(|h| h.info.clone())).await;
+        let confirmed = match sent {
+            Ok(()) => link.round_trip(self.last_sequence + 1).await,
+            Err(e) => Err(anyhow::anyhow!("completing: {e}")),
+        };
+        let forget = now + FORGET_AFTER.as_millis() as i64;
+        for h in &done {
+            // a lock that ran out (or nearly) may have made the completion void: remember
+            if confirmed.is_ok() && h.locked_until > now + 2000 {
+                self.processed.remove(&h.hash);
+            } else if let Some(f) = self.processed.get_mut(&h.hash) {
+                *f = forget;
+            }
+        }
+        confirmed?;
+        self.committed.inc_by(n as u64);
+        let credit = self.cfg.prefetch.saturating_sub(self.held.len() as u32);
+        link.receiver.set_credit(credit).await.context("granting link credit")?;
+        Ok(())
+    }
+
+    /// Renews the locks of messages held past half their lock span.
+    async fn renew(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
+        let Some(link) = self.link.as_mut() else { return Ok(()) };
+        let due: Vec<usize> = (0..self.held.len())
+            .filter(|&i| {
+                let h = &self.held[i];
+                h.tag.is_some() && h.locked_until > now && h.locked_until - now < h.span / 2
+            })
+            .collect();
+        for chunk in due.chunks(link::RENEW_CHUNK) {
+            let tokens: Vec<[u8; 16]> = chunk.iter().map(|&i| self.held[i].tag.unwrap()).collect();
+            match link.renew_locks(&tokens).await {
+                Ok(times) => {
+                    for (&i, t) in chunk.iter().zip(times) {
+                        self.held[i].locked_until = t;
+                    }
+                    self.renewals += chunk.len() as u64;
+                }
+                // a lock already lost: its message comes back and is recognised
+                Err(e) if format!("{e:#}").contains("410") || format!("{e:#}").to_lowercase().contains("lock") => {
+                    tracing::warn!("renewing {} locks failed: {e:#}", tokens.len());
+                    for &i in chunk {
+                        self.held[i].locked_until = 0;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !due.is_empty() {
+            tracing::debug!(renewed = due.len(), total = self.renewals, "lock renewals");
+        }
+        Ok(())
+    }
+}
+
+/// What a message says of itself.
+struct Meta {
+    message_id: Option<String>,
+    sequence: i64,
+    enqueued: Nanos,
+    locked_until: Option<i64>,
+    delivery_count: u32,
+    attrs: Vec<(Box<str>, String)>,
+}
+
+impl Meta {
+    fn of(msg: &Message<Body<Value>>) -> Meta {
+        let mut m = Meta {
+            message_id: msg.properties.as_ref().and_then(|p| p.message_id.as_ref()).map(message_id_string),
+            sequence: -1,
+            enqueued: NO_TIME,
+            locked_until: None,
+            delivery_count: msg.header.as_ref().map_or(0, |h| h.delivery_count),
+            attrs: Vec::new(),
+        };
+        if let Some(a) = &msg.message_annotations {
+            for (k, v) in a.0.iter() {
+                let fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(k) = k else { continue };
+                match (k.0.as_str(), v) {
+                    ("x-opt-sequence-number", Value::Long(s)) => m.sequence = *s,
+                    ("x-opt-enqueued-time", Value::Timestamp(t)) => m.enqueued = t.milliseconds() * 1_000_000,
+                    ("x-opt-locked-until", Value::Timestamp(t)) => m.locked_until = Some(t.milliseconds()),
+                    (k, v) if k.starts_with("iotcentral-") => m.attrs.push((k.into(), value_string(v))),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(p) = &msg.application_properties {
+            for (k, v) in p.0.iter() {
+                m.attrs.push((k.as_str().into(), simple_string(v)));
+            }
+        }
+        if let Some(id) = &m.message_id {
+            m.attrs.push(("message-id".into(), id.clone()));
+        }
+        m.attrs.push(("delivery-count".into(), m.delivery_count.to_string()));
+        if m.sequence >= 0 {
+            m.attrs.push(("x-opt-sequence-number".into(), m.sequence.to_string()));
+        }
+        if m.enqueued != NO_TIME {
+            m.attrs.push(("x-opt-enqueued-time".into(), crate::time::format_rfc3339(m.enqueued)));
+        }
+        m
+    }
+
+    fn origin(&self, entity: &str) -> String {
+        format!("{entity}#{}", self.sequence)
+    }
+}
+
+fn message_id_string(id: &MessageId) -> String {
+    match id {
+        MessageId::String(s) => s.clone(),
+        MessageId::Ulong(n) => n.to_string(),
+        MessageId::Uuid(u) => format!("{:?}", u),
+        MessageId::Binary(b) => format!("{:?}", b),
+    }
+}
+
+fn simple_string(v: &SimpleValue) -> String {
+    match v {
+        SimpleValue::String(s) => s.clone(),
+        SimpleValue::Symbol(s) => s.0.clone(),
+        SimpleValue::Bool(b) => b.to_string(),
+        SimpleValue::Int(i) => i.to_string(),
+        SimpleValue::Long(i) => i.to_string(),
+        SimpleValue::Uint(i) => i.to_string(),
+        SimpleValue::Ulong(i) => i.to_string(),
+        SimpleValue::Double(f) => f.to_string(),
+        SimpleValue::Timestamp(t) => crate::time::format_rfc3339(t.milliseconds() * 1_000_000),
+        other => format!("{other:?}"),
+    }
+}
+
+fn value_string(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Symbol(s) => s.0.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The body as bytes: data sections joined, or a string or binary amqp-value (some clients
+/// send JSON text that way).
+fn body_bytes(body: Body<Value>) -> Result<Bytes, String> {
+    match body {
+        Body::Data(sections) => {
+            let mut v: Vec<Vec<u8>> = sections.into_iter().map(|d| d.0.into_vec()).collect();
+            Ok(if v.len() == 1 { Bytes::from(v.pop().unwrap()) } else { Bytes::from(v.concat()) })
+        }
+        Body::Value(v) => match v.0 {
+            Value::String(s) => Ok(Bytes::from(s)),
+            Value::Binary(b) => Ok(Bytes::from(b.into_vec())),
+            other => Err(format!("the body is an AMQP value of type {}, not JSON text", value_kind(&other))),
+        },
+        Body::Sequence(_) => Err("the body is an AMQP sequence, not JSON text".into()),
+        Body::Empty => Err("the message has no body".into()),
+    }
+}
+
+fn value_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Map(_) => "map",
+        Value::List(_) => "list",
+        Value::Array(_) => "array",
+        Value::Null => "null",
+        _ => "scalar",
+    }
+}
+
+fn now_ms() -> i64 {
+    crate::time::now_nanos() / 1_000_000
+}
+
+#[async_trait]
+impl Source for ServiceBusSource {
+    async fn run(&mut self, cx: &mut SourceCx) -> anyhow::Result<EndReason> {
+        let mut backoff = Duration::from_millis(200);
+        let mut events: Vec<Event> = Vec::with_capacity(self.cfg.batch_size);
+        let mut dead: Vec<Event> = Vec::new();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut last_delivery = tokio::time::Instant::now();
+        let burst = (self.cfg.batch_size / 10).max(1);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        crate::metrics::set_ready(&self.name, false, "connecting");
+        loop {
+            if self.link.is_none() {
+                match self.connect_or_wait(cx, &mut backoff).await? {
+                    std::ops::ControlFlow::Continue(()) => continue,
+                    std::ops::ControlFlow::Break(end) => return Ok(end),
+                }
+            }
+            let linger = crate::time::sleep_until_or_never(deadline);
+            let quiet_at = self
+                .quiet
+                .filter(|_| !self.asked_checkpoint && self.held.len() >= burst)
+                .map(|q| last_delivery + q);
+            let quiet = crate::time::sleep_until_or_never(quiet_at);
+            let link = self.link.as_mut().unwrap();
+            tokio::select! {
+                biased;
+                c = cx.control() => {
+                    if let Some(end) = self.on_control(cx, c, &mut events, &mut dead, &mut deadline).await? {
+                        return Ok(end);
+                    }
+                }
+                _ = linger => {
+                    flush(cx, &mut events, &mut dead).await?;
+                    deadline = None;
+                }
+                _ = quiet => {
+                    flush(cx, &mut events, &mut dead).await?;
+                    deadline = None;
+                    self.asked_checkpoint = true;
+                    cx.request_checkpoint();
+                }
+                _ = tick.tick() => {
+                    if let Err(e) = self.housekeeping().await {
+                        tracing::warn!("{e:#}; reconnecting");
+                        self.lost_connection(cx, &mut events, &mut dead).await?;
+                    }
+                }
+                d = link.receiver.recv::<Body<Value>>() => match d {
+                    Ok(delivery) => {
+                        last_delivery = tokio::time::Instant::now();
+                        self.take_delivery(cx, delivery, &mut events, &mut dead, &mut deadline).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!("lost the Service Bus link ({}); reconnecting", crate::secret::redact(&e.to_string()));
+                        self.lost_connection(cx, &mut events, &mut dead).await?;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
+        // the stream has ended (stop): complete the final checkpoint on the same link
+        if let Err(e) = self.commit_on(epoch).await {
+            // not fatal: the messages come back when their locks run out and are recognised
+            tracing::warn!("final completion failed: {e:#}");
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.snapshot_state()
+    }
+}
+
+/// The steps of the source's loop ([`Source::run`]).
+impl ServiceBusSource {
+    async fn connect_or_wait(
+        &mut self,
+        cx: &mut SourceCx,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<std::ops::ControlFlow<EndReason>> {
+        let e = match Link::open(&self.address, &self.entity, &self.auth, &self.name).await {
+            Ok(mut l) => match l.receiver.set_credit(self.cfg.prefetch).await {
+                Ok(()) => {
+                    self.generation += 1;
+                    self.received = 0;
+                    tracing::info!(entity = %self.entity, "connected to Service Bus");
+                    cx.metrics.connected.set(1);
+                    crate::metrics::set_ready(&self.name, true, "connected");
+                    *backoff = Duration::from_millis(200);
+                    self.link = Some(l);
+                    return Ok(std::ops::ControlFlow::Continue(()));
+                }
+                Err(e) => anyhow::anyhow!("granting link credit: {e}"),
+            },
+            Err(e) => e,
+        };
+        cx.metrics.connected.set(0);
+        cx.metrics.errors.inc();
+        crate::metrics::set_ready(&self.name, false, &format!("disconnected: {}", crate::secret::redact(&format!("{e:#}"))));
+        tracing::warn!(
+            "cannot reach Service Bus ({}:{}), retrying in {backoff:?}: {}",
+            self.address.host,
+            self.address.port,
+            crate::secret::redact(&format!("{e:#}"))
+        );
+        let sleep = tokio::time::sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(30));
+        tokio::select! {
+            c = cx.control() => match c {
+                Control::Barrier(e) => {
+                    self.marks.push_back(self.mark(e));
+                    cx.barrier(e, self.snapshot_state()).await?;
+                }
+                Control::Commit(e) => self.commit_on(e).await?,
+                Control::Stop | Control::Shutdown => return Ok(std::ops::ControlFlow::Break(EndReason::Stopped)),
+                Control::Flush(_) => {}
+            },
+            _ = sleep => {}
+        }
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
+
+    async fn on_control(
+        &mut self,
+        cx: &mut SourceCx,
+        c: Control,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<Option<EndReason>> {
+        match c {
+            Control::Barrier(e) => {
+                flush(cx, events, dead).await?;
+                *deadline = None;
+                self.epoch = e;
+                self.marks.push_back(self.mark(e));
+                cx.barrier(e, self.snapshot_state()).await?;
+            }
+            Control::Commit(e) => {
+                if let Err(err) = self.commit_on(e).await {
+                    tracing::warn!("completing epoch {e} failed, the connection is re-established: {err:#}");
+                    self.lost_connection(cx, events, dead).await?;
+                }
+            }
+            Control::Stop | Control::Shutdown => {
+                flush(cx, events, dead).await?;
+                // no more deliveries; what was delivered and not processed comes back
+                if let Some(l) = self.link.as_mut() {
+                    let _ = l.receiver.set_credit(0).await;
+                }
+                return Ok(Some(EndReason::Stopped));
+            }
+            Control::Flush(_) => {}
+        }
+        Ok(None)
+    }
+
+    async fn take_delivery(
+        &mut self,
+        cx: &mut SourceCx,
+        delivery: fe2o3_amqp::link::delivery::Delivery<Body<Value>>,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<()> {
+        let link = self.link.take().unwrap();
+        let r = self.on_delivery(&link, delivery, events, dead).await;
+        self.link = Some(link);
+        match r {
+            Ok(bytes) => {
+                cx.metrics.bytes_in.inc_by(bytes);
+            }
+            Err(e) => {
+                tracing::warn!("connection problem while handling a delivery: {e:#}");
+                return self.lost_connection(cx, events, dead).await;
+            }
+        }
+        if deadline.is_none() {
+            *deadline = Some(tokio::time::Instant::now() + self.linger);
+        }
+        if events.len() >= self.cfg.batch_size {
+            flush(cx, events, dead).await?;
+            *deadline = None;
+        }
+        if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.prefetch as f64 * self.cfg.checkpoint_at {
+            self.asked_checkpoint = true;
+            cx.request_checkpoint();
+        }
+        Ok(())
+    }
+
+    /// Once a second: lock renewal, the token, and forgetting old completions.
+    async fn housekeeping(&mut self) -> anyhow::Result<()> {
+        let now = now_ms();
+        self.processed.retain(|_, f| *f == 0 || *f > now);
+        if self.cfg.renew_locks {
+            self.renew().await?;
+        }
+        if let Some(l) = self.link.as_mut() {
+            l.refresh_token(&self.auth).await?;
+        }
+        Ok(())
+    }
+
+    async fn lost_connection(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        self.link = None;
+        self.forget_link();
+        cx.metrics.connected.set(0);
+        cx.metrics.reconnects.inc();
+        crate::metrics::set_ready(&self.name, false, "reconnecting");
+        flush(cx, events, dead).await
+    }
+}
+
+async fn flush(cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> anyhow::Result<()> {
+    if !events.is_empty() {
+        cx.send(Batch::new(std::mem::take(events))).await?;
+    }
+    if !dead.is_empty() {
+        cx.dead_letter(std::mem::take(dead)).await?;
+    }
+    Ok(())
+}
