@@ -313,7 +313,8 @@ impl ServiceBusSource {
         let due: Vec<usize> = (0..self.held.len())
             .filter(|&i| {
                 let h = &self.held[i];
-                h.tag.is_some() && h.locked_until > now && h.locked_until - now < h.span / 2
+                // at half the span, a tick early: renewal runs once a second
+                h.tag.is_some() && h.locked_until > now && h.locked_until - now < h.span / 2 + 1000
             })
             .collect();
         for chunk in due.chunks(link::RENEW_CHUNK) {
@@ -525,7 +526,9 @@ impl Source for ServiceBusSource {
     }
 
     async fn commit(&mut self, epoch: u64) -> anyhow::Result<()> {
-        // the stream has ended (stop): complete the final checkpoint on the same link
+        // the stream has ended (stop): an epoch after the last barrier is the final checkpoint,
+        // which covers everything received (the mark pushed at the stop)
+        let epoch = if epoch > self.epoch { u64::MAX } else { epoch };
         if let Err(e) = self.commit_on(epoch).await {
             // not fatal: the messages come back when their locks run out and are recognised
             tracing::warn!("final completion failed: {e:#}");
@@ -611,10 +614,11 @@ impl ServiceBusSource {
             }
             Control::Stop | Control::Shutdown => {
                 flush(cx, events, dead).await?;
-                // no more deliveries; what was delivered and not processed comes back
+                // no more deliveries; what was received is covered by the final checkpoint
                 if let Some(l) = self.link.as_mut() {
                     let _ = l.receiver.set_credit(0).await;
                 }
+                self.marks.push_back(self.mark(u64::MAX));
                 return Ok(Some(EndReason::Stopped));
             }
             Control::Flush(_) => {}
