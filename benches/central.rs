@@ -8,8 +8,7 @@
 //! The emulator runs in this process on one thread; on 2 cores it competes with centralflow
 //! for the CPU, so the numbers are a floor for a real hub, not a ceiling.
 
-#[path = "../tests/common/iotc_emulator.rs"]
-mod iotc_emulator;
+use centralflow_emulators::iotcentral as iotc_emulator;
 
 use std::path::Path;
 use std::process::Command;

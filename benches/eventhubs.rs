@@ -11,8 +11,7 @@
 //!
 //! Under `cargo test --all-targets` (unoptimized) it is a smoke run of 20,000 events.
 
-#[path = "../tests/common/eventhubs_emulator.rs"]
-mod eventhubs_emulator;
+use centralflow_emulators::eventhubs as eventhubs_emulator;
 
 use std::collections::BTreeMap;
 use std::path::Path;
