@@ -53,7 +53,7 @@ fn lock_renewal_keeps_messages_held_past_three_lock_durations() {
     let lines = bus.simulated(2000, 200, 32);
     bus.publish(&lines);
     let settings = "    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n";
-    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "8s")]);
+    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "8s"), ("SERVICEBUS_PREFETCH", "5000")]);
     let start = Instant::now();
     bus.wait("every message received", LONG, |b| b.stats(sb::QUEUE).locked == 2000);
     bus.wait("the queue drained", LONG, Bus::drained);
@@ -73,7 +73,7 @@ fn with_lock_renewal_off_redelivered_copies_are_not_processed_twice() {
     let lines = bus.simulated(2000, 200, 33);
     bus.publish(&lines);
     let settings = "    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n    renew_locks: false\n";
-    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s")]);
+    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s"), ("SERVICEBUS_PREFETCH", "5000")]);
     bus.wait("the queue drained", LONG, Bus::drained);
     let log = bus.stop(child, "a");
     let s = bus.stats(sb::QUEUE);
