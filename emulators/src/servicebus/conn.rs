@@ -16,7 +16,9 @@ use fe2o3_amqp::types::messaging::{
     Accepted, AmqpValue, ApplicationProperties, Body, DeliveryState, Message as AmqpMessage, Properties, Rejected,
     TargetArchetype,
 };
-use fe2o3_amqp::types::performatives::{Attach, Begin, ChannelMax, Close, Detach, Disposition, End, Flow, MaxFrameSize, Open, Transfer};
+use fe2o3_amqp::types::performatives::{
+    Attach, Begin, ChannelMax, Close, Detach, Disposition, End, Flow, MaxFrameSize, Open, Transfer,
+};
 use fe2o3_amqp::types::primitives::{Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome};
 use serde::Serialize;
@@ -120,7 +122,11 @@ fn sasl_body(frame: &BytesMut) -> &[u8] {
     &frame[doff.saturating_sub(4).min(frame.len())..]
 }
 
-pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+pub(crate) async fn serve(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    mut kill: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let (mut rd, wr) = stream.into_split();
     let mut wr = BufWriter::new(wr);
     let mut authorized = false;
@@ -129,9 +135,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio:
     anyhow::ensure!(&header[..4] == b"AMQP", "not AMQP");
     if header[4] == 3 {
         wr.write_all(&[b'A', b'M', b'Q', b'P', 3, 1, 0, 0]).await?;
-        let mechanisms = SaslMechanisms {
-            sasl_server_mechanisms: Array(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")]),
-        };
+        let mechanisms =
+            SaslMechanisms { sasl_server_mechanisms: Array(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")]) };
         wr.write_all(&wire::frame(1, 0, &[&wire::encode(&mechanisms)])).await?;
         wr.flush().await?;
         let init = read_frame(&mut rd).await?.ok_or_else(|| anyhow::anyhow!("closed during SASL"))?;
@@ -500,7 +505,10 @@ impl Conn {
             Ok(kind) => kind,
             Err((condition, description)) => {
                 tracing::debug!(%node, condition, %description, "servicebus emulator: refusing attach");
-                self.perf(channel, &Detach { handle: attach.handle, closed: true, error: Some(error(condition, description)) });
+                self.perf(
+                    channel,
+                    &Detach { handle: attach.handle, closed: true, error: Some(error(condition, description)) },
+                );
                 return;
             }
         };
@@ -633,13 +641,21 @@ impl Conn {
         let Some(s) = self.sessions.get_mut(&channel) else { return };
         let last = d.last.unwrap_or(d.first);
         let ids: Vec<u32> = if last.wrapping_sub(d.first) <= 1024 {
-            (0..=last.wrapping_sub(d.first)).map(|i| d.first.wrapping_add(i)).filter(|id| s.unsettled.contains_key(id)).collect()
+            (0..=last.wrapping_sub(d.first))
+                .map(|i| d.first.wrapping_add(i))
+                .filter(|id| s.unsettled.contains_key(id))
+                .collect()
         } else {
             s.unsettled.keys().copied().filter(|id| (d.first..=last).contains(id)).collect()
         };
         let terminal = matches!(
             d.state,
-            Some(DeliveryState::Accepted(_) | DeliveryState::Rejected(_) | DeliveryState::Released(_) | DeliveryState::Modified(_))
+            Some(
+                DeliveryState::Accepted(_)
+                    | DeliveryState::Rejected(_)
+                    | DeliveryState::Released(_)
+                    | DeliveryState::Modified(_)
+            )
         );
         if !terminal && !d.settled {
             return;
@@ -670,13 +686,26 @@ impl Conn {
             let token = s.unsettled.remove(&id).expect("listed above");
             let state = match self.inner.broker.settle(&token, outcome.clone()) {
                 Ok(()) => echo_ok.clone(),
-                Err(_) => Rejected { error: Some(error(LOCK_LOST, "The lock on the message was lost: it expired or the message was settled already.")) }.into(),
+                Err(_) => Rejected {
+                    error: Some(error(
+                        LOCK_LOST,
+                        "The lock on the message was lost: it expired or the message was settled already.",
+                    )),
+                }
+                .into(),
             };
             echoes.push((id, state));
         }
         if !d.settled {
             for (id, state) in echoes {
-                let echo = Disposition { role: Role::Sender, first: id, last: None, settled: true, state: Some(state), batchable: false };
+                let echo = Disposition {
+                    role: Role::Sender,
+                    first: id,
+                    last: None,
+                    settled: true,
+                    state: Some(state),
+                    batchable: false,
+                };
                 self.perf(channel, &echo);
             }
         }
@@ -697,7 +726,11 @@ impl Conn {
             }
         }
         if found.is_none() {
-            let sessions = self.sessions.iter().filter(|(ch, _)| **ch == channel).chain(self.sessions.iter().filter(|(ch, _)| **ch != channel));
+            let sessions = self
+                .sessions
+                .iter()
+                .filter(|(ch, _)| **ch == channel)
+                .chain(self.sessions.iter().filter(|(ch, _)| **ch != channel));
             'search: for (ch, s) in sessions {
                 for (h, l) in &s.links {
                     if matches!(l.kind, Kind::Replies) && l.node.eq_ignore_ascii_case(node) {
@@ -708,7 +741,9 @@ impl Conn {
             }
         }
         match found {
-            Some((ch, h)) => self.sessions.get_mut(&ch).and_then(|s| s.links.get_mut(&h)).expect("found").replies.push_back(payload),
+            Some((ch, h)) => {
+                self.sessions.get_mut(&ch).and_then(|s| s.links.get_mut(&h)).expect("found").replies.push_back(payload)
+            }
             None => tracing::debug!(%node, "servicebus emulator: no link to reply on"),
         }
     }
@@ -746,12 +781,14 @@ impl Conn {
             _ => &empty,
         };
         let broker = &self.inner.broker;
-        let lock_lost = || (410, "The lock on the message was lost.".to_string(), Some(LOCK_LOST), Value::Map(OrderedMap::new()));
+        let lock_lost =
+            || (410, "The lock on the message was lost.".to_string(), Some(LOCK_LOST), Value::Map(OrderedMap::new()));
         let (status, description, condition, value) = match operation.as_str() {
             "com.microsoft:renew-lock" => match broker.renew(&tokens(map_get(body, "lock-tokens"))) {
                 Ok(expirations) => {
                     let mut m = OrderedMap::new();
-                    let stamps = expirations.into_iter().map(|ms| Value::Timestamp(Timestamp::from_milliseconds(ms))).collect();
+                    let stamps =
+                        expirations.into_iter().map(|ms| Value::Timestamp(Timestamp::from_milliseconds(ms))).collect();
                     m.insert(Value::String("expirations".into()), Value::Array(Array(stamps)));
                     (200, "OK".to_string(), None, Value::Map(m))
                 }
@@ -769,7 +806,12 @@ impl Conn {
                     _ => None,
                 };
                 match outcome {
-                    None => (400, format!("disposition-status {status:?} is not supported by the emulator"), Some("amqp:not-implemented"), Value::Map(OrderedMap::new())),
+                    None => (
+                        400,
+                        format!("disposition-status {status:?} is not supported by the emulator"),
+                        Some("amqp:not-implemented"),
+                        Value::Map(OrderedMap::new()),
+                    ),
                     Some(outcome) => {
                         let mut lost = false;
                         for token in tokens(map_get(body, "lock-tokens")) {
@@ -787,7 +829,12 @@ impl Conn {
                 let from = value_int(map_get(body, "from-sequence-number")).unwrap_or(0);
                 let count = value_int(map_get(body, "message-count")).unwrap_or(1).max(0) as usize;
                 match broker.store(entity) {
-                    None => (404, format!("no entity {entity:?} to peek"), Some("com.microsoft:entity-not-found"), Value::Null),
+                    None => (
+                        404,
+                        format!("no entity {entity:?} to peek"),
+                        Some("com.microsoft:entity-not-found"),
+                        Value::Null,
+                    ),
                     Some(id) => {
                         let messages = broker.peek(id, from, count);
                         if messages.is_empty() {
@@ -808,7 +855,12 @@ impl Conn {
                     }
                 }
             }
-            other => (501, format!("operation {other:?} is not implemented by the emulator"), Some("amqp:not-implemented"), Value::Map(OrderedMap::new())),
+            other => (
+                501,
+                format!("operation {other:?} is not implemented by the emulator"),
+                Some("amqp:not-implemented"),
+                Value::Map(OrderedMap::new()),
+            ),
         };
         let payload = reply(&request, status, &description, condition, value);
         let node = format!("{entity}/$management");
