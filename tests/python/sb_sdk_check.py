@@ -5,9 +5,11 @@ what the SDK saw as one JSON object; tests/emulators_sdk.rs compares it with the
 
 Scenarios:
   queue QUEUE LOCK_SECONDS     send 5, then complete / abandon / dead-letter / renew / let a lock expire
-  topic TOPIC SUB1 SUB2        send 3 to the topic, receive and complete them from both subscriptions
+  topic TOPIC SUB1 SUB2 [N]    send 3 to the topic, receive and complete N (3) from both subscriptions
   receive_and_delete QUEUE     send 3, receive them in RECEIVE_AND_DELETE mode
   abandon_all QUEUE N          receive N messages in peek-lock and abandon each (max delivery count)
+  compete QUEUE N              two receivers on one queue take N messages between them, complete them
+  prefetch QUEUE N             one receive of up to N with a prefetch of N; the messages stay locked
   bad_key QUEUE                send with a connection string whose key is wrong
 """
 import json
@@ -21,6 +23,7 @@ def view(m):
     return {
         "body": str(m),
         "message_id": m.message_id,
+        "content_type": m.content_type,
         "sequence_number": m.sequence_number,
         "delivery_count": m.delivery_count,
         "lock_token": str(m.lock_token) if m.lock_token else None,
@@ -79,7 +82,8 @@ def queue(client, name, lock_seconds):
     return result
 
 
-def topic(client, name, sub1, sub2):
+def topic(client, name, sub1, sub2, expect=3):
+    expect = int(expect)
     result = {}
     with client.get_topic_sender(name) as sender:
         batch = sender.create_message_batch()
@@ -88,7 +92,7 @@ def topic(client, name, sub1, sub2):
         sender.send_messages(batch)
     for sub in (sub1, sub2):
         with client.get_subscription_receiver(name, sub) as receiver:
-            got = receive(receiver, 3, 20)
+            got = receive(receiver, expect, 20)
             for m in got:
                 receiver.complete_message(m)
             result[sub] = [view(m) for m in got]
@@ -113,6 +117,24 @@ def abandon_all(client, name, n):
     return {"abandoned": seen}
 
 
+def compete(client, name, n):
+    n = int(n)
+    with client.get_queue_receiver(name) as a, client.get_queue_receiver(name) as b:
+        got_a = a.receive_messages(max_message_count=n // 2, max_wait_time=10)
+        got_b = b.receive_messages(max_message_count=n, max_wait_time=10)
+        for r, got in ((a, got_a), (b, got_b)):
+            for m in got:
+                r.complete_message(m)
+        return {"a": [view(m) for m in got_a], "b": [view(m) for m in got_b]}
+
+
+def prefetch(client, name, n):
+    n = int(n)
+    with client.get_queue_receiver(name, prefetch_count=n) as receiver:
+        got = receive(receiver, n, 60)
+        return {"received": len(got), "distinct": len({m.sequence_number for m in got})}
+
+
 def bad_key(conn_str, name):
     parts = [p for p in conn_str.split(";") if not p.startswith("SharedAccessKey=")]
     parts.append("SharedAccessKey=d3Jvbmcta2V5")
@@ -131,7 +153,7 @@ def main():
         out = bad_key(conn_str, *args)
     else:
         with ServiceBusClient.from_connection_string(conn_str) as client:
-            out = {"queue": queue, "topic": topic, "receive_and_delete": receive_and_delete, "abandon_all": abandon_all}[
+            out = {"queue": queue, "topic": topic, "compete": compete, "prefetch": prefetch, "receive_and_delete": receive_and_delete, "abandon_all": abandon_all}[
                 scenario
             ](client, *args)
     print(json.dumps(out))
