@@ -9,6 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::eventhubs_emulator as eh;
 use common::servicebus_emulator::{Config, Emulator, Message, Stats};
 use serde_json::{json, Value};
 
@@ -244,4 +245,55 @@ async fn servicebus_publish_and_dead_letter_scripts() {
     }
     let out = run_script("sb_dead_letters.py", &[&cs, "--topic", "t", "--subscription", "s"]).await;
     assert_eq!(out.trim(), "", "nothing was dead-lettered in the subscription");
+}
+
+/// The Event Hubs emulator with Microsoft's azure-eventhub: a producer sends batches to two
+/// partitions and keyed events; the hub's and partitions' properties, and consumers from the
+/// earliest event and from sequence numbers (inclusive and not), see what the emulator holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventhubs_send_and_receive_with_the_sdk() {
+    let emu = eh::Emulator::start(eh::EmulatorConfig::new("telemetry", 4)).await.unwrap();
+    let out = run_script("eh_sdk_check.py", &[&emu.development_connection_string()]).await;
+    let r: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["partition_ids"], json!(["0", "1", "2", "3"]));
+
+    // What the emulator holds, partition by partition, against the SDK's properties and reads.
+    let mut keyed_partitions = Vec::new();
+    for p in 0..4u32 {
+        let len = emu.partition_len(p);
+        let props = &r["partitions"][p.to_string()];
+        assert_eq!(props["last_enqueued_sequence_number"], len as i64 - 1, "partition {p}: {props}");
+        assert_eq!(props["is_empty"], len == 0);
+        if len == 0 {
+            continue;
+        }
+        let events = r["events"][p.to_string()].as_array().unwrap();
+        assert_eq!(events.len(), len, "partition {p}: {events:?}");
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e["sequence_number"], i, "partition {p}");
+            assert_eq!(e["partition"], p.to_string());
+        }
+        let bodies: Vec<&str> = events.iter().map(|e| e["body"].as_str().unwrap()).collect();
+        match p {
+            0 => assert!(bodies.starts_with(&["a0", "a1", "a2"]), "{bodies:?}"),
+            1 => assert!(bodies.starts_with(&["b0", "b1", "b2"]), "{bodies:?}"),
+            _ => {}
+        }
+        let keyed: Vec<&Value> = events.iter().filter(|e| e["partition_key"] == "device-42").collect();
+        if !keyed.is_empty() {
+            keyed_partitions.push(p);
+            let bodies: Vec<&str> = keyed.iter().map(|e| e["body"].as_str().unwrap()).collect();
+            assert_eq!(bodies, ["k0", "k1", "k2"]);
+            assert_eq!(keyed[1]["properties"], json!({"iotcentral-device-id": "device-42", "i": "1"}));
+        }
+    }
+    assert_eq!(keyed_partitions.len(), 1, "one partition key, one partition: {keyed_partitions:?}");
+
+    // Starting positions: from sequence number 1 inclusive, and after sequence number 0.
+    let from1: Vec<&str> =
+        r["p0_from_seq_1_inclusive"].as_array().unwrap().iter().map(|e| e["body"].as_str().unwrap()).collect();
+    assert_eq!(from1, ["a1", "a2"]);
+    let after0: Vec<&str> =
+        r["p1_after_seq_0"].as_array().unwrap().iter().map(|e| e["body"].as_str().unwrap()).collect();
+    assert_eq!(after0, ["b1", "b2"]);
 }

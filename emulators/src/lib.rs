@@ -15,6 +15,8 @@ pub mod eventhubs;
 pub mod iotcentral;
 pub mod servicebus;
 
+mod pad;
+
 /// Waits for Ctrl-C or SIGTERM: how the emulator programs (the examples) run until stopped.
 pub async fn stopped() {
     #[cfg(unix)]

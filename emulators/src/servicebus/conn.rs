@@ -31,6 +31,7 @@ use tokio_util::codec::Decoder;
 use super::broker::{Outcome, StoreId, Target, Token};
 use super::wire::{self, Parts};
 use super::Inner;
+use crate::pad::pad_performative;
 
 /// Our session windows and the credit we grant client senders.
 const WINDOW: u32 = 10_000;
@@ -137,7 +138,7 @@ pub(crate) async fn serve(
         wr.write_all(&[b'A', b'M', b'Q', b'P', 3, 1, 0, 0]).await?;
         let mechanisms =
             SaslMechanisms { sasl_server_mechanisms: Array(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")]) };
-        wr.write_all(&wire::frame(1, 0, &[&wire::encode(&mechanisms)])).await?;
+        wr.write_all(&wire::frame(1, 0, &[&pad_performative(&wire::encode(&mechanisms))])).await?;
         wr.flush().await?;
         let init = read_frame(&mut rd).await?.ok_or_else(|| anyhow::anyhow!("closed during SASL"))?;
         let init: SaslInit = serde_amqp::from_slice(sasl_body(&init))?;
@@ -157,7 +158,12 @@ pub(crate) async fn serve(
             _ => SaslCode::Auth,
         };
         let failed = !matches!(code, SaslCode::Ok);
-        wr.write_all(&wire::frame(1, 0, &[&wire::encode(&SaslOutcome { code, additional_data: None })])).await?;
+        wr.write_all(&wire::frame(
+            1,
+            0,
+            &[&pad_performative(&wire::encode(&SaslOutcome { code, additional_data: None }))],
+        ))
+        .await?;
         wr.flush().await?;
         if failed {
             return Ok(());
@@ -352,7 +358,7 @@ fn reply(request: &wire::Request, status: i32, description: &str, condition: Opt
 
 impl Conn {
     fn perf<T: Serialize>(&mut self, channel: u16, p: &T) {
-        let body = wire::encode(p);
+        let body = pad_performative(&wire::encode(p));
         self.out.extend_from_slice(&wire::frame(0, channel, &[&body]));
     }
 
@@ -968,7 +974,7 @@ impl Conn {
                 let room = max_frame.saturating_sub(8 + 256).max(64);
                 let (chunk, tail) = rest.split_at(rest.len().min(room));
                 t.more = !tail.is_empty();
-                let perf = wire::encode(&t);
+                let perf = pad_performative(&wire::encode(&t));
                 self.out.extend_from_slice(&wire::frame(0, ch, &[&perf, chunk]));
                 s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
                 s.remote_incoming_window = s.remote_incoming_window.saturating_sub(1);
