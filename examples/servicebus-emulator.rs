@@ -3,7 +3,8 @@
 //! string and runs until Ctrl-C or SIGTERM.
 //!
 //!   cargo run --release --example servicebus-emulator -- --address 127.0.0.1:5673 \
-//!       --queue telemetry --topic exports/centralflow --lock-duration 30s
+//!       --queue telemetry --topic exports/centralflow --lock-duration 30s \
+//!       --send telemetry=export.jsonl        # optional: messages to start with, one a line
 //!
 //! Any AMQP 1.0 Service Bus client connects with the printed
 //! `Endpoint=sb://127.0.0.1:PORT;...;UseDevelopmentEmulator=true` connection string: centralflow's
@@ -12,7 +13,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use centralflow_emulators::servicebus::{Config, Emulator};
+use centralflow_emulators::servicebus::{Config, Emulator, Message};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -36,6 +37,10 @@ struct Args {
     /// The SAS key tokens must be signed with (the default is printed in the connection string)
     #[arg(long)]
     key: Option<String>,
+    /// Enqueue each line of FILE as one message to ENTITY (a queue or topic) at start, e.g. the
+    /// output of `centralflow simulate` (repeatable)
+    #[arg(long, value_name = "ENTITY=FILE")]
+    send: Vec<String>,
 }
 
 #[tokio::main]
@@ -56,6 +61,16 @@ async fn main() -> anyhow::Result<()> {
         cfg = cfg.topic(topic, sub);
     }
     let emu = Emulator::start_on(args.address, cfg).await?;
+    for s in &args.send {
+        let (entity, file) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("--send {s:?}: write ENTITY=FILE"))?;
+        let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        let mut n = 0;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            emu.send(entity, Message::text(line))?;
+            n += 1;
+        }
+        println!("sent {n} messages from {file} to {entity}");
+    }
     println!("Service Bus emulator listening on {}", emu.addr());
     for q in &args.queues {
         println!("  queue {q}");
