@@ -74,6 +74,12 @@ struct Link {
     partial: Option<Partial>,
 }
 
+/// A message delivered from a store: its lock token and the delivery tag that carries it.
+struct Locked {
+    token: Token,
+    tag: [u8; 16],
+}
+
 struct Partial {
     delivery_id: u32,
     settled: bool,
@@ -901,7 +907,8 @@ impl Conn {
         let Some(s) = self.sessions.get_mut(&ch) else { return false };
         let Some(link) = s.links.get(&h) else { return false };
         let exhausted;
-        let mut outgoing: Vec<(Vec<u8>, Option<(Token, [u8; 16])>, bool)> = Vec::new();
+        // (payload, lock token and delivery tag of a locked message, pre-settled)
+        let mut outgoing: Vec<(Vec<u8>, Option<Locked>, bool)> = Vec::new();
         match link.kind {
             Kind::Replies => {
                 let n = link.credit.min(s.remote_incoming_window) as usize;
@@ -918,7 +925,7 @@ impl Conn {
                     let taken = self.inner.broker.take(store, n as usize, peek_lock);
                     exhausted = taken.len() < n as usize;
                     for d in taken {
-                        outgoing.push((d.payload, Some((d.token, d.delivery_tag)), !peek_lock));
+                        outgoing.push((d.payload, Some(Locked { token: d.token, tag: d.delivery_tag }), !peek_lock));
                     }
                 } else {
                     exhausted = link.credit == 0;
@@ -931,7 +938,7 @@ impl Conn {
             let delivery_id = s.next_delivery_id;
             s.next_delivery_id = s.next_delivery_id.wrapping_add(1);
             let tag_bytes = match tag {
-                Some((token, tag)) => {
+                Some(Locked { token, tag }) => {
                     if !settled {
                         s.unsettled.insert(delivery_id, token);
                     }
