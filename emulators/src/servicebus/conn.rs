@@ -949,7 +949,7 @@ impl Conn {
             let link = s.links.get_mut(&h).expect("present");
             link.credit -= 1;
             link.delivery_count = link.delivery_count.wrapping_add(1);
-            let mut first = Some(Transfer {
+            let first = Transfer {
                 handle: Handle(h),
                 delivery_id: Some(delivery_id),
                 delivery_tag: Some(serde_bytes::ByteBuf::from(tag_bytes)),
@@ -961,22 +961,19 @@ impl Conn {
                 resume: false,
                 aborted: false,
                 batchable: false,
-            });
+            };
+            // Frames after the first of a large message carry only the handle and `more`.
+            let continuation = Transfer {
+                delivery_id: None,
+                delivery_tag: None,
+                message_format: None,
+                settled: None,
+                ..first.clone()
+            };
+            let mut first = Some(first);
             let mut rest = &payload[..];
             loop {
-                let mut t = first.take().unwrap_or(Transfer {
-                    handle: Handle(h),
-                    delivery_id: None,
-                    delivery_tag: None,
-                    message_format: None,
-                    settled: None,
-                    more: false,
-                    rcv_settle_mode: None,
-                    state: None,
-                    resume: false,
-                    aborted: false,
-                    batchable: false,
-                });
+                let mut t = first.take().unwrap_or_else(|| continuation.clone());
                 // Performative sizes are small; leave them 256 bytes.
                 let room = max_frame.saturating_sub(8 + 256).max(64);
                 let (chunk, tail) = rest.split_at(rest.len().min(room));
