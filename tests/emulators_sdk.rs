@@ -199,6 +199,19 @@ async fn servicebus_refuses_a_token_signed_with_another_key() {
     assert_eq!(emu.stats("q").unwrap().available, 0);
 }
 
+/// A settlement that arrives after the lock expired (and the message went out again) is refused
+/// with `com.microsoft:message-lock-lost`; the redelivered copy settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servicebus_settling_an_expired_lock_is_refused() {
+    let emu = Emulator::start(Config::new().queue("q").lock_duration(Duration::from_secs(1))).await.unwrap();
+    let r = sb_check(&emu, &["lock_lost", "q"]).await;
+    assert_eq!((&r["old"]["delivery_count"], &r["new"]["delivery_count"]), (&json!(0), &json!(1)), "{r}");
+    let message = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("com.microsoft:message-lock-lost"), "{r}");
+    let stats = emu.stats("q").unwrap();
+    assert_eq!((stats.completed, stats.lock_expiries, stats.available, stats.locked), (1, 1, 0, 0), "{stats:?}");
+}
+
 /// sb_publish.py and sb_dead_letters.py, the scripts the Service Bus source's tests use, and the
 /// max delivery count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
