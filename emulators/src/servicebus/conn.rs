@@ -91,6 +91,10 @@ struct Session {
     next_outgoing_id: u32,
     next_delivery_id: u32,
     next_incoming_id: u32,
+    /// The client's session window, as its last flow said. Tracked, not enforced: link credit
+    /// alone bounds what goes out, as on Service Bus. fe2o3-amqp's client announces a window of
+    /// 2,048 and never widens it unless its credit changes, so a receiver with more credit than
+    /// that would stall if the window were enforced.
     remote_incoming_window: u32,
     /// Transfers received since we last told the client our window.
     received_since_flow: u32,
@@ -216,7 +220,9 @@ pub(crate) async fn serve(
     let result = async {
         loop {
             if more {
-                // Links still have credit and messages wait: take what frames are ready, no waiting.
+                // Links still have credit and messages wait: take what frames are ready, no waiting
+                // (but let the other tasks run).
+                tokio::task::yield_now().await;
                 while let Ok(frame) = rx.try_recv() {
                     conn.handle(frame);
                 }
@@ -911,7 +917,7 @@ impl Conn {
         let mut outgoing: Vec<(Vec<u8>, Option<Locked>, bool)> = Vec::new();
         match link.kind {
             Kind::Replies => {
-                let n = link.credit.min(s.remote_incoming_window) as usize;
+                let n = link.credit as usize;
                 let link = s.links.get_mut(&h).expect("present");
                 for _ in 0..n {
                     let Some(p) = link.replies.pop_front() else { break };
@@ -920,7 +926,7 @@ impl Conn {
                 exhausted = link.replies.is_empty();
             }
             Kind::ReceiveOut { store, peek_lock } => {
-                let n = link.credit.min(s.remote_incoming_window).min(TAKE_BATCH);
+                let n = link.credit.min(TAKE_BATCH);
                 if n > 0 {
                     let taken = self.inner.broker.take(store, n as usize, peek_lock);
                     exhausted = taken.len() < n as usize;
@@ -993,7 +999,7 @@ impl Conn {
             link.delivery_count = link.delivery_count.wrapping_add(link.credit);
             link.credit = 0;
         }
-        let more = !exhausted && link.credit > 0 && s.remote_incoming_window > 0;
+        let more = !exhausted && link.credit > 0;
         if link.drain && link.credit == 0 {
             link.drain = false;
             let s = &self.sessions[&ch];
