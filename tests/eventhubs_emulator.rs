@@ -681,11 +681,12 @@ async fn annotations_partition_key_and_content_type() {
     .await
 }
 
-/// Nodes the emulator does not serve (here: sending to the hub) are refused cleanly.
+/// Publishing: a sender to a partition appends to it; a node the emulator does not serve is
+/// refused cleanly.
 #[tokio::test]
-async fn unsupported_links_are_refused() {
+async fn publishing_and_unknown_nodes() {
     bounded(async {
-        let emu = Emulator::start(EmulatorConfig::new("hub", 1)).await.unwrap();
+        let emu = Emulator::start(EmulatorConfig::new("hub", 2)).await.unwrap();
         let mut connection = fe2o3_amqp::Connection::builder()
             .container_id("raw-sender")
             .sasl_profile(fe2o3_amqp::sasl_profile::SaslProfile::Anonymous)
@@ -693,9 +694,19 @@ async fn unsupported_links_are_refused() {
             .await
             .unwrap();
         let mut session = fe2o3_amqp::Session::begin(&mut connection).await.unwrap();
-        let attached = tokio::time::timeout(T, fe2o3_amqp::Sender::attach(&mut session, "s", "hub")).await.unwrap();
-        let err = attached.expect_err("sending is not supported");
-        assert!(format!("{err:?}").contains("NotImplemented"), "{err:?}");
+        let attached =
+            tokio::time::timeout(T, fe2o3_amqp::Sender::attach(&mut session, "s", "other-hub")).await.unwrap();
+        let err = attached.expect_err("no such hub");
+        assert!(format!("{err:?}").contains("NotFound"), "{err:?}");
+
+        let mut sender = tokio::time::timeout(T, fe2o3_amqp::Sender::attach(&mut session, "p1", "hub/Partitions/1"))
+            .await
+            .unwrap()
+            .unwrap();
+        let outcome = tokio::time::timeout(T, sender.send("published")).await.unwrap().unwrap();
+        assert!(outcome.is_accepted(), "{outcome:?}");
+        assert_eq!((emu.partition_len(0), emu.partition_len(1)), (0, 1));
+        tokio::time::timeout(T, sender.close()).await.unwrap().unwrap();
         tokio::time::timeout(T, session.end()).await.unwrap().unwrap();
         tokio::time::timeout(T, connection.close()).await.unwrap().unwrap();
         emu.shutdown().await;

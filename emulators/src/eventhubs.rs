@@ -229,8 +229,13 @@ impl Emulator {
     /// Starts the emulator on `127.0.0.1:0` (plain TCP). Must run inside a tokio runtime; the
     /// emulator lives as long as that runtime or until [`Emulator::shutdown`].
     pub async fn start(cfg: EmulatorConfig) -> anyhow::Result<Emulator> {
+        Emulator::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), cfg).await
+    }
+
+    /// Starts the emulator on this address.
+    pub async fn start_on(addr: SocketAddr, cfg: EmulatorConfig) -> anyhow::Result<Emulator> {
         anyhow::ensure!(cfg.partitions > 0, "an event hub needs at least one partition");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let partitions = (0..cfg.partitions)
             .map(|_| PartitionState { log: Mutex::new(PartitionLog::default()), appended: watch::channel(0usize).0 })
@@ -269,6 +274,15 @@ impl Emulator {
         format!(
             "Endpoint=sb://{}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={}",
             self.inner.cfg.namespace, EMULATOR_SAS_KEY_NAME, EMULATOR_SAS_KEY, self.inner.cfg.hub
+        )
+    }
+
+    /// `"Endpoint=sb://127.0.0.1:PORT;SharedAccessKeyName=..;SharedAccessKey=..;UseDevelopmentEmulator=true;EntityPath=HUB"`:
+    /// the form Microsoft's SDKs (e.g. PyPI `azure-eventhub`) take for a local emulator.
+    pub fn development_connection_string(&self) -> String {
+        format!(
+            "Endpoint=sb://{};SharedAccessKeyName={};SharedAccessKey={};UseDevelopmentEmulator=true;EntityPath={}",
+            self.inner.addr, EMULATOR_SAS_KEY_NAME, EMULATOR_SAS_KEY, self.inner.cfg.hub
         )
     }
 
@@ -482,14 +496,15 @@ async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream) {
         .container_id("eventhubs-emulator")
         .sasl_acceptor(SaslAnonymousMechanism::new())
         .build();
-    let mut connection = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::debug!(error = ?e, "emulator: AMQP open failed");
-            return;
-        }
-        Err(_) => return,
-    };
+    let mut connection =
+        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(crate::pad::PaddedIo::new(stream))).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::debug!(error = ?e, "emulator: AMQP open failed");
+                return;
+            }
+            Err(_) => return,
+        };
     let session_acceptor = SessionAcceptor::new();
     while let Some(incoming) = connection.next_incoming_session().await {
         match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
@@ -519,9 +534,29 @@ enum RequestNode {
     Management,
 }
 
+impl RequestNode {
+    fn address(self) -> &'static str {
+        match self {
+            RequestNode::Cbs => "$cbs",
+            RequestNode::Management => "$management",
+        }
+    }
+}
+
 async fn serve_session(inner: Arc<Inner>, mut session: ListenerSessionHandle) {
     let routes: ReplyRoutes = Arc::new(Mutex::new(HashMap::new()));
-    let acceptor = LinkAcceptor::new();
+    // Events go out pre-settled, as Event Hubs sends them, whatever settle mode the client asks
+    // for (pyamqp asks for unsettled and never settles, so unsettled events would stall the link).
+    let acceptor: DefaultLinkAcceptor = LinkAcceptor::builder()
+        .supported_sender_settle_modes(fe2o3_amqp::acceptor::SupportedSenderSettleModes::Settled)
+        .fallback_sender_settle_mode(fe2o3_amqp::types::definitions::SenderSettleMode::Settled)
+        .build();
+    // Publishing links settle in mode first: pyamqp's senders (Microsoft's Python SDKs) do not
+    // answer a receiver's unsettled disposition in mode second and would wait forever.
+    let publish_acceptor: DefaultLinkAcceptor = LinkAcceptor::builder()
+        .supported_receiver_settle_modes(fe2o3_amqp::acceptor::SupportedReceiverSettleModes::First)
+        .fallback_receiver_settle_mode(fe2o3_amqp::types::definitions::ReceiverSettleMode::First)
+        .build();
     while let Some(attach) = session.next_incoming_attach().await {
         match attach.role {
             // The client sends: requests to $cbs / $management.
@@ -540,17 +575,23 @@ async fn serve_session(inner: Arc<Inner>, mut session: ListenerSessionHandle) {
                         Err(e) => tracing::debug!(error = ?e, "emulator: request link attach failed"),
                     },
                     None => {
-                        let mut attach = attach;
                         let addr = target_address(&attach).unwrap_or_default();
-                        attach.target = None;
-                        refuse(
-                            &acceptor,
-                            &mut session,
-                            attach,
-                            "amqp:not-implemented",
-                            format!("The emulator does not accept messages for '{addr}'."),
-                        )
-                        .await;
+                        match parse_send_address(&inner, &addr) {
+                            Ok(partition) => {
+                                match publish_acceptor.accept_incoming_attach(attach, &mut session).await {
+                                    Ok(LinkEndpoint::Receiver(receiver)) => {
+                                        tokio::spawn(publish_loop(inner.clone(), receiver, partition));
+                                    }
+                                    Ok(LinkEndpoint::Sender(_)) => {}
+                                    Err(e) => tracing::debug!(error = ?e, "emulator: publishing link attach failed"),
+                                }
+                            }
+                            Err((condition, description)) => {
+                                let mut attach = attach;
+                                attach.target = None;
+                                refuse(&acceptor, &mut session, attach, condition, description).await;
+                            }
+                        }
                     }
                 }
             }
@@ -693,9 +734,9 @@ async fn request_loop(inner: Arc<Inner>, node: RequestNode, mut receiver: Receiv
             .application_properties(app.build())
             .body(Body::Value(AmqpValue(body)))
             .build();
-        let Some(reply_to) = props.reply_to else {
-            continue;
-        };
+        // Clients without `reply-to` (pyamqp, under Microsoft's Python SDKs) read replies on a
+        // receiver whose own address is the node's.
+        let reply_to = props.reply_to.unwrap_or_else(|| node.address().to_string());
         let route = routes.lock().unwrap().get(&reply_to).cloned();
         match route {
             Some(tx) => {
@@ -906,6 +947,149 @@ fn parse_partition_address(inner: &Inner, address: &str) -> Result<(String, u32)
             }
         }
         _ => Err(("amqp:not-found", format!("The emulator has no node '{address}'."))),
+    }
+}
+
+/// Parses a publishing link's target: `amqps://NS/HUB`, `amqps://NS/HUB/Partitions/N` (or the
+/// same without scheme and host) into the partition it names, if any.
+fn parse_send_address(inner: &Inner, address: &str) -> Result<Option<u32>, (&'static str, String)> {
+    let path = match address.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map(|(_, p)| p).unwrap_or(""),
+        None => address.trim_start_matches('/'),
+    };
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (hub, partition) = match segments.as_slice() {
+        [hub] => (*hub, None),
+        [hub, parts, p] if parts.eq_ignore_ascii_case("Partitions") => (*hub, Some(*p)),
+        _ => return Err(("amqp:not-found", format!("The emulator has no node '{address}'."))),
+    };
+    if !hub.eq_ignore_ascii_case(&inner.cfg.hub) {
+        return Err(("amqp:not-found", format!("The messaging entity '{hub}' could not be found.")));
+    }
+    match partition.map(str::parse::<u32>) {
+        None => Ok(None),
+        Some(Ok(p)) if p < inner.cfg.partitions => Ok(Some(p)),
+        Some(_) => Err((
+            "com.microsoft:argument-out-of-range",
+            "The specified partition is invalid for an EventHub partition sender or receiver.".to_string(),
+        )),
+    }
+}
+
+/// Message format of a batch (`EventDataBatch`): each data section is an encoded message.
+const BATCH_FORMAT: u32 = 0x8001_3700;
+
+fn simple_text(v: &SimpleValue) -> String {
+    match v {
+        SimpleValue::String(s) => s.clone(),
+        SimpleValue::Symbol(s) => s.0.clone(),
+        SimpleValue::Bool(b) => b.to_string(),
+        SimpleValue::Long(x) => x.to_string(),
+        SimpleValue::Int(x) => x.to_string(),
+        SimpleValue::Short(x) => x.to_string(),
+        SimpleValue::Byte(x) => x.to_string(),
+        SimpleValue::Ulong(x) => x.to_string(),
+        SimpleValue::Uint(x) => x.to_string(),
+        SimpleValue::Ushort(x) => x.to_string(),
+        SimpleValue::Ubyte(x) => x.to_string(),
+        SimpleValue::Double(x) => x.into_inner().to_string(),
+        SimpleValue::Float(x) => x.into_inner().to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A published message as an event: body (data sections, or a binary or string value),
+/// application properties and annotations as text, partition key, content type.
+fn event_of_message(message: Message<Body<Value>>) -> EmulatorEvent {
+    let body = match message.body {
+        Body::Data(sections) => sections.into_iter().flat_map(|d| d.0.into_vec()).collect(),
+        Body::Value(AmqpValue(Value::Binary(b))) => b.into_vec(),
+        Body::Value(AmqpValue(Value::String(s))) => s.into_bytes(),
+        _ => Vec::new(),
+    };
+    let app_properties = message
+        .application_properties
+        .map(|p| p.0.iter().map(|(k, v)| (k.clone(), simple_text(v))).collect())
+        .unwrap_or_default();
+    let mut partition_key = None;
+    let mut annotations = Vec::new();
+    for (k, v) in message.message_annotations.map(|a| a.0).unwrap_or_default() {
+        let fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(k) = k else { continue };
+        let v = match v {
+            Value::String(s) => s,
+            Value::Symbol(s) => s.0,
+            _ => continue,
+        };
+        if k.0 == "x-opt-partition-key" {
+            partition_key = Some(v);
+        } else if !k.0.starts_with("x-opt-") {
+            annotations.push((k.0, v));
+        }
+    }
+    let content_type = message.properties.and_then(|p| p.content_type).map(|c| c.0);
+    EmulatorEvent { body, app_properties, annotations, partition_key, content_type, enqueued_time_ms: None }
+}
+
+/// The events of one transfer: its message, or each message of a batch.
+fn events_of_delivery(delivery: Delivery<Body<Value>>) -> Vec<EmulatorEvent> {
+    use fe2o3_amqp::types::messaging::message::__private::Deserializable;
+    if delivery.message_format() != &Some(BATCH_FORMAT) {
+        return vec![event_of_message(delivery.into_message())];
+    }
+    let message = delivery.into_message();
+    let envelope_key = message
+        .message_annotations
+        .as_ref()
+        .and_then(|a| a.0.iter().find(|(k, _)| matches!(k, fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(s) if s.0 == "x-opt-partition-key")))
+        .and_then(|(_, v)| if let Value::String(s) = v { Some(s.clone()) } else { None });
+    let Body::Data(sections) = message.body else { return Vec::new() };
+    sections
+        .into_iter()
+        .filter_map(|d| serde_amqp::from_slice::<Deserializable<Message<Body<Value>>>>(&d.0).ok())
+        .map(|m| {
+            let mut e = event_of_message(m.0);
+            e.partition_key = e.partition_key.or_else(|| envelope_key.clone());
+            e
+        })
+        .collect()
+}
+
+/// Appends what a client publishes: to the partition its link names, else by partition key
+/// (FNV-1a of the key), else round robin.
+async fn publish_loop(inner: Arc<Inner>, mut receiver: Receiver, partition: Option<u32>) {
+    let emu = Emulator { inner };
+    let mut next = 0u32;
+    loop {
+        let delivery: Delivery<Body<Value>> = match receiver.recv().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::trace!(error = ?e, "emulator: publishing link ended");
+                return;
+            }
+        };
+        let info = fe2o3_amqp::link::delivery::DeliveryInfo::from(&delivery);
+        let events = events_of_delivery(delivery);
+        let partitions = emu.inner.cfg.partitions;
+        for event in events {
+            let p = match (partition, &event.partition_key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => {
+                    let hash =
+                        key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                    (hash % partitions as u64) as u32
+                }
+                (None, None) => {
+                    next = next.wrapping_add(1);
+                    next % partitions
+                }
+            };
+            emu.append_event(p, event);
+        }
+        // Accepted once appended: a client that saw its send complete finds the events.
+        if let Err(e) = receiver.accept(info).await {
+            tracing::debug!(error = ?e, "emulator: cannot accept a published message");
+            return;
+        }
     }
 }
 

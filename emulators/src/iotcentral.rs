@@ -216,7 +216,8 @@ impl Drop for Guard {
 struct Shared {
     id_scope: String,
     group_key: Vec<u8>,
-    dps_port: u16,
+    /// `IP:PORT` DPS listens on.
+    dps_addr: String,
     hubs: Vec<String>,
     state: Mutex<EmuState>,
     next_id: AtomicU64,
@@ -266,25 +267,38 @@ impl IotcEmulator {
 
     /// Same as [`IotcEmulator::start`], for tests without a runtime.
     pub fn start_blocking(id_scope: &str, group_key_b64: &str, hubs: usize) -> anyhow::Result<IotcEmulator> {
+        Self::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), id_scope, group_key_b64, hubs)
+    }
+
+    /// Starts with DPS on this address (the hubs on free ports of its IP: DPS names them to
+    /// devices as their `assignedHub`).
+    pub fn start_on(
+        dps_addr: std::net::SocketAddr,
+        id_scope: &str,
+        group_key_b64: &str,
+        hubs: usize,
+    ) -> anyhow::Result<IotcEmulator> {
         anyhow::ensure!(hubs >= 1, "at least one hub is needed");
         anyhow::ensure!(!id_scope.is_empty() && !id_scope.contains('/'), "bad ID scope {id_scope:?}");
         let group_key = B64.decode(group_key_b64.trim()).context("the group key is not base64")?;
-        let bind = || -> anyhow::Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+        let bind = |addr: std::net::SocketAddr| -> anyhow::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
             l.set_nonblocking(true)?;
             Ok(l)
         };
-        let dps_listener = bind()?;
+        let dps_listener = bind(dps_addr)?;
+        let ip = dps_listener.local_addr()?.ip();
+        let bind = || bind(std::net::SocketAddr::new(ip, 0));
         let hub_listeners = (0..hubs).map(|_| bind()).collect::<anyhow::Result<Vec<_>>>()?;
-        let dps_port = dps_listener.local_addr()?.port();
+        let dps_addr = dps_listener.local_addr()?.to_string();
         let mut hub_names = Vec::new();
         for l in &hub_listeners {
-            hub_names.push(format!("127.0.0.1:{}", l.local_addr()?.port()));
+            hub_names.push(l.local_addr()?.to_string());
         }
         let shared = Arc::new(Shared {
             id_scope: id_scope.to_string(),
             group_key,
-            dps_port,
+            dps_addr,
             hubs: hub_names,
             state: Mutex::new(EmuState {
                 messages: Vec::new(),
@@ -331,7 +345,7 @@ impl IotcEmulator {
 
     /// `http://127.0.0.1:PORT` of DPS (stands for `https://global.azure-devices-provisioning.net`).
     pub fn dps_endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.shared.dps_port)
+        format!("http://{}", self.shared.dps_addr)
     }
 
     /// The ID scope DPS serves.

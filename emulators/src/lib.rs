@@ -14,3 +14,28 @@
 pub mod eventhubs;
 pub mod iotcentral;
 pub mod servicebus;
+
+mod pad;
+
+/// Waits for Ctrl-C or SIGTERM: how the emulator programs (the examples) run until stopped.
+pub async fn stopped() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -288,8 +288,7 @@ impl Emulator {
 
     /// Enqueues a message to a queue or topic, as a client's send would.
     pub fn send(&self, entity: &str, msg: Message) -> anyhow::Result<()> {
-        let target =
-            self.inner.broker.send_target(entity).with_context(|| format!("no queue or topic {entity:?}"))?;
+        let target = self.inner.broker.send_target(entity).with_context(|| format!("no queue or topic {entity:?}"))?;
         let parts = wire::Parts::parse(&bytes::Bytes::from(msg.encode())).map_err(anyhow::Error::msg)?;
         self.inner.broker.enqueue(&target, vec![parts]).map_err(anyhow::Error::msg)
     }

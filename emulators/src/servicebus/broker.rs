@@ -75,8 +75,13 @@ pub(crate) enum Outcome {
     /// `released`: back to the queue as it was.
     Release,
     /// `modified`: back to the queue, the delivery count up if `failed`.
-    Abandon { failed: bool },
-    DeadLetter { reason: Option<String>, description: Option<String> },
+    Abandon {
+        failed: bool,
+    },
+    DeadLetter {
+        reason: Option<String>,
+        description: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -98,8 +103,13 @@ pub(crate) struct Delivery {
 
 impl Broker {
     pub(crate) fn new(cfg: &super::Config) -> Arc<Broker> {
-        let mut state =
-            State { stores: Vec::new(), by_path: HashMap::new(), topics: HashMap::new(), locks: HashMap::new(), next_expiry: None };
+        let mut state = State {
+            stores: Vec::new(),
+            by_path: HashMap::new(),
+            topics: HashMap::new(),
+            locks: HashMap::new(),
+            next_expiry: None,
+        };
         let add = |state: &mut State, path: String| -> StoreId {
             let dlq_path = format!("{path}/$DeadLetterQueue");
             let dlq = state.push(dlq_path, cfg, None);
@@ -113,7 +123,7 @@ impl Broker {
             for s in subs {
                 ids.push(add(&mut state, format!("{t}/Subscriptions/{s}")));
             }
-            state.topics.insert(t.to_ascii_lowercase(), (ids, 0));
+            state.topics.insert(t.to_ascii_lowercase(), (ids, 1));
         }
         Arc::new(Broker { state: Mutex::new(state), available: watch::channel(0).0, janitor: Notify::new() })
     }
@@ -332,7 +342,10 @@ impl State {
                 (msg.delivery_count >= store.max_delivery_count).then(|| {
                     (
                         Some(MAX_DELIVERY_COUNT_EXCEEDED.to_string()),
-                        Some(format!("Message could not be consumed after {} delivery attempts.", store.max_delivery_count)),
+                        Some(format!(
+                            "Message could not be consumed after {} delivery attempts.",
+                            store.max_delivery_count
+                        )),
                     )
                 })
             }
@@ -366,8 +379,10 @@ impl State {
 
 impl Store {
     fn insert(&mut self, parts: Parts, seq: i64, now_ms: i64) {
-        self.messages
-            .insert(seq, Stored { parts, seq, enqueued_ms: now_ms, delivery_count: 0, dead_letter_source: None, lock: None });
+        self.messages.insert(
+            seq,
+            Stored { parts, seq, enqueued_ms: now_ms, delivery_count: 0, dead_letter_source: None, lock: None },
+        );
         self.available.insert(seq);
     }
 }

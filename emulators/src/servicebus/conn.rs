@@ -16,7 +16,9 @@ use fe2o3_amqp::types::messaging::{
     Accepted, AmqpValue, ApplicationProperties, Body, DeliveryState, Message as AmqpMessage, Properties, Rejected,
     TargetArchetype,
 };
-use fe2o3_amqp::types::performatives::{Attach, Begin, ChannelMax, Close, Detach, Disposition, End, Flow, MaxFrameSize, Open, Transfer};
+use fe2o3_amqp::types::performatives::{
+    Attach, Begin, ChannelMax, Close, Detach, Disposition, End, Flow, MaxFrameSize, Open, Transfer,
+};
 use fe2o3_amqp::types::primitives::{Array, Binary, OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslMechanisms, SaslOutcome};
 use serde::Serialize;
@@ -29,6 +31,7 @@ use tokio_util::codec::Decoder;
 use super::broker::{Outcome, StoreId, Target, Token};
 use super::wire::{self, Parts};
 use super::Inner;
+use crate::pad::pad_performative;
 
 /// Our session windows and the credit we grant client senders.
 const WINDOW: u32 = 10_000;
@@ -71,6 +74,12 @@ struct Link {
     partial: Option<Partial>,
 }
 
+/// A message delivered from a store: its lock token and the delivery tag that carries it.
+struct Locked {
+    token: Token,
+    tag: [u8; 16],
+}
+
 struct Partial {
     delivery_id: u32,
     settled: bool,
@@ -82,6 +91,10 @@ struct Session {
     next_outgoing_id: u32,
     next_delivery_id: u32,
     next_incoming_id: u32,
+    /// The client's session window, as its last flow said. Tracked, not enforced: link credit
+    /// alone bounds what goes out, as on Service Bus. fe2o3-amqp's client announces a window of
+    /// 2,048 and never widens it unless its credit changes, so a receiver with more credit than
+    /// that would stall if the window were enforced.
     remote_incoming_window: u32,
     /// Transfers received since we last told the client our window.
     received_since_flow: u32,
@@ -120,7 +133,11 @@ fn sasl_body(frame: &BytesMut) -> &[u8] {
     &frame[doff.saturating_sub(4).min(frame.len())..]
 }
 
-pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+pub(crate) async fn serve(
+    inner: Arc<Inner>,
+    stream: TcpStream,
+    mut kill: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let (mut rd, wr) = stream.into_split();
     let mut wr = BufWriter::new(wr);
     let mut authorized = false;
@@ -129,10 +146,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio:
     anyhow::ensure!(&header[..4] == b"AMQP", "not AMQP");
     if header[4] == 3 {
         wr.write_all(&[b'A', b'M', b'Q', b'P', 3, 1, 0, 0]).await?;
-        let mechanisms = SaslMechanisms {
-            sasl_server_mechanisms: Array(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")]),
-        };
-        wr.write_all(&wire::frame(1, 0, &[&wire::encode(&mechanisms)])).await?;
+        let mechanisms =
+            SaslMechanisms { sasl_server_mechanisms: Array(vec![Symbol::from("ANONYMOUS"), Symbol::from("PLAIN")]) };
+        wr.write_all(&wire::frame(1, 0, &[&pad_performative(&wire::encode(&mechanisms))])).await?;
         wr.flush().await?;
         let init = read_frame(&mut rd).await?.ok_or_else(|| anyhow::anyhow!("closed during SASL"))?;
         let init: SaslInit = serde_amqp::from_slice(sasl_body(&init))?;
@@ -152,7 +168,12 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio:
             _ => SaslCode::Auth,
         };
         let failed = !matches!(code, SaslCode::Ok);
-        wr.write_all(&wire::frame(1, 0, &[&wire::encode(&SaslOutcome { code, additional_data: None })])).await?;
+        wr.write_all(&wire::frame(
+            1,
+            0,
+            &[&pad_performative(&wire::encode(&SaslOutcome { code, additional_data: None }))],
+        ))
+        .await?;
         wr.flush().await?;
         if failed {
             return Ok(());
@@ -199,7 +220,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, stream: TcpStream, mut kill: tokio:
     let result = async {
         loop {
             if more {
-                // Links still have credit and messages wait: take what frames are ready, no waiting.
+                // Links still have credit and messages wait: take what frames are ready, no waiting
+                // (but let the other tasks run).
+                tokio::task::yield_now().await;
                 while let Ok(frame) = rx.try_recv() {
                     conn.handle(frame);
                 }
@@ -347,7 +370,7 @@ fn reply(request: &wire::Request, status: i32, description: &str, condition: Opt
 
 impl Conn {
     fn perf<T: Serialize>(&mut self, channel: u16, p: &T) {
-        let body = wire::encode(p);
+        let body = pad_performative(&wire::encode(p));
         self.out.extend_from_slice(&wire::frame(0, channel, &[&body]));
     }
 
@@ -500,7 +523,10 @@ impl Conn {
             Ok(kind) => kind,
             Err((condition, description)) => {
                 tracing::debug!(%node, condition, %description, "servicebus emulator: refusing attach");
-                self.perf(channel, &Detach { handle: attach.handle, closed: true, error: Some(error(condition, description)) });
+                self.perf(
+                    channel,
+                    &Detach { handle: attach.handle, closed: true, error: Some(error(condition, description)) },
+                );
                 return;
             }
         };
@@ -633,13 +659,21 @@ impl Conn {
         let Some(s) = self.sessions.get_mut(&channel) else { return };
         let last = d.last.unwrap_or(d.first);
         let ids: Vec<u32> = if last.wrapping_sub(d.first) <= 1024 {
-            (0..=last.wrapping_sub(d.first)).map(|i| d.first.wrapping_add(i)).filter(|id| s.unsettled.contains_key(id)).collect()
+            (0..=last.wrapping_sub(d.first))
+                .map(|i| d.first.wrapping_add(i))
+                .filter(|id| s.unsettled.contains_key(id))
+                .collect()
         } else {
             s.unsettled.keys().copied().filter(|id| (d.first..=last).contains(id)).collect()
         };
         let terminal = matches!(
             d.state,
-            Some(DeliveryState::Accepted(_) | DeliveryState::Rejected(_) | DeliveryState::Released(_) | DeliveryState::Modified(_))
+            Some(
+                DeliveryState::Accepted(_)
+                    | DeliveryState::Rejected(_)
+                    | DeliveryState::Released(_)
+                    | DeliveryState::Modified(_)
+            )
         );
         if !terminal && !d.settled {
             return;
@@ -670,13 +704,26 @@ impl Conn {
             let token = s.unsettled.remove(&id).expect("listed above");
             let state = match self.inner.broker.settle(&token, outcome.clone()) {
                 Ok(()) => echo_ok.clone(),
-                Err(_) => Rejected { error: Some(error(LOCK_LOST, "The lock on the message was lost: it expired or the message was settled already.")) }.into(),
+                Err(_) => Rejected {
+                    error: Some(error(
+                        LOCK_LOST,
+                        "The lock on the message was lost: it expired or the message was settled already.",
+                    )),
+                }
+                .into(),
             };
             echoes.push((id, state));
         }
         if !d.settled {
             for (id, state) in echoes {
-                let echo = Disposition { role: Role::Sender, first: id, last: None, settled: true, state: Some(state), batchable: false };
+                let echo = Disposition {
+                    role: Role::Sender,
+                    first: id,
+                    last: None,
+                    settled: true,
+                    state: Some(state),
+                    batchable: false,
+                };
                 self.perf(channel, &echo);
             }
         }
@@ -697,7 +744,11 @@ impl Conn {
             }
         }
         if found.is_none() {
-            let sessions = self.sessions.iter().filter(|(ch, _)| **ch == channel).chain(self.sessions.iter().filter(|(ch, _)| **ch != channel));
+            let sessions = self
+                .sessions
+                .iter()
+                .filter(|(ch, _)| **ch == channel)
+                .chain(self.sessions.iter().filter(|(ch, _)| **ch != channel));
             'search: for (ch, s) in sessions {
                 for (h, l) in &s.links {
                     if matches!(l.kind, Kind::Replies) && l.node.eq_ignore_ascii_case(node) {
@@ -708,7 +759,9 @@ impl Conn {
             }
         }
         match found {
-            Some((ch, h)) => self.sessions.get_mut(&ch).and_then(|s| s.links.get_mut(&h)).expect("found").replies.push_back(payload),
+            Some((ch, h)) => {
+                self.sessions.get_mut(&ch).and_then(|s| s.links.get_mut(&h)).expect("found").replies.push_back(payload)
+            }
             None => tracing::debug!(%node, "servicebus emulator: no link to reply on"),
         }
     }
@@ -746,12 +799,14 @@ impl Conn {
             _ => &empty,
         };
         let broker = &self.inner.broker;
-        let lock_lost = || (410, "The lock on the message was lost.".to_string(), Some(LOCK_LOST), Value::Map(OrderedMap::new()));
+        let lock_lost =
+            || (410, "The lock on the message was lost.".to_string(), Some(LOCK_LOST), Value::Map(OrderedMap::new()));
         let (status, description, condition, value) = match operation.as_str() {
             "com.microsoft:renew-lock" => match broker.renew(&tokens(map_get(body, "lock-tokens"))) {
                 Ok(expirations) => {
                     let mut m = OrderedMap::new();
-                    let stamps = expirations.into_iter().map(|ms| Value::Timestamp(Timestamp::from_milliseconds(ms))).collect();
+                    let stamps =
+                        expirations.into_iter().map(|ms| Value::Timestamp(Timestamp::from_milliseconds(ms))).collect();
                     m.insert(Value::String("expirations".into()), Value::Array(Array(stamps)));
                     (200, "OK".to_string(), None, Value::Map(m))
                 }
@@ -769,7 +824,12 @@ impl Conn {
                     _ => None,
                 };
                 match outcome {
-                    None => (400, format!("disposition-status {status:?} is not supported by the emulator"), Some("amqp:not-implemented"), Value::Map(OrderedMap::new())),
+                    None => (
+                        400,
+                        format!("disposition-status {status:?} is not supported by the emulator"),
+                        Some("amqp:not-implemented"),
+                        Value::Map(OrderedMap::new()),
+                    ),
                     Some(outcome) => {
                         let mut lost = false;
                         for token in tokens(map_get(body, "lock-tokens")) {
@@ -787,7 +847,12 @@ impl Conn {
                 let from = value_int(map_get(body, "from-sequence-number")).unwrap_or(0);
                 let count = value_int(map_get(body, "message-count")).unwrap_or(1).max(0) as usize;
                 match broker.store(entity) {
-                    None => (404, format!("no entity {entity:?} to peek"), Some("com.microsoft:entity-not-found"), Value::Null),
+                    None => (
+                        404,
+                        format!("no entity {entity:?} to peek"),
+                        Some("com.microsoft:entity-not-found"),
+                        Value::Null,
+                    ),
                     Some(id) => {
                         let messages = broker.peek(id, from, count);
                         if messages.is_empty() {
@@ -808,7 +873,12 @@ impl Conn {
                     }
                 }
             }
-            other => (501, format!("operation {other:?} is not implemented by the emulator"), Some("amqp:not-implemented"), Value::Map(OrderedMap::new())),
+            other => (
+                501,
+                format!("operation {other:?} is not implemented by the emulator"),
+                Some("amqp:not-implemented"),
+                Value::Map(OrderedMap::new()),
+            ),
         };
         let payload = reply(&request, status, &description, condition, value);
         let node = format!("{entity}/$management");
@@ -843,10 +913,11 @@ impl Conn {
         let Some(s) = self.sessions.get_mut(&ch) else { return false };
         let Some(link) = s.links.get(&h) else { return false };
         let exhausted;
-        let mut outgoing: Vec<(Vec<u8>, Option<(Token, [u8; 16])>, bool)> = Vec::new();
+        // (payload, lock token and delivery tag of a locked message, pre-settled)
+        let mut outgoing: Vec<(Vec<u8>, Option<Locked>, bool)> = Vec::new();
         match link.kind {
             Kind::Replies => {
-                let n = link.credit.min(s.remote_incoming_window) as usize;
+                let n = link.credit as usize;
                 let link = s.links.get_mut(&h).expect("present");
                 for _ in 0..n {
                     let Some(p) = link.replies.pop_front() else { break };
@@ -855,12 +926,12 @@ impl Conn {
                 exhausted = link.replies.is_empty();
             }
             Kind::ReceiveOut { store, peek_lock } => {
-                let n = link.credit.min(s.remote_incoming_window).min(TAKE_BATCH);
+                let n = link.credit.min(TAKE_BATCH);
                 if n > 0 {
                     let taken = self.inner.broker.take(store, n as usize, peek_lock);
                     exhausted = taken.len() < n as usize;
                     for d in taken {
-                        outgoing.push((d.payload, Some((d.token, d.delivery_tag)), !peek_lock));
+                        outgoing.push((d.payload, Some(Locked { token: d.token, tag: d.delivery_tag }), !peek_lock));
                     }
                 } else {
                     exhausted = link.credit == 0;
@@ -873,7 +944,7 @@ impl Conn {
             let delivery_id = s.next_delivery_id;
             s.next_delivery_id = s.next_delivery_id.wrapping_add(1);
             let tag_bytes = match tag {
-                Some((token, tag)) => {
+                Some(Locked { token, tag }) => {
                     if !settled {
                         s.unsettled.insert(delivery_id, token);
                     }
@@ -884,7 +955,7 @@ impl Conn {
             let link = s.links.get_mut(&h).expect("present");
             link.credit -= 1;
             link.delivery_count = link.delivery_count.wrapping_add(1);
-            let mut first = Some(Transfer {
+            let first = Transfer {
                 handle: Handle(h),
                 delivery_id: Some(delivery_id),
                 delivery_tag: Some(serde_bytes::ByteBuf::from(tag_bytes)),
@@ -896,27 +967,24 @@ impl Conn {
                 resume: false,
                 aborted: false,
                 batchable: false,
-            });
+            };
+            // Frames after the first of a large message carry only the handle and `more`.
+            let continuation = Transfer {
+                delivery_id: None,
+                delivery_tag: None,
+                message_format: None,
+                settled: None,
+                ..first.clone()
+            };
+            let mut first = Some(first);
             let mut rest = &payload[..];
             loop {
-                let mut t = first.take().unwrap_or(Transfer {
-                    handle: Handle(h),
-                    delivery_id: None,
-                    delivery_tag: None,
-                    message_format: None,
-                    settled: None,
-                    more: false,
-                    rcv_settle_mode: None,
-                    state: None,
-                    resume: false,
-                    aborted: false,
-                    batchable: false,
-                });
+                let mut t = first.take().unwrap_or_else(|| continuation.clone());
                 // Performative sizes are small; leave them 256 bytes.
                 let room = max_frame.saturating_sub(8 + 256).max(64);
                 let (chunk, tail) = rest.split_at(rest.len().min(room));
                 t.more = !tail.is_empty();
-                let perf = wire::encode(&t);
+                let perf = pad_performative(&wire::encode(&t));
                 self.out.extend_from_slice(&wire::frame(0, ch, &[&perf, chunk]));
                 s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
                 s.remote_incoming_window = s.remote_incoming_window.saturating_sub(1);
@@ -931,7 +999,7 @@ impl Conn {
             link.delivery_count = link.delivery_count.wrapping_add(link.credit);
             link.credit = 0;
         }
-        let more = !exhausted && link.credit > 0 && s.remote_incoming_window > 0;
+        let more = !exhausted && link.credit > 0;
         if link.drain && link.credit == 0 {
             link.drain = false;
             let s = &self.sessions[&ch];

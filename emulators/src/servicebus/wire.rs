@@ -5,9 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Body, Header, Message as AmqpMessage, MessageAnnotations,
-};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Body, Header, Message as AmqpMessage, MessageAnnotations};
 use fe2o3_amqp::types::primitives::Value;
 use hmac::{Hmac, Mac};
 use percent_encoding::percent_decode_str;
@@ -197,8 +195,9 @@ impl Parts {
 
     /// The encoded message with this header and these annotations.
     pub(crate) fn encode_with(&self, header: &Header, annotations: &MessageAnnotations) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.properties.len() + self.application_properties.len() + self.body.len() + 128);
-        out.extend_from_slice(&encode(header));
+        let mut out =
+            Vec::with_capacity(self.properties.len() + self.application_properties.len() + self.body.len() + 128);
+        out.extend_from_slice(&encode_header(header));
         if !annotations.0.is_empty() {
             out.extend_from_slice(&encode(annotations));
         }
@@ -207,6 +206,27 @@ impl Parts {
         out.extend_from_slice(&self.body);
         out
     }
+}
+
+/// The header with every field written out: a list encoding leaves trailing defaults out, and
+/// the SDKs read a missing `delivery-count` as none rather than 0.
+fn encode_header(h: &Header) -> Vec<u8> {
+    let mut fields = Vec::with_capacity(16);
+    fields.push(if h.durable { 0x41 } else { 0x42 });
+    fields.extend_from_slice(&[0x50, h.priority.0]);
+    match h.ttl {
+        Some(ttl) => {
+            fields.push(0x70);
+            fields.extend_from_slice(&ttl.to_be_bytes());
+        }
+        None => fields.push(0x40),
+    }
+    fields.push(if h.first_acquirer { 0x41 } else { 0x42 });
+    fields.push(0x70);
+    fields.extend_from_slice(&h.delivery_count.to_be_bytes());
+    let mut out = vec![0x00, 0x53, SECTION_HEADER as u8, 0xc0, fields.len() as u8 + 1, 5];
+    out.extend_from_slice(&fields);
+    out
 }
 
 /// A whole message decoded (requests on `$cbs` and `$management`).
@@ -309,9 +329,13 @@ mod tests {
     #[test]
     fn delivery_tag_is_the_dotnet_guid_order() {
         // uuid.UUID("00112233-4455-6677-8899-aabbccddeeff").bytes_le
-        let token: [u8; 16] = [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
+        let token: [u8; 16] =
+            [0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff];
         let tag = delivery_tag_of(&token);
-        assert_eq!(tag, [0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]);
+        assert_eq!(
+            tag,
+            [0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff]
+        );
         assert_eq!(token_of_delivery_tag(&tag), Some(token));
     }
 
@@ -330,5 +354,10 @@ mod tests {
         assert_eq!(parts.header.delivery_count, 3);
         assert!(!parts.application_properties.is_empty());
         assert_eq!(data_section_bytes(&parts.body), Some(&b"hello"[..]));
+        let header = Header { delivery_count: 0, ttl: Some(5), ..Default::default() };
+        let encoded = parts.encode_with(&header, &MessageAnnotations::default());
+        let again = Parts::parse(&Bytes::from(encoded)).unwrap();
+        assert_eq!(again.header, header);
+        assert_eq!(again.body, parts.body);
     }
 }
