@@ -7,6 +7,7 @@ pub mod blob_export;
 pub mod eventhubs_emulator;
 pub mod eventhubs_pipeline;
 pub mod iotc_emulator;
+pub mod tls;
 pub mod transformed;
 
 use std::collections::BTreeMap;
