@@ -188,7 +188,7 @@ mod tests {
             agrees(n);
             agrees(&format!("{{\"t\":{{\"v\":[{n}]}}}}"));
         }
-        agrees(&format!("{}", "9".repeat(400)));
+        agrees(&"9".repeat(400));
         agrees(&format!("{}.5", "9".repeat(400)));
         agrees(&format!("0.{}", "9".repeat(400)));
     }
