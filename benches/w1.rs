@@ -58,8 +58,9 @@ fn median(mut v: Vec<Measure>) -> Measure {
 
 type Row = (String, i64);
 
-/// (deviceId, window_start in µs) -> [count, 9 aggregates]
-fn read_rows(files: &[PathBuf], count_col: &str) -> BTreeMap<Row, Vec<f64>> {
+/// (deviceId, window_start in µs) -> [count, 9 aggregates] (a null aggregate as NaN), and the
+/// windows written more than once (the map keeps one of them; the check counts them as wrong).
+fn read_rows(files: &[PathBuf], count_col: &str) -> (BTreeMap<Row, Vec<f64>>, Vec<Row>) {
     let aggs = [
         "temperature_avg",
         "temperature_min",
@@ -72,6 +73,7 @@ fn read_rows(files: &[PathBuf], count_col: &str) -> BTreeMap<Row, Vec<f64>> {
         "pressure_max",
     ];
     let mut out = BTreeMap::new();
+    let mut twice = Vec::new();
     for f in files {
         let bytes = bytes::Bytes::from(std::fs::read(f).unwrap());
         let reader =
@@ -94,11 +96,27 @@ fn read_rows(files: &[PathBuf], count_col: &str) -> BTreeMap<Row, Vec<f64>> {
             for (i, start) in starts.iter().enumerate() {
                 let mut v = vec![n.value(i) as f64];
                 v.extend(cols.iter().map(|c| if c.is_null(i) { f64::NAN } else { c.value(i) }));
-                out.insert((dev.value(i).to_string(), *start), v);
+                let key = (dev.value(i).to_string(), *start);
+                if out.insert(key.clone(), v).is_some() {
+                    twice.push(key);
+                }
             }
         }
     }
-    out
+    (out, twice)
+}
+
+/// Whether two values of a row agree: both NaN (null), or within `1e-9` relatively; the
+/// relative difference (infinite when only one side is NaN).
+fn agree(a: f64, b: f64) -> (bool, f64) {
+    match (a.is_nan(), b.is_nan()) {
+        (true, true) => (true, 0.0),
+        (true, false) | (false, true) => (false, f64::INFINITY),
+        (false, false) => {
+            let rel = (a - b).abs() / b.abs().max(1e-300);
+            (rel <= 1e-9, rel)
+        }
+    }
 }
 
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
@@ -113,6 +131,9 @@ fn parquet_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn main() {
+    // the comparison itself (harness = false: no #[test] here): a NaN on one side differs
+    assert!(agree(f64::NAN, f64::NAN).0 && agree(1.0, 1.0 + 1e-12).0);
+    assert!(!agree(f64::NAN, 1.0).0 && !agree(1.0, f64::NAN).0 && !agree(1.0, 1.1).0);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let bench = std::env::args().any(|a| a == "--bench");
     let work = tempfile::tempdir().unwrap();
@@ -174,20 +195,18 @@ fn main() {
     let (cf, dk) = (median(cf), median(dk));
 
     // same rows?
-    let ours = read_rows(&parquet_files(&cf_out), "count");
-    let theirs = read_rows(std::slice::from_ref(&duck_out), "n");
+    let (ours, ours_twice) = read_rows(&parquet_files(&cf_out), "count");
+    let (theirs, theirs_twice) = read_rows(std::slice::from_ref(&duck_out), "n");
     let mut worst = 0.0f64;
     let mut mismatches = 0;
     for (k, v) in &theirs {
         match ours.get(k) {
             Some(o) => {
+                assert_eq!(o.len(), v.len());
                 for (a, b) in o.iter().zip(v) {
-                    if a.is_nan() && b.is_nan() {
-                        continue;
-                    }
-                    let rel = (a - b).abs() / b.abs().max(1e-300);
+                    let (ok, rel) = agree(*a, *b);
                     worst = worst.max(rel);
-                    if rel > 1e-9 {
+                    if !ok {
                         mismatches += 1;
                     }
                 }
@@ -195,7 +214,14 @@ fn main() {
             None => mismatches += 1,
         }
     }
-    let same = !theirs.is_empty() && ours.len() == theirs.len() && mismatches == 0;
+    if !ours_twice.is_empty() || !theirs_twice.is_empty() {
+        println!("windows written more than once: centralflow {ours_twice:?}, DuckDB {theirs_twice:?}");
+    }
+    let same = !theirs.is_empty()
+        && ours.len() == theirs.len()
+        && mismatches == 0
+        && ours_twice.is_empty()
+        && theirs_twice.is_empty();
 
     let mib = |k: i64| k as f64 / 1024.0;
     if !bench {

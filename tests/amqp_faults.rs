@@ -26,21 +26,39 @@ fn wait_broker_up() {
     }
 }
 
+/// `source_reconnects_total` of the `exports` source.
+fn reconnects(api: &str) -> f64 {
+    metric_value(api, "centralflow_source_reconnects_total", "component=\"exports\"").unwrap_or(0.0)
+}
+
+fn connected(api: &str) -> bool {
+    metric_value(api, "centralflow_source_connected", "component=\"exports\"") == Some(1.0)
+}
+
 #[test]
 fn recovers_from_closed_connections_and_a_broker_restart() {
     let _guard = BROKER.lock().unwrap_or_else(|e| e.into_inner());
     let s = amqp::setup(150_000, None);
-    let child = amqp::start(&s);
-    std::thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl(&["close_all_connections", "centralflow fault test"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    rabbitmqctl(&["close_all_connections", "centralflow fault test again"]);
-    std::thread::sleep(Duration::from_millis(1000));
+    let mut run = Logged::spawn(amqp::command(&s));
+    let api = run.api();
+    let w = Duration::from_secs(120);
+    // each fault once the source is connected again after the previous one: the reconnect
+    // counter and the connected gauge say when, no sleep guesses it
+    wait_until("the source connects", w, || connected(&api));
+    for (i, reason) in ["centralflow fault test", "centralflow fault test again"].iter().enumerate() {
+        rabbitmqctl(&["close_all_connections", reason]);
+        wait_until(&format!("reconnection {}", i + 1), w, || reconnects(&api) >= (i + 1) as f64 && connected(&api));
+    }
     rabbitmqctl(&["stop_app"]);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until("the source sees the broker gone", w, || !connected(&api));
     rabbitmqctl(&["start_app"]);
     wait_broker_up();
-    let err = amqp::drain_and_stop(&s, child);
+    wait_until("reconnection after the restart", w, || reconnects(&api) >= 3.0 && connected(&api));
+    amqp::drain(&s);
+    let counted = reconnects(&api);
+    let err = run.stop(Duration::from_secs(600));
+    assert!(counted >= 3.0, "three connections lost and re-established, {counted} counted");
+    assert!(err.contains("reconnecting") && err.contains("connected to the broker"), "{err}");
     assert!(err.contains("exports"), "{err}");
     let got = amqp::raw_rows(s.dir.path());
     let want = amqp::expected_raw(&s.input);

@@ -173,6 +173,36 @@ fn injected_429_and_503_on_a_tenth_of_requests_and_a_restart_lose_nothing() {
     assert!(s.emu.registrations().values().all(|n| *n == 1));
 }
 
+/// `Retry-After` on a 429 and on a 503 is waited for, measured between the refused requests at
+/// the hub: one row of one device, so every hub request is that row's next try (the sink's own
+/// backoff would try again after 200 ms).
+#[test]
+fn retry_after_on_429_and_503_is_honoured() {
+    for (fault, code) in [
+        (Fault::TooManyRequests { share: 1.0, retry_after_secs: 2 }, 429),
+        (Fault::UnavailableRetryAfter { share: 1.0, retry_after_secs: 2 }, 503),
+    ] {
+        let (s, rows) = setup(1, 1, "    flush_timeout: 1s\n");
+        s.emu.inject(fault);
+        let child = spawn(&s, "run", &group_key());
+        let refused =
+            || s.emu.hub_answers().into_iter().filter(|(_, c)| *c == code).map(|(t, _)| t).collect::<Vec<_>>();
+        wait_until(&format!("three {code} answers"), T, || refused().len() >= 3);
+        s.emu.clear_faults();
+        let err = ok(&wait_output(child, T));
+        let times = refused();
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        for g in &gaps {
+            assert!(
+                *g >= Duration::from_millis(1_900),
+                "{code}: tried again after {g:?}, Retry-After said 2 s: {gaps:?}\n{err}"
+            );
+            assert!(*g < Duration::from_secs(6), "{code}: waited {g:?} for a Retry-After of 2 s: {gaps:?}");
+        }
+        assert_exactly_once(&s.emu, &rows, true);
+    }
+}
+
 #[test]
 fn a_wrong_group_key_is_one_clear_error_naming_scope_and_device() {
     let (s, _) = setup(200, 20, "");
@@ -322,4 +352,141 @@ fn component_telemetry_over_mqtt_reaches_the_broker_with_its_property_bag() {
     }
     assert_eq!(emu.model_ids().values().collect::<BTreeSet<_>>(), BTreeSet::from([&"dtmi:test:sensor;1".to_string()]));
     assert_eq!(emu.requests().hub, 0, "nothing went over HTTPS");
+}
+
+/// The central sink's pipeline over the files source, for the TLS tests.
+fn tls_pipeline(input: &Path, sink_extra: &str) -> String {
+    format!(
+        "sources:\n  in:\n    type: files\n    url: {}\nsinks:\n  iotc:\n    type: central\n    inputs: [in]\n    id_scope: ${{IOTC_ID_SCOPE}}\n    group_key: ${{IOTC_GROUP_KEY}}\n    dps_endpoint: ${{DPS}}\n    creation_time: enqueuedTime\n    measurements: [temperature, humidity]\n{sink_extra}",
+        input.display()
+    )
+}
+
+fn tls_env(emu: &IotcEmulator) -> Vec<(String, String)> {
+    vec![
+        ("IOTC_ID_SCOPE".into(), SCOPE.into()),
+        ("IOTC_GROUP_KEY".into(), group_key()),
+        ("DPS".into(), emu.dps_endpoint()),
+    ]
+}
+
+/// HTTPS to DPS and to the hub DPS assigns, trusting a throwaway CA given as `ca_file`; without
+/// it the same endpoints are refused for their certificate (the client verifies it).
+#[test]
+fn https_to_dps_and_the_hub_trusts_the_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new(dir.path());
+    let emu = IotcEmulator::start_tls_blocking(SCOPE, &group_key(), 2, ca.server_config()).unwrap();
+    emu.set_registration_limit_per_minute(None);
+    emu.set_dps_retry_after_secs(0);
+    assert!(emu.dps_endpoint().starts_with("https://127.0.0.1:"), "{}", emu.dps_endpoint());
+    let input = dir.path().join("export.jsonl");
+    let rows = export_rows(&input, 60, 6);
+    let env = tls_env(&emu);
+
+    // no ca_file: the throwaway CA is not among the usual roots
+    let p = pipeline(dir.path(), "no-ca.yaml", &tls_pipeline(&input, ""));
+    let mut c = cmd(&["run", p.to_str().unwrap()]);
+    c.envs(env.iter().map(|(k, v)| (k, v)));
+    let untrusted = Logged::spawn(c);
+    wait_until("the certificate is refused", T, || untrusted.text().to_lowercase().contains("certificate"));
+    let log = untrusted.text();
+    signal(&untrusted.child, libc::SIGKILL);
+    let _ = untrusted.finish(T);
+    assert!(emu.registrations().is_empty() && emu.messages().is_empty(), "nothing got through:\n{log}");
+
+    // with it: every row arrives, over TLS to DPS and to the hubs
+    let ca_line = format!("    ca_file: {}\n", ca.ca.display());
+    let p = pipeline(dir.path(), "ca.yaml", &tls_pipeline(&input, &ca_line));
+    ok(&run(&["replay", "--no-progress", p.to_str().unwrap()], &env_refs(&env), T));
+    assert_exactly_once(&emu, &rows, true);
+    assert!(emu.requests().hub > 0 && emu.registrations().len() == 6);
+}
+
+/// Component telemetry over MQTT with TLS on 8883 (Mosquitto with the throwaway CA's server
+/// certificate stands in for the hub's MQTT endpoint; DPS over HTTPS with the same CA).
+#[test]
+fn component_telemetry_over_mqtt_with_tls_on_8883() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::new(dir.path());
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            // `user root`: as root Mosquitto would otherwise switch to its own user, which cannot
+            // read the key in the test's private folder
+            "user root\nlistener 8883 127.0.0.1\nallow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}\n",
+            ca.ca.display(),
+            ca.cert.display(),
+            ca.key.display()
+        ),
+    )
+    .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut broker = Kill(
+        std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("mosquitto.log")).unwrap())
+            .spawn()
+            .expect("mosquitto"),
+    );
+    wait_until("Mosquitto runs with TLS on 127.0.0.1:8883", Duration::from_secs(30), || {
+        let log = std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default();
+        assert!(broker.0.try_wait().unwrap().is_none(), "mosquitto exited (is 8883 taken?):\n{log}");
+        log.contains(" running")
+    });
+    let input = dir.path().join("export.jsonl");
+    let rows = export_rows(&input, 20, 2);
+    // a subscriber over TLS, trusting the CA; `-d` says when the subscription is in place
+    // (line-buffered: its output is a pipe)
+    let mut sub = Kill(
+        std::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", "8883", "--cafile"])
+            .arg(&ca.ca)
+            .args(["-t", "devices/+/messages/events/#", "-v", "-d", "-W", "120"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub"),
+    );
+    let lines: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let out = sub.0.stdout.take().unwrap();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    wait_until("the subscriber is subscribed", Duration::from_secs(30), || {
+        lines.lock().unwrap().iter().any(|l| l.contains("SUBACK"))
+    });
+    let emu = IotcEmulator::start_tls_blocking(SCOPE, &group_key(), 1, ca.server_config()).unwrap();
+    emu.set_dps_retry_after_secs(0);
+    let extra = format!(
+        "    transport: mqtt\n    mqtt_port: 8883\n    component: thermostat1\n    ca_file: {}\n",
+        ca.ca.display()
+    );
+    let p = pipeline(dir.path(), "mqtt-tls.yaml", &tls_pipeline(&input, &extra));
+    ok(&run(&["replay", "--no-progress", p.to_str().unwrap()], &env_refs(&tls_env(&emu)), T));
+    let published = || lines.lock().unwrap().iter().filter(|l| l.starts_with("devices/")).cloned().collect::<Vec<_>>();
+    wait_until("every row published", Duration::from_secs(60), || published().len() >= rows.len());
+    let got = published();
+    assert_eq!(got.len(), rows.len(), "{got:#?}");
+    for l in &got {
+        let (topic, body) = l.split_once(' ').unwrap();
+        assert!(topic.contains("$.sub=thermostat1"), "{topic}");
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert!(rows.iter().any(|r| expected_message(r).2 == body), "{body}");
+    }
+    assert_eq!(emu.requests().hub, 0, "nothing went over HTTPS to the hub");
+    let _ = broker.0.kill();
 }

@@ -432,12 +432,16 @@ fn a_second_process_on_the_same_checkpoint_folder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let p = pipeline(d, "locked.yaml", &ops_pipeline(d, "raw.jsonl", ""));
-    let mut first = Running::start(cmd(&["run", "--log-format", "json", p.to_str().unwrap()]));
-    first.api(); // running
+    let first = Running::start(cmd(&["run", "--log-format", "json", p.to_str().unwrap()]));
+    // the lock is held once the lock file names the holder (written after the flock succeeds;
+    // the operations endpoint's log line comes before the lock is taken, so it says nothing)
+    let pid = first.child.id().to_string();
+    let lock = d.join("state/reload/lock");
+    wait_until("the first process holds the lock", W, || std::fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid));
     let second = run(&["replay", "--no-progress", p.to_str().unwrap()], &[], W);
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(1), "{err}");
-    assert!(err.contains("another centralflow process") && err.contains(&first.child.id().to_string()), "{err}");
+    assert!(err.contains("another centralflow process") && err.contains(&pid), "{err}");
     signal(&first.child, libc::SIGKILL);
     let _ = first.finish(W);
     // the lock died with the process

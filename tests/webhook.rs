@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -18,34 +17,22 @@ const TOKEN: &str = "webhook-test-token-1234";
 const SCOPE: &str = "0ne00WEBH00";
 const T: Duration = Duration::from_secs(120);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_port(port: u16, child: &mut Child) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("centralflow exited early: {status}");
-        }
-        assert!(Instant::now() < end, "the webhook did not come up on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start(yaml: &std::path::Path, env: &[(&str, &str)], port: u16) -> Child {
+/// Starts `centralflow run` on a pipeline whose webhook listens on port 0, and reads the port it
+/// bound from its log (no port is picked, released and bound again later by someone else).
+fn start(yaml: &std::path::Path, env: &[(&str, &str)]) -> (Logged, u16) {
     let mut c = cmd(&["run", yaml.to_str().unwrap()]);
     for (k, v) in env {
         c.env(k, v);
     }
-    let mut child = c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_port(port, &mut child);
-    child
+    let mut run = Logged::spawn(c);
+    let line = run.wait_for("webhook listening on ", Duration::from_secs(60));
+    let addr = line.split("://").nth(1).unwrap();
+    let port = addr.split(['/', ' ']).next().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+    (run, port)
 }
 
-fn stop(child: Child) -> String {
-    signal(&child, libc::SIGTERM);
-    ok(&wait_output(child, T))
+fn stop(run: Logged) -> String {
+    run.stop(T)
 }
 
 fn client() -> reqwest::Client {
@@ -98,9 +85,9 @@ fn webhook_to_files(dir: &std::path::Path, port: u16, extra_source: &str, extra_
 #[test]
 fn bad_tokens_and_bad_bodies_are_refused_and_dead_lettered_good_ones_answered_after_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
     let p = webhook_to_files(dir.path(), port, "", "");
-    let child = start(&p, &[("TOKEN", TOKEN)], port);
+    let (child, port) = start(&p, &[("TOKEN", TOKEN)]);
     let url = format!("http://127.0.0.1:{port}/");
     let rt = tokio::runtime::Runtime::new().unwrap();
     let good = export_message("dev-1", "2026-11-01T00:00:00.000Z", json!({"temp": 21.5})).to_string();
@@ -150,10 +137,11 @@ fn bad_tokens_and_bad_bodies_are_refused_and_dead_lettered_good_ones_answered_af
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    // one request at a time; the sink takes 2 s per event, so the first is held that long
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
+                  // one request at a time; the sink takes 2 s per event, so the first is held that long
     let p = webhook_to_files(dir.path(), port, "    queue: 1\n    retry_after: 3\n", "    rate_limit: 0.5\n");
-    let child = start(&p, &[("TOKEN", TOKEN)], port);
+    let (mut child, port) = start(&p, &[("TOKEN", TOKEN)]);
+    let api = child.api();
     let url = format!("http://127.0.0.1:{port}/");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -163,7 +151,15 @@ fn a_full_queue_answers_503_with_retry_after() {
                 post(&url, Some(TOKEN), export_message("d", "2026-11-01T00:00:00Z", json!({"t": 1})).to_string()).await
             }
         });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // the first request holds the one slot once its body has been read
+        let api2 = api.clone();
+        tokio::task::spawn_blocking(move || {
+            wait_until("the first request is read", T, || {
+                metric_value(&api2, "centralflow_bytes_in_total", "component=\"hook\"").is_some_and(|b| b > 0.0)
+            })
+        })
+        .await
+        .unwrap();
         let (s, h, _) =
             post(&url, Some(TOKEN), export_message("d", "2026-11-01T00:00:01Z", json!({"t": 2})).to_string()).await;
         assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
@@ -177,7 +173,7 @@ fn a_full_queue_answers_503_with_retry_after() {
 #[test]
 fn replay_refuses_a_webhook_source() {
     let dir = tempfile::tempdir().unwrap();
-    let p = webhook_to_files(dir.path(), free_port(), "", "");
+    let p = webhook_to_files(dir.path(), 0, "", "");
     let out = run(&["replay", "--no-progress", p.to_str().unwrap()], &[("TOKEN", TOKEN)], T);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("never ends"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -225,10 +221,10 @@ fn tls_with_a_certificate_and_key_from_files() {
         "cert.pem",
     ]);
     let _ = ca_key;
-    let port = free_port();
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
     let tls = format!("    tls:\n      cert_file: {}\n      key_file: {}\n", cert.display(), key.display());
     let p = webhook_to_files(dir.path(), port, &tls, "");
-    let child = start(&p, &[("TOKEN", TOKEN)], port);
+    let (child, port) = start(&p, &[("TOKEN", TOKEN)]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let ca = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
@@ -271,9 +267,9 @@ fn end_to_end_posts_through_compute_after_export_reach_iot_central() {
     let dir = tempfile::tempdir().unwrap();
     let emu = IotcEmulator::start_blocking(SCOPE, &group_key(), 2).unwrap();
     emu.set_dps_retry_after_secs(0);
-    let port = free_port();
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
     let env = shipped_env(&emu, port, &dir.path().join("state"));
-    let child = start(&root().join("pipelines/compute-after-export.yaml"), &env_refs(&env), port);
+    let (child, port) = start(&root().join("pipelines/compute-after-export.yaml"), &env_refs(&env));
     let url = format!("http://127.0.0.1:{port}/");
     // the sample device's CSV telemetry, and one computed message coming back around
     let inputs = [
@@ -325,9 +321,9 @@ fn end_to_end_the_device_bridge_replacement_sends_measurements_as_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let emu = IotcEmulator::start_blocking(SCOPE, &group_key(), 1).unwrap();
     emu.set_dps_retry_after_secs(0);
-    let port = free_port();
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
     let env = shipped_env(&emu, port, &dir.path().join("state"));
-    let child = start(&root().join("pipelines/device-bridge.yaml"), &env_refs(&env), port);
+    let (child, port) = start(&root().join("pipelines/device-bridge.yaml"), &env_refs(&env));
     let url = format!("http://127.0.0.1:{port}/");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -356,7 +352,7 @@ fn every_request_answered_200_is_in_the_output_even_when_the_pipeline_stops_unde
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = 0; // the webhook binds a free port: `start` reads it from the log
     let p = pipeline(
         dir.path(),
         "stop.yaml",
@@ -366,7 +362,7 @@ fn every_request_answered_200_is_in_the_output_even_when_the_pipeline_stops_unde
             dir.path().join("state").display()
         ),
     );
-    let child = start(&p, &[("TOKEN", TOKEN)], port);
+    let (child, port) = start(&p, &[("TOKEN", TOKEN)]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let done = Arc::new(AtomicBool::new(false));
     let answers: Arc<Mutex<Vec<(u64, u16)>>> = Arc::default();
@@ -392,14 +388,15 @@ fn every_request_answered_200_is_in_the_output_even_when_the_pipeline_stops_unde
             }
         }));
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    signal(&child, libc::SIGTERM);
-    let out = wait_output(child, T);
+    // stop under load: once requests have been answered, while more keep coming
+    wait_until("20 requests answered 200", T, || {
+        answers.lock().unwrap().iter().filter(|(_, s)| *s == 200).count() >= 20
+    });
+    stop(child); // a graceful stop: asserts success
     done.store(true, Ordering::Relaxed);
     for t in tasks {
         rt.block_on(t).unwrap();
     }
-    ok(&out);
     let written: std::collections::BTreeSet<u64> =
         jsonl(&dir.path().join("out.jsonl")).iter().map(|v| v["telemetry"]["n"].as_u64().unwrap()).collect();
     let answers = answers.lock().unwrap();

@@ -28,7 +28,8 @@
 //!   `clear_messages()`, `wait_for_messages(n, timeout).await`,
 //!   `wait_for_messages_blocking(n, timeout)`, `registrations() -> BTreeMap<String, u32>`
 //!   (successful DPS registrations), `registered_devices() -> BTreeMap<device, hub>` (current),
-//!   `model_ids() -> BTreeMap<device, model>`, `requests() -> Requests { dps, hub, by_status,
+//!   `model_ids() -> BTreeMap<device, model>`, `hub_answers() -> Vec<(Instant, status)>`,
+//!   `requests() -> Requests { dps, hub, by_status,
 //!   dps_register }`.
 //! * Faults and knobs: `inject(Fault)`, `clear_faults()`, `block_device(id)`,
 //!   `unblock_device(id)`, `set_dps_retry_after_secs(s)` (default 1), `set_polls_before_assigned(n)`
@@ -36,7 +37,8 @@
 //!   `set_clock_skew_secs(s)` (default 300).
 //! * `Received { device_id, hub, body, app_properties, content_type, content_encoding,
 //!   message_id, correlation_id, creation_time_utc, in_batch }` (+ `json()`), `Fault::{
-//!   TooManyRequests { share, retry_after_secs }, Unavailable { share }, UnauthorizedOnce {
+//!   TooManyRequests { share, retry_after_secs }, Unavailable { share }, UnavailableRetryAfter {
+//!   share, retry_after_secs }, UnauthorizedOnce {
 //!   device }, DeviceNotFoundOnce { device } }`, consts `MAX_MESSAGE_BYTES`, `BATCH_CONTENT_TYPE`.
 //!
 //! # DPS (on `dps_endpoint()`)
@@ -187,6 +189,8 @@ pub enum Fault {
     TooManyRequests { share: f64, retry_after_secs: u64 },
     /// 503 on `share` (0..=1) of hub requests.
     Unavailable { share: f64 },
+    /// 503 with `Retry-After: retry_after_secs` on `share` (0..=1) of hub requests.
+    UnavailableRetryAfter { share: f64, retry_after_secs: u64 },
     /// The next hub request of this device answers 401.
     UnauthorizedOnce { device: String },
     /// The next hub request of this device answers 404 DeviceNotFound, and the device's
@@ -218,6 +222,8 @@ struct Shared {
     group_key: Vec<u8>,
     /// `IP:PORT` DPS listens on.
     dps_addr: String,
+    /// `https` when serving TLS ([`IotcEmulator::start_tls_blocking`]), else `http`.
+    scheme: &'static str,
     hubs: Vec<String>,
     state: Mutex<EmuState>,
     next_id: AtomicU64,
@@ -249,6 +255,8 @@ struct EmuState {
     register_times: VecDeque<Instant>,
     faults: Vec<ActiveFault>,
     requests: Requests,
+    /// When each hub request was answered, and how.
+    hub_answers: Vec<(Instant, u16)>,
     retry_after_secs: u64,
     polls_before_assigned: u32,
     registration_limit: Option<u32>,
@@ -270,6 +278,17 @@ impl IotcEmulator {
         Self::start_on(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), id_scope, group_key_b64, hubs)
     }
 
+    /// DPS and the hubs over TLS with `tls` (a certificate for `127.0.0.1`): `dps_endpoint()` is
+    /// `https://127.0.0.1:PORT` and clients reach the hubs at `https://{assignedHub}`.
+    pub fn start_tls_blocking(
+        id_scope: &str,
+        group_key_b64: &str,
+        hubs: usize,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> anyhow::Result<IotcEmulator> {
+        Self::start_inner(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), id_scope, group_key_b64, hubs, Some(tls))
+    }
+
     /// Starts with DPS on this address (the hubs on free ports of its IP: DPS names them to
     /// devices as their `assignedHub`).
     pub fn start_on(
@@ -277,6 +296,16 @@ impl IotcEmulator {
         id_scope: &str,
         group_key_b64: &str,
         hubs: usize,
+    ) -> anyhow::Result<IotcEmulator> {
+        Self::start_inner(dps_addr, id_scope, group_key_b64, hubs, None)
+    }
+
+    fn start_inner(
+        dps_addr: std::net::SocketAddr,
+        id_scope: &str,
+        group_key_b64: &str,
+        hubs: usize,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> anyhow::Result<IotcEmulator> {
         anyhow::ensure!(hubs >= 1, "at least one hub is needed");
         anyhow::ensure!(!id_scope.is_empty() && !id_scope.contains('/'), "bad ID scope {id_scope:?}");
@@ -299,6 +328,7 @@ impl IotcEmulator {
             id_scope: id_scope.to_string(),
             group_key,
             dps_addr,
+            scheme: if tls.is_some() { "https" } else { "http" },
             hubs: hub_names,
             state: Mutex::new(EmuState {
                 messages: Vec::new(),
@@ -310,6 +340,7 @@ impl IotcEmulator {
                 register_times: VecDeque::new(),
                 faults: Vec::new(),
                 requests: Requests::default(),
+                hub_answers: Vec::new(),
                 retry_after_secs: 1,
                 polls_before_assigned: 1,
                 registration_limit: Some(DEFAULT_REGISTRATIONS_PER_MINUTE),
@@ -330,10 +361,21 @@ impl IotcEmulator {
             .spawn(move || {
                 runtime.block_on(async move {
                     for (listener, router) in servers {
-                        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                        tokio::spawn(async move {
-                            let _ = axum::serve(listener, router).await;
-                        });
+                        match &tls {
+                            Some(cfg) => {
+                                let cfg = axum_server::tls_rustls::RustlsConfig::from_config(cfg.clone());
+                                let server = axum_server::from_tcp_rustls(listener, cfg).expect("listener");
+                                tokio::spawn(async move {
+                                    let _ = server.serve(router.into_make_service()).await;
+                                });
+                            }
+                            None => {
+                                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                                tokio::spawn(async move {
+                                    let _ = axum::serve(listener, router).await;
+                                });
+                            }
+                        }
                     }
                     let _ = rx.await;
                 });
@@ -345,7 +387,7 @@ impl IotcEmulator {
 
     /// `http://127.0.0.1:PORT` of DPS (stands for `https://global.azure-devices-provisioning.net`).
     pub fn dps_endpoint(&self) -> String {
-        format!("http://{}", self.shared.dps_addr)
+        format!("{}://{}", self.shared.scheme, self.shared.dps_addr)
     }
 
     /// The ID scope DPS serves.
@@ -417,6 +459,11 @@ impl IotcEmulator {
     /// registration that sent one.
     pub fn model_ids(&self) -> BTreeMap<String, String> {
         lock(&self.shared.state).model_ids.clone()
+    }
+
+    /// When each hub request was answered (in order), with its status.
+    pub fn hub_answers(&self) -> Vec<(Instant, u16)> {
+        lock(&self.shared.state).hub_answers.clone()
     }
 
     /// Request counters.
@@ -550,6 +597,7 @@ impl Shared {
             st.requests.dps += 1;
         } else {
             st.requests.hub += 1;
+            st.hub_answers.push((Instant::now(), status.as_u16()));
         }
         *st.requests.by_status.entry(status.as_u16()).or_insert(0) += 1;
     }
@@ -934,6 +982,7 @@ fn share_hit(share: f64, n: u64) -> bool {
 enum FaultHit {
     TooMany(u64),
     Unavailable,
+    UnavailableFor(u64),
     Unauthorized,
     NotFound,
 }
@@ -1009,6 +1058,12 @@ async fn hub_inner(ctx: &HubCtx, req: Request) -> Response {
                         hit = Some(FaultHit::Unavailable);
                     }
                 }
+                Fault::UnavailableRetryAfter { share, retry_after_secs } => {
+                    f.seen += 1;
+                    if hit.is_none() && share_hit(share, f.seen) {
+                        hit = Some(FaultHit::UnavailableFor(retry_after_secs));
+                    }
+                }
                 _ => {}
             }
         }
@@ -1036,6 +1091,13 @@ async fn hub_inner(ctx: &HubCtx, req: Request) -> Response {
                 StatusCode::TOO_MANY_REQUESTS,
                 &error_body(shared, 429001, "Throttling", "injected fault TooManyRequests"),
                 &[("iothub-errorcode", "ThrottlingException".into()), ("retry-after", secs.to_string())],
+            )
+        }
+        Some(FaultHit::UnavailableFor(secs)) => {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &error_body(shared, 503000, "ServiceUnavailable", "injected fault UnavailableRetryAfter"),
+                &[("iothub-errorcode", "ServiceUnavailable".into()), ("retry-after", secs.to_string())],
             )
         }
         Some(FaultHit::Unavailable) => {

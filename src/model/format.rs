@@ -64,11 +64,11 @@ impl MessageDecoder {
                     Ok(v) => v,
                     Err(reason) => return out(Err(reason)),
                 };
+                let mut errors = super::limits::ElementErrors::default();
                 for (i, sub) in elems.into_iter().enumerate() {
-                    self.auto_one(sub, proj, transport, &mut |r: Result<Event, String>| {
-                        out(r.map_err(|e| format!("array element {i}: {e}")))
-                    });
+                    self.auto_one(sub, proj, transport, &mut |r: Result<Event, String>| errors.pass(i, r, &mut out));
                 }
+                errors.finish(&mut out);
             }
         }
     }

@@ -92,17 +92,23 @@ pub fn decode_generic_with(
     }
     match array_elements(&raw, text) {
         Ok(elems) => {
+            let mut errors = super::limits::ElementErrors::default();
             for (i, sub) in elems.into_iter().enumerate() {
-                out(one(sub, opts, transport).map_err(|e| format!("array element {i}: {e}")));
+                errors.pass(i, one(sub, opts, transport), &mut out);
             }
+            errors.finish(&mut out);
         }
         Err(reason) => out(Err(reason)),
     }
 }
 
-/// The elements of a JSON array record (`text`: `raw` as text), each a slice of `raw`.
+/// The elements of a JSON array record (`text`: `raw` as text), each a slice of `raw`; `Err`
+/// when the record is no JSON array, is past serde_json's value limits as a whole, or has more
+/// elements than one record may ([`super::limits`]).
 pub(super) fn array_elements(raw: &Bytes, text: &str) -> Result<Vec<Bytes>, String> {
     let elems: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| format!("malformed JSON array: {e}"))?;
+    super::limits::check_array_len(elems.len())?;
+    super::limits::check_value_limits(text)?;
     Ok(elems
         .iter()
         .map(|elem| {
@@ -129,6 +135,7 @@ fn one(raw: Bytes, opts: &GenericOptions, transport: &Transport<'_>) -> Result<E
             Ok(_) => format!("not a JSON object: {snippet} (format: json takes objects, or arrays of them)"),
         });
     }
+    super::limits::check_value_limits(text)?;
     let mut arena = String::new();
     let mut nested = Vec::new();
     let root = parse_object(text, text, &mut arena, &mut nested, 0).map_err(|e| {

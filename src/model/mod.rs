@@ -12,6 +12,7 @@
 pub mod decode;
 pub mod format;
 pub mod generic;
+pub mod limits;
 mod scan;
 
 pub use crate::event::MessageSource;

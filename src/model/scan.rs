@@ -175,6 +175,7 @@ impl<'a> Scanner<'a> {
     /// a separator, which the caller checks).
     #[inline]
     fn number(&mut self) -> R<()> {
+        let start = self.i;
         if self.peek() == b'-' {
             self.i += 1;
         }
@@ -193,8 +194,24 @@ impl<'a> Scanner<'a> {
                 self.i += 1;
             }
             self.digits()?;
+            // an exponent can take it out of f64's range (serde_json: "number out of range")
+            return self.in_range(start);
+        }
+        if self.i - start >= 300 {
+            return self.in_range(start);
         }
         Ok(())
+    }
+
+    /// The number from `start` to here is a finite `f64` (else give up).
+    #[cold]
+    fn in_range(&self, start: usize) -> R<()> {
+        let text = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| Bail)?;
+        if super::limits::number_in_range(text) {
+            Ok(())
+        } else {
+            Err(Bail)
+        }
     }
 
     fn literal(&mut self, lit: &[u8]) -> R<()> {

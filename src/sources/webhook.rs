@@ -88,6 +88,11 @@ pub struct WebhookConfig {
     /// How long a partial batch may wait for more requests.
     #[serde(default = "d_linger")]
     pub linger: Dur,
+    /// How long a request's body may take to arrive once its headers are in (default 30 s): a
+    /// sender that trickles or stalls is answered 408. A request takes its place in the queue
+    /// only once its body is in, so slow senders never hold the queue.
+    #[serde(default = "d_body_timeout")]
+    pub body_timeout: Dur,
 }
 
 /// Certificate and key files.
@@ -129,6 +134,9 @@ fn d_batch() -> usize {
 fn d_linger() -> Dur {
     Dur::new("20ms")
 }
+fn d_body_timeout() -> Dur {
+    Dur::new("30s")
+}
 
 impl Spec for WebhookConfig {
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
@@ -157,6 +165,7 @@ impl Spec for WebhookConfig {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
+        cx.duration(&format!("{ptr}/body_timeout"), &self.body_timeout);
         crate::sources::message::check(
             ptr,
             cx,
@@ -244,6 +253,7 @@ struct App {
     tx: mpsc::UnboundedSender<Incoming>,
     stopping: AtomicBool,
     retry_after: u64,
+    body_timeout: Duration,
     seq: AtomicU64,
     metrics: ComponentMetrics,
     unauthorized: AtomicU64,
@@ -314,6 +324,7 @@ impl WebhookSource {
             tx,
             stopping: AtomicBool::new(false),
             retry_after: self.cfg.retry_after,
+            body_timeout: self.cfg.body_timeout.get()?,
             seq: AtomicU64::new(0),
             metrics: self.metrics.clone(),
             unauthorized: AtomicU64::new(0),
@@ -445,6 +456,17 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     if app.stopping.load(Ordering::Relaxed) {
         return busy(&app, "stopping; send again later");
     }
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // the body first, within `body_timeout`: a slow sender holds no place in the queue
+    let read = tokio::time::timeout(app.body_timeout, read_limited(req.into_body(), MAX_RECORD_BYTES)).await;
+    let Ok(read) = read else {
+        app.metrics.errors.inc();
+        let reason = format!("the request body did not arrive within {:?} (body_timeout)", app.body_timeout);
+        tracing::warn!(component = %app.name, peer = %peer, "request refused: {reason}");
+        let mut r = plain(StatusCode::REQUEST_TIMEOUT, &reason);
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    };
     let Ok(permit) = app.slots.clone().try_acquire_owned() else {
         return busy(&app, "too many requests waiting; send again later");
     };
@@ -454,8 +476,7 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
         let ev = Event::dead_letter(payload, reason, &origin, &app.name);
         let _ = app.tx.send(Incoming::Dead { dead: vec![ev], _permit: permit });
     };
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let body = match read_limited(req.into_body(), MAX_RECORD_BYTES).await {
+    let body = match read {
         Ok(b) => b,
         Err(Ok(prefix)) => {
             let reason = format!(

@@ -37,23 +37,33 @@ pub fn setup(n: u64, poison_every: Option<usize>) -> Setup {
     Setup { dir, queue, input }
 }
 
-pub fn start(s: &Setup) -> Child {
+/// `centralflow run pipelines/w1-amqp.yaml` on the setup's queue and folders.
+pub fn command(s: &Setup) -> std::process::Command {
     let out = s.dir.path().join("out");
     let state = s.dir.path().join("state");
-    cmd(&["run", "pipelines/w1-amqp.yaml"])
-        .env("CENTRALFLOW_QUEUE", &s.queue)
+    let mut c = cmd(&["run", "pipelines/w1-amqp.yaml"]);
+    c.env("CENTRALFLOW_QUEUE", &s.queue)
         .env("CENTRALFLOW_OUTPUT", &out)
         .env("CENTRALFLOW_STATE", &state)
-        .env("CENTRALFLOW_AMQP_URL", amqp_url())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .env("CENTRALFLOW_AMQP_URL", amqp_url());
+    c
 }
 
-/// Waits until the queue has nothing ready or unacknowledged, then a little longer (so that a
-/// checkpoint acknowledges the last deliveries), then stops the pipeline with SIGTERM.
+pub fn start(s: &Setup) -> Child {
+    command(s).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits until the queue has nothing ready or unacknowledged, then stops the pipeline with
+/// SIGTERM.
 pub fn drain_and_stop(s: &Setup, child: Child) -> String {
+    drain(s);
+    signal(&child, libc::SIGTERM);
+    ok(&wait_output(child, T))
+}
+
+/// Waits until the queue has nothing ready or unacknowledged (every message processed and
+/// acknowledged after its checkpoint).
+pub fn drain(s: &Setup) {
     let start = Instant::now();
     loop {
         let (ready, unacked) = amqp_depth(&s.queue);
@@ -66,8 +76,6 @@ pub fn drain_and_stop(s: &Setup, child: Child) -> String {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    signal(&child, libc::SIGTERM);
-    ok(&wait_output(child, T))
 }
 
 /// The raw archive: (deviceId, enqueuedTime, telemetry) of every row, with duplicates counted.

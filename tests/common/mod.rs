@@ -6,6 +6,7 @@ pub mod amqp_pipeline;
 pub mod blob_export;
 pub mod eventhubs_pipeline;
 pub mod servicebus_pipeline;
+pub mod tls;
 pub mod transformed;
 
 // The emulators live in the `emulators` crate (also run as programs by the examples); the tests
@@ -460,4 +461,129 @@ pub fn shipped_pipelines() -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+// ------------------------------------------------------------------ a running process's log
+
+/// A running `centralflow` whose stderr is collected as it comes, so that a test can wait for a
+/// log line (observable state) instead of sleeping, and read the operations endpoint's address
+/// from the log (the endpoint binds `127.0.0.1:0`: no port is picked, released and bound later).
+pub struct Logged {
+    pub child: Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Logged {
+    /// Spawns `cmd` with stderr collected (stdout discarded).
+    pub fn spawn(mut cmd: Command) -> Logged {
+        use std::io::BufRead;
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn centralflow");
+        let stderr = child.stderr.take().unwrap();
+        let log: std::sync::Arc<std::sync::Mutex<String>> = Default::default();
+        let sink = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Logged { child, log, reader: Some(reader) }
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle` (failing if the process exits first); returns the
+    /// line it is on.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.text().lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && start.elapsed() < timeout,
+                "no log line with {needle:?} within {timeout:?} (exit: {exited:?}):\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The operations endpoint's address (`127.0.0.1:PORT`), from its log line.
+    pub fn api(&mut self) -> String {
+        let line = self.wait_for("metrics and health on http://", Duration::from_secs(60));
+        let rest = line.split("http://").nth(1).unwrap();
+        rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap().to_string()
+    }
+
+    /// Waits for the process to exit (killing it past `timeout`); returns its status and log.
+    pub fn finish(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!("centralflow did not finish within {timeout:?}:\n{}", self.text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        (status, self.text())
+    }
+
+    /// SIGTERM, then [`Logged::finish`]; asserts success and returns the log.
+    pub fn stop(self, timeout: Duration) -> String {
+        signal(&self.child, libc::SIGTERM);
+        let (status, log) = self.finish(timeout);
+        assert!(status.success(), "centralflow failed ({status:?}):\n{log}");
+        log
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // a failed test must not leave the process running
+        let _ = self.child.kill();
+    }
+}
+
+/// `GET http://{addr}{path}` over a plain socket: (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// The value of the first sample of `/metrics` named `name` whose labels contain `label`.
+pub fn metric_value(addr: &str, name: &str, label: &str) -> Option<f64> {
+    let (_, text) = http_get(addr, "/metrics")?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until `f` holds, polling every 50 ms; fails with `what` past `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

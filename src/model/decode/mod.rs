@@ -16,10 +16,9 @@ use std::cell::RefCell;
 
 use bytes::Bytes;
 use serde::de::DeserializeSeed;
-use serde_json::value::RawValue;
 
 use super::{MessageSource, MAX_RECORD_BYTES};
-use crate::event::{build, Event, Field, Kind, Nanos, Val, NO_TIME};
+use crate::event::{Event, Field, Kind, Nanos, Val, NO_TIME};
 
 pub use crate::projection::{record_slot, Projection, SLOTS, SLOT_ABSENT, SLOT_UNKNOWN};
 use std::sync::Arc;
@@ -90,19 +89,15 @@ pub fn decode_record_each(raw: Bytes, proj: Option<&Arc<Projection>>, mut out: i
     };
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        let elems: Vec<&RawValue> = match serde_json::from_str(text) {
+        let elems = match super::generic::array_elements(&raw, text) {
             Ok(v) => v,
-            Err(e) => {
-                out(Err(format!("malformed JSON array: {e}")));
-                return;
-            }
+            Err(reason) => return out(Err(reason)),
         };
-        for (i, elem) in elems.iter().enumerate() {
-            let part = build::raw_span(text, elem.get());
-            let start = part_offset(text, elem.get());
-            let sub = raw.slice(start..start + part.len());
-            out(decode_valid(sub, proj).map_err(|e| format!("array element {i}: {e}")));
+        let mut errors = super::limits::ElementErrors::default();
+        for (i, sub) in elems.into_iter().enumerate() {
+            errors.pass(i, decode_valid(sub, proj), &mut out);
         }
+        errors.finish(&mut out);
     } else {
         out(decode_valid(raw, proj));
     }
@@ -170,6 +165,9 @@ fn decode_valid(raw: Bytes, proj_arc: Option<&Arc<Projection>>) -> Result<Event,
             nested.clear();
             env = Envelope::new();
             slots = [SLOT_ABSENT; SLOTS];
+            // what serde_json's skipping accepts and its values refuse (deep nesting, numbers
+            // out of range, lone surrogates): refused here, as `from_str::<Value>` would
+            crate::model::limits::check_value_limits(text)?;
             let mut de = serde_json::Deserializer::from_str(text);
             let seed = RootSeed { base: text, root, nested, arena: &mut arena, env: &mut env, proj, slots: &mut slots };
             seed.deserialize(&mut de).map_err(|e| json_error(text, e))?;

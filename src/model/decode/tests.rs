@@ -162,3 +162,67 @@ fn unknown_message_sources_are_kept() {
     assert_eq!(ev.kind, Kind::Export(MessageSource::Other));
     assert_eq!(ev.get_str("messageSource"), Some("somethingNew"));
 }
+
+/// Regression (issue 20): what serde_json's skipping accepts but its values refuse was accepted
+/// (a telemetry value nested 120,000 levels deep was decoded and written to Parquet); numbers
+/// out of range and lone surrogate escapes likewise. Refused on both paths now, exactly where
+/// `serde_json::from_str::<Value>` refuses, and accepted just inside.
+#[test]
+fn past_serde_json_value_limits_is_refused_on_both_paths() {
+    let msg = |tele: &str| {
+        format!(
+            r#"{{"messageSource":"telemetry","deviceId":"d","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{tele}}}"#
+        )
+    };
+    // the message and its telemetry object are two levels: 125 more make serde_json's 127
+    let deep = |n: usize| format!("{{\"v\":{}0{}}}", "[".repeat(n), "]".repeat(n));
+    let cases = [
+        (deep(120_000), "nested more than 127"),
+        (deep(126), "nested more than 127"),
+        (deep(125), ""),
+        (deep(70), ""),
+        (r#"{"t":1e400}"#.to_string(), "number out of range"),
+        (r#"{"t":-1e400}"#.to_string(), "number out of range"),
+        (format!(r#"{{"t":{}}}"#, "9".repeat(400)), "number out of range"),
+        (r#"{"t":1e300}"#.to_string(), ""),
+        (r#"{"t":1e-400}"#.to_string(), ""),
+        (r#"{"t":"\ud800"}"#.to_string(), "lone leading surrogate"),
+        (r#"{"t":"\udc00x"}"#.to_string(), "lone trailing surrogate"),
+        (r#"{"t":"\ud83d\ude00"}"#.to_string(), ""),
+        (r#"{"t":1,"x":{"y":[1e999]}}"#.to_string(), "number out of range"),
+    ];
+    for (tele, refused) in cases {
+        let m = msg(&tele);
+        let serde_ok = serde_json::from_str::<serde_json::Value>(&m).is_ok();
+        assert_eq!(serde_ok, refused.is_empty(), "serde_json on {:.60}", tele);
+        for fast in [true, false] {
+            set_fast_path(fast);
+            let r = decode_record(Bytes::from(m.clone()));
+            set_fast_path(true);
+            assert_eq!(r.len(), 1);
+            match &r[0] {
+                Ok(_) => assert!(refused.is_empty(), "fast path {fast}: accepted {:.60}", tele),
+                Err(e) => assert!(!refused.is_empty() && e.contains(refused), "fast path {fast}: {e} for {:.60}", tele),
+            }
+        }
+    }
+}
+
+/// An array record of more than 10,000 messages is refused whole, once; the bad elements of a
+/// smaller one are dead letters of their own only for the first 10, then counted in one more.
+#[test]
+fn array_records_are_bounded() {
+    let huge = format!("[{}0]", "0,".repeat(99_999));
+    let r = decode_record(Bytes::from(huge));
+    assert_eq!(r.len(), 1);
+    assert!(r[0].as_ref().unwrap_err().contains("array of 100000 elements exceeds the limit of 10000"), "{r:?}");
+    let good =
+        r#"{"messageSource":"telemetry","deviceId":"d","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"t":1}}"#;
+    let mixed = format!("[{good},{}{good}]", "0,".repeat(5_000));
+    let r = decode_record(Bytes::from(mixed));
+    assert_eq!(r.iter().filter(|r| r.is_ok()).count(), 2);
+    let errors: Vec<&String> = r.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(errors.len(), 11, "{errors:?}");
+    assert!(errors[0].starts_with("array element 1: "), "{}", errors[0]);
+    assert_eq!(errors[10], "4990 more array elements refused (the first 10 of a record are dead letters of their own)");
+}

@@ -536,6 +536,12 @@ impl AmqpSource {
     ) -> anyhow::Result<std::ops::ControlFlow<EndReason, Option<Link>>> {
         let e = match self.connect().await {
             Ok(l) => {
+                // a connection after the first is a reconnection, whichever way the last one was
+                // lost (the consumer stream ended or failed, an acknowledgement or a delivery's
+                // handling failed)
+                if self.generation > 0 {
+                    cx.metrics.reconnects.inc();
+                }
                 self.new_channel();
                 tracing::info!(queue = %self.cfg.queue, "connected to the broker");
                 cx.metrics.connected.set(1);
@@ -649,7 +655,6 @@ impl AmqpSource {
         dead: &mut Vec<Event>,
     ) -> anyhow::Result<()> {
         cx.metrics.connected.set(0);
-        cx.metrics.reconnects.inc();
         metrics::set_ready(&self.name, false, "reconnecting");
         flush(cx, events, dead).await
     }
