@@ -162,12 +162,9 @@ fn as_long(v: &ValRef<'_>) -> Option<i64> {
         ValRef::Int(i) => Some(*i),
         // a literal the decoder kept as text: only an integer literal that fits
         ValRef::Num(t) => t.parse::<i64>().ok(),
-        // `2.0` is an integer written as a float; `1.5` and 1e300 are not longs
-        ValRef::Float(f)
-            if f.fract() == 0.0 && *f >= -9.223_372_036_854_775_808e18 && *f < 9.223_372_036_854_775_808e18 =>
-        {
-            Some(*f as i64)
-        }
+        // `2.0` is an integer written as a float; `1.5` and 1e300 are not longs (`i64::MAX as
+        // f64` is 2^63, just out of range)
+        ValRef::Float(f) if f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64 => Some(*f as i64),
         _ => None,
     }
 }
@@ -214,7 +211,7 @@ mod tests {
         assert_eq!(as_long(&ValRef::Float(2.0)), Some(2));
         assert_eq!(as_long(&ValRef::Float(1.5)), None);
         assert_eq!(as_long(&ValRef::Float(1e300)), None);
-        assert_eq!(as_long(&ValRef::Float(9.223_372_036_854_775_808e18)), None);
+        assert_eq!(as_long(&ValRef::Float(i64::MAX as f64)), None);
         assert_eq!(as_long(&ValRef::Num("99999999999999999999")), None);
         assert_eq!(as_long(&ValRef::Num("42")), Some(42));
         assert_eq!(as_long(&ValRef::Str(Cow::Borrowed("42"))), None);
