@@ -593,3 +593,31 @@ fn unions_without_a_tag_fall_back_to_the_closest_branch() {
     assert_eq!(out[0].path, "/x");
     assert!(out[0].message.contains("shorter than 3"), "{}", out[0].message);
 }
+
+#[test]
+fn parquet_typed_columns_are_checked_where_they_are_written() {
+    let with = |columns: &str| {
+        errors(&format!(
+            "sources:\n  sim:\n    type: simulator\n    count: 1\nsinks:\n  lake:\n    type: parquet\n    inputs: [sim]\n    url: ./out\n    metadata_columns: true\n    columns:\n{columns}"
+        ))
+    };
+    assert_errors(
+        &with("      temperature: double\n      telemetry.temperature: {type: long, name: temperature}\n"),
+        // the map is kept in path order: `telemetry.temperature` comes first
+        &["sinks.lake.columns.temperature: column `temperature` is also the column of `telemetry.temperature`; \
+           give one another `name` (line 12, column 20)"],
+    );
+    assert_errors(
+        &with("      deviceId: string\n      x: {type: double, name: _offset}\n"),
+        &[
+            "sinks.lake.columns.deviceId: column `deviceId` is already a column of the layout; give it another \
+             `name` (line 12, column 17)",
+            "sinks.lake.columns.x: column `_offset` is already a column of the layout; give it another `name` \
+             (line 13, column 10)",
+        ],
+    );
+    let e = with("      temperature: float\n");
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(e[0].starts_with("sinks.lake.columns.temperature") && e[0].contains("(line 12, column"), "{e:#?}");
+    assert!(e[0].contains(r#"must be one of "double", "long""#), "{e:#?}");
+}

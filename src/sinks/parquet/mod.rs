@@ -46,8 +46,11 @@ use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
 
 mod partition;
+mod typed;
 pub use partition::PartitionTemplate;
 use partition::Partitioner;
+use typed::TypedColumns;
+pub use typed::{ColumnSpec, ColumnType};
 
 /// Writes Parquet files.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -86,6 +89,12 @@ pub struct ParquetConfig {
     /// opens it), `ms`, or `ns` (which Spark, hence Fabric, Synapse and Databricks, refuses).
     #[serde(default)]
     pub timestamp_unit: TimestampUnit,
+    /// Typed columns beside the layout's own: a map from a field path (as elsewhere:
+    /// `temperature` is `telemetry.temperature` in an export message) to `double`, `long`,
+    /// `string`, `boolean` or `timestamp`, or to `{type: ..., name: ...}` to name the column other
+    /// than the path. A value of another type is null in its column (the JSON text keeps it).
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnSpec>,
     /// File name prefix.
     #[serde(default = "d_prefix")]
     pub file_prefix: String,
@@ -160,6 +169,7 @@ impl Spec for ParquetConfig {
     fn accepts_columns(&self) -> bool {
         self.partition_by.is_none()
             && !self.metadata_columns
+            && self.columns.is_empty()
             && (self.layout == ParquetLayout::Rows || (self.layout == ParquetLayout::Auto && self.inputs.len() == 1))
     }
     fn check(&self, ptr: &str, cx: &mut Checker<'_>) {
@@ -186,9 +196,39 @@ impl Spec for ParquetConfig {
             cx.error(&format!("{ptr}/file_prefix"), "must be a non-empty name without `/`");
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
+        self.check_columns(ptr, cx);
     }
     fn inputs(&self) -> &[String] {
         &self.inputs
+    }
+}
+
+impl ParquetConfig {
+    /// Typed columns: valid paths, distinct names, none taken by the layout's own columns.
+    fn check_columns(&self, ptr: &str, cx: &mut Checker<'_>) {
+        // the columns of the layout that a typed column must not take
+        let mut taken: Vec<String> = Vec::new();
+        if self.layout != ParquetLayout::Rows {
+            taken.extend(export_schema(false).fields().iter().map(|f| f.name().clone()));
+        }
+        if self.metadata_columns {
+            taken.extend(["_partition", "_offset", "_origin", "_enqueued_time"].map(String::from));
+        }
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for (path, spec) in &self.columns {
+            let at = format!("{ptr}/columns/{}", path.replace('~', "~0").replace('/', "~1"));
+            if let Err(e) = crate::path::FieldPath::parse(path) {
+                cx.error_at_key(&at, format!("not a field path: {e}"));
+            }
+            let name = spec.name(path);
+            if name.is_empty() {
+                cx.error(&at, "the column name must not be empty");
+            } else if taken.iter().any(|t| t == name) {
+                cx.error(&at, format!("column `{name}` is already a column of the layout; give it another `name`"));
+            } else if let Some(other) = seen.insert(name, path) {
+                cx.error(&at, format!("column `{name}` is also the column of `{other}`; give one another `name`"));
+            }
+        }
     }
 }
 
@@ -231,6 +271,7 @@ pub struct ParquetSink {
     roll_bytes: Option<u64>,
     roll_interval: Option<std::time::Duration>,
     layout: Option<ParquetLayout>,
+    typed: TypedColumns,
     metrics: ComponentMetrics,
 }
 
@@ -256,7 +297,9 @@ impl ParquetSink {
             ParquetLayout::Auto => None,
             l => Some(l),
         };
+        let typed = TypedColumns::new(&cfg.columns)?;
         Ok(ParquetSink {
+            typed,
             loc,
             props,
             partitioner: Partitioner { template, time_path, cache: None },
@@ -318,10 +361,13 @@ impl ParquetSink {
             }
         });
         let meta = self.cfg.metadata_columns;
-        let schema = match layout {
+        let mut schema = match layout {
             ParquetLayout::Export => export_schema(meta),
             _ => infer_rows_schema(events, meta),
         };
+        if !self.typed.is_empty() {
+            schema = self.with_typed(&schema);
+        }
         // a rows batch that does not fit the open file's schema starts a new file
         self.fit_schema(&key, &schema).await?;
         let mut rest = events;
@@ -330,12 +376,28 @@ impl ParquetSink {
             let (now, later) = rest.split_at(self.room(&key, rest.len()));
             rest = later;
             let file_schema = self.open[&key].schema.clone();
+            // the typed columns are the file's last ones
+            let base = if self.typed.is_empty() {
+                file_schema.clone()
+            } else {
+                let n = file_schema.fields().len() - self.typed.len();
+                Arc::new(arrow::datatypes::Schema::new(file_schema.fields()[..n].to_vec()))
+            };
+            let typed = &self.typed;
             // encode in parallel chunks, write in order
             let chunks: Vec<anyhow::Result<RecordBatch>> = now
                 .par_chunks(8192)
-                .map(|part| match layout {
-                    ParquetLayout::Export => encode_export(part, meta),
-                    _ => encode_rows(part, &file_schema, meta),
+                .map(|part| {
+                    let rb = match layout {
+                        ParquetLayout::Export => encode_export(part, meta)?,
+                        _ => encode_rows(part, &base, meta)?,
+                    };
+                    if typed.is_empty() {
+                        return Ok(rb);
+                    }
+                    let mut cols = rb.columns().to_vec();
+                    cols.extend(typed.encode(part));
+                    Ok(RecordBatch::try_new(file_schema.clone(), cols)?)
                 })
                 .collect();
             for rb in chunks {
@@ -344,6 +406,16 @@ impl ParquetSink {
             self.wrote(&key, now.len()).await?;
         }
         Ok(())
+    }
+
+    /// `schema` with the typed columns appended; a derived column of the rows layout by the name
+    /// of a typed column gives way to it.
+    fn with_typed(&self, schema: &SchemaRef) -> SchemaRef {
+        let names: Vec<&str> = self.typed.names().collect();
+        let mut fields: Vec<arrow::datatypes::FieldRef> =
+            schema.fields().iter().filter(|f| !names.contains(&f.name().as_str())).cloned().collect();
+        fields.extend(self.typed.fields().into_iter().map(Arc::new));
+        Arc::new(arrow::datatypes::Schema::new(fields))
     }
 
     /// Writes rows that came as columns (see [`ParquetConfig::accepts_columns`]), as

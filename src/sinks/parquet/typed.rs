@@ -1,0 +1,236 @@
+//! Typed columns (`columns:`): fields a user names, each written as a typed, nullable column
+//! beside the layout's own columns. A value of another type is null in its column; the JSON
+//! text columns keep it, so nothing is lost.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow::datatypes::{DataType, Field};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Event, ValRef};
+use crate::path::FieldPath;
+use crate::rows::{ts_type, ts_value};
+
+/// The type of a typed column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    /// 64-bit float; integers are accepted.
+    Double,
+    /// 64-bit integer; a fraction or a number out of range is null.
+    Long,
+    /// Text; only JSON strings.
+    String,
+    /// Only JSON `true`/`false`.
+    Boolean,
+    /// An RFC 3339 string or epoch milliseconds, written in the sink's `timestamp_unit`, UTC.
+    Timestamp,
+}
+
+impl ColumnType {
+    fn arrow(self) -> DataType {
+        match self {
+            ColumnType::Double => DataType::Float64,
+            ColumnType::Long => DataType::Int64,
+            ColumnType::String => DataType::Utf8,
+            ColumnType::Boolean => DataType::Boolean,
+            ColumnType::Timestamp => ts_type(),
+        }
+    }
+}
+
+/// A typed column: its type, or `{type: ..., name: ...}` to name the column other than the path.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ColumnSpec {
+    Type(ColumnType),
+    Long {
+        #[serde(rename = "type")]
+        ty: ColumnType,
+        /// The column's name (default: the path as written).
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+impl ColumnSpec {
+    pub fn ty(&self) -> ColumnType {
+        match self {
+            ColumnSpec::Type(t) | ColumnSpec::Long { ty: t, .. } => *t,
+        }
+    }
+    /// The column name for this spec under `path`.
+    pub fn name<'a>(&'a self, path: &'a str) -> &'a str {
+        match self {
+            ColumnSpec::Long { name: Some(n), .. } => n,
+            _ => path,
+        }
+    }
+}
+
+/// The typed columns of a sink, in the order of their names (the map's order).
+pub struct TypedColumns {
+    cols: Vec<(String, FieldPath, ColumnType)>,
+}
+
+impl TypedColumns {
+    pub fn new(spec: &BTreeMap<String, ColumnSpec>) -> anyhow::Result<TypedColumns> {
+        let mut cols = Vec::with_capacity(spec.len());
+        for (path, s) in spec {
+            let p = FieldPath::parse(path).map_err(|e| anyhow::anyhow!("columns.{path}: {e}"))?;
+            cols.push((s.name(path).to_string(), p, s.ty()));
+        }
+        Ok(TypedColumns { cols })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cols.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.cols.len()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.cols.iter().map(|(n, _, _)| n.as_str())
+    }
+
+    pub fn fields(&self) -> Vec<Field> {
+        self.cols.iter().map(|(n, _, t)| Field::new(n, t.arrow(), true)).collect()
+    }
+
+    /// One array per typed column for these events.
+    pub fn encode(&self, events: &[&Event]) -> Vec<ArrayRef> {
+        self.cols.iter().map(|(_, p, t)| column(events, p, *t)).collect()
+    }
+}
+
+fn column(events: &[&Event], p: &FieldPath, t: ColumnType) -> ArrayRef {
+    let n = events.len();
+    match t {
+        ColumnType::Double => {
+            let mut b = Float64Builder::with_capacity(n);
+            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_double(&v))));
+            Arc::new(b.finish())
+        }
+        ColumnType::Long => {
+            let mut b = Int64Builder::with_capacity(n);
+            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_long(&v))));
+            Arc::new(b.finish())
+        }
+        ColumnType::String => {
+            let mut b = StringBuilder::with_capacity(n, n * 16);
+            for ev in events {
+                match p.get(ev) {
+                    Some(ValRef::Str(s)) => b.append_value(s),
+                    _ => b.append_null(),
+                }
+            }
+            Arc::new(b.finish())
+        }
+        ColumnType::Boolean => {
+            let mut b = BooleanBuilder::with_capacity(n);
+            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_bool(&v))));
+            Arc::new(b.finish())
+        }
+        ColumnType::Timestamp => {
+            let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_micros(&v))));
+            Arc::new(b.finish())
+        }
+    }
+}
+
+/// A number as a double: floats and integers (an unparsed number literal too).
+fn as_double(v: &ValRef<'_>) -> Option<f64> {
+    match v {
+        ValRef::Float(f) => Some(*f),
+        ValRef::Int(i) => Some(*i as f64),
+        ValRef::Num(t) => t.parse::<f64>().ok().filter(|f| f.is_finite()),
+        _ => None,
+    }
+}
+
+/// An integer that fits in 64 bits; a fraction (`1.5`) or a number out of range is null.
+fn as_long(v: &ValRef<'_>) -> Option<i64> {
+    match v {
+        ValRef::Int(i) => Some(*i),
+        // a literal the decoder kept as text: only an integer literal that fits
+        ValRef::Num(t) => t.parse::<i64>().ok(),
+        // `2.0` is an integer written as a float; `1.5` and 1e300 are not longs (`i64::MAX as
+        // f64` is 2^63, just out of range)
+        ValRef::Float(f) if f.fract() == 0.0 && *f >= i64::MIN as f64 && *f < i64::MAX as f64 => Some(*f as i64),
+        _ => None,
+    }
+}
+
+fn as_bool(v: &ValRef<'_>) -> Option<bool> {
+    match v {
+        ValRef::Bool(b) => Some(*b),
+        _ => None,
+    }
+}
+
+/// An RFC 3339 string or epoch milliseconds (an integer), in microseconds.
+fn as_micros(v: &ValRef<'_>) -> Option<i64> {
+    match v {
+        ValRef::Time(t) => Some(ts_value(*t)),
+        ValRef::Str(s) => crate::time::parse_rfc3339(s).map(ts_value),
+        ValRef::Int(ms) => ms.checked_mul(1_000),
+        ValRef::Num(t) => t.parse::<i64>().ok()?.checked_mul(1_000),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    #[test]
+    fn double_takes_floats_and_integers_only() {
+        assert_eq!(as_double(&ValRef::Float(21.5)), Some(21.5));
+        assert_eq!(as_double(&ValRef::Int(21)), Some(21.0));
+        assert_eq!(as_double(&ValRef::Num("1e3")), Some(1000.0));
+        assert_eq!(as_double(&ValRef::Str(Cow::Borrowed("21.5"))), None);
+        assert_eq!(as_double(&ValRef::Str(Cow::Borrowed("abc"))), None);
+        assert_eq!(as_double(&ValRef::Bool(true)), None);
+        assert_eq!(as_double(&ValRef::Null), None);
+        assert_eq!(as_double(&ValRef::Json("{\"a\":1}")), None);
+    }
+
+    #[test]
+    fn long_refuses_fractions_and_out_of_range() {
+        assert_eq!(as_long(&ValRef::Int(120)), Some(120));
+        assert_eq!(as_long(&ValRef::Int(i64::MIN)), Some(i64::MIN));
+        assert_eq!(as_long(&ValRef::Float(2.0)), Some(2));
+        assert_eq!(as_long(&ValRef::Float(1.5)), None);
+        assert_eq!(as_long(&ValRef::Float(1e300)), None);
+        assert_eq!(as_long(&ValRef::Float(i64::MAX as f64)), None);
+        assert_eq!(as_long(&ValRef::Num("99999999999999999999")), None);
+        assert_eq!(as_long(&ValRef::Num("42")), Some(42));
+        assert_eq!(as_long(&ValRef::Str(Cow::Borrowed("42"))), None);
+        assert_eq!(as_long(&ValRef::Bool(false)), None);
+    }
+
+    #[test]
+    fn boolean_only_from_booleans() {
+        assert_eq!(as_bool(&ValRef::Bool(true)), Some(true));
+        assert_eq!(as_bool(&ValRef::Int(1)), None);
+        assert_eq!(as_bool(&ValRef::Str(Cow::Borrowed("true"))), None);
+    }
+
+    #[test]
+    fn timestamp_from_rfc3339_or_epoch_millis() {
+        assert_eq!(as_micros(&ValRef::Str(Cow::Borrowed("2026-01-02T03:04:05.678Z"))), Some(1_767_323_045_678_000));
+        assert_eq!(as_micros(&ValRef::Int(1_767_323_045_678)), Some(1_767_323_045_678_000));
+        assert_eq!(as_micros(&ValRef::Str(Cow::Borrowed("yesterday"))), None);
+        assert_eq!(as_micros(&ValRef::Float(1.5)), None);
+        assert_eq!(as_micros(&ValRef::Int(i64::MAX)), None);
+    }
+}
