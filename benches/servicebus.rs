@@ -28,7 +28,12 @@ fn fill(emu: &Emulator, bodies: &[Vec<u8>]) {
     for (i, b) in bodies.iter().enumerate() {
         emu.send(
             QUEUE,
-            Message { body: b.clone(), message_id: Some(format!("m{i}")), content_type: None, application_properties: vec![] },
+            Message {
+                body: b.clone(),
+                message_id: Some(format!("m{i}")),
+                content_type: None,
+                application_properties: vec![],
+            },
         )
         .unwrap();
     }
@@ -63,9 +68,12 @@ async fn bare(emu: &Emulator, n: u64) -> Duration {
     let audience = format!("sb://127.0.0.1/{QUEUE}");
     let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 3600;
     let token = sas(&audience, &key_name, &key, expiry);
-    cbs.put_token(audience.clone(), fe2o3_amqp_cbs::token::CbsToken::new(token, "servicebus.windows.net:sastoken", None))
-        .await
-        .unwrap();
+    cbs.put_token(
+        audience.clone(),
+        fe2o3_amqp_cbs::token::CbsToken::new(token, "servicebus.windows.net:sastoken", None),
+    )
+    .await
+    .unwrap();
     let mut rx = Receiver::builder()
         .name("bare-receiver")
         .source(QUEUE)
@@ -170,9 +178,7 @@ fn main() {
     let bytes: usize = bodies.iter().map(Vec::len).sum();
     let work = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let emu = rt
-        .block_on(Emulator::start(Config::new().queue(QUEUE).lock_duration(Duration::from_secs(60))))
-        .unwrap();
+    let emu = rt.block_on(Emulator::start(Config::new().queue(QUEUE).lock_duration(Duration::from_secs(60)))).unwrap();
     let (mut b, mut c) = (Vec::new(), Vec::new());
     for run in 0..runs {
         fill(&emu, &bodies);
@@ -195,7 +201,11 @@ fn main() {
     );
     println!("| | drain s | messages/s |");
     println!("|---|---|---|");
-    println!("| bare fe2o3-amqp peek-lock receiver (completes every 1,000) | {:.2} | {:.0} |", b.as_secs_f64(), rate(b));
+    println!(
+        "| bare fe2o3-amqp peek-lock receiver (completes every 1,000) | {:.2} | {:.0} |",
+        b.as_secs_f64(),
+        rate(b)
+    );
     println!("| centralflow servicebus-to-parquet (end to end) | {:.2} | {:.0} |", c.as_secs_f64(), rate(c));
     println!("| centralflow / bare | | {:.2} |", rate(c) / rate(b));
 }

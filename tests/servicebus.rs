@@ -53,7 +53,8 @@ fn lock_renewal_keeps_messages_held_past_three_lock_durations() {
     let lines = bus.simulated(2000, 200, 32);
     bus.publish(&lines);
     let settings = "    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n";
-    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "8s"), ("SERVICEBUS_PREFETCH", "5000")]);
+    let child =
+        bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "8s"), ("SERVICEBUS_PREFETCH", "5000")]);
     let start = Instant::now();
     bus.wait("every message received", LONG, |b| b.stats(sb::QUEUE).locked == 2000);
     bus.wait("the queue drained", LONG, Bus::drained);
@@ -73,7 +74,8 @@ fn with_lock_renewal_off_redelivered_copies_are_not_processed_twice() {
     let lines = bus.simulated(2000, 200, 33);
     bus.publish(&lines);
     let settings = "    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n    renew_locks: false\n";
-    let child = bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s"), ("SERVICEBUS_PREFETCH", "5000")]);
+    let child =
+        bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s"), ("SERVICEBUS_PREFETCH", "5000")]);
     bus.wait("the queue drained", LONG, Bus::drained);
     let log = bus.stop(child, "a");
     let s = bus.stats(sb::QUEUE);
@@ -91,7 +93,8 @@ fn malformed_messages_land_in_the_dead_letter_queue_with_reasons_read_back_by_th
     let mut bad = Vec::new();
     for (i, l) in good.iter().enumerate() {
         if i % 100 == 50 {
-            let b = if i % 200 == 50 { format!("{{\"not\": \"an export\", \"n\": {i}}}") } else { format!("garbage {i}") };
+            let b =
+                if i % 200 == 50 { format!("{{\"not\": \"an export\", \"n\": {i}}}") } else { format!("garbage {i}") };
             bad.push(b.clone());
             all.push(b);
         }
@@ -156,7 +159,9 @@ fn reconnects_after_the_emulator_drops_every_connection() {
         let at = 4000 * drop;
         bus.wait(&format!("{at} messages completed"), LONG, |b| b.stats(sb::QUEUE).completed >= at);
         bus.emu.drop_connections();
-        bus.wait("the source reconnected", LONG, |b| b.emu.connections() > 0 && b.log("a").matches("connected to Service Bus").count() > drop as usize);
+        bus.wait("the source reconnected", LONG, |b| {
+            b.emu.connections() > 0 && b.log("a").matches("connected to Service Bus").count() > drop as usize
+        });
     }
     bus.wait("the queue drained", LONG, Bus::drained);
     let log = bus.stop(child, "a");

@@ -220,7 +220,11 @@ impl Bus {
                     if e.path().extension().is_some_and(|x| x == "log") {
                         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
                         let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                        logs.push_str(&format!("--- {:?}\n{}\n", e.file_name(), tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+                        logs.push_str(&format!(
+                            "--- {:?}\n{}\n",
+                            e.file_name(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        ));
                     }
                 }
                 panic!("timed out waiting for {what}; {:?}\n{logs}", self.stats(self.to.path()));
@@ -283,7 +287,10 @@ impl Bus {
             ],
             Duration::from_secs(600),
         ));
-        assert!(parquet_files(&out.join("late")).is_empty() || read_rows(&out.join("late")).is_empty(), "the replay has late events");
+        assert!(
+            parquet_files(&out.join("late")).is_empty() || read_rows(&out.join("late")).is_empty(),
+            "the replay has late events"
+        );
         merged_window_rows(&out.join("agg"))
     }
 
@@ -349,8 +356,7 @@ pub fn merged_window_rows(dir: &std::path::Path) -> BTreeMap<(String, String), B
         }
     }
     for acc in m.values_mut() {
-        let fields: Vec<String> =
-            acc.keys().filter_map(|c| c.strip_suffix("_sum").map(str::to_string)).collect();
+        let fields: Vec<String> = acc.keys().filter_map(|c| c.strip_suffix("_sum").map(str::to_string)).collect();
         for f in fields {
             if let Some(n) = acc.get(&format!("{f}_count")).copied().filter(|n| *n > 0.0) {
                 let avg = acc[&format!("{f}_sum")] / n;

@@ -139,10 +139,8 @@ impl ConnectionString {
             }
         }
         let endpoint = endpoint.ok_or("connection string: no Endpoint=sb://...")?;
-        let rest = endpoint
-            .split_once("://")
-            .map(|(_, r)| r)
-            .ok_or("connection string: Endpoint is not sb://NAMESPACE/")?;
+        let rest =
+            endpoint.split_once("://").map(|(_, r)| r).ok_or("connection string: Endpoint is not sb://NAMESPACE/")?;
         let authority = rest.split('/').next().unwrap_or("");
         match authority.rsplit_once(':') {
             Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
@@ -189,9 +187,9 @@ impl ServiceBusConfig {
                 Some(t) => Ok(format!("{t}/Subscriptions/{s}")),
                 None => Err(format!("`subscription` {s:?} needs its `topic`")),
             },
-            (None, None, None) => {
-                cs_entity.ok_or_else(|| "`queue` (or `topic` and `subscription`) is required: the connection string has no EntityPath".into())
-            }
+            (None, None, None) => cs_entity.ok_or_else(|| {
+                "`queue` (or `topic` and `subscription`) is required: the connection string has no EntityPath".into()
+            }),
         }
     }
 
@@ -204,7 +202,8 @@ impl ServiceBusConfig {
             (None, None) => return Err("`namespace` is required with a credential".into()),
         };
         if let Some(e) = set(&self.endpoint) {
-            let (scheme, rest) = e.split_once("://").ok_or("`endpoint` must be amqp://HOST:PORT or amqps://HOST:PORT")?;
+            let (scheme, rest) =
+                e.split_once("://").ok_or("`endpoint` must be amqp://HOST:PORT or amqps://HOST:PORT")?;
             let tls = match scheme {
                 "amqps" => true,
                 "amqp" => false,
@@ -218,7 +217,9 @@ impl ServiceBusConfig {
             return Ok(Address { host, port, tls, namespace });
         }
         match &cs {
-            Some(c) if c.emulator => Ok(Address { host: c.host.clone(), port: c.port.unwrap_or(5672), tls: false, namespace }),
+            Some(c) if c.emulator => {
+                Ok(Address { host: c.host.clone(), port: c.port.unwrap_or(5672), tls: false, namespace })
+            }
             _ => Ok(Address { host: namespace.clone(), port: 5671, tls: true, namespace }),
         }
     }
@@ -247,7 +248,8 @@ impl Spec for ServiceBusConfig {
             ),
             Ok(_) => {
                 if let Err(e) = self.entity() {
-                    let at = if e.contains("subscription") && set(&self.topic).is_some() { "subscription" } else { "queue" };
+                    let at =
+                        if e.contains("subscription") && set(&self.topic).is_some() { "subscription" } else { "queue" };
                     cx.error(&format!("{ptr}/{at}"), &e);
                 }
                 if let Err(e) = self.address() {
@@ -287,7 +289,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.host, "ns.servicebus.windows.net");
-        assert_eq!((c.port, c.key.as_deref(), c.entity_path.as_deref(), c.emulator), (None, Some("abc="), Some("q"), false));
+        assert_eq!(
+            (c.port, c.key.as_deref(), c.entity_path.as_deref(), c.emulator),
+            (None, Some("abc="), Some("q"), false)
+        );
         let e = ConnectionString::parse(
             "Endpoint=sb://127.0.0.1:5673;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;",
         )

@@ -55,7 +55,11 @@ impl Auth {
         match self {
             Auth::Sas { key_name, key } => {
                 let expiry = crate::time::now_nanos() / 1_000_000_000 + TOKEN_LIFE.as_secs() as i64;
-                Ok((sas_token(audience, key_name, key.expose(), expiry), "servicebus.windows.net:sastoken", expiry * 1000))
+                Ok((
+                    sas_token(audience, key_name, key.expose(), expiry),
+                    "servicebus.windows.net:sastoken",
+                    expiry * 1000,
+                ))
             }
             Auth::Token(c) => {
                 let t = c
@@ -203,7 +207,8 @@ impl Link {
 
 async fn put_token(cbs: &mut CbsClient, auth: &Auth, audience: &str) -> anyhow::Result<i64> {
     let (token, kind, expires) = auth.token(audience).await?;
-    let put = cbs.put_token(audience.to_string(), CbsToken::new(token, kind, Some(Timestamp::from_milliseconds(expires))));
+    let put =
+        cbs.put_token(audience.to_string(), CbsToken::new(token, kind, Some(Timestamp::from_milliseconds(expires))));
     tokio::time::timeout(CALL_TIMEOUT, put)
         .await
         .map_err(|_| anyhow::anyhow!("$cbs put-token: no answer in {CALL_TIMEOUT:?}"))?

@@ -209,7 +209,10 @@ impl ServiceBusSource {
             self.held.push_back(held);
             self.skipped += 1;
             if self.skipped <= 10 || self.skipped % 1000 == 0 {
-                tracing::info!(skipped = self.skipped, "redelivered message already processed: completed at the next checkpoint");
+                tracing::info!(
+                    skipped = self.skipped,
+                    "redelivered message already processed: completed at the next checkpoint"
+                );
             }
             return Ok(len);
         }
@@ -482,10 +485,8 @@ impl Source for ServiceBusSource {
                 }
             }
             let linger = crate::time::sleep_until_or_never(deadline);
-            let quiet_at = self
-                .quiet
-                .filter(|_| !self.asked_checkpoint && self.held.len() >= burst)
-                .map(|q| last_delivery + q);
+            let quiet_at =
+                self.quiet.filter(|_| !self.asked_checkpoint && self.held.len() >= burst).map(|q| last_delivery + q);
             let quiet = crate::time::sleep_until_or_never(quiet_at);
             let link = self.link.as_mut().unwrap();
             tokio::select! {
@@ -566,7 +567,11 @@ impl ServiceBusSource {
         };
         cx.metrics.connected.set(0);
         cx.metrics.errors.inc();
-        crate::metrics::set_ready(&self.name, false, &format!("disconnected: {}", crate::secret::redact(&format!("{e:#}"))));
+        crate::metrics::set_ready(
+            &self.name,
+            false,
+            &format!("disconnected: {}", crate::secret::redact(&format!("{e:#}"))),
+        );
         tracing::warn!(
             "cannot reach Service Bus ({}:{}), retrying in {backoff:?}: {}",
             self.address.host,
