@@ -58,7 +58,11 @@ fn recovers_from_closed_connections_and_a_broker_restart() {
     let counted = reconnects(&api);
     let err = run.stop(Duration::from_secs(600));
     assert!(counted >= 3.0, "three connections lost and re-established, {counted} counted");
-    assert!(err.contains("reconnecting") && err.contains("connected to the broker"), "{err}");
+    // a fault seen while reading says "reconnecting", one seen while acknowledging "re-established"
+    assert!(
+        (err.contains("reconnecting") || err.contains("re-established")) && err.contains("connected to the broker"),
+        "{err}"
+    );
     assert!(err.contains("exports"), "{err}");
     let got = amqp::raw_rows(s.dir.path());
     let want = amqp::expected_raw(&s.input);

@@ -22,6 +22,11 @@ fn pipeline_env() -> Vec<(&'static str, &'static str)> {
             "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=listen;SharedAccessKey=a2V5;EntityPath=hub",
         ),
         ("EVENTHUBS_NAMESPACE", "ns.servicebus.windows.net"),
+        (
+            "SERVICEBUS_CONNECTION_STRING",
+            "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=listen;SharedAccessKey=a2V5",
+        ),
+        ("SERVICEBUS_QUEUE", "iotc-export"),
         ("EVENTHUBS_NAME", "hub"),
     ]
 }
