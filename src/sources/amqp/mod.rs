@@ -660,7 +660,9 @@ impl AmqpSource {
     }
 }
 
-async fn flush(cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> anyhow::Result<()> {
+/// Sends what a broker source collected: events downstream, undecodable messages to the
+/// `dead_letter` output (shared by the `amqp` and `servicebus` sources).
+pub(crate) async fn flush(cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> anyhow::Result<()> {
     if !events.is_empty() {
         cx.send(Batch::new(std::mem::take(events))).await?;
     }

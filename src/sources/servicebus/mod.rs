@@ -38,11 +38,12 @@ use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Batch, Event, Nanos, NO_TIME};
+use crate::event::{Event, Nanos, NO_TIME};
 use crate::model::decode::Projection;
 use crate::model::format::MessageDecoder;
 use crate::model::generic::Transport;
 use crate::runtime::{BuildCx, Control, EndReason, Mode, Source, SourceCx};
+use crate::sources::amqp::flush;
 pub use config::{ConnectionString, ServiceBusConfig};
 use link::{Auth, Link};
 
@@ -691,14 +692,4 @@ impl ServiceBusSource {
         crate::metrics::set_ready(&self.name, false, "reconnecting");
         flush(cx, events, dead).await
     }
-}
-
-async fn flush(cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> anyhow::Result<()> {
-    if !events.is_empty() {
-        cx.send(Batch::new(std::mem::take(events))).await?;
-    }
-    if !dead.is_empty() {
-        cx.dead_letter(std::mem::take(dead)).await?;
-    }
-    Ok(())
 }
