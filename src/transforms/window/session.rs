@@ -36,11 +36,14 @@ impl Window {
         let key: Box<str> = self.key.as_str().into();
         let skey = (scope.0, scope.1, key.clone());
         let sessions = self.state.sessions.entry(skey.clone()).or_default();
-        // sessions this event touches: t within (first - gap, last + gap)
+        // Open sessions this event touches: t within (first - gap, last + gap). A session whose
+        // end the watermark has passed is closed even if it has not been emitted yet (emission
+        // waits for the end of the batch): an event may not reopen it, or which events are late
+        // would depend on where batches end.
         let touching: Vec<usize> = sessions
             .iter()
             .enumerate()
-            .filter(|(_, s)| t > s.first - gap && t < s.last + gap)
+            .filter(|(_, s)| t > s.first - gap && t < s.last + gap && session_end(shape, s.first, s.last) > wm)
             .map(|(i, _)| i)
             .collect();
         if touching.is_empty() && session_end(shape, t, t) <= wm {

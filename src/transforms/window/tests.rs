@@ -149,6 +149,19 @@ fn lateness_does_not_depend_on_batching() {
 }
 
 #[test]
+fn a_session_the_watermark_has_passed_is_closed_mid_batch() {
+    // gap 10 s, no lateness: b@30 moves the watermark to 30 s, past a's session [0,10); a@5 is
+    // then late, whether or not a batch ended between them
+    let cfg = "inputs: [x]\nwindow: {kind: session, gap: 10s}\naggregates: {temperature: [count]}\n";
+    let events = vec![ev("a", 0.0, Some(1.0)), ev("b", 30.0, Some(2.0)), ev("a", 5.0, Some(3.0))];
+    let whole = run(&mut window(cfg), vec![events.clone()], true);
+    let single = run(&mut window(cfg), events.into_iter().map(|e| vec![e]).collect(), true);
+    assert_eq!(summary(&whole.rows), vec!["a [0,10) n=1", "b [30,40) n=1"]);
+    assert_eq!(summary(&whole.rows), summary(&single.rows));
+    assert_eq!((whole.late.len(), single.late.len()), (1, 1));
+}
+
+#[test]
 fn hopping_windows_count_each_event_in_every_window_that_holds_it() {
     let mut w = window("inputs: [x]\nwindow: {kind: hopping, size: 3m, hop: 1m}\naggregates: {temperature: [sum]}\n");
     let out = run(&mut w, vec![vec![ev("a", 30.0, Some(1.0)), ev("a", 150.0, Some(10.0))]], true);
@@ -486,6 +499,65 @@ proptest! {
             (format!("inputs: [x]\nwindow: {{kind: session, gap: 12s}}\nallowed_lateness: 10s\n{AGGS}"), None)
         };
         check_against_reference(&recs, &cfg, Shape::Session { gap: 12 * S, max }, &splits)?;
+    }
+}
+
+/// A stream with events older than the allowed lateness (some of them late).
+fn arb_stream_with_late(lateness: i64) -> impl Strategy<Value = Vec<Rec>> {
+    prop::collection::vec((0u8..3, 0i64..8, 0i64..=3 * lateness, prop::option::weighted(0.9, -50.0f64..50.0)), 1..250)
+        .prop_map(|steps| {
+            let mut max = 0i64;
+            steps
+                .into_iter()
+                .map(|(key, step, back, v)| {
+                    max += step;
+                    Rec { key, t: T0 + (max - back).max(0) * S, v }
+                })
+                .collect()
+        })
+}
+
+/// Rows, late events and the summary of each, for a stream cut into batches at `splits`.
+fn rows_in_batches(cfg: &str, recs: &[Rec], splits: &[usize]) -> (Vec<String>, Vec<String>) {
+    let events: Vec<Event> = recs.iter().map(|r| ev(&format!("d{}", r.key), (r.t - T0) as f64 / 1e9, r.v)).collect();
+    let mut batches = Vec::new();
+    let mut rest = events.as_slice();
+    for &s in splits {
+        let s = s.min(rest.len());
+        batches.push(rest[..s].to_vec());
+        rest = &rest[s..];
+    }
+    batches.push(rest.to_vec());
+    let out = run(&mut window(cfg), batches, true);
+    let mut rows: Vec<String> = out.rows.iter().map(|r| r.to_json()).collect();
+    rows.sort();
+    let mut late: Vec<String> = out.late.iter().map(|r| r.to_json()).collect();
+    late.sort();
+    (rows, late)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// With late events in the stream: the same rows and the same late events whatever the
+    /// batching (one event per batch is the reference).
+    #[test]
+    fn batching_never_changes_rows_or_late_events(
+        recs in arb_stream_with_late(10),
+        splits in prop::collection::vec(1usize..60, 0..6),
+        shape in 0u8..4,
+    ) {
+        let cfg = match shape {
+            0 => format!("inputs: [x]\nwindow: {{kind: tumbling, size: 30s}}\nallowed_lateness: 10s\n{AGGS}"),
+            1 => format!("inputs: [x]\nwindow: {{kind: hopping, size: 40s, hop: 10s}}\nallowed_lateness: 10s\n{AGGS}"),
+            2 => format!("inputs: [x]\nwindow: {{kind: session, gap: 12s}}\nallowed_lateness: 10s\n{AGGS}"),
+            _ => format!("inputs: [x]\nwindow: {{kind: session, gap: 12s, max_duration: 1m}}\nallowed_lateness: 10s\n{AGGS}"),
+        };
+        let ones: Vec<usize> = vec![1; recs.len()];
+        let reference = rows_in_batches(&cfg, &recs, &ones);
+        let batched = rows_in_batches(&cfg, &recs, &splits);
+        prop_assert_eq!(&batched.0, &reference.0, "rows");
+        prop_assert_eq!(&batched.1, &reference.1, "late events");
     }
 }
 
