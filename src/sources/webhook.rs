@@ -472,9 +472,11 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     };
     let n = app.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let origin = format!("webhook {peer} #{n}");
+    // A refused body is answered with its reason only once its dead letter is in the source's
+    // queue; if the source is stopping (the queue is closed), the sender is told to send again.
     let dead = |payload: Bytes, reason: &str, permit| {
         let ev = Event::dead_letter(payload, reason, &origin, &app.name);
-        let _ = app.tx.send(Incoming::Dead { dead: vec![ev], _permit: permit });
+        app.tx.send(Incoming::Dead { dead: vec![ev], _permit: permit }).is_ok()
     };
     let body = match read {
         Ok(b) => b,
@@ -483,7 +485,9 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
                 "body of more than {MAX_RECORD_BYTES} bytes{} (IoT Central's message limit); the dead letter keeps the first {MAX_RECORD_BYTES}",
                 declared.map(|d| format!(" ({d} declared)")).unwrap_or_default()
             );
-            dead(prefix, &reason, permit);
+            if !dead(prefix, &reason, permit) {
+                return busy(&app, "stopping; send again later");
+            }
             return plain(StatusCode::PAYLOAD_TOO_LARGE, &reason);
         }
         Err(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e),
@@ -493,7 +497,9 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     let record = match record_of(app.format, &body, received) {
         Ok(r) => r,
         Err(reason) => {
-            dead(body, &reason, permit);
+            if !dead(body, &reason, permit) {
+                return busy(&app, "stopping; send again later");
+            }
             return plain(StatusCode::BAD_REQUEST, &reason);
         }
     };
@@ -513,7 +519,9 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     if events.is_empty() {
         let reason =
             bad.first().and_then(|e| e.get_str("reason").map(str::to_string)).unwrap_or_else(|| "no message".into());
-        let _ = app.tx.send(Incoming::Dead { dead: bad, _permit: permit });
+        if app.tx.send(Incoming::Dead { dead: bad, _permit: permit }).is_err() {
+            return busy(&app, "stopping; send again later");
+        }
         return plain(StatusCode::BAD_REQUEST, &reason);
     }
     let count = events.len();
@@ -599,6 +607,20 @@ impl Source for WebhookSource {
                     }
                     Control::Stop | Control::Shutdown => {
                         app.stopping.store(true, Ordering::Relaxed);
+                        // what handlers queued before the close goes into the final checkpoint
+                        // (a refused request was already answered with its reason); after it, a
+                        // handler's send fails and it answers "send again"
+                        rx.close();
+                        while let Ok(m) = rx.try_recv() {
+                            match m {
+                                Incoming::Events { events: evs, dead: bad, respond, permit } => {
+                                    events.extend(evs);
+                                    dead.extend(bad);
+                                    self.waiting.push((respond, permit));
+                                }
+                                Incoming::Dead { dead: d, _permit } => dead.extend(d),
+                            }
+                        }
                         flush(cx, &mut events, &mut dead).await?;
                         // what was sent goes into the final checkpoint; answered at its commit
                         let rest = std::mem::take(&mut self.waiting);
