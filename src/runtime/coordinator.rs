@@ -276,7 +276,7 @@ async fn carry_out(
                     let result = match store {
                         Some(s) => s.write(&ck).await.map_err(|e| {
                             metrics::global().checkpoints_failed.inc();
-                            format!("{e:#}")
+                            super::error_text(&e)
                         }),
                         None => Ok(()),
                     };

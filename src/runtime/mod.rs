@@ -452,8 +452,43 @@ impl<'a> BuildCx<'a> {
 /// How often transforms and sinks get ticks.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
 
+/// An error and its causes on one line, like `{e:#}`, without the causes that a message already
+/// quotes: object_store's errors repeat their source's text (`Generic LocalFileSystem error:
+/// Unable to copy data to file: No space left on device (os error 28)`, then that source, then
+/// its source), which would otherwise be printed three or four times.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !last.is_empty() && last.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        last = text;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn error_text_leaves_out_causes_a_message_already_quotes() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (os error 28)");
+        let inner =
+            anyhow::Error::new(io).context("Unable to copy data to file: No space left on device (os error 28)");
+        let e = inner.context("finishing /data/out/x.parquet");
+        assert_eq!(
+            super::error_text(&e),
+            "finishing /data/out/x.parquet: Unable to copy data to file: No space left on device (os error 28)"
+        );
+        let plain = anyhow::anyhow!("refused").context("connecting");
+        assert_eq!(super::error_text(&plain), format!("{plain:#}"));
+    }
+
     use super::*;
     use std::collections::HashMap;
 

@@ -21,7 +21,7 @@ async fn report(reports: &mpsc::Sender<Report>, r: Report) {
 pub(super) async fn source(mut src: Box<dyn Source>, mut cx: SourceCx, node: usize, reports: mpsc::Sender<Report>) {
     let reason = match src.run(&mut cx).await {
         Ok(r) => r,
-        Err(e) => return report(&reports, Report::Failed { node, error: format!("{e:#}") }).await,
+        Err(e) => return report(&reports, Report::Failed { node, error: super::error_text(&e) }).await,
     };
     let _ = cx.outputs.broadcast(Msg::End(reason)).await;
     report(&reports, Report::Finished { node, state: src.snapshot(), partitions: Vec::new() }).await;
@@ -29,7 +29,7 @@ pub(super) async fn source(mut src: Box<dyn Source>, mut cx: SourceCx, node: usi
         match cx.control().await {
             Control::Commit(e) => {
                 if let Err(err) = src.commit(e).await {
-                    let error = format!("commit of epoch {e}: {err:#}");
+                    let error = format!("commit of epoch {e}: {}", super::error_text(&err));
                     return report(&reports, Report::Failed { node, error }).await;
                 }
             }
@@ -188,7 +188,7 @@ pub(super) struct SinkCx {
 
 impl SinkCx {
     async fn fail(&self, e: anyhow::Error) {
-        report(&self.reports, Report::Failed { node: self.node, error: format!("{e:#}") }).await
+        report(&self.reports, Report::Failed { node: self.node, error: super::error_text(&e) }).await
     }
 
     async fn flush(&self, s: &mut dyn Sink, epoch: u64) -> Result<(), ()> {

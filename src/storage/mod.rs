@@ -15,6 +15,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
+mod retry;
+pub use retry::{transient, Retrying, STALLED};
+
 /// Where a location lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -28,6 +31,9 @@ pub enum Scheme {
 #[derive(Clone)]
 pub struct Location {
     pub store: Arc<dyn ObjectStore>,
+    /// The same store without the outage retries of [`Retrying`]: for the start-up probe, which
+    /// should fail at once with the reason rather than wait.
+    direct: Arc<dyn ObjectStore>,
     /// Prefix inside the store (no leading or trailing slash).
     pub prefix: Path,
     pub scheme: Scheme,
@@ -80,7 +86,15 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             let store = LocalFileSystem::new();
             let prefix =
                 Path::from_absolute_path(&abs).with_context(|| format!("{} is not a usable path", abs.display()))?;
-            Ok(Location { store: Arc::new(store), prefix, scheme, display: url.to_string(), local_path: Some(abs) })
+            let store: Arc<dyn ObjectStore> = Arc::new(store);
+            Ok(Location {
+                store: store.clone(),
+                direct: store,
+                prefix,
+                scheme,
+                display: url.to_string(),
+                local_path: Some(abs),
+            })
         }
         Scheme::S3 => {
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
@@ -88,9 +102,10 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown S3 option {k:?}"))?, v);
             }
-            let store = b.build().with_context(|| format!("opening {url}"))?;
+            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
             Ok(Location {
-                store: Arc::new(store),
+                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
+                direct: store,
                 prefix: url_prefix(&parsed),
                 scheme,
                 display: url.to_string(),
@@ -103,9 +118,10 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown Azure option {k:?}"))?, v);
             }
-            let store = b.build().with_context(|| format!("opening {url}"))?;
+            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
             Ok(Location {
-                store: Arc::new(store),
+                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
+                direct: store,
                 prefix: url_prefix(&parsed),
                 scheme,
                 display: url.to_string(),
@@ -118,9 +134,10 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown GCS option {k:?}"))?, v);
             }
-            let store = b.build().with_context(|| format!("opening {url}"))?;
+            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
             Ok(Location {
-                store: Arc::new(store),
+                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
+                direct: store,
                 prefix: url_prefix(&parsed),
                 scheme,
                 display: url.to_string(),
@@ -193,7 +210,7 @@ pub async fn probe(loc: &Location) -> anyhow::Result<()> {
         return Ok(());
     }
     use futures::StreamExt;
-    let mut s = loc.store.list(Some(&loc.prefix));
+    let mut s = loc.direct.list(Some(&loc.prefix));
     if let Some(Err(e)) = s.next().await {
         bail!("cannot list {}: {e}", loc.display);
     }

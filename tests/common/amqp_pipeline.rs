@@ -37,6 +37,44 @@ pub fn setup(n: u64, poison_every: Option<usize>) -> Setup {
     Setup { dir, queue, input }
 }
 
+/// A pipeline that archives the telemetry of an AMQP queue as raw Parquet under `raw_url`, with
+/// checkpoints under `state_url` (the broker's URL from `CENTRALFLOW_AMQP_URL`). `raw_extra`:
+/// more settings of the Parquet sink, each line indented by four spaces.
+pub fn raw_archive_yaml(
+    name: &str,
+    queue: &str,
+    prefetch: u32,
+    raw_url: &str,
+    raw_extra: &str,
+    state_url: &str,
+    interval: &str,
+) -> String {
+    format!(
+        r#"name: {name}
+sources:
+  exports:
+    type: amqp
+    url: ${{CENTRALFLOW_AMQP_URL}}
+    queue: {queue}
+    declare: {{ durable: true }}
+    prefetch: {prefetch}
+transforms:
+  telemetry:
+    type: filter
+    inputs: [exports]
+    condition: messageSource == "telemetry"
+sinks:
+  raw:
+    type: parquet
+    inputs: [telemetry]
+    url: {raw_url}
+{raw_extra}checkpoint:
+  url: {state_url}
+  interval: {interval}
+"#
+    )
+}
+
 /// `centralflow run pipelines/w1-amqp.yaml` on the setup's queue and folders.
 pub fn command(s: &Setup) -> std::process::Command {
     let out = s.dir.path().join("out");

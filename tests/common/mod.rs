@@ -250,10 +250,15 @@ pub fn azurite_endpoint() -> String {
 
 /// Environment for a centralflow process that talks to Azurite.
 pub fn azurite_env() -> Vec<(String, String)> {
+    azurite_env_at(&azurite_endpoint())
+}
+
+/// Environment for a centralflow process that talks to the Azurite at `endpoint`.
+pub fn azurite_env_at(endpoint: &str) -> Vec<(String, String)> {
     vec![
         ("AZURE_STORAGE_ACCOUNT_NAME".into(), "devstoreaccount1".into()),
         ("AZURE_STORAGE_ACCOUNT_KEY".into(), AZURITE_KEY.into()),
-        ("AZURE_STORAGE_ENDPOINT".into(), azurite_endpoint()),
+        ("AZURE_STORAGE_ENDPOINT".into(), endpoint.to_string()),
         ("AZURE_ALLOW_HTTP".into(), "true".into()),
     ]
 }
@@ -265,10 +270,14 @@ pub fn azurite_options() -> BTreeMap<String, String> {
 
 /// Creates a container in Azurite (object_store cannot): a SharedKey-signed REST call.
 pub fn azurite_create_container(name: &str) {
+    azurite_create_container_at(&azurite_endpoint(), name)
+}
+
+/// Creates a container in the Azurite at `endpoint`.
+pub fn azurite_create_container_at(endpoint: &str, name: &str) {
     use base64::Engine as _;
     use hmac::Mac as _;
-    let endpoint = azurite_endpoint();
-    let url = url::Url::parse(&endpoint).unwrap();
+    let url = url::Url::parse(endpoint).unwrap();
     let path = format!("{}/{name}", url.path().trim_end_matches('/'));
     let date = httpdate();
     let version = "2021-08-06";
@@ -308,8 +317,13 @@ pub fn s3_endpoint() -> String {
 
 /// Environment for a centralflow process that talks to moto.
 pub fn s3_env() -> Vec<(String, String)> {
+    s3_env_at(&s3_endpoint())
+}
+
+/// Environment for a centralflow process that talks to the moto at `endpoint`.
+pub fn s3_env_at(endpoint: &str) -> Vec<(String, String)> {
     vec![
-        ("AWS_ENDPOINT".into(), s3_endpoint()),
+        ("AWS_ENDPOINT".into(), endpoint.to_string()),
         ("AWS_ALLOW_HTTP".into(), "true".into()),
         ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
         ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
@@ -325,7 +339,12 @@ pub fn s3_options() -> BTreeMap<String, String> {
 
 /// Creates a bucket in moto.
 pub fn s3_create_bucket(name: &str) {
-    let url = url::Url::parse(&s3_endpoint()).unwrap();
+    s3_create_bucket_at(&s3_endpoint(), name)
+}
+
+/// Creates a bucket in the moto at `endpoint`.
+pub fn s3_create_bucket_at(endpoint: &str, name: &str) {
+    let url = url::Url::parse(endpoint).unwrap();
     let req = format!(
         "PUT /{name} HTTP/1.1\r\nHost: {}:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         url.host_str().unwrap(),

@@ -346,7 +346,8 @@ impl ParquetSink {
             return Ok(());
         };
         let bytes = f.writer.bytes_written() as u64;
-        f.writer.close().await.with_context(|| format!("finishing {}", f.staged))?;
+        let loc = &self.loc;
+        f.writer.close().await.with_context(|| format!("finishing {}", loc.describe(&f.staged)))?;
         self.metrics.bytes_out.inc_by(bytes);
         self.pending.push(Staged { epoch: self.epoch, staged: f.staged.to_string(), target: f.target.to_string() });
         Ok(())
@@ -485,7 +486,8 @@ impl ParquetSink {
             }
             None => rows,
         };
-        f.writer.write(rows).await.with_context(|| format!("writing {}", f.staged))?;
+        let loc = &self.loc;
+        f.writer.write(rows).await.with_context(|| format!("writing {}", loc.describe(&f.staged)))?;
         f.rows += rows.num_rows() as u64;
         Ok(())
     }
