@@ -172,7 +172,7 @@ fn tokens(ts: &[[u8; 16]]) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky (about 1 run in 3 since the session-window change): the first $management request on the second connection is not answered; open, see the emulators branch report"]
+#[ignore = "flaky under CPU load (2 of 15 runs alone beside three busy loops, 18 of 50 with the file's tests in parallel, 0 of 15 serial): the emulator's frame trace shows $management requests 1 and 2 on the second connection transferred and accepted and no transfer for request 3; fe2o3's sender never sends it. Not yet understood"]
 async fn locks_outlive_the_connection_and_settle_through_management() {
     bounded(async {
         let emu = Emulator::start(Config::new().queue("q").lock_duration(Duration::from_secs(30))).await.unwrap();
