@@ -102,15 +102,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown S3 option {k:?}"))?, v);
             }
-            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
-            Ok(Location {
-                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
-                direct: store,
-                prefix: url_prefix(&parsed),
-                scheme,
-                display: url.to_string(),
-                local_path: None,
-            })
+            Ok(cloud(Arc::new(b.build().with_context(|| format!("opening {url}"))?), url, &parsed, scheme))
         }
         Scheme::Azure => {
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
@@ -118,15 +110,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown Azure option {k:?}"))?, v);
             }
-            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
-            Ok(Location {
-                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
-                direct: store,
-                prefix: url_prefix(&parsed),
-                scheme,
-                display: url.to_string(),
-                local_path: None,
-            })
+            Ok(cloud(Arc::new(b.build().with_context(|| format!("opening {url}"))?), url, &parsed, scheme))
         }
         Scheme::Gcs => {
             let parsed = url::Url::parse(url).with_context(|| format!("{url:?} is not a URL"))?;
@@ -134,16 +118,26 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> anyhow::Result<Loc
             for (k, v) in options {
                 b = b.with_config(k.parse().with_context(|| format!("unknown GCS option {k:?}"))?, v);
             }
-            let store = Arc::new(b.build().with_context(|| format!("opening {url}"))?);
-            Ok(Location {
-                store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
-                direct: store,
-                prefix: url_prefix(&parsed),
-                scheme,
-                display: url.to_string(),
-                local_path: None,
-            })
+            Ok(cloud(Arc::new(b.build().with_context(|| format!("opening {url}"))?), url, &parsed, scheme))
         }
+    }
+}
+
+/// A cloud location: the store behind the outage retries of [`Retrying`] (which resends
+/// multipart parts through the same store's multipart API), and the store itself for the probe.
+fn cloud<S: ObjectStore + object_store::multipart::MultipartStore>(
+    store: Arc<S>,
+    url: &str,
+    parsed: &url::Url,
+    scheme: Scheme,
+) -> Location {
+    Location {
+        store: Arc::new(Retrying::new(store.clone(), Some(store.clone()), url)),
+        direct: store,
+        prefix: url_prefix(parsed),
+        scheme,
+        display: url.to_string(),
+        local_path: None,
     }
 }
 

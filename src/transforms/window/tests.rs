@@ -423,17 +423,23 @@ fn arb_stream(lateness: i64) -> impl Strategy<Value = Vec<Rec>> {
         })
 }
 
-fn check_against_reference(recs: &[Rec], cfg: &str, shape: Shape, splits: &[usize]) -> Result<(), TestCaseError> {
-    let mut w = window(cfg);
-    let events: Vec<Event> = recs.iter().map(|r| ev(&format!("d{}", r.key), (r.t - T0) as f64 / 1e9, r.v)).collect();
+/// Events cut into batches of the given sizes, the rest in a last batch.
+fn split_at(events: &[Event], splits: &[usize]) -> Vec<Vec<Event>> {
     let mut batches = Vec::new();
-    let mut rest = events.as_slice();
+    let mut rest = events;
     for &s in splits {
         let s = s.min(rest.len());
         batches.push(rest[..s].to_vec());
         rest = &rest[s..];
     }
     batches.push(rest.to_vec());
+    batches
+}
+
+fn check_against_reference(recs: &[Rec], cfg: &str, shape: Shape, splits: &[usize]) -> Result<(), TestCaseError> {
+    let mut w = window(cfg);
+    let events: Vec<Event> = recs.iter().map(|r| ev(&format!("d{}", r.key), (r.t - T0) as f64 / 1e9, r.v)).collect();
+    let batches = split_at(&events, splits);
     let out = run(&mut w, batches, true);
     prop_assert!(out.late.is_empty(), "no event is late: {}", out.late.len());
     let expected = reference(recs, shape);
@@ -520,14 +526,7 @@ fn arb_stream_with_late(lateness: i64) -> impl Strategy<Value = Vec<Rec>> {
 /// Rows, late events and the summary of each, for a stream cut into batches at `splits`.
 fn rows_in_batches(cfg: &str, recs: &[Rec], splits: &[usize]) -> (Vec<String>, Vec<String>) {
     let events: Vec<Event> = recs.iter().map(|r| ev(&format!("d{}", r.key), (r.t - T0) as f64 / 1e9, r.v)).collect();
-    let mut batches = Vec::new();
-    let mut rest = events.as_slice();
-    for &s in splits {
-        let s = s.min(rest.len());
-        batches.push(rest[..s].to_vec());
-        rest = &rest[s..];
-    }
-    batches.push(rest.to_vec());
+    let batches = split_at(&events, splits);
     let out = run(&mut window(cfg), batches, true);
     let mut rows: Vec<String> = out.rows.iter().map(|r| r.to_json()).collect();
     rows.sort();
