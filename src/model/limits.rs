@@ -65,9 +65,20 @@ pub fn check_value_limits(text: &str) -> Result<(), String> {
     let b = text.as_bytes();
     let mut depth = 0usize;
     let mut i = 0;
+    // just after an object's `{`: the next string is its first key
+    let mut first_key = false;
     while i < b.len() {
         match b[i] {
-            b'"' => i = string(b, i + 1)?,
+            b'"' => {
+                let end = string(b, i + 1)?;
+                if first_key && is_reserved_key(&text[i..end.min(text.len())]) {
+                    return Err(format!(
+                        "object key {RESERVED_KEY:?} at byte {i} is reserved by the JSON library (it would replace the object)"
+                    ));
+                }
+                first_key = false;
+                i = end;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_NESTING {
@@ -75,17 +86,44 @@ pub fn check_value_limits(text: &str) -> Result<(), String> {
                         "JSON nested more than {MAX_NESTING} levels deep at byte {i} (serde_json's recursion limit)"
                     ));
                 }
+                first_key = b[i] == b'{';
                 i += 1;
             }
             b']' | b'}' => {
                 depth = depth.saturating_sub(1);
+                first_key = false;
                 i += 1;
             }
-            b'-' | b'0'..=b'9' => i = number(b, i)?,
-            _ => i += 1,
+            b'-' | b'0'..=b'9' => {
+                first_key = false;
+                i = number(b, i)?
+            }
+            c => {
+                first_key &= c.is_ascii_whitespace();
+                i += 1
+            }
         }
     }
     Ok(())
+}
+
+/// The object key through which serde_json (with its `raw_value` feature, which the decoder
+/// needs) reads an object as the JSON text of its value: as the first key of an object it makes
+/// `from_str::<Value>` return that text's value, or an error, instead of the object. The stages
+/// that read events as values (jq, expressions, mutations, the device bridge) would then see
+/// other data than the sinks, so a record holding it anywhere as a first key is refused.
+pub const RESERVED_KEY: &str = "$serde_json::private::RawValue";
+
+/// Whether `quoted` (a JSON string with its quotes) is [`RESERVED_KEY`], escapes decoded.
+fn is_reserved_key(quoted: &str) -> bool {
+    let inner = quoted.strip_prefix('"').and_then(|q| q.strip_suffix('"')).unwrap_or("");
+    if inner == RESERVED_KEY {
+        return true;
+    }
+    // escaped letters spell it too; only such a key pays for decoding
+    inner.len() >= RESERVED_KEY.len()
+        && inner.contains('\\')
+        && serde_json::from_str::<String>(quoted).is_ok_and(|k| k == RESERVED_KEY)
 }
 
 /// Whether a JSON number's text stands for a finite `f64` (serde_json refuses one that does not
@@ -207,6 +245,34 @@ mod tests {
             r#"["\u0041\ud83d\ude00\u00e9"]"#,
         ] {
             agrees(s);
+        }
+    }
+
+    #[test]
+    fn the_reserved_key_is_refused_only_as_a_first_key() {
+        // serde_json turns such an object into the value its text stands for, or refuses it
+        let v: serde_json::Value = serde_json::from_str(r#"{"$serde_json::private::RawValue":"[1]"}"#).unwrap();
+        assert_eq!(v, serde_json::json!([1]));
+        for refused in [
+            r#"{"$serde_json::private::RawValue":"[1]"}"#,
+            r#"{"$serde_json::private::RawValue":"x"}"#,
+            r#"{ "$serde_json::private::RawValue" :1}"#,
+            r#"{"t":{"a":[{"$serde_json::private::RawValue":"1"}]}}"#,
+            r#"{"\u0024serde_json::private::RawValu\u0065":"1"}"#,
+        ] {
+            let e = check_value_limits(refused).unwrap_err();
+            assert!(e.contains("reserved by the JSON library"), "{refused}: {e}");
+        }
+        for kept in [
+            r#"{"a":1,"$serde_json::private::RawValue":"[1]"}"#,
+            r#"["$serde_json::private::RawValue"]"#,
+            r#"{"a":"$serde_json::private::RawValue"}"#,
+            r#"{"$serde_json::private::RawValueX":1}"#,
+            r#"{"\u0024serde_json":1}"#,
+        ] {
+            assert_eq!(check_value_limits(kept), Ok(()), "{kept}");
+            // and serde_json reads these as the objects they are
+            assert!(serde_json::from_str::<serde_json::Value>(kept).is_ok(), "{kept}");
         }
     }
 }

@@ -14,6 +14,7 @@
 //! (see docs/performance.md, "W1: where the time goes").
 
 use super::decode::{keep_for, key_kind, parse_number, record_slot, Envelope, Keep, KeyKind, Projection, SLOTS};
+use super::limits::RESERVED_KEY;
 use super::MessageSource;
 use crate::event::{build, Field, Text, Val};
 use crate::time;
@@ -23,6 +24,9 @@ use crate::time;
 pub(super) struct Bail;
 
 type R<T> = Result<T, Bail>;
+
+/// [`RESERVED_KEY`] with its quotes, as a first key starts.
+const RESERVED_QUOTED: &[u8] = b"\"$serde_json::private::RawValue\"";
 
 /// Nesting the scanner follows before giving up (serde_json's own limit is 128).
 const MAX_DEPTH: u32 = 64;
@@ -232,6 +236,10 @@ impl<'a> Scanner<'a> {
             self.i += 1;
             return Ok(false);
         }
+        // the first key is read by `key`, which gives up on escapes: only the plain spelling
+        if self.b[self.i..].starts_with(RESERVED_QUOTED) {
+            return Err(Bail);
+        }
         Ok(true)
     }
 
@@ -277,8 +285,12 @@ impl<'a> Scanner<'a> {
                     self.i += 1;
                     return Ok(());
                 }
+                // a first key that is, or may be, `limits::RESERVED_KEY`: serde_json decides
+                let (s, e, escaped) = self.string()?;
+                if escaped || self.b[s..e] == *RESERVED_KEY.as_bytes() {
+                    return Err(Bail);
+                }
                 loop {
-                    self.string()?;
                     self.ws();
                     self.eat(b':')?;
                     self.ws();
@@ -286,6 +298,7 @@ impl<'a> Scanner<'a> {
                     if !self.next_or_close(b'}')? {
                         return Ok(());
                     }
+                    self.string()?;
                 }
             }
             b'[' => {

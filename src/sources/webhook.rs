@@ -544,6 +544,11 @@ pub fn record_of(format: WebhookFormat, body: &Bytes, received: crate::event::Na
     if !is_bridge(format, body)? {
         return Ok(body.clone());
     }
+    // the bridge reads the body as a value: the limits serde_json's value has (and the key that
+    // would change what it reads) are refused as the export decoder refuses them
+    if let Ok(text) = std::str::from_utf8(body) {
+        crate::model::limits::check_value_limits(text)?;
+    }
     serde_json::from_slice::<Value>(body)
         .map_err(|e| format!("malformed JSON: {e}"))
         .and_then(|v| bridge_to_export(&v, received))

@@ -208,6 +208,48 @@ fn past_serde_json_value_limits_is_refused_on_both_paths() {
     }
 }
 
+/// Regression (issue 20, the differential fuzz target's first finding, after 4.3M executions): a
+/// message whose first key is `$serde_json::private::RawValue` was decoded by both paths, while
+/// `serde_json::from_str::<Value>` reads such an object as the JSON text of its value (or refuses
+/// it). jq, expressions and mutations read events as values, so they would have seen other data
+/// than the sinks. Refused on both paths now, wherever the key is an object's first; kept
+/// anywhere else.
+#[test]
+fn the_key_serde_json_reserves_is_refused_on_both_paths() {
+    let finding = include_bytes!("../../../fuzz/findings/scan_differential-raw-value-magic-key");
+    let head = r#"{"messageSource":"telemetry","deviceId":"d","enqueuedTime":"2026-11-01T00:00:00Z""#;
+    let cases: Vec<(Vec<u8>, bool)> = vec![
+        // the finding itself, without the target's projection byte
+        (finding[1..].to_vec(), true),
+        (format!(r#"{head},"telemetry":{{"$serde_json::private::RawValue":"[1]"}}}}"#).into(), true),
+        (format!(r#"{head},"telemetry":{{"t":1,"x":{{"$serde_json::private::RawValue":"1"}}}}}}"#).into(), true),
+        (format!(r#"{head},"telemetry":{{"t":[{{ "$serde_json::private::RawValue":"1"}}]}}}}"#).into(), true),
+        (format!(r#"{head},"properties":[{{"$serde_json::private::RawValue":"1"}}]}}"#).into(), true),
+        (format!(r#"{head},"telemetry":{{"t":1,"$serde_json::private::RawValue":"[1]"}}}}"#).into(), false),
+        (format!(r#"{head},"telemetry":{{"t":"$serde_json::private::RawValue"}}}}"#).into(), false),
+    ];
+    for (m, refused) in cases {
+        let shown = String::from_utf8_lossy(&m).into_owned();
+        for fast in [true, false] {
+            set_fast_path(fast);
+            let r = decode_record(Bytes::from(m.clone()));
+            set_fast_path(true);
+            assert_eq!(r.len(), 1, "{shown}");
+            match &r[0] {
+                Ok(ev) => {
+                    assert!(!refused, "fast path {fast}: accepted {shown}");
+                    // what was kept, serde_json reads as the same object
+                    let v: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+                    assert!(v.is_object(), "{shown}");
+                }
+                Err(e) => {
+                    assert!(refused && e.contains("reserved by the JSON library"), "fast path {fast}: {e} for {shown}")
+                }
+            }
+        }
+    }
+}
+
 /// An array record of more than 10,000 messages is refused whole, once; the bad elements of a
 /// smaller one are dead letters of their own only for the first 10, then counted in one more.
 #[test]
