@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType, TimestampNanosecondType};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType, TimestampNanosecondType};
+use arrow_array::Array;
 
 #[derive(Clone, Copy, Debug)]
 struct Measure {
@@ -80,8 +81,7 @@ fn read_rows(files: &[PathBuf], count_col: &str) -> (BTreeMap<Row, Vec<f64>>, Ve
             parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap().build().unwrap();
         for b in reader {
             let b = b.unwrap();
-            let dev =
-                arrow::compute::cast(b.column_by_name("deviceId").unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
+            let dev = arrow_cast::cast(b.column_by_name("deviceId").unwrap(), &arrow_schema::DataType::Utf8).unwrap();
             let dev = dev.as_string::<i32>();
             let ws = b.column_by_name("window_start").unwrap();
             let starts: Vec<i64> = if let Some(a) = ws.as_primitive_opt::<TimestampNanosecondType>() {

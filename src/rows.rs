@@ -11,12 +11,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
     TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::record_batch::RecordBatch;
+use arrow_array::ArrayRef;
+use arrow_array::RecordBatch;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::event::{Event, Nanos, ValRef, NO_TIME};
 
@@ -381,8 +382,8 @@ pub fn conform(rows: &RecordBatch, schema: &SchemaRef) -> anyhow::Result<RecordB
         .iter()
         .map(|f| match rows.column_by_name(f.name()) {
             Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
-            Some(c) => Ok(arrow::compute::cast(c, f.data_type())?),
-            None => Ok(arrow::array::new_null_array(f.data_type(), rows.num_rows())),
+            Some(c) => Ok(arrow_cast::cast(c, f.data_type())?),
+            None => Ok(arrow_array::new_null_array(f.data_type(), rows.num_rows())),
         })
         .collect::<anyhow::Result<Vec<ArrayRef>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), cols)?)

@@ -113,7 +113,7 @@ fn rolling_by_rows_and_compression_options() {
 
 /// Window output through the Parquet sink with `timestamp_unit` set to `unit` (`None`: the
 /// default): the lake's folder, and its files' schema.
-fn window_lake(dir: &Path, unit: Option<&str>) -> (std::path::PathBuf, arrow::datatypes::SchemaRef) {
+fn window_lake(dir: &Path, unit: Option<&str>) -> (std::path::PathBuf, arrow_schema::SchemaRef) {
     let lake = dir.join(format!("lake-{}", unit.unwrap_or("default")));
     let unit = unit.map(|u| format!("    timestamp_unit: {u}\n")).unwrap_or_default();
     let p = pipeline(
@@ -133,7 +133,7 @@ fn window_lake(dir: &Path, unit: Option<&str>) -> (std::path::PathBuf, arrow::da
 
 #[test]
 fn window_rows_get_typed_columns() {
-    use arrow::datatypes::{DataType, TimeUnit};
+    use arrow_schema::{DataType, TimeUnit};
     let dir = tempfile::tempdir().unwrap();
     let (lake, schema) = window_lake(dir.path(), None);
     let types: BTreeMap<String, DataType> =
@@ -150,7 +150,7 @@ fn window_rows_get_typed_columns() {
 
 #[test]
 fn timestamp_unit_changes_the_type_and_not_the_times() {
-    use arrow::datatypes::{DataType, TimeUnit};
+    use arrow_schema::{DataType, TimeUnit};
     let dir = tempfile::tempdir().unwrap();
     let (us_lake, _) = window_lake(dir.path(), None);
     let sorted = |lake: &Path| {

@@ -11,7 +11,7 @@ use super::Event;
 pub struct Batch {
     pub events: Vec<Event>,
     /// Rows as columns, after `events` in order.
-    pub columns: Option<arrow::record_batch::RecordBatch>,
+    pub columns: Option<arrow_array::RecordBatch>,
 }
 
 impl Batch {
@@ -19,7 +19,7 @@ impl Batch {
         Batch { events, columns: None }
     }
     /// A batch of rows as columns.
-    pub fn columns(rows: arrow::record_batch::RecordBatch) -> Self {
+    pub fn columns(rows: arrow_array::RecordBatch) -> Self {
         Batch { events: Vec::new(), columns: Some(rows) }
     }
     pub fn len(&self) -> usize {

@@ -292,7 +292,7 @@ impl Emitter {
     }
     /// Emits rows as columns on a port that [wants them](Emitter::wants_columns), after what
     /// was emitted on it before.
-    pub fn emit_columns(&mut self, port: Port, rows: arrow::record_batch::RecordBatch) {
+    pub fn emit_columns(&mut self, port: Port, rows: arrow_array::RecordBatch) {
         assert!(self.wants_columns(port), "columns emitted on port `{}`, whose consumers read events only", port.name);
         if rows.num_rows() == 0 {
             return;

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use arrow::array::RecordBatch;
+use arrow_array::RecordBatch;
 
 /// The `centralflow` binary under test.
 pub fn bin() -> PathBuf {
@@ -178,20 +178,20 @@ pub fn read_rows(dir: &Path) -> Vec<BTreeMap<String, String>> {
 /// Record batch rows as `column -> display value` (nulls absent).
 /// Timestamps are rendered as RFC 3339 UTC (`2026-11-01T00:00:00.123Z`).
 pub fn batch_rows(b: &RecordBatch) -> Vec<BTreeMap<String, String>> {
-    use arrow::array::{Array, TimestampNanosecondArray};
+    use arrow_array::{Array, TimestampNanosecondArray};
     let schema = b.schema();
     let cols: Vec<Box<dyn Fn(usize) -> String + '_>> = b
         .columns()
         .iter()
         .map(|c| -> Box<dyn Fn(usize) -> String + '_> {
-            if let arrow::datatypes::DataType::Timestamp(_, tz) = c.data_type() {
+            if let arrow_schema::DataType::Timestamp(_, tz) = c.data_type() {
                 // any unit, as nanoseconds
-                let ns = arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Nanosecond, tz.clone());
-                let ts = arrow::compute::cast(c.as_ref(), &ns).unwrap();
+                let ns = arrow_schema::DataType::Timestamp(arrow_schema::TimeUnit::Nanosecond, tz.clone());
+                let ts = arrow_cast::cast(c.as_ref(), &ns).unwrap();
                 let ts = ts.as_any().downcast_ref::<TimestampNanosecondArray>().unwrap().clone();
                 Box::new(move |i| centralflow::time::format_rfc3339(ts.value(i)))
             } else {
-                let f = arrow::util::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap();
+                let f = arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap();
                 Box::new(move |i| f.value(i).to_string())
             }
         })

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
+use arrow_schema::{DataType, SchemaRef, TimeUnit};
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
@@ -382,7 +382,7 @@ impl ParquetSink {
                 file_schema.clone()
             } else {
                 let n = file_schema.fields().len() - self.typed.len();
-                Arc::new(arrow::datatypes::Schema::new(file_schema.fields()[..n].to_vec()))
+                Arc::new(arrow_schema::Schema::new(file_schema.fields()[..n].to_vec()))
             };
             let typed = &self.typed;
             // encode in parallel chunks, write in order
@@ -413,10 +413,10 @@ impl ParquetSink {
     /// of a typed column gives way to it.
     fn with_typed(&self, schema: &SchemaRef) -> SchemaRef {
         let names: Vec<&str> = self.typed.names().collect();
-        let mut fields: Vec<arrow::datatypes::FieldRef> =
+        let mut fields: Vec<arrow_schema::FieldRef> =
             schema.fields().iter().filter(|f| !names.contains(&f.name().as_str())).cloned().collect();
         fields.extend(self.typed.fields().into_iter().map(Arc::new));
-        Arc::new(arrow::datatypes::Schema::new(fields))
+        Arc::new(arrow_schema::Schema::new(fields))
     }
 
     /// Writes rows that came as columns (see [`ParquetConfig::accepts_columns`]), as
@@ -664,8 +664,8 @@ impl Sink for ParquetSink {
 mod tests {
     use super::*;
     use crate::rows::ts_type;
-    use arrow::array::ArrayRef;
-    use arrow::datatypes::{Field, Schema};
+    use arrow_array::ArrayRef;
+    use arrow_schema::{Field, Schema};
 
     #[test]
     fn partition_templates() {
@@ -726,12 +726,12 @@ mod tests {
         .unwrap();
         let rb = encode_export(&[&ev], true).unwrap();
         let col = |n: &str| rb.column_by_name(n).unwrap().clone();
-        let s = arrow::util::display::ArrayFormatter::try_new(col("extra").as_ref(), &Default::default())
+        let s = arrow_cast::display::ArrayFormatter::try_new(col("extra").as_ref(), &Default::default())
             .unwrap()
             .value(0)
             .to_string();
         assert_eq!(s, r#"{"future":1,"other":"y"}"#);
-        let a = arrow::util::display::ArrayFormatter::try_new(col("actor").as_ref(), &Default::default())
+        let a = arrow_cast::display::ArrayFormatter::try_new(col("actor").as_ref(), &Default::default())
             .unwrap()
             .value(0)
             .to_string();
@@ -804,7 +804,7 @@ mod tests {
     /// converted to the file's types.
     #[tokio::test]
     async fn rows_as_columns_roll_and_change_schema_without_losing_a_row() {
-        use arrow::array::{Array, Float64Array, Int64Array, StringArray};
+        use arrow_array::{Array, Float64Array, Int64Array, StringArray};
         let dir = tempfile::tempdir().unwrap();
         let cfg: ParquetConfig = serde_json::from_value(serde_json::json!({
             "inputs": ["w"], "url": dir.path().to_str().unwrap(), "roll": {"rows": 3}
@@ -843,7 +843,7 @@ mod tests {
             for rb in reader {
                 let rb = rb.unwrap();
                 n += rb.num_rows();
-                let zone = arrow::compute::cast(rb.column(1), &DataType::Float64).unwrap();
+                let zone = arrow_cast::cast(rb.column(1), &DataType::Float64).unwrap();
                 let zone = zone.as_any().downcast_ref::<Float64Array>().unwrap();
                 let dev = rb.column(0).as_any().downcast_ref::<StringArray>().unwrap();
                 let count = rb.column(2).as_any().downcast_ref::<Int64Array>().unwrap();

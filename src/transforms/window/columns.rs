@@ -9,12 +9,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    ArrayRef, BooleanArray, Float64Array, Float64Builder, Int64Array, Int64Builder, StringBuilder,
-    TimestampMicrosecondArray,
-};
-use arrow::datatypes::{DataType, Field, Schema};
-use arrow::record_batch::RecordBatch;
+use arrow_array::builder::{Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::RecordBatch;
+use arrow_array::{ArrayRef, BooleanArray, Float64Array, Int64Array, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema};
 
 use super::agg::AggFn;
 use super::{Pane, Window};

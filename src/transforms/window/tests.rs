@@ -585,7 +585,7 @@ fn ev_typed(dev: u8, secs: i64, zone: u8, ok: bool, temp: Option<f64>) -> Event 
 }
 
 /// Runs the same batches through a window emitting rows and one emitting columns.
-fn rows_and_columns(cfg: &str, batches: &[Vec<Event>]) -> (Vec<Event>, Vec<arrow::record_batch::RecordBatch>, usize) {
+fn rows_and_columns(cfg: &str, batches: &[Vec<Event>]) -> (Vec<Event>, Vec<arrow_array::RecordBatch>, usize) {
     let (mut a, mut b) = (window(cfg), window(cfg));
     let mut rows = Vec::new();
     let mut cols = Vec::new();
@@ -652,7 +652,7 @@ proptest! {
             at += c.num_rows();
             let schema = crate::rows::infer_rows_schema(&refs, false);
             let expected = crate::rows::encode_rows(&refs, &schema, false).unwrap();
-            let names = |s: &arrow::datatypes::Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
+            let names = |s: &arrow_schema::Schema| s.fields().iter().map(|f| f.name().clone()).collect::<Vec<_>>();
             prop_assert_eq!(names(&c.schema()), names(&schema));
             for (i, (got, want)) in c.columns().iter().zip(expected.columns()).enumerate() {
                 let name = schema.field(i).name();
