@@ -66,6 +66,25 @@ fn lock_renewal_keeps_messages_held_past_three_lock_durations() {
     bus.assert_raw_exactly_once();
 }
 
+/// Link credit is topped up as messages arrive, so the namespace keeps sending while a
+/// checkpoint is pending, but never past `max_held` locked messages: with a prefetch of 100 and
+/// `max_held: 300` (a checkpoint asked for at 300 held), the locked count climbs to 300 and no
+/// further.
+#[test]
+fn held_messages_stop_at_max_held_while_a_checkpoint_is_pending() {
+    let bus = Bus::new(To::Queue, Duration::from_secs(30));
+    let lines = bus.simulated(2000, 200, 35);
+    bus.publish(&lines);
+    let settings = "    max_held: 300\n    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n";
+    let child =
+        bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s"), ("SERVICEBUS_PREFETCH", "100")]);
+    bus.wait("the queue drained", LONG, Bus::drained);
+    bus.stop(child, "a");
+    let s = bus.stats(sb::QUEUE);
+    assert_eq!(s.peak_locked, 300, "max_held bounds the locked messages: {s:?}");
+    bus.assert_raw_exactly_once();
+}
+
 /// The same with renewal off: locks run out, Service Bus redelivers, and the copies are
 /// recognised as processed (completed, not written again).
 #[test]

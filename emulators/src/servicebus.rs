@@ -167,6 +167,8 @@ pub struct Stats {
     pub lock_renewals: u64,
     /// Locks that expired.
     pub lock_expiries: u64,
+    /// The most messages locked at once.
+    pub peak_locked: u64,
 }
 
 /// An application property value of a [`Message`].

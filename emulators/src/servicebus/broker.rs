@@ -194,6 +194,11 @@ impl Broker {
             }
             out.push(Delivery { payload, token, delivery_tag: delivery_tag_of(&token) });
         }
+        if peek_lock {
+            let store = &mut st.stores[id];
+            let locked = (store.messages.len() - store.available.len()) as u64;
+            store.stats.peak_locked = store.stats.peak_locked.max(locked);
+        }
         if let Some(until) = earliest {
             if st.next_expiry.is_none_or(|t| until < t) {
                 st.next_expiry = Some(until);

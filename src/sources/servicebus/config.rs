@@ -51,17 +51,22 @@ pub struct ServiceBusConfig {
     /// application property.
     #[serde(default)]
     pub device_id: Option<Box<Path>>,
-    /// Messages held locked at most (link credit): received and not yet completed.
+    /// Link credit: messages the namespace may send ahead of processing. Topped up as messages
+    /// arrive, as long as fewer than `max_held` are held.
     #[serde(default = "d_prefetch")]
     pub prefetch: u32,
+    /// Messages held locked at most: received and not yet completed (each waits for the
+    /// checkpoint that covers it). Default: 10 x `prefetch`.
+    #[serde(default)]
+    pub max_held: Option<u32>,
     /// Events per batch sent downstream.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
     /// How long a partial batch may wait for more messages.
     #[serde(default = "d_linger")]
     pub linger: Dur,
-    /// Ask for a checkpoint when held messages reach this share of `prefetch` (the namespace
-    /// stops delivering at `prefetch`).
+    /// Ask for a checkpoint when held messages reach this share of `max_held` (the source stops
+    /// granting credit at `max_held`).
     #[serde(default = "d_checkpoint_at")]
     pub checkpoint_at: f64,
     /// Ask for a checkpoint when the entity has been quiet this long after a burst (at least
@@ -160,6 +165,11 @@ impl ConnectionString {
 }
 
 impl ServiceBusConfig {
+    /// Messages held locked at most: `max_held`, or 10 x `prefetch`.
+    pub fn max_held(&self) -> u32 {
+        self.max_held.unwrap_or(self.prefetch.saturating_mul(10)).max(self.prefetch)
+    }
+
     /// The parsed connection string, if any.
     pub fn connection(&self) -> Result<Option<ConnectionString>, String> {
         match &self.connection_string {
@@ -263,6 +273,9 @@ impl Spec for ServiceBusConfig {
         }
         if self.prefetch == 0 {
             cx.error(&format!("{ptr}/prefetch"), "must be at least 1");
+        }
+        if self.max_held.is_some_and(|m| m < self.prefetch) {
+            cx.error(&format!("{ptr}/max_held"), "must be at least `prefetch`");
         }
         if self.batch_size == 0 {
             cx.error(&format!("{ptr}/batch_size"), "must be at least 1");

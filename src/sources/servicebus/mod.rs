@@ -2,8 +2,9 @@
 //! `servicebusqueue@v1` and `servicebustopic@v1` export destinations) over AMQP 1.0 in peek-lock
 //! mode, with no loss and no duplicates across lost locks, connection faults and crashes.
 //!
-//! Delivery: the receive link has at most `prefetch` messages locked and unsettled (manual link
-//! credit). A message is completed (`accepted`) only at `Commit(n)`, once checkpoint `n` that
+//! Delivery: the receive link keeps `prefetch` credit open (manual link credit, topped up as
+//! messages arrive) while fewer than `max_held` messages are locked and unsettled, so the
+//! namespace keeps sending while a checkpoint is under way. A message is completed (`accepted`) only at `Commit(n)`, once checkpoint `n` that
 //! covers it is durable and every sink has committed it; a management round trip after the
 //! dispositions confirms that the namespace has seen them. Messages held past half of their
 //! lock span have their locks renewed (`com.microsoft:renew-lock` on `ENTITY/$management`), so
@@ -53,6 +54,9 @@ mod link;
 /// How long a completion that may not have taken effect is remembered (Service Bus locks last
 /// at most five minutes; a message whose lock ran out comes back soon after).
 pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Deliveries taken at once when they are already there (a barrier waits for at most this many).
+const READY_BURST: usize = 256;
 
 /// What a checkpoint keeps: hashes of processed messages not known to be completed, with the
 /// time (Unix ms) after which each may be forgotten (0: not yet completed).
@@ -184,7 +188,7 @@ impl ServiceBusSource {
         let (info, msg) = d.into_parts();
         let tag = <[u8; 16]>::try_from(&info.delivery_tag()[..]).ok();
         let now = now_ms();
-        let m = Meta::of(&msg);
+        let mut m = Meta::of(&msg);
         self.received += 1;
         if m.sequence >= 0 {
             self.last_sequence = self.last_sequence.max(m.sequence);
@@ -229,13 +233,16 @@ impl ServiceBusSource {
         self.processed.insert(hash, 0);
         self.held.push_back(held);
         let origin: Arc<str> = origin.into();
+        let mut left = out.iter().filter(|r| r.is_ok()).count();
         for r in out {
             match r {
                 Ok(mut ev) => {
                     ev.meta.offset = m.sequence;
                     ev.meta.enqueued = m.enqueued;
                     ev.meta.origin = Some(origin.clone());
-                    ev.meta.attrs = m.attrs.clone();
+                    left -= 1;
+                    // the last event takes the message's attributes, the others a copy
+                    ev.meta.attrs = if left == 0 { std::mem::take(&mut m.attrs) } else { m.attrs.clone() };
                     events.push(ev);
                 }
                 // the message decoded in part: its bad elements go to the dead-letter output
@@ -305,8 +312,20 @@ impl ServiceBusSource {
         }
         confirmed?;
         self.committed.inc_by(n as u64);
-        let credit = self.cfg.prefetch.saturating_sub(self.held.len() as u32);
-        link.receiver.set_credit(credit).await.context("granting link credit")?;
+        self.top_up_credit().await
+    }
+
+    /// Keeps `prefetch` credit open while fewer than `max_held` messages are held: held plus
+    /// credit never exceeds `max_held`. A flow frame goes out only when it adds at least half a
+    /// prefetch, or the link has none left, so a steady stream costs one per half prefetch.
+    async fn top_up_credit(&mut self) -> anyhow::Result<()> {
+        let Some(link) = self.link.as_mut() else { return Ok(()) };
+        let room = self.cfg.max_held().saturating_sub(self.held.len() as u32);
+        let want = self.cfg.prefetch.min(room);
+        let have = link.receiver.credit();
+        if want > have && (have == 0 || want - have >= (self.cfg.prefetch / 2).max(1)) {
+            link.receiver.set_credit(want).await.context("granting link credit")?;
+        }
         Ok(())
     }
 
@@ -517,6 +536,7 @@ impl Source for ServiceBusSource {
                     Ok(delivery) => {
                         last_delivery = tokio::time::Instant::now();
                         self.take_delivery(cx, delivery, &mut events, &mut dead, &mut deadline).await?;
+                        self.take_ready(cx, &mut events, &mut dead, &mut deadline).await?;
                     }
                     Err(e) => {
                         tracing::warn!("lost the Service Bus link ({}); reconnecting", crate::secret::redact(&e.to_string()));
@@ -551,6 +571,7 @@ impl ServiceBusSource {
         backoff: &mut Duration,
     ) -> anyhow::Result<std::ops::ControlFlow<EndReason>> {
         let e = match Link::open(&self.address, &self.entity, &self.auth, &self.name).await {
+            // nothing is held on a new connection
             Ok(mut l) => match l.receiver.set_credit(self.cfg.prefetch).await {
                 Ok(()) => {
                     self.generation += 1;
@@ -659,9 +680,41 @@ impl ServiceBusSource {
             flush(cx, events, dead).await?;
             *deadline = None;
         }
-        if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.prefetch as f64 * self.cfg.checkpoint_at {
+        if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.max_held() as f64 * self.cfg.checkpoint_at {
             self.asked_checkpoint = true;
             cx.request_checkpoint();
+        }
+        if let Err(e) = self.top_up_credit().await {
+            tracing::warn!("{e:#}; reconnecting");
+            return self.lost_connection(cx, events, dead).await;
+        }
+        Ok(())
+    }
+
+    /// Takes the deliveries that have arrived already, up to [`READY_BURST`], before going back
+    /// to the loop's `select!` (whose timers cost more than taking a delivery).
+    async fn take_ready(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<()> {
+        use futures::FutureExt;
+        for _ in 0..READY_BURST {
+            let Some(link) = self.link.as_mut() else { break };
+            // recv is cancel safe: a delivery not ready yet stays with the link
+            match link.receiver.recv::<Body<Value>>().now_or_never() {
+                None => break,
+                Some(Ok(d)) => self.take_delivery(cx, d, events, dead, deadline).await?,
+                Some(Err(e)) => {
+                    tracing::warn!(
+                        "lost the Service Bus link ({}); reconnecting",
+                        crate::secret::redact(&e.to_string())
+                    );
+                    return self.lost_connection(cx, events, dead).await;
+                }
+            }
         }
         Ok(())
     }
