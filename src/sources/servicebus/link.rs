@@ -27,6 +27,10 @@ use crate::secret::Secret;
 
 /// How long a management call may take before the link counts as broken.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the `$cbs` link's first credit is given to arrive before the first request.
+const FIRST_FLOW: Duration = Duration::from_millis(20);
+/// How long a put-token may take before the connection is made again.
+const PUT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// SAS tokens are made for this long and renewed well before they run out.
 const TOKEN_LIFE: Duration = Duration::from_secs(3600);
 /// Lock tokens per renew-lock request.
@@ -131,6 +135,12 @@ impl Link {
         .map_err(|e| anyhow::anyhow!("opening the AMQP connection: {e}"))?;
         let mut session = Session::begin(&mut conn).await.map_err(|e| anyhow::anyhow!("beginning a session: {e}"))?;
         let mut cbs = CbsClient::attach(&mut session).await.map_err(|e| anyhow::anyhow!("attaching $cbs: {e}"))?;
+        // fe2o3-amqp's sender (0.16 to 0.18 at least) can miss the flow that grants its first
+        // credit: a send checks the credit, then waits on a Notify that the flow wakes with
+        // `notify_waiters`, which keeps no permit, so a flow landing between the two leaves the
+        // send waiting for good. The namespace sends that flow right after its attach: let it
+        // land before the first request (the put-token timeout below covers the rest).
+        tokio::time::sleep(FIRST_FLOW).await;
         let audience = format!("sb://{}/{}", addr.namespace, entity);
         let token_expires = put_token(&mut cbs, auth, &audience).await?;
         let receiver_name = format!("{id}-receiver");
@@ -209,9 +219,9 @@ async fn put_token(cbs: &mut CbsClient, auth: &Auth, audience: &str) -> anyhow::
     let (token, kind, expires) = auth.token(audience).await?;
     let put =
         cbs.put_token(audience.to_string(), CbsToken::new(token, kind, Some(Timestamp::from_milliseconds(expires))));
-    tokio::time::timeout(CALL_TIMEOUT, put)
+    tokio::time::timeout(PUT_TOKEN_TIMEOUT, put)
         .await
-        .map_err(|_| anyhow::anyhow!("$cbs put-token: no answer in {CALL_TIMEOUT:?}"))?
+        .map_err(|_| anyhow::anyhow!("$cbs put-token: no answer in {PUT_TOKEN_TIMEOUT:?}"))?
         .map_err(|e| anyhow::anyhow!("authorizing for {audience}: {}", crate::secret::redact(&e.to_string())))?;
     Ok(expires)
 }
