@@ -4,6 +4,9 @@
 //! against the ceiling of a bare fe2o3-amqp peek-lock receiver on the same emulator that only
 //! completes, in batches of half the prefetch. Both with the same prefetch (link credit),
 //! alternating, median of several runs. A run ends when the emulator has every message completed.
+//! Beside the rates: the CPU time per message of centralflow's process and of the emulator
+//! (this process; with the bare receiver, which runs in it, one figure), from `/proc`, so that
+//! a reader can see what the two cores were busy with.
 //!
 //!   cargo bench --bench servicebus
 //!
@@ -45,8 +48,21 @@ fn fill(emu: &Emulator, bodies: &[Vec<u8>]) {
 }
 
 async fn wait_completed(emu: &Emulator, base: u64, n: u64, start: Instant) -> Duration {
+    // SB_BENCH_TRACE=1: deliveries and completions every 50 ms, to see where a run waits
+    let trace = std::env::var_os("SB_BENCH_TRACE").is_some();
+    let mut next = Duration::ZERO;
     loop {
-        if emu.stats(QUEUE).unwrap().completed >= base + n {
+        let s = emu.stats(QUEUE).unwrap();
+        if trace && start.elapsed() >= next {
+            eprintln!(
+                "{:>6.3} s  delivered {:>7}  completed {:>7}",
+                start.elapsed().as_secs_f64(),
+                s.deliveries,
+                s.completed - base
+            );
+            next += Duration::from_millis(50);
+        }
+        if s.completed >= base + n {
             return start.elapsed();
         }
         assert!(start.elapsed() < Duration::from_secs(600), "the queue did not drain");
@@ -73,15 +89,20 @@ async fn bare(emu: &Emulator, n: u64) -> Duration {
         .unwrap();
     let mut session = Session::begin(&mut conn).await.unwrap();
     let mut cbs = fe2o3_amqp_cbs::client::CbsClient::attach(&mut session).await.unwrap();
+    // as centralflow's source does: fe2o3-amqp's sender can miss its first credit if the flow
+    // lands just as the first send starts waiting (src/sources/servicebus/link.rs)
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let audience = format!("sb://127.0.0.1/{QUEUE}");
     let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 3600;
     let token = sas(&audience, &key_name, &key, expiry);
-    cbs.put_token(
+    let put = cbs.put_token(
         audience.clone(),
         fe2o3_amqp_cbs::token::CbsToken::new(token, "servicebus.windows.net:sastoken", None),
-    )
-    .await
-    .unwrap();
+    );
+    tokio::time::timeout(Duration::from_secs(30), put)
+        .await
+        .expect("put-token: no answer in 30 s (fe2o3-amqp's lost first credit?)")
+        .unwrap();
     let mut rx = Receiver::builder()
         .name("bare-receiver")
         .source(QUEUE)
@@ -99,7 +120,14 @@ async fn bare(emu: &Emulator, n: u64) -> Duration {
     let mut held = Vec::with_capacity(batch);
     let mut got = 0u64;
     while got < n {
-        let d = rx.recv::<Body<Value>>().await.unwrap();
+        let d = match tokio::time::timeout(Duration::from_secs(60), rx.recv::<Body<Value>>()).await {
+            Ok(d) => d.unwrap(),
+            Err(_) => panic!(
+                "the bare receiver got nothing for 60 s after {got} of {n} messages (credit {}); emulator: {:?}",
+                rx.credit(),
+                emu.stats(QUEUE).unwrap()
+            ),
+        };
         got += 1;
         let (info, _msg) = d.into_parts();
         held.push(info);
@@ -131,13 +159,18 @@ fn sas(uri: &str, key_name: &str, key: &str, expiry: i64) -> String {
 
 /// `centralflow run pipelines/servicebus-to-parquet.yaml` until the emulator has all `n`
 /// messages completed, then SIGTERM.
-async fn centralflow(emu: &Emulator, n: u64, dir: &Path) -> Duration {
+async fn centralflow(emu: &Emulator, n: u64, dir: &Path) -> (Duration, Duration) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let _ = std::fs::remove_dir_all(dir);
     let base = emu.stats(QUEUE).unwrap().completed;
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_centralflow"))
-        .args(["run", root.join("pipelines/servicebus-to-parquet.yaml").to_str().unwrap()])
+        // SB_BENCH_PIPELINE: another pipeline file, to take the run apart (not for the figures)
+        .args([
+            "run",
+            &std::env::var("SB_BENCH_PIPELINE")
+                .unwrap_or_else(|_| root.join("pipelines/servicebus-to-parquet.yaml").display().to_string()),
+        ])
         .env("SERVICEBUS_CONNECTION_STRING", emu.connection_string())
         .env("SERVICEBUS_QUEUE", QUEUE)
         .env("SERVICEBUS_PREFETCH", prefetch().to_string())
@@ -150,13 +183,30 @@ async fn centralflow(emu: &Emulator, n: u64, dir: &Path) -> Duration {
         .spawn()
         .unwrap();
     let took = wait_completed(emu, base, n, start).await;
+    let cpu = proc_cpu(child.id());
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "centralflow failed: {:?}", out.status);
-    took
+    (took, cpu)
+}
+
+/// User + system CPU time of a process so far, from `/proc/PID/stat`.
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // the fields after the command name, which is in parentheses
+    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// CPU time of this process (the emulator, and the bare receiver while it runs).
+fn self_cpu() -> Duration {
+    proc_cpu(std::process::id())
 }
 
 /// Rows in the raw archive.
@@ -193,18 +243,26 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let emu = rt.block_on(Emulator::start(Config::new().queue(QUEUE).lock_duration(Duration::from_secs(60)))).unwrap();
+    // per run: (wall, CPU of this process = emulator [+ bare receiver], CPU of centralflow)
     let (mut b, mut c) = (Vec::new(), Vec::new());
     for run in 0..runs {
         fill(&emu, &bodies);
-        b.push(rt.block_on(bare(&emu, n)));
+        let cpu0 = self_cpu();
+        let wall = rt.block_on(bare(&emu, n));
+        b.push((wall, self_cpu() - cpu0, Duration::ZERO));
         fill(&emu, &bodies);
         let dir = work.path().join(format!("run-{run}"));
-        c.push(rt.block_on(centralflow(&emu, n, &dir)));
-        assert_eq!(raw_rows(&dir), n as usize, "the raw archive holds every message once");
+        let cpu0 = self_cpu();
+        let (wall, cf_cpu) = rt.block_on(centralflow(&emu, n, &dir));
+        c.push((wall, self_cpu() - cpu0, cf_cpu));
+        if std::env::var_os("SB_BENCH_PIPELINE").is_none() {
+            assert_eq!(raw_rows(&dir), n as usize, "the raw archive holds every message once");
+        }
     }
     b.sort();
     c.sort();
-    let (b, c) = (b[b.len() / 2], c[c.len() / 2]);
+    let ((b, b_emu, _), (c, c_emu, c_cpu)) = (b[b.len() / 2], c[c.len() / 2]);
+    let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     if !bench {
         println!("Service Bus check (cargo test, not a measurement)");
@@ -214,13 +272,21 @@ fn main() {
         bytes as f64 / n as f64,
         prefetch()
     );
-    println!("| | drain s | messages/s |");
-    println!("|---|---|---|");
+    println!("| | drain s | messages/s | CPU µs per message: receiver | emulator |");
+    println!("|---|---|---|---|---|");
+    // the bare receiver runs in this process, beside the emulator: their CPU is one figure
     println!(
-        "| bare fe2o3-amqp peek-lock receiver (completes every half prefetch) | {:.2} | {:.0} |",
+        "| bare fe2o3-amqp peek-lock receiver (completes every half prefetch) | {:.2} | {:.0} | {:.1} (with the emulator) | |",
         b.as_secs_f64(),
-        rate(b)
+        rate(b),
+        us(b_emu)
     );
-    println!("| centralflow servicebus-to-parquet (end to end) | {:.2} | {:.0} |", c.as_secs_f64(), rate(c));
-    println!("| centralflow / bare | | {:.2} |", rate(c) / rate(b));
+    println!(
+        "| centralflow servicebus-to-parquet (end to end) | {:.2} | {:.0} | {:.1} | {:.1} |",
+        c.as_secs_f64(),
+        rate(c),
+        us(c_cpu),
+        us(c_emu)
+    );
+    println!("| centralflow / bare | | {:.2} | | |", rate(c) / rate(b));
 }
