@@ -69,6 +69,11 @@ pub struct EventHubsConfig {
     /// move after at most this long). At least twice `balance_interval`.
     #[serde(default = "d_expiry")]
     pub ownership_expiry: Dur,
+    /// How long connecting, authorizing or opening a receiver may take before the attempt
+    /// counts as failed and is made again: a peer that accepts and never answers must not stall
+    /// a partition for good.
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: Dur,
     /// Events per batch sent downstream.
     #[serde(default = "d_batch")]
     pub batch_size: usize,
@@ -133,6 +138,9 @@ fn d_balance() -> Dur {
 }
 fn d_expiry() -> Dur {
     Dur::new("60s")
+}
+fn d_connect_timeout() -> Dur {
+    Dur::new("30s")
 }
 fn d_batch() -> usize {
     1000
@@ -260,6 +268,7 @@ impl Spec for EventHubsConfig {
         cx.duration(&format!("{ptr}/linger"), &self.linger);
         let interval = cx.positive_duration(&format!("{ptr}/balance_interval"), &self.balance_interval);
         let expiry = cx.positive_duration(&format!("{ptr}/ownership_expiry"), &self.ownership_expiry);
+        cx.positive_duration(&format!("{ptr}/connect_timeout"), &self.connect_timeout);
         if let (Some(i), Some(e)) = (interval, expiry) {
             if e < i * 2 {
                 cx.error(

@@ -20,6 +20,8 @@ pub struct Connector {
     pub(super) hub: String,
     pub(super) group: String,
     endpoint: Option<String>,
+    /// `connect_timeout`.
+    timeout: std::time::Duration,
 }
 
 impl Connector {
@@ -44,11 +46,30 @@ impl Connector {
             hub,
             group: cfg.consumer_group.clone(),
             endpoint: cfg.endpoint().map(str::to_string),
+            timeout: cfg.connect_timeout.get()?,
         })
+    }
+
+    /// `f` within `connect_timeout`, else an error naming `what`. The AMQP stack has no timeout
+    /// of its own for a peer that stops answering, and fe2o3-amqp's sender can wait for good for
+    /// a first credit it missed (ARCHITECTURE.md, "Service Bus on fe2o3-amqp").
+    pub async fn bounded<T>(
+        &self,
+        what: &str,
+        f: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(anyhow::anyhow!("{what}: no answer in {:?}", self.timeout)),
+        }
     }
 
     /// A connected client.
     pub async fn open(&self) -> anyhow::Result<ConsumerClient> {
+        self.bounded("connecting", self.open_unbounded()).await
+    }
+
+    async fn open_unbounded(&self) -> anyhow::Result<ConsumerClient> {
         let mut b = ConsumerClient::builder()
             .with_consumer_group(self.group.clone())
             .with_application_id("centralflow".to_string())

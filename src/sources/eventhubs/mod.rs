@@ -277,7 +277,12 @@ impl EventHubsSource {
         loop {
             let attempt = async {
                 let client = self.connector.open().await?;
-                let props = client.get_eventhub_properties().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let props = self
+                    .connector
+                    .bounded("reading the hub's properties", async {
+                        client.get_eventhub_properties().await.map_err(|e| anyhow::anyhow!("{e}"))
+                    })
+                    .await?;
                 anyhow::Ok((client, props.partition_ids))
             };
             let r = tokio::select! {

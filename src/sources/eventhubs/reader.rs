@@ -213,10 +213,16 @@ impl Reader {
             start_position: Some(self.start_position()),
             receive_timeout: None,
         };
-        match client.open_receiver_on_partition(self.cfg.partition.to_string(), Some(opts)).await {
+        let open = self.cfg.connector.bounded("opening the receiver", async {
+            client
+                .open_receiver_on_partition(self.cfg.partition.to_string(), Some(opts))
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the receiver: {e}"))
+        });
+        match open.await {
             Ok(r) => Ok((client, r)),
             Err(e) => {
-                self.report_health(false, format!("opening the receiver: {e}")).await;
+                self.report_health(false, format!("{e:#}")).await;
                 close_client(client).await;
                 Err(self.retry().await)
             }

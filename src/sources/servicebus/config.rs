@@ -74,6 +74,11 @@ pub struct ServiceBusConfig {
     /// `checkpoint.interval`. `0s` turns it off.
     #[serde(default = "d_quiet")]
     pub quiet_checkpoint: Dur,
+    /// How long connecting may take (TCP, TLS, AMQP open, authorization, attaching the links)
+    /// before the attempt counts as failed and is made again: a peer that accepts and never
+    /// answers must not stall the source for good.
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: Dur,
     /// Renew the locks of messages held past half of their lock duration
     /// (`com.microsoft:renew-lock`), so that a slow checkpoint never lets a lock expire.
     #[serde(default = "yes")]
@@ -95,6 +100,9 @@ fn d_linger() -> Dur {
 }
 fn d_quiet() -> Dur {
     Dur::new("250ms")
+}
+fn d_connect_timeout() -> Dur {
+    Dur::new("30s")
 }
 fn d_checkpoint_at() -> f64 {
     0.5
@@ -282,6 +290,7 @@ impl Spec for ServiceBusConfig {
         }
         cx.duration(&format!("{ptr}/linger"), &self.linger);
         cx.duration(&format!("{ptr}/quiet_checkpoint"), &self.quiet_checkpoint);
+        cx.positive_duration(&format!("{ptr}/connect_timeout"), &self.connect_timeout);
         if !(self.checkpoint_at > 0.0 && self.checkpoint_at <= 1.0) {
             cx.error(&format!("{ptr}/checkpoint_at"), "must be a share in (0, 1]");
         }

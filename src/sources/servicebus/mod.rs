@@ -570,7 +570,10 @@ impl ServiceBusSource {
         cx: &mut SourceCx,
         backoff: &mut Duration,
     ) -> anyhow::Result<std::ops::ControlFlow<EndReason>> {
-        let e = match Link::open(&self.address, &self.entity, &self.auth, &self.name).await {
+        let limit = self.cfg.connect_timeout.get()?;
+        let open = tokio::time::timeout(limit, Link::open(&self.address, &self.entity, &self.auth, &self.name));
+        let opened = open.await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {limit:?}")));
+        let e = match opened {
             // nothing is held on a new connection
             Ok(mut l) => match l.receiver.set_credit(self.cfg.prefetch).await {
                 Ok(()) => {
