@@ -24,6 +24,10 @@ use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Connection, Receiver, Session};
 
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::{cpu_of, self_cpu};
+
 /// Link credit of both receivers: `SB_BENCH_PREFETCH`, default the pipeline's default.
 fn prefetch() -> u32 {
     std::env::var("SB_BENCH_PREFETCH").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PREFETCH)
@@ -183,7 +187,7 @@ async fn centralflow(emu: &Emulator, n: u64, dir: &Path) -> (Duration, Duration)
         .spawn()
         .unwrap();
     let took = wait_completed(emu, base, n, start).await;
-    let cpu = proc_cpu(child.id());
+    let cpu = cpu_of(child.id());
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -191,22 +195,6 @@ async fn centralflow(emu: &Emulator, n: u64, dir: &Path) -> (Duration, Duration)
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "centralflow failed: {:?}", out.status);
     (took, cpu)
-}
-
-/// User + system CPU time of a process so far, from `/proc/PID/stat`.
-fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // the fields after the command name, which is in parentheses
-    let rest: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
-/// CPU time of this process (the emulator, and the bare receiver while it runs).
-fn self_cpu() -> Duration {
-    proc_cpu(std::process::id())
 }
 
 /// Rows in the raw archive.

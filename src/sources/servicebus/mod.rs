@@ -4,9 +4,10 @@
 //!
 //! Delivery: the receive link keeps `prefetch` credit open (manual link credit, topped up as
 //! messages arrive) while fewer than `max_held` messages are locked and unsettled, so the
-//! namespace keeps sending while a checkpoint is under way. A message is completed (`accepted`) only at `Commit(n)`, once checkpoint `n` that
-//! covers it is durable and every sink has committed it; a management round trip after the
-//! dispositions confirms that the namespace has seen them. Messages held past half of their
+//! namespace keeps sending while a checkpoint is under way. A message is completed
+//! (`accepted`) only at `Commit(n)`, once checkpoint `n` that covers it is durable and every
+//! sink has committed it; a management round trip after the dispositions confirms that the
+//! namespace has seen them. Messages held past half of their
 //! lock span have their locks renewed (`com.microsoft:renew-lock` on `ENTITY/$management`), so
 //! a slow checkpoint never lets a lock expire.
 //!
@@ -532,17 +533,14 @@ impl Source for ServiceBusSource {
                         self.lost_connection(cx, &mut events, &mut dead).await?;
                     }
                 }
-                d = link.receiver.recv::<Body<Value>>() => match d {
-                    Ok(delivery) => {
+                d = link.receiver.recv::<Body<Value>>() => {
+                    if d.is_ok() {
                         last_delivery = tokio::time::Instant::now();
-                        self.take_delivery(cx, delivery, &mut events, &mut dead, &mut deadline).await?;
+                    }
+                    if self.on_recv(cx, d, &mut events, &mut dead, &mut deadline).await? {
                         self.take_ready(cx, &mut events, &mut dead, &mut deadline).await?;
                     }
-                    Err(e) => {
-                        tracing::warn!("lost the Service Bus link ({}); reconnecting", crate::secret::redact(&e.to_string()));
-                        self.lost_connection(cx, &mut events, &mut dead).await?;
-                    }
-                },
+                }
             }
         }
     }
@@ -694,6 +692,26 @@ impl ServiceBusSource {
         Ok(())
     }
 
+    /// One result of the receive link: a delivery is taken; an error means the link is lost and
+    /// the connection is made again. True while the link is up.
+    async fn on_recv(
+        &mut self,
+        cx: &mut SourceCx,
+        r: Result<fe2o3_amqp::link::delivery::Delivery<Body<Value>>, fe2o3_amqp::link::RecvError>,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> anyhow::Result<bool> {
+        match r {
+            Ok(d) => self.take_delivery(cx, d, events, dead, deadline).await?,
+            Err(e) => {
+                tracing::warn!("lost the Service Bus link ({}); reconnecting", crate::secret::redact(&e.to_string()));
+                self.lost_connection(cx, events, dead).await?;
+            }
+        }
+        Ok(self.link.is_some())
+    }
+
     /// Takes the deliveries that have arrived already, up to [`READY_BURST`], before going back
     /// to the loop's `select!` (whose timers cost more than taking a delivery).
     async fn take_ready(
@@ -707,16 +725,9 @@ impl ServiceBusSource {
         for _ in 0..READY_BURST {
             let Some(link) = self.link.as_mut() else { break };
             // recv is cancel safe: a delivery not ready yet stays with the link
-            match link.receiver.recv::<Body<Value>>().now_or_never() {
-                None => break,
-                Some(Ok(d)) => self.take_delivery(cx, d, events, dead, deadline).await?,
-                Some(Err(e)) => {
-                    tracing::warn!(
-                        "lost the Service Bus link ({}); reconnecting",
-                        crate::secret::redact(&e.to_string())
-                    );
-                    return self.lost_connection(cx, events, dead).await;
-                }
+            let Some(r) = link.receiver.recv::<Body<Value>>().now_or_never() else { break };
+            if !self.on_recv(cx, r, events, dead, deadline).await? {
+                break;
             }
         }
         Ok(())
