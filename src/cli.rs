@@ -167,7 +167,7 @@ fn init_logging(cli: &Cli) {
         .log
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info,lapin=warn,azure_core=warn,fe2o3_amqp=warn".into());
+        .unwrap_or_else(|| "info,lapin=warn,azure_core=warn,fe2o3_amqp=warn,deltalake_core=warn,buoyant_kernel=warn,buoyant_kernel_engine=warn".into());
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(crate::secret::RedactingWriter);
     let _ = match cli.log_format {

@@ -621,3 +621,28 @@ fn parquet_typed_columns_are_checked_where_they_are_written() {
     assert!(e[0].starts_with("sinks.lake.columns.temperature") && e[0].contains("(line 12, column"), "{e:#?}");
     assert!(e[0].contains(r#"must be one of "double", "long""#), "{e:#?}");
 }
+
+#[test]
+fn delta_partition_columns_are_checked_where_they_are_written() {
+    let yaml = |lines: &str| {
+        format!(
+            "sources:\n  sim:\n    type: simulator\n    count: 1\nsinks:\n  lake:\n    type: delta\n    inputs: [sim]\n    url: ./out/t\n{lines}"
+        )
+    };
+    let with = |lines: &str| errors(&yaml(lines));
+    let valid = |lines: &str| load(&yaml(lines)).map(|_| ()).map_err(|e| format!("{e:?}"));
+    valid("    partition_by: [date, hour]\n").unwrap();
+    // in the rows layout any column may come: checked when the first rows arrive
+    valid("    layout: rows\n    partition_by: [site]\n").unwrap();
+    assert_errors(
+        &with("    layout: export\n    partition_by: [date, site, date]\n    columns: {temperature: double}\n"),
+        &[
+            "sinks.lake.partition_by[1]: `site` is not `date`, `hour`, a column of the export layout or a typed \
+             column (line 11, column 26)",
+            "sinks.lake.partition_by[2]: `date` is named twice (line 11, column 32)",
+        ],
+    );
+    valid("    layout: export\n    partition_by: [deviceId, site]\n    columns: {enrichments.site: {type: string, name: site}}\n")
+        .unwrap();
+    assert_errors(&with("    app_id: ' '\n"), &["sinks.lake.app_id: must not be empty (line 10, column 13)"]);
+}

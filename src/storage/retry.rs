@@ -163,7 +163,7 @@ impl ObjectStore for Retrying {
     }
 
     async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
-        let plain = opts.tags.is_empty() && opts.attributes.is_empty();
+        let plain = opts.tags.encoded().is_empty() && opts.attributes.is_empty();
         match &self.parts {
             Some(parts) if plain => {
                 let id = self.again("start an upload of", location, || parts.create_multipart(location)).await?;

@@ -49,7 +49,7 @@ mod partition;
 mod typed;
 pub use partition::PartitionTemplate;
 use partition::Partitioner;
-use typed::TypedColumns;
+pub(crate) use typed::TypedColumns;
 pub use typed::{ColumnSpec, ColumnType};
 
 /// Writes Parquet files.
@@ -117,6 +117,20 @@ pub enum Compression {
     Zstd,
     Snappy,
     None,
+}
+
+impl Compression {
+    /// Parquet writer properties with this compression, naming centralflow as the writer.
+    pub(crate) fn writer_properties(self) -> parquet::file::properties::WriterPropertiesBuilder {
+        let compression = match self {
+            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
+            Compression::Snappy => PqCompression::SNAPPY,
+            Compression::None => PqCompression::UNCOMPRESSED,
+        };
+        WriterProperties::builder()
+            .set_compression(compression)
+            .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
+    }
 }
 
 /// The unit of the timestamp columns written.
@@ -196,38 +210,43 @@ impl Spec for ParquetConfig {
             cx.error(&format!("{ptr}/file_prefix"), "must be a non-empty name without `/`");
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
-        self.check_columns(ptr, cx);
+        check_columns(ptr, cx, &self.columns, self.layout, self.metadata_columns);
     }
     fn inputs(&self) -> &[String] {
         &self.inputs
     }
 }
 
-impl ParquetConfig {
-    /// Typed columns: valid paths, distinct names, none taken by the layout's own columns.
-    fn check_columns(&self, ptr: &str, cx: &mut Checker<'_>) {
-        // the columns of the layout that a typed column must not take
-        let mut taken: Vec<String> = Vec::new();
-        if self.layout != ParquetLayout::Rows {
-            taken.extend(export_schema(false).fields().iter().map(|f| f.name().clone()));
+/// Typed columns (of a Parquet or Delta sink): valid paths, distinct names, none taken by the
+/// layout's own columns.
+pub(crate) fn check_columns(
+    ptr: &str,
+    cx: &mut Checker<'_>,
+    columns: &BTreeMap<String, ColumnSpec>,
+    layout: ParquetLayout,
+    metadata_columns: bool,
+) {
+    // the columns of the layout that a typed column must not take
+    let mut taken: Vec<String> = Vec::new();
+    if layout != ParquetLayout::Rows {
+        taken.extend(export_schema(false).fields().iter().map(|f| f.name().clone()));
+    }
+    if metadata_columns {
+        taken.extend(["_partition", "_offset", "_origin", "_enqueued_time"].map(String::from));
+    }
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (path, spec) in columns {
+        let at = format!("{ptr}/columns/{}", path.replace('~', "~0").replace('/', "~1"));
+        if let Err(e) = crate::path::FieldPath::parse(path) {
+            cx.error_at_key(&at, format!("not a field path: {e}"));
         }
-        if self.metadata_columns {
-            taken.extend(["_partition", "_offset", "_origin", "_enqueued_time"].map(String::from));
-        }
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-        for (path, spec) in &self.columns {
-            let at = format!("{ptr}/columns/{}", path.replace('~', "~0").replace('/', "~1"));
-            if let Err(e) = crate::path::FieldPath::parse(path) {
-                cx.error_at_key(&at, format!("not a field path: {e}"));
-            }
-            let name = spec.name(path);
-            if name.is_empty() {
-                cx.error(&at, "the column name must not be empty");
-            } else if taken.iter().any(|t| t == name) {
-                cx.error(&at, format!("column `{name}` is already a column of the layout; give it another `name`"));
-            } else if let Some(other) = seen.insert(name, path) {
-                cx.error(&at, format!("column `{name}` is also the column of `{other}`; give one another `name`"));
-            }
+        let name = spec.name(path);
+        if name.is_empty() {
+            cx.error(&at, "the column name must not be empty");
+        } else if taken.iter().any(|t| t == name) {
+            cx.error(&at, format!("column `{name}` is already a column of the layout; give it another `name`"));
+        } else if let Some(other) = seen.insert(name, path) {
+            cx.error(&at, format!("column `{name}` is also the column of `{other}`; give one another `name`"));
         }
     }
 }
@@ -279,16 +298,7 @@ impl ParquetSink {
     pub async fn new(cfg: ParquetConfig, cx: &BuildCx<'_>) -> anyhow::Result<ParquetSink> {
         let loc = storage::open(&cfg.url, &cfg.storage).with_context(|| format!("opening {}", cfg.url))?;
         storage::probe(&loc).await?;
-        let compression = match cfg.compression {
-            Compression::Zstd => PqCompression::ZSTD(ZstdLevel::default()),
-            Compression::Snappy => PqCompression::SNAPPY,
-            Compression::None => PqCompression::UNCOMPRESSED,
-        };
-        let props = WriterProperties::builder()
-            .set_compression(compression)
-            .set_max_row_group_row_count(Some(cfg.row_group_size))
-            .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
-            .build();
+        let props = cfg.compression.writer_properties().set_max_row_group_row_count(Some(cfg.row_group_size)).build();
         let template = cfg.partition_by.as_ref().map(Parsed::get).transpose()?;
         let time_path = cfg.partition_time.as_ref().map(Parsed::get).transpose()?;
         let roll_bytes = cfg.roll.bytes.as_ref().map(|b| b.get().map(|b| b.0)).transpose()?;
@@ -354,21 +364,9 @@ impl ParquetSink {
     }
 
     async fn write_group(&mut self, key: String, events: &[&Event]) -> anyhow::Result<()> {
-        let layout = *self.layout.get_or_insert_with(|| {
-            if matches!(events.first().map(|e| e.kind), Some(Kind::Export(_))) {
-                ParquetLayout::Export
-            } else {
-                ParquetLayout::Rows
-            }
-        });
+        let layout = *self.layout.get_or_insert_with(|| detect_layout(events));
         let meta = self.cfg.metadata_columns;
-        let mut schema = match layout {
-            ParquetLayout::Export => export_schema(meta),
-            _ => infer_rows_schema(events, meta),
-        };
-        if !self.typed.is_empty() {
-            schema = self.with_typed(&schema);
-        }
+        let schema = layout_schema(layout, events, meta, &self.typed);
         // a rows batch that does not fit the open file's schema starts a new file
         self.fit_schema(&key, &schema).await?;
         let mut rest = events;
@@ -377,46 +375,12 @@ impl ParquetSink {
             let (now, later) = rest.split_at(self.room(&key, rest.len()));
             rest = later;
             let file_schema = self.open[&key].schema.clone();
-            // the typed columns are the file's last ones
-            let base = if self.typed.is_empty() {
-                file_schema.clone()
-            } else {
-                let n = file_schema.fields().len() - self.typed.len();
-                Arc::new(arrow_schema::Schema::new(file_schema.fields()[..n].to_vec()))
-            };
-            let typed = &self.typed;
-            // encode in parallel chunks, write in order
-            let chunks: Vec<anyhow::Result<RecordBatch>> = now
-                .par_chunks(8192)
-                .map(|part| {
-                    let rb = match layout {
-                        ParquetLayout::Export => encode_export(part, meta)?,
-                        _ => encode_rows(part, &base, meta)?,
-                    };
-                    if typed.is_empty() {
-                        return Ok(rb);
-                    }
-                    let mut cols = rb.columns().to_vec();
-                    cols.extend(typed.encode(part));
-                    Ok(RecordBatch::try_new(file_schema.clone(), cols)?)
-                })
-                .collect();
-            for rb in chunks {
-                self.append(&key, &rb?).await?;
+            for rb in encode_layout(now, layout, meta, &self.typed, &file_schema)? {
+                self.append(&key, &rb).await?;
             }
             self.wrote(&key, now.len()).await?;
         }
         Ok(())
-    }
-
-    /// `schema` with the typed columns appended; a derived column of the rows layout by the name
-    /// of a typed column gives way to it.
-    fn with_typed(&self, schema: &SchemaRef) -> SchemaRef {
-        let names: Vec<&str> = self.typed.names().collect();
-        let mut fields: Vec<arrow_schema::FieldRef> =
-            schema.fields().iter().filter(|f| !names.contains(&f.name().as_str())).cloned().collect();
-        fields.extend(self.typed.fields().into_iter().map(Arc::new));
-        Arc::new(arrow_schema::Schema::new(fields))
     }
 
     /// Writes rows that came as columns (see [`ParquetConfig::accepts_columns`]), as
@@ -503,6 +467,65 @@ impl ParquetSink {
         }
         Ok(())
     }
+}
+
+/// The layout of a sink with `layout: auto`, from its first events: the export layout for
+/// export messages, rows otherwise.
+pub(crate) fn detect_layout(events: &[&Event]) -> ParquetLayout {
+    if matches!(events.first().map(|e| e.kind), Some(Kind::Export(_))) {
+        ParquetLayout::Export
+    } else {
+        ParquetLayout::Rows
+    }
+}
+
+/// The columns of `events` in `layout` (export or rows, never auto), with the typed columns
+/// last; a derived column of the rows layout by the name of a typed column gives way to it.
+pub(crate) fn layout_schema(layout: ParquetLayout, events: &[&Event], meta: bool, typed: &TypedColumns) -> SchemaRef {
+    let schema = match layout {
+        ParquetLayout::Export => export_schema(meta),
+        _ => infer_rows_schema(events, meta),
+    };
+    if typed.is_empty() {
+        return schema;
+    }
+    let names: Vec<&str> = typed.names().collect();
+    let mut fields: Vec<arrow_schema::FieldRef> =
+        schema.fields().iter().filter(|f| !names.contains(&f.name().as_str())).cloned().collect();
+    fields.extend(typed.fields().into_iter().map(Arc::new));
+    Arc::new(arrow_schema::Schema::new(fields))
+}
+
+/// Encodes `events` into batches of `schema` (a [`layout_schema`], or one that covers it, typed
+/// columns last): in parallel chunks on the rayon pool, returned in order.
+pub(crate) fn encode_layout(
+    events: &[&Event],
+    layout: ParquetLayout,
+    meta: bool,
+    typed: &TypedColumns,
+    schema: &SchemaRef,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let base = if typed.is_empty() {
+        schema.clone()
+    } else {
+        let n = schema.fields().len() - typed.len();
+        Arc::new(arrow_schema::Schema::new(schema.fields()[..n].to_vec()))
+    };
+    events
+        .par_chunks(8192)
+        .map(|part| {
+            let rb = match layout {
+                ParquetLayout::Export => encode_export(part, meta)?,
+                _ => encode_rows(part, &base, meta)?,
+            };
+            if typed.is_empty() {
+                return Ok(rb);
+            }
+            let mut cols = rb.columns().to_vec();
+            cols.extend(typed.encode(part));
+            Ok(RecordBatch::try_new(schema.clone(), cols)?)
+        })
+        .collect()
 }
 
 /// Makes a staged file visible under its final name (idempotent).
