@@ -13,49 +13,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType, TimestampNanosecondType};
 use arrow_array::Array;
 
-#[derive(Clone, Copy, Debug)]
-struct Measure {
-    wall: Duration,
-    cpu: Duration,
-    max_rss_kib: i64,
-}
-
-/// Runs a command to completion and measures it with wait4(2).
-fn measure(cmd: &mut Command) -> Measure {
-    let start = Instant::now();
-    let child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waiting for our own child with valid pointers.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let wall = start.elapsed();
-    assert_eq!(r, pid, "wait4");
-    let output = child.wait_with_output();
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    if !ok {
-        let err = output.map(|o| String::from_utf8_lossy(&o.stderr).to_string()).unwrap_or_default();
-        panic!("{cmd:?} failed ({status}):\n{err}");
-    }
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    Measure { wall, cpu: tv(ru.ru_utime) + tv(ru.ru_stime), max_rss_kib: ru.ru_maxrss }
-}
-
-fn median(mut v: Vec<Measure>) -> Measure {
-    v.sort_by_key(|m| m.wall);
-    let mid = v[v.len() / 2];
-    let mut cpu: Vec<Duration> = v.iter().map(|m| m.cpu).collect();
-    cpu.sort();
-    let mut rss: Vec<i64> = v.iter().map(|m| m.max_rss_kib).collect();
-    rss.sort();
-    Measure { wall: mid.wall, cpu: cpu[cpu.len() / 2], max_rss_kib: rss[rss.len() / 2] }
-}
+#[path = "common/measure.rs"]
+mod measure;
+use measure::{anchor, median, replay};
 
 type Row = (String, i64);
 
@@ -161,27 +126,10 @@ fn main() {
     let cf_out = work.path().join("centralflow");
     let duck_out = work.path().join("duckdb.parquet");
 
-    let centralflow = || {
-        let _ = std::fs::remove_dir_all(&cf_out);
-        let mut c = Command::new(&bin);
-        c.args(["replay", "--no-progress", root.join("pipelines/w1-tumbling.yaml").to_str().unwrap()])
-            .env("CENTRALFLOW_INPUT", &input)
-            .env("CENTRALFLOW_OUTPUT", &cf_out)
-            .env("RAYON_NUM_THREADS", "2")
-            .env("CENTRALFLOW_LOG", "warn");
-        measure(&mut c)
-    };
-    let duckdb = || {
-        let _ = std::fs::remove_file(&duck_out);
-        let mut c = Command::new(&python);
-        c.args([
-            root.join("benches/anchors/anchor_duckdb.py").to_str().unwrap(),
-            input.to_str().unwrap(),
-            duck_out.to_str().unwrap(),
-            "2",
-        ]);
-        measure(&mut c)
-    };
+    let w1 = root.join("pipelines/w1-tumbling.yaml");
+    let centralflow = || replay(&bin, &w1, &input, &cf_out);
+    let script = root.join("benches/anchors/anchor_duckdb.py");
+    let duckdb = || anchor(&python, &script, &input, &duck_out);
     // warm-up (page cache, lazy loading), then alternate so that both see the same conditions
     if bench {
         centralflow();

@@ -235,3 +235,22 @@ fn replay_to_delta_is_read_by_deltalake_and_pyspark() {
     // partition folders as Hive names them
     assert!(std::fs::read_dir(&table).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("date=")));
 }
+
+#[test]
+fn replay_to_delta_on_s3_commits_through_put_if_absent() {
+    // moto answers S3's conditional PUT (If-None-Match), which the commit of `_delta_log/N.json` uses
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("export.jsonl");
+    simulate(&input, 5_000, 20, 5);
+    let bucket = unique("delta-");
+    s3_create_bucket(&bucket);
+    let out = format!("s3://{bucket}/lake");
+    let mut env: Vec<(String, String)> = s3_env();
+    env.push(("CENTRALFLOW_INPUT".into(), input.to_str().unwrap().into()));
+    env.push(("CENTRALFLOW_OUTPUT".into(), out.clone()));
+    env.push(("CENTRALFLOW_DEAD_LETTERS".into(), dir.path().join("dl.jsonl").to_str().unwrap().into()));
+    ok(&run(&["replay", "pipelines/replay-to-delta.yaml"], &env_refs(&env), T));
+    let v = read_table(&format!("{out}/telemetry"), &s3_options(), false);
+    assert_eq!(raw_rows(&v), expected_raw(&input));
+    assert_eq!(assert_one_commit_per_epoch(&v), 1);
+}

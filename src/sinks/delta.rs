@@ -521,3 +521,112 @@ impl Sink for DeltaSink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Value;
+
+    fn row(device: &str, t: i64, fields: &[(&str, f64)]) -> Event {
+        let mut e = Event::row();
+        e.push("deviceId", device.into());
+        e.push("window_start", Value::Time(t));
+        for (k, v) in fields {
+            e.push(k, Value::Float(*v));
+        }
+        e.time = t;
+        e
+    }
+
+    fn batch(events: Vec<Event>) -> Arc<Batch> {
+        Arc::new(Batch::new(events))
+    }
+
+    async fn sink(dir: &std::path::Path, first_epoch: u64) -> DeltaSink {
+        let cfg: DeltaConfig = serde_json::from_value(serde_json::json!({
+            "inputs": ["w"], "url": dir.to_str().unwrap(), "partition_by": ["date"]
+        }))
+        .unwrap();
+        DeltaSink::new(cfg, &BuildCx::for_test("lake", "delta", first_epoch)).await.unwrap()
+    }
+
+    async fn table(dir: &std::path::Path) -> DeltaTable {
+        TableAt::open(dir.to_str().unwrap(), &BTreeMap::new()).unwrap().load().await.unwrap().expect("a table")
+    }
+
+    /// Rows with a new column add it to the (partitioned) table; each epoch is one commit whose
+    /// txn version is the epoch; a restart from a checkpoint whose commit did not happen commits
+    /// it once, and a second restart from the same checkpoint adds nothing.
+    #[tokio::test]
+    async fn epochs_commit_once_and_new_columns_join_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 86_400_000_000_000i64;
+        let mut s = sink(dir.path(), 1).await;
+        s.start(None).await.unwrap();
+        s.write(batch(vec![row("a", day, &[("t_avg", 1.0)]), row("b", 2 * day, &[("t_avg", 2.0)])])).await.unwrap();
+        s.flush(1).await.unwrap();
+        s.commit(1).await.unwrap();
+        s.write(batch(vec![row("a", day, &[("t_avg", 3.0), ("h_avg", 4.0)])])).await.unwrap();
+        s.flush(2).await.unwrap();
+        s.commit(2).await.unwrap();
+        // epoch 3 reaches its checkpoint, then the process dies before the commit
+        s.write(batch(vec![row("c", day, &[("t_avg", 5.0)])])).await.unwrap();
+        let state = s.flush(3).await.unwrap();
+        drop(s);
+
+        let t = table(dir.path()).await;
+        let names: Vec<String> = t.snapshot().unwrap().schema().fields().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["deviceId", "window_start", "t_avg", "date", "h_avg"]);
+        assert_eq!(txn_version(&t, "centralflow/p/lake/i").await.unwrap(), 2);
+        let files_before = t.snapshot().unwrap().log_data().num_files();
+        assert_eq!(files_before, 3, "two dates in epoch 1, one in epoch 2");
+
+        for restart in 0..2 {
+            let mut s = sink(dir.path(), 4).await;
+            s.start(Some(&state)).await.unwrap();
+            let t = table(dir.path()).await;
+            assert_eq!(txn_version(&t, "centralflow/p/lake/i").await.unwrap(), 3, "restart {restart}");
+            assert_eq!(t.snapshot().unwrap().log_data().num_files(), 4, "epoch 3 committed once (restart {restart})");
+        }
+        let t = table(dir.path()).await;
+        let ops: Vec<String> = {
+            use futures::TryStreamExt;
+            let mut h: Vec<_> = t.history(None).try_collect().await.unwrap();
+            h.reverse();
+            h.into_iter().map(|c| c.operation.unwrap_or_default()).collect()
+        };
+        assert_eq!(ops, ["CREATE TABLE", "STREAMING UPDATE", "ADD COLUMN", "STREAMING UPDATE", "STREAMING UPDATE"]);
+    }
+
+    /// A pipeline without a checkpoint store starts its epochs at 1 on every run: the versions
+    /// continue after the table's instead of being taken for epochs already committed.
+    #[tokio::test]
+    async fn a_run_without_checkpoints_continues_the_txn_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        for run in 1..=2 {
+            let mut s = sink(dir.path(), 1).await;
+            s.start(None).await.unwrap();
+            s.write(batch(vec![row("a", 0, &[("t_avg", run as f64)])])).await.unwrap();
+            s.flush(1).await.unwrap();
+            s.commit(1).await.unwrap();
+            let t = table(dir.path()).await;
+            assert_eq!(txn_version(&t, "centralflow/p/lake/i").await.unwrap(), run);
+            assert_eq!(t.snapshot().unwrap().log_data().num_files(), run as usize, "run {run} kept");
+        }
+    }
+
+    /// A column whose type the table's cannot hold is an error naming it, not a dropped value.
+    #[tokio::test]
+    async fn a_column_of_another_type_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sink(dir.path(), 1).await;
+        s.start(None).await.unwrap();
+        s.write(batch(vec![row("a", 0, &[("n", 1.0)])])).await.unwrap();
+        let mut e = Event::row();
+        e.push("deviceId", "a".into());
+        e.push("window_start", Value::Time(0));
+        e.push("n", "text".into());
+        let err = s.write(batch(vec![e])).await.unwrap_err().to_string();
+        assert!(err.contains("column `n` is Float64 in the Delta table"), "{err}");
+    }
+}
