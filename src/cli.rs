@@ -151,6 +151,7 @@ pub fn main() -> i32 {
         }
     };
     init_logging(&cli);
+    crate::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -28,3 +28,11 @@ pub mod testing;
 pub mod time;
 pub mod top;
 pub mod transforms;
+
+/// Makes aws-lc-rs rustls's process-wide crypto provider (idempotent). rustls is built with two,
+/// aws-lc-rs (ours, reqwest 0.13) and ring (object_store 0.13's reqwest 0.12), and with two it
+/// cannot pick the default itself: a library that builds its TLS configuration from the default
+/// (azure_core_amqp's platform verifier under the Event Hubs source) would fail to connect.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

@@ -140,6 +140,8 @@ pub struct EventHubsSource {
 
 impl EventHubsSource {
     pub fn new(cfg: EventHubsConfig, cx: &BuildCx<'_>) -> anyhow::Result<EventHubsSource> {
+        // the SDK's TLS takes rustls's process default (also when the source runs in a library)
+        crate::install_crypto_provider();
         let connector = Arc::new(Connector::new(&cfg)?);
         let owner = cx.instance.to_lowercase();
         let store = match (&cfg.checkpoint_store, cx.mode) {
