@@ -528,6 +528,26 @@ pub(crate) fn encode_layout(
         .collect()
 }
 
+/// Removes `NAME#N` files (object_store's local multipart uploads that never completed) of this
+/// instance under `dir`.
+fn remove_interrupted_uploads(dir: &std::path::Path, mine: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if path.is_dir() {
+            remove_interrupted_uploads(&path, mine);
+        } else if name.starts_with(mine)
+            && name.rsplit_once('#').is_some_and(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            tracing::info!(file = %path.display(), "removing an upload a crash interrupted");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Makes a staged file visible under its final name (idempotent).
 async fn commit_staged(store: Arc<dyn object_store::ObjectStore>, s: &Staged) -> anyhow::Result<()> {
     let staged = Path::from(s.staged.as_str());
@@ -607,6 +627,11 @@ impl Sink for ParquetSink {
                 tracing::info!(file = %m.location, "removing a staged file no checkpoint covers");
                 let _ = self.loc.store.delete(&m.location).await;
             }
+        }
+        // in a local folder, an upload a crash interrupted is a `NAME#N` file, which listing
+        // leaves out (object_store's multipart parts before their rename)
+        if let Some(root) = &self.loc.local_path {
+            remove_interrupted_uploads(&root.join("_staging"), &mine);
         }
         Ok(())
     }
