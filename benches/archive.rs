@@ -7,12 +7,15 @@
 //!
 //! Run it with `scripts/bench-w1 archive` (which installs DuckDB and generates the 1,000,000-message
 //! file if missing). Environment as benches/w1.rs: `W1_INPUT`, `W1_RUNS` (default 3), `W1_PYTHON`.
+//!
+//! Under `cargo test` (no `--bench` argument) it is a check rather than a measurement: 20,000
+//! generated messages, one run each, and the same comparison of row counts.
 
 use std::path::{Path, PathBuf};
 
 #[path = "common/measure.rs"]
 mod measure;
-use measure::{anchor, median, replay, Measure};
+use measure::{anchor, bench_input, median, replay, Measure};
 
 const PIPELINE: &str = r#"name: archive-SINK
 sources:
@@ -55,14 +58,9 @@ fn parquet_rows(dir: &Path) -> i64 {
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let python = std::env::var("W1_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
-    let input =
-        std::env::var("W1_INPUT").map(PathBuf::from).unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
-    if !input.exists() {
-        eprintln!("{} is missing: run scripts/bench-w1 archive (it generates it)", input.display());
-        std::process::exit(1);
-    }
-    let runs: usize = std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    let bench = std::env::args().any(|a| a == "--bench");
     let work = tempfile::tempdir().unwrap();
+    let (input, runs) = bench_input(&root, work.path(), bench);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_centralflow"));
     let duck_out = work.path().join("duckdb.parquet");
     let mut pipelines = Vec::new();
@@ -75,10 +73,12 @@ fn main() {
     let script = root.join("benches/anchors/archive_duckdb.py");
     let duckdb = || anchor(&python, &script, &input, &duck_out);
     // warm-up, then alternate so that all see the same conditions
-    for (_, p, out) in &pipelines {
-        centralflow(p, out);
+    if bench {
+        for (_, p, out) in &pipelines {
+            centralflow(p, out);
+        }
+        duckdb();
     }
-    duckdb();
     let mut ours: Vec<Vec<Measure>> = vec![Vec::new(); pipelines.len()];
     let mut theirs = Vec::new();
     for _ in 0..runs {
@@ -89,6 +89,9 @@ fn main() {
     }
     let dk = median(theirs);
     let want = parquet_rows(&duck_out);
+    if !bench {
+        println!("archive check (cargo test, not a measurement): 20,000 generated messages");
+    }
     println!("replay to raw Parquet and Delta over {} ({runs} runs, median; 2 threads each)\n", input.display());
     println!("| | wall s | CPU s | cores busy | peak RSS MiB | wall / DuckDB | rows |");
     println!("|---|---|---|---|---|---|---|");

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type, TimestampMicrosecondType, TimestampNanosecondType};
@@ -20,7 +19,7 @@ use arrow_array::Array;
 
 #[path = "common/measure.rs"]
 mod measure;
-use measure::{anchor, median, replay};
+use measure::{anchor, bench_input, median, replay};
 
 type Row = (String, i64);
 
@@ -103,25 +102,7 @@ fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
     let work = tempfile::tempdir().unwrap();
     let python = std::env::var("W1_PYTHON").map(PathBuf::from).unwrap_or_else(|_| root.join(".venv/bin/python"));
-    let input = if bench {
-        let input =
-            std::env::var("W1_INPUT").map(PathBuf::from).unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
-        if !input.exists() {
-            eprintln!("{} is missing: run scripts/bench-w1 (it generates it)", input.display());
-            std::process::exit(1);
-        }
-        input
-    } else {
-        let input = work.path().join("export.jsonl");
-        let out = Command::new("python3")
-            .args([root.join("benches/anchors/gen_export.py").to_str().unwrap(), "20000", "500", "7"])
-            .output()
-            .expect("python3");
-        assert!(out.status.success(), "gen_export.py: {}", String::from_utf8_lossy(&out.stderr));
-        std::fs::write(&input, out.stdout).unwrap();
-        input
-    };
-    let runs: usize = if bench { std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3) } else { 1 };
+    let (input, runs) = bench_input(&root, work.path(), bench);
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_centralflow"));
     let cf_out = work.path().join("centralflow");
     let duck_out = work.path().join("duckdb.parquet");

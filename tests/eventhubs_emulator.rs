@@ -16,8 +16,10 @@ use futures::StreamExt;
 /// Bound for any single wait inside a test.
 const T: Duration = Duration::from_secs(20);
 
-/// Bounds a whole test.
+/// Bounds a whole test (and gives rustls its crypto provider).
 async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
+    // the SDK's TLS takes rustls's process default, which a build with two providers lacks
+    centralflow::install_crypto_provider();
     tokio::time::timeout(Duration::from_secs(90), test).await.expect("test timed out");
 }
 

@@ -72,3 +72,29 @@ pub fn anchor(
     c.args([script.to_str().unwrap(), input.to_str().unwrap(), out.to_str().unwrap(), "2"]);
     measure(&mut c)
 }
+
+/// The export file a bench reads, and its run count. Under `cargo bench` (`--bench`): `W1_INPUT`
+/// (default bench-data/export-1m.jsonl, which `scripts/bench-w1` generates) and `W1_RUNS`
+/// (default 3). Under `cargo test`: 20,000 messages generated into `work`, one run.
+pub fn bench_input(root: &std::path::Path, work: &std::path::Path, bench: bool) -> (std::path::PathBuf, usize) {
+    if bench {
+        let input = std::env::var("W1_INPUT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| root.join("bench-data/export-1m.jsonl"));
+        if !input.exists() {
+            eprintln!("{} is missing: run scripts/bench-w1 (it generates it)", input.display());
+            std::process::exit(1);
+        }
+        let runs = std::env::var("W1_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        (input, runs)
+    } else {
+        let input = work.join("export.jsonl");
+        let out = Command::new("python3")
+            .args([root.join("benches/anchors/gen_export.py").to_str().unwrap(), "20000", "500", "7"])
+            .output()
+            .expect("python3");
+        assert!(out.status.success(), "gen_export.py: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(&input, out.stdout).unwrap();
+        (input, 1)
+    }
+}
