@@ -276,14 +276,12 @@ pub fn infer_rows_schema(events: &[&Event], metadata_columns: bool) -> SchemaRef
 
 /// Whether every column of `b` exists in `a` with a type `a` can hold.
 pub fn schema_covers(a: &Schema, b: &Schema) -> bool {
-    b.fields().iter().all(|f| match a.field_with_name(f.name()) {
-        Ok(x) => {
-            x.data_type() == f.data_type()
-                || (x.data_type() == &DataType::Float64 && f.data_type() == &DataType::Int64)
-                || x.data_type() == &DataType::Utf8
-        }
-        Err(_) => false,
-    })
+    b.fields().iter().all(|f| a.field_with_name(f.name()).is_ok_and(|x| type_covers(x.data_type(), f.data_type())))
+}
+
+/// Whether a column of type `a` can hold values of type `b` (as [`conform`] converts them).
+pub fn type_covers(a: &DataType, b: &DataType) -> bool {
+    a == b || (a == &DataType::Float64 && b == &DataType::Int64) || a == &DataType::Utf8
 }
 
 /// Encodes rows into `schema`.

@@ -39,7 +39,7 @@ use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, NO_TIME};
 use crate::metrics::ComponentMetrics;
 use crate::path::FieldPath;
-use crate::rows::{conform, export_schema, schema_covers};
+use crate::rows::{conform, export_schema, schema_covers, type_covers};
 use crate::runtime::{BuildCx, Sink};
 use crate::sinks::parquet::{
     check_columns, detect_layout, encode_layout, layout_schema, ColumnSpec, Compression, ParquetLayout, TypedColumns,
@@ -390,7 +390,7 @@ impl DeltaSink {
         let mut new: Vec<Field> = Vec::new();
         for f in schema.fields() {
             match current.field_with_name(f.name()) {
-                Ok(c) if !schema_covers(&Schema::new(vec![c.clone()]), &Schema::new(vec![f.as_ref().clone()])) => {
+                Ok(c) if !type_covers(c.data_type(), f.data_type()) => {
                     bail!(
                         "column `{}` is {} in the Delta table at {}; these rows have {}",
                         f.name(),
