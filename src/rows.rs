@@ -103,6 +103,16 @@ fn push_meta(events: &[&Event], cols: &mut Vec<ArrayRef>) {
 
 /// Encodes export messages.
 pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Result<RecordBatch> {
+    encode_export_with(events, metadata_columns, |_| {})
+}
+
+/// Encodes export messages, calling `also` with each event while its fields are at hand (so
+/// that other columns built from the same events cost no second pass over their memory).
+pub fn encode_export_with(
+    events: &[&Event],
+    metadata_columns: bool,
+    mut also: impl FnMut(&Event),
+) -> anyhow::Result<RecordBatch> {
     let n = events.len();
     let mut strings: Vec<StringBuilder> =
         (0..EXPORT_STRINGS.len()).map(|_| StringBuilder::with_capacity(n, n * 24)).collect();
@@ -163,6 +173,7 @@ pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Resul
             None => extra.append_null(),
         }
         time.append_option((ev.time != NO_TIME).then_some(ts_value(ev.time)));
+        also(ev);
     }
     let mut cols: Vec<ArrayRef> = Vec::new();
     let mut strings = strings.into_iter();

@@ -28,7 +28,6 @@ use futures::TryStreamExt;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::ObjectStoreExt;
-use parquet::arrow::AsyncArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use rayon::prelude::*;
@@ -40,13 +39,16 @@ use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind};
 use crate::metrics::ComponentMetrics;
 use crate::rows::{
-    conform, encode_export, encode_rows, export_schema, infer_rows_schema, schema_covers, with_time_unit,
+    conform, encode_export, encode_export_with, encode_rows, export_schema, infer_rows_schema, schema_covers,
+    with_time_unit,
 };
 use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
 
+mod encoder;
 mod partition;
 mod typed;
+use encoder::ParallelWriter;
 pub use partition::PartitionTemplate;
 use partition::Partitioner;
 pub(crate) use typed::TypedColumns;
@@ -262,7 +264,7 @@ struct Staged {
 }
 
 struct OpenFile {
-    writer: AsyncArrowWriter<BufWriter>,
+    writer: ParallelWriter,
     staged: Path,
     target: Path,
     /// The schema rows are built in ([`crate::rows::ts_type`] timestamps).
@@ -421,7 +423,7 @@ impl ParquetSink {
             let written = (self.cfg.timestamp_unit != TimestampUnit::Us)
                 .then(|| with_time_unit(schema, self.cfg.timestamp_unit.arrow()));
             let out = written.as_ref().unwrap_or(schema);
-            let writer = AsyncArrowWriter::try_new(buf, out.clone(), Some(self.file_props(out)))?;
+            let writer = ParallelWriter::try_new(buf, out.clone(), self.file_props(out))?;
             self.open.insert(
                 key.to_string(),
                 OpenFile { writer, staged, target, schema: schema.clone(), written, rows: 0, opened: Instant::now() },
@@ -497,7 +499,7 @@ pub(crate) fn layout_schema(layout: ParquetLayout, events: &[&Event], meta: bool
 }
 
 /// Encodes `events` into batches of `schema` (a [`layout_schema`], or one that covers it, typed
-/// columns last): in parallel chunks on the rayon pool, returned in order.
+/// columns last): in parallel chunks on the rayon pool when there are several, returned in order.
 pub(crate) fn encode_layout(
     events: &[&Event],
     layout: ParquetLayout,
@@ -511,22 +513,34 @@ pub(crate) fn encode_layout(
         let n = schema.fields().len() - typed.len();
         Arc::new(arrow_schema::Schema::new(schema.fields()[..n].to_vec()))
     };
-    events
-        .par_chunks(8192)
-        .map(|part| {
-            let rb = match layout {
-                ParquetLayout::Export => encode_export(part, meta)?,
-                _ => encode_rows(part, &base, meta)?,
+    let encode = |part: &[&Event]| {
+        if typed.is_empty() {
+            return match layout {
+                ParquetLayout::Export => encode_export(part, meta),
+                _ => encode_rows(part, &base, meta),
             };
-            if typed.is_empty() {
-                return Ok(rb);
+        }
+        let (rb, typed_cols) = match layout {
+            ParquetLayout::Export => {
+                // the typed columns in the same pass over each event as the layout's
+                let mut b = typed.builders(part.len());
+                (encode_export_with(part, meta, |ev| b.append(ev))?, b.finish())
             }
-            let mut cols = rb.columns().to_vec();
-            cols.extend(typed.encode(part));
-            Ok(RecordBatch::try_new(schema.clone(), cols)?)
-        })
-        .collect()
+            _ => (encode_rows(part, &base, meta)?, typed.encode(part)),
+        };
+        let mut cols = rb.columns().to_vec();
+        cols.extend(typed_cols);
+        Ok(RecordBatch::try_new(schema.clone(), cols)?)
+    };
+    // one chunk is encoded here: handing it to the pool would only make this thread wait
+    if events.len() <= ENCODE_CHUNK {
+        return Ok(vec![encode(events)?]);
+    }
+    events.par_chunks(ENCODE_CHUNK).map(encode).collect()
 }
+
+/// Events per chunk of [`encode_layout`].
+const ENCODE_CHUNK: usize = 8192;
 
 /// Removes `NAME#N` files (object_store's local multipart uploads that never completed) of this
 /// instance under `dir`.

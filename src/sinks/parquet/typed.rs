@@ -105,43 +105,78 @@ impl TypedColumns {
 
     /// One array per typed column for these events.
     pub fn encode(&self, events: &[&Event]) -> Vec<ArrayRef> {
-        self.cols.iter().map(|(_, p, t)| column(events, p, *t)).collect()
+        let mut b = self.builders(events.len());
+        events.iter().for_each(|ev| b.append(ev));
+        b.finish()
+    }
+
+    /// Builders of the typed columns, filled an event at a time: every column's value of an
+    /// event is looked up while that event's fields are in cache.
+    pub fn builders(&self, capacity: usize) -> TypedBuilders<'_> {
+        let b = self.cols.iter().map(|(_, _, t)| Builder::new(*t, capacity)).collect();
+        TypedBuilders { cols: &self.cols, b }
     }
 }
 
-fn column(events: &[&Event], p: &FieldPath, t: ColumnType) -> ArrayRef {
-    let n = events.len();
-    match t {
-        ColumnType::Double => {
-            let mut b = Float64Builder::with_capacity(n);
-            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_double(&v))));
-            Arc::new(b.finish())
+/// The typed columns being built (see [`TypedColumns::builders`]).
+pub struct TypedBuilders<'a> {
+    cols: &'a [(String, FieldPath, ColumnType)],
+    b: Vec<Builder>,
+}
+
+enum Builder {
+    Double(Float64Builder),
+    Long(Int64Builder),
+    String(StringBuilder),
+    Boolean(BooleanBuilder),
+    Timestamp(TimestampMicrosecondBuilder),
+}
+
+impl Builder {
+    fn new(t: ColumnType, n: usize) -> Builder {
+        match t {
+            ColumnType::Double => Builder::Double(Float64Builder::with_capacity(n)),
+            ColumnType::Long => Builder::Long(Int64Builder::with_capacity(n)),
+            ColumnType::String => Builder::String(StringBuilder::with_capacity(n, n * 16)),
+            ColumnType::Boolean => Builder::Boolean(BooleanBuilder::with_capacity(n)),
+            ColumnType::Timestamp => {
+                Builder::Timestamp(TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC"))
+            }
         }
-        ColumnType::Long => {
-            let mut b = Int64Builder::with_capacity(n);
-            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_long(&v))));
-            Arc::new(b.finish())
-        }
-        ColumnType::String => {
-            let mut b = StringBuilder::with_capacity(n, n * 16);
-            for ev in events {
-                match p.get(ev) {
+    }
+}
+
+impl TypedBuilders<'_> {
+    /// Appends `ev`'s value (or null) to every column.
+    pub fn append(&mut self, ev: &Event) {
+        for ((_, p, _), b) in self.cols.iter().zip(&mut self.b) {
+            let v = p.get(ev);
+            match b {
+                Builder::Double(b) => b.append_option(v.and_then(|v| as_double(&v))),
+                Builder::Long(b) => b.append_option(v.and_then(|v| as_long(&v))),
+                Builder::String(b) => match v {
                     Some(ValRef::Str(s)) => b.append_value(s),
                     _ => b.append_null(),
-                }
+                },
+                Builder::Boolean(b) => b.append_option(v.and_then(|v| as_bool(&v))),
+                Builder::Timestamp(b) => b.append_option(v.and_then(|v| as_micros(&v))),
             }
-            Arc::new(b.finish())
         }
-        ColumnType::Boolean => {
-            let mut b = BooleanBuilder::with_capacity(n);
-            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_bool(&v))));
-            Arc::new(b.finish())
-        }
-        ColumnType::Timestamp => {
-            let mut b = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-            events.iter().for_each(|ev| b.append_option(p.get(ev).and_then(|v| as_micros(&v))));
-            Arc::new(b.finish())
-        }
+    }
+
+    pub fn finish(self) -> Vec<ArrayRef> {
+        self.b
+            .into_iter()
+            .map(|b| -> ArrayRef {
+                match b {
+                    Builder::Double(mut b) => Arc::new(b.finish()),
+                    Builder::Long(mut b) => Arc::new(b.finish()),
+                    Builder::String(mut b) => Arc::new(b.finish()),
+                    Builder::Boolean(mut b) => Arc::new(b.finish()),
+                    Builder::Timestamp(mut b) => Arc::new(b.finish()),
+                }
+            })
+            .collect()
     }
 }
 
