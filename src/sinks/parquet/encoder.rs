@@ -2,32 +2,151 @@
 //!
 //! arrow-rs's `AsyncArrowWriter` encodes and compresses every column on the caller's thread,
 //! so a sink that writes one file keeps one core busy however many the machine has, and the
-//! stages before it wait on it. Here the rows of a row group are collected as they come; a full
-//! row group is handed to the pool, where its columns are encoded in parallel (one
-//! `ArrowColumnWriter` each), and encoded row groups are appended to the file in the order they
-//! were cut, so the file is the one the sequential writer would make: same row groups, same
-//! rows in the same order. When a row group is cut while an older one is still encoding, the
-//! write waits for the older one: at most two are encoding besides the one being filled, which
-//! bounds memory (allowing more measured no faster on two cores and used as much memory).
+//! stages before it wait on it. Here each row group has a lane: its column writers and a queue
+//! of the rows handed to it. A job on the pool drains the queue, encoding each batch's columns
+//! in parallel, and frees the batch at once (holding whole row groups of Arrow data until they
+//! were encoded doubled the peak memory and cost a page fault per 4 KiB of it). A full row
+//! group's lane closes its writers, and encoded row groups are appended to the file in the order
+//! they were cut, so the file is the one the sequential writer makes: same row groups, same rows
+//! in the same order.
+//!
+//! Bounds: a write waits while more than [`QUEUED`] batches are queued in lanes, and while more
+//! than one finished row group's lane is still encoding.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use bytes::Bytes;
 use object_store::buffered::BufWriter;
-use parquet::arrow::arrow_writer::{compute_leaves, ArrowColumnChunk, ArrowRowGroupWriterFactory};
+use parquet::arrow::arrow_writer::{
+    compute_leaves, ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
+};
 use parquet::arrow::ArrowWriter;
+use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 type Encoded = parquet::errors::Result<Vec<ArrowColumnChunk>>;
 
-/// A row group being encoded: its result, and the in-memory size of its rows (for estimates).
+/// Batches queued in lanes and not yet encoded, at most (about 16,000 rows of the sink's batches).
+const QUEUED: usize = 8;
+
+/// What lanes and the writer share: the count of queued batches, and a wake-up for a waiting write.
+#[derive(Default)]
+struct Shared {
+    queued: AtomicUsize,
+    drained: Notify,
+}
+
+/// One row group being encoded.
+struct Lane {
+    state: Mutex<LaneState>,
+    schema: SchemaRef,
+    shared: Arc<Shared>,
+}
+
+struct LaneState {
+    /// The column writers; `None` while a job encodes with them, or after an error.
+    writers: Option<Vec<ArrowColumnWriter>>,
+    queue: VecDeque<RecordBatch>,
+    /// A job is draining the queue.
+    running: bool,
+    /// No more rows come: the job that empties the queue closes the writers.
+    closing: bool,
+    failed: Option<ParquetError>,
+    done: Option<oneshot::Sender<Encoded>>,
+}
+
+impl Lane {
+    /// Queues rows; starts a job unless one is draining.
+    fn push(self: &Arc<Lane>, rows: RecordBatch) {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        let mut s = self.state.lock().expect("lane lock");
+        s.queue.push_back(rows);
+        self.start(&mut s);
+    }
+
+    /// No more rows: the writers are closed once the queue is encoded.
+    fn close(self: &Arc<Lane>) {
+        let mut s = self.state.lock().expect("lane lock");
+        s.closing = true;
+        self.start(&mut s);
+    }
+
+    fn start(self: &Arc<Lane>, s: &mut LaneState) {
+        if !s.running {
+            s.running = true;
+            let lane = self.clone();
+            rayon::spawn(move || lane.pump());
+        }
+    }
+
+    /// Encodes queued batches until the queue is empty; closes the writers when closing.
+    fn pump(&self) {
+        loop {
+            let (rows, writers) = {
+                let mut s = self.state.lock().expect("lane lock");
+                match s.queue.pop_front() {
+                    Some(b) => (Some(b), s.writers.take()),
+                    None if s.closing => (None, s.writers.take()),
+                    None => {
+                        s.running = false;
+                        return;
+                    }
+                }
+            };
+            let Some(rows) = rows else {
+                let mut s = self.state.lock().expect("lane lock");
+                let r = match (s.failed.take(), writers) {
+                    (Some(e), _) => Err(e),
+                    (None, Some(w)) => catch(|| w.into_par_iter().map(|w| w.close()).collect()),
+                    (None, None) => Err(ParquetError::General("a row group's writers are gone".into())),
+                };
+                if let Some(done) = s.done.take() {
+                    let _ = done.send(r);
+                }
+                return;
+            };
+            let writers = writers.and_then(|mut w| match catch(|| encode(&mut w, &self.schema, &rows)) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    self.state.lock().expect("lane lock").failed.get_or_insert(e);
+                    None
+                }
+            });
+            drop(rows);
+            self.state.lock().expect("lane lock").writers = writers;
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            self.shared.drained.notify_one();
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into an error (a panic on the pool would abort the process).
+fn catch<T>(f: impl FnOnce() -> parquet::errors::Result<T>) -> parquet::errors::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err(ParquetError::General("encoding a row group panicked".into())))
+}
+
+/// Writes one batch into a row group's column writers, the columns in parallel.
+fn encode(writers: &mut [ArrowColumnWriter], schema: &SchemaRef, rows: &RecordBatch) -> parquet::errors::Result<()> {
+    let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(writers.len());
+    for (f, c) in schema.fields().iter().zip(rows.columns()) {
+        leaves.extend(compute_leaves(f, c)?);
+    }
+    if leaves.len() != writers.len() {
+        return Err(ParquetError::General(format!("{} columns for {} writers", leaves.len(), writers.len())));
+    }
+    writers.par_iter_mut().zip(leaves.par_iter()).try_for_each(|(w, l)| w.write(l))
+}
+
+/// A row group cut: its result, and the in-memory size of its rows (for estimates).
 struct InFlight {
     done: oneshot::Receiver<Encoded>,
     arrow_bytes: usize,
@@ -35,19 +154,18 @@ struct InFlight {
 
 pub(crate) struct ParallelWriter {
     file: SerializedFileWriter<Vec<u8>>,
-    factory: Arc<ArrowRowGroupWriterFactory>,
+    factory: ArrowRowGroupWriterFactory,
     schema: SchemaRef,
     out: BufWriter,
     row_group_size: usize,
-    /// Rows of the row group being collected.
-    pending: Vec<RecordBatch>,
-    pending_rows: usize,
-    pending_bytes: usize,
+    shared: Arc<Shared>,
+    /// The row group being filled, its rows and their in-memory size.
+    lane: Option<Arc<Lane>>,
+    rows: usize,
+    lane_bytes: usize,
     inflight: VecDeque<InFlight>,
-    /// Row groups cut so far (the index of the next one).
+    /// Row groups started so far (the index of the next one).
     groups: usize,
-    /// Row groups that may be encoding when no write waits (see the module's note).
-    ahead: usize,
     /// Encoded bytes per in-memory byte of the last row group appended (1 before the first).
     ratio: f64,
 }
@@ -61,33 +179,52 @@ impl ParallelWriter {
             ArrowWriter::try_new(Vec::new(), schema.clone(), Some(props))?.into_serialized_writer()?;
         Ok(ParallelWriter {
             file,
-            factory: Arc::new(factory),
+            factory,
             schema,
             out,
             row_group_size,
-            pending: Vec::new(),
-            pending_rows: 0,
-            pending_bytes: 0,
+            shared: Arc::new(Shared::default()),
+            lane: None,
+            rows: 0,
+            lane_bytes: 0,
             inflight: VecDeque::new(),
             groups: 0,
-            ahead: 1,
             ratio: 1.0,
         })
     }
 
-    /// Adds rows (in the writer's schema); hands every full row group to the pool.
+    /// Adds rows (in the writer's schema) to the row group being filled, cutting it when full.
     pub async fn write(&mut self, rows: &RecordBatch) -> anyhow::Result<()> {
         let mut rest = rows.clone();
         while rest.num_rows() > 0 {
-            let room = self.row_group_size - self.pending_rows;
-            let take = room.min(rest.num_rows());
+            let take = (self.row_group_size - self.rows).min(rest.num_rows());
             let part = rest.slice(0, take);
             rest = rest.slice(take, rest.num_rows() - take);
-            self.pending_bytes += part.get_array_memory_size();
-            self.pending_rows += take;
-            self.pending.push(part);
-            if self.pending_rows == self.row_group_size {
+            if self.lane.is_none() {
+                let writers = self.factory.create_column_writers(self.groups)?;
+                self.groups += 1;
+                let (tx, done) = oneshot::channel();
+                let state = LaneState {
+                    writers: Some(writers),
+                    queue: VecDeque::new(),
+                    running: false,
+                    closing: false,
+                    failed: None,
+                    done: Some(tx),
+                };
+                let lane = Lane { state: Mutex::new(state), schema: self.schema.clone(), shared: self.shared.clone() };
+                self.lane = Some(Arc::new(lane));
+                self.inflight.push_back(InFlight { done, arrow_bytes: 0 });
+            }
+            self.lane_bytes += part.get_array_memory_size();
+            self.rows += take;
+            self.lane.as_ref().expect("a lane").push(part);
+            if self.rows == self.row_group_size {
                 self.cut();
+            }
+            // bounded memory: wait while too much is queued
+            while self.shared.queued.load(Ordering::Acquire) > QUEUED {
+                self.shared.drained.notified().await;
             }
         }
         self.drain(false).await
@@ -100,15 +237,13 @@ impl ParallelWriter {
 
     /// An estimate of the encoded size of the rows not yet in the file.
     pub fn in_progress_size(&self) -> usize {
-        let bytes = self.pending_bytes + self.inflight.iter().map(|f| f.arrow_bytes).sum::<usize>();
+        let bytes = self.lane_bytes + self.inflight.iter().map(|f| f.arrow_bytes).sum::<usize>();
         (bytes as f64 * self.ratio) as usize
     }
 
     /// Encodes what is left, appends it, writes the footer and completes the upload.
     pub async fn close(mut self) -> anyhow::Result<()> {
-        if self.pending_rows > 0 {
-            self.cut();
-        }
+        self.cut();
         self.drain(true).await?;
         self.file.finish()?;
         self.send().await?;
@@ -116,38 +251,33 @@ impl ParallelWriter {
         Ok(())
     }
 
-    /// Hands the collected rows to the pool as the next row group.
+    /// Closes the lane being filled, if any: its row group is complete.
     fn cut(&mut self) {
-        let batches = std::mem::take(&mut self.pending);
-        let arrow_bytes = std::mem::take(&mut self.pending_bytes);
-        self.pending_rows = 0;
-        let (tx, done) = oneshot::channel();
-        let (factory, schema, index) = (self.factory.clone(), self.schema.clone(), self.groups);
-        self.groups += 1;
-        rayon::spawn(move || {
-            // a panic would otherwise abort the process (rayon's default); it becomes an error
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                encode_row_group(&factory, index, &schema, &batches)
-            }))
-            .unwrap_or_else(|_| Err(parquet::errors::ParquetError::General("encoding a row group panicked".into())));
-            drop(batches);
-            let _ = tx.send(r);
-        });
-        self.inflight.push_back(InFlight { done, arrow_bytes });
+        if let Some(lane) = self.lane.take() {
+            lane.close();
+            if let Some(f) = self.inflight.back_mut() {
+                f.arrow_bytes = std::mem::take(&mut self.lane_bytes);
+            }
+            self.rows = 0;
+        }
     }
 
     /// Appends encoded row groups in order: those done, and (or, with `all`, every one) the
-    /// oldest while more than `ahead` are encoding.
+    /// oldest while more than one cut row group is encoding.
     async fn drain(&mut self, all: bool) -> anyhow::Result<()> {
-        while !self.inflight.is_empty() {
-            let wait = all || self.inflight.len() > self.ahead;
+        loop {
+            let cut = self.inflight.len() - usize::from(self.lane.is_some());
+            if cut == 0 {
+                return Ok(());
+            }
+            let wait = all || cut > 1;
             let front = self.inflight.front_mut().expect("not empty");
             let chunks = if wait {
                 (&mut front.done).await.map_err(|_| anyhow::anyhow!("a row group's encoder stopped"))?
             } else {
                 match front.done.try_recv() {
                     Ok(r) => r,
-                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Empty) => return Ok(()),
                     Err(oneshot::error::TryRecvError::Closed) => anyhow::bail!("a row group's encoder stopped"),
                 }
             };
@@ -163,7 +293,6 @@ impl ParallelWriter {
             }
             self.send().await?;
         }
-        Ok(())
     }
 
     /// Hands the file's buffered bytes to the store.
@@ -174,36 +303,6 @@ impl ParallelWriter {
         }
         Ok(())
     }
-}
-
-/// Encodes one row group: each leaf column by its own writer, the columns in parallel.
-fn encode_row_group(
-    factory: &ArrowRowGroupWriterFactory,
-    index: usize,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-) -> parquet::errors::Result<Vec<ArrowColumnChunk>> {
-    let writers = factory.create_column_writers(index)?;
-    // which top-level column each leaf writer belongs to, and its leaf within that column
-    let mut owner = Vec::with_capacity(writers.len());
-    for (c, f) in schema.fields().iter().enumerate() {
-        let leaves = match batches.first() {
-            Some(b) => compute_leaves(f, b.column(c))?.len(),
-            None => 1,
-        };
-        owner.extend((0..leaves).map(|l| (c, l)));
-    }
-    writers
-        .into_par_iter()
-        .zip(owner)
-        .map(|(mut w, (c, l))| {
-            for b in batches {
-                let leaf = compute_leaves(&schema.fields()[c], b.column(c))?.swap_remove(l);
-                w.write(&leaf)?;
-            }
-            w.close()
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -262,7 +361,8 @@ mod tests {
     }
 
     /// Row groups cut across batches of every size come out as the sequential writer makes
-    /// them: same row groups, same rows in the same order, same schema (time zone included).
+    /// them: same row groups, same rows in the same order, same schema (time zone included),
+    /// also with many small batches.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_file_is_the_sequential_writers() {
         let dir = tempfile::tempdir().unwrap();
@@ -273,7 +373,9 @@ mod tests {
         let mut ours = ParallelWriter::try_new(out, schema(), props()).unwrap();
         let mut theirs = ArrowWriter::try_new(Vec::new(), schema(), Some(props())).unwrap();
         let mut at = 0;
-        for n in [1, 999, 2500, 3, 7000, 1, 1000, 496] {
+        // sizes around the row group's, then many small batches (more than a lane may queue)
+        let sizes = [1, 999, 2500, 3, 7000, 1, 1000, 496].into_iter().chain(std::iter::repeat_n(37, 60));
+        for n in sizes {
             let b = batch(at, n);
             at += n as i64;
             ours.write(&b).await.unwrap();
