@@ -3,15 +3,15 @@
 //! arrow-rs's `AsyncArrowWriter` encodes and compresses every column on the caller's thread,
 //! so a sink that writes one file keeps one core busy however many the machine has, and the
 //! stages before it wait on it. Here each row group has a lane: its column writers and a queue
-//! of the rows handed to it. A job on the pool drains the queue, encoding each batch's columns
-//! in parallel, and frees the batch at once (holding whole row groups of Arrow data until they
+//! of the rows handed to it. A job on the pool drains the queue, encoding the rows, and frees
+//! them at once (holding whole row groups of Arrow data until they
 //! were encoded doubled the peak memory and cost a page fault per 4 KiB of it). A full row
 //! group's lane closes its writers, and encoded row groups are appended to the file in the order
 //! they were cut, so the file is the one the sequential writer makes: same row groups, same rows
 //! in the same order.
 //!
-//! Bounds: a write waits while more than [`QUEUED`] batches are queued in lanes, and while more
-//! than one finished row group's lane is still encoding.
+//! Rows go to a lane in groups of at least [`MIN_ROWS`]. Bounds: a write waits while more than
+//! [`QUEUED`] groups are queued in lanes, and while more than one cut row group is still encoding.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -34,8 +34,11 @@ use tokio::sync::{oneshot, Notify};
 
 type Encoded = parquet::errors::Result<Vec<ArrowColumnChunk>>;
 
-/// Batches queued in lanes and not yet encoded, at most (about 16,000 rows of the sink's batches).
-const QUEUED: usize = 8;
+/// Handed to a lane at a time, at least (unless the row group ends): window output comes in
+/// batches of a few hundred rows, and a pool job for each cost more than encoding them.
+const MIN_ROWS: usize = 4096;
+/// Handed to lanes and not yet encoded, at most: this many groups of about [`MIN_ROWS`] rows.
+const QUEUED: usize = 4;
 
 /// What lanes and the writer share: the count of queued batches, and a wake-up for a waiting write.
 #[derive(Default)]
@@ -54,7 +57,7 @@ struct Lane {
 struct LaneState {
     /// The column writers; `None` while a job encodes with them, or after an error.
     writers: Option<Vec<ArrowColumnWriter>>,
-    queue: VecDeque<RecordBatch>,
+    queue: VecDeque<Vec<RecordBatch>>,
     /// A job is draining the queue.
     running: bool,
     /// No more rows come: the job that empties the queue closes the writers.
@@ -65,7 +68,7 @@ struct LaneState {
 
 impl Lane {
     /// Queues rows; starts a job unless one is draining.
-    fn push(self: &Arc<Lane>, rows: RecordBatch) {
+    fn push(self: &Arc<Lane>, rows: Vec<RecordBatch>) {
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
         let mut s = self.state.lock().expect("lane lock");
         s.queue.push_back(rows);
@@ -113,11 +116,13 @@ impl Lane {
                 }
                 return;
             };
-            let writers = writers.and_then(|mut w| match catch(|| encode(&mut w, &self.schema, &rows)) {
-                Ok(()) => Some(w),
-                Err(e) => {
-                    self.state.lock().expect("lane lock").failed.get_or_insert(e);
-                    None
+            let writers = writers.and_then(|mut w| {
+                match catch(|| rows.iter().try_for_each(|b| encode(&mut w, &self.schema, b))) {
+                    Ok(()) => Some(w),
+                    Err(e) => {
+                        self.state.lock().expect("lane lock").failed.get_or_insert(e);
+                        None
+                    }
                 }
             });
             drop(rows);
@@ -134,7 +139,9 @@ fn catch<T>(f: impl FnOnce() -> parquet::errors::Result<T>) -> parquet::errors::
         .unwrap_or_else(|_| Err(ParquetError::General("encoding a row group panicked".into())))
 }
 
-/// Writes one batch into a row group's column writers, the columns in parallel.
+/// Writes one batch into a row group's column writers. (Encoding the columns in parallel, on
+/// the pool, made W1's CPU time 30% larger with its small batches and the archive path no
+/// faster: the lanes and the decoding already keep the pool busy.)
 fn encode(writers: &mut [ArrowColumnWriter], schema: &SchemaRef, rows: &RecordBatch) -> parquet::errors::Result<()> {
     let mut leaves: Vec<ArrowLeafColumn> = Vec::with_capacity(writers.len());
     for (f, c) in schema.fields().iter().zip(rows.columns()) {
@@ -143,7 +150,7 @@ fn encode(writers: &mut [ArrowColumnWriter], schema: &SchemaRef, rows: &RecordBa
     if leaves.len() != writers.len() {
         return Err(ParquetError::General(format!("{} columns for {} writers", leaves.len(), writers.len())));
     }
-    writers.par_iter_mut().zip(leaves.par_iter()).try_for_each(|(w, l)| w.write(l))
+    writers.iter_mut().zip(&leaves).try_for_each(|(w, l)| w.write(l))
 }
 
 /// A row group cut: its result, and the in-memory size of its rows (for estimates).
@@ -161,6 +168,9 @@ pub(crate) struct ParallelWriter {
     shared: Arc<Shared>,
     /// The row group being filled, its rows and their in-memory size.
     lane: Option<Arc<Lane>>,
+    /// Rows of the lane not yet handed to it (fewer than [`MIN_ROWS`]).
+    staged: Vec<RecordBatch>,
+    staged_rows: usize,
     rows: usize,
     lane_bytes: usize,
     inflight: VecDeque<InFlight>,
@@ -185,6 +195,8 @@ impl ParallelWriter {
             row_group_size,
             shared: Arc::new(Shared::default()),
             lane: None,
+            staged: Vec::new(),
+            staged_rows: 0,
             rows: 0,
             lane_bytes: 0,
             inflight: VecDeque::new(),
@@ -218,9 +230,12 @@ impl ParallelWriter {
             }
             self.lane_bytes += part.get_array_memory_size();
             self.rows += take;
-            self.lane.as_ref().expect("a lane").push(part);
+            self.staged_rows += take;
+            self.staged.push(part);
             if self.rows == self.row_group_size {
                 self.cut();
+            } else if self.staged_rows >= MIN_ROWS {
+                self.hand_over();
             }
             // bounded memory: wait while too much is queued
             while self.shared.queued.load(Ordering::Acquire) > QUEUED {
@@ -251,8 +266,19 @@ impl ParallelWriter {
         Ok(())
     }
 
+    /// Hands the staged rows to the lane being filled.
+    fn hand_over(&mut self) {
+        if let Some(lane) = &self.lane {
+            if !self.staged.is_empty() {
+                lane.push(std::mem::take(&mut self.staged));
+            }
+        }
+        self.staged_rows = 0;
+    }
+
     /// Closes the lane being filled, if any: its row group is complete.
     fn cut(&mut self) {
+        self.hand_over();
         if let Some(lane) = self.lane.take() {
             lane.close();
             if let Some(f) = self.inflight.back_mut() {
