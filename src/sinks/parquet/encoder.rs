@@ -10,11 +10,10 @@
 //! they were cut, so the file is the one the sequential writer makes: same row groups, same rows
 //! in the same order.
 //!
-//! Rows go to a lane in groups of at least [`MIN_ROWS`]. Bounds: a write waits while more than
-//! [`QUEUED`] groups are queued in lanes, and while more than one cut row group is still encoding.
+//! Rows go to a lane in groups of at least [`MIN_ROWS`]. Bounds: a write waits while [`QUEUED`]
+//! groups are queued in lanes, and while more than one cut row group is still encoding.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
@@ -30,7 +29,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 type Encoded = parquet::errors::Result<Vec<ArrowColumnChunk>>;
 
@@ -38,38 +37,31 @@ type Encoded = parquet::errors::Result<Vec<ArrowColumnChunk>>;
 /// batches of a few hundred rows, and a pool job for each cost more than encoding them.
 const MIN_ROWS: usize = 4096;
 /// Handed to lanes and not yet encoded, at most: this many groups of about [`MIN_ROWS`] rows.
-const QUEUED: usize = 4;
+const QUEUED: usize = 5;
 
-/// What lanes and the writer share: the count of queued batches, and a wake-up for a waiting write.
-#[derive(Default)]
-struct Shared {
-    queued: AtomicUsize,
-    drained: Notify,
-}
+/// Rows handed to a lane, with the permit that counts them among the [`QUEUED`].
+type Queued = (Vec<RecordBatch>, OwnedSemaphorePermit);
 
 /// One row group being encoded.
 struct Lane {
     state: Mutex<LaneState>,
     schema: SchemaRef,
-    shared: Arc<Shared>,
 }
 
 struct LaneState {
-    /// The column writers; `None` while a job encodes with them, or after an error.
-    writers: Option<Vec<ArrowColumnWriter>>,
-    queue: VecDeque<Vec<RecordBatch>>,
+    /// The column writers, or the error that stopped them; taken by the job while it runs.
+    writers: Option<parquet::errors::Result<Vec<ArrowColumnWriter>>>,
+    queue: VecDeque<Queued>,
     /// A job is draining the queue.
     running: bool,
     /// No more rows come: the job that empties the queue closes the writers.
     closing: bool,
-    failed: Option<ParquetError>,
     done: Option<oneshot::Sender<Encoded>>,
 }
 
 impl Lane {
     /// Queues rows; starts a job unless one is draining.
-    fn push(self: &Arc<Lane>, rows: Vec<RecordBatch>) {
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+    fn push(self: &Arc<Lane>, rows: Queued) {
         let mut s = self.state.lock().expect("lane lock");
         s.queue.push_back(rows);
         self.start(&mut s);
@@ -90,45 +82,32 @@ impl Lane {
         }
     }
 
-    /// Encodes queued batches until the queue is empty; closes the writers when closing.
+    /// Encodes queued rows until the queue is empty, freeing each group (and its permit) once
+    /// encoded; closes the writers and sends the row group when closing. One job at a time.
     fn pump(&self) {
+        let mut writers = self.state.lock().expect("lane lock").writers.take().expect("one job at a time");
         loop {
-            let (rows, writers) = {
+            let rows = {
                 let mut s = self.state.lock().expect("lane lock");
                 match s.queue.pop_front() {
-                    Some(b) => (Some(b), s.writers.take()),
-                    None if s.closing => (None, s.writers.take()),
+                    Some(rows) => rows,
+                    None if s.closing => break,
                     None => {
+                        s.writers = Some(writers);
                         s.running = false;
                         return;
                     }
                 }
             };
-            let Some(rows) = rows else {
-                let mut s = self.state.lock().expect("lane lock");
-                let r = match (s.failed.take(), writers) {
-                    (Some(e), _) => Err(e),
-                    (None, Some(w)) => catch(|| w.into_par_iter().map(|w| w.close()).collect()),
-                    (None, None) => Err(ParquetError::General("a row group's writers are gone".into())),
-                };
-                if let Some(done) = s.done.take() {
-                    let _ = done.send(r);
+            if let Ok(w) = &mut writers {
+                if let Err(e) = catch(|| rows.0.iter().try_for_each(|b| encode(w, &self.schema, b))) {
+                    writers = Err(e);
                 }
-                return;
-            };
-            let writers = writers.and_then(|mut w| {
-                match catch(|| rows.iter().try_for_each(|b| encode(&mut w, &self.schema, b))) {
-                    Ok(()) => Some(w),
-                    Err(e) => {
-                        self.state.lock().expect("lane lock").failed.get_or_insert(e);
-                        None
-                    }
-                }
-            });
-            drop(rows);
-            self.state.lock().expect("lane lock").writers = writers;
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            self.shared.drained.notify_one();
+            }
+        }
+        let r = writers.and_then(|w| catch(|| w.into_par_iter().map(|w| w.close()).collect()));
+        if let Some(done) = self.state.lock().expect("lane lock").done.take() {
+            let _ = done.send(r);
         }
     }
 }
@@ -165,12 +144,12 @@ pub(crate) struct ParallelWriter {
     schema: SchemaRef,
     out: BufWriter,
     row_group_size: usize,
-    shared: Arc<Shared>,
+    /// The permits of rows queued in lanes ([`QUEUED`]).
+    permits: Arc<Semaphore>,
     /// The row group being filled, its rows and their in-memory size.
     lane: Option<Arc<Lane>>,
     /// Rows of the lane not yet handed to it (fewer than [`MIN_ROWS`]).
     staged: Vec<RecordBatch>,
-    staged_rows: usize,
     rows: usize,
     lane_bytes: usize,
     inflight: VecDeque<InFlight>,
@@ -193,10 +172,9 @@ impl ParallelWriter {
             schema,
             out,
             row_group_size,
-            shared: Arc::new(Shared::default()),
+            permits: Arc::new(Semaphore::new(QUEUED)),
             lane: None,
             staged: Vec::new(),
-            staged_rows: 0,
             rows: 0,
             lane_bytes: 0,
             inflight: VecDeque::new(),
@@ -217,29 +195,23 @@ impl ParallelWriter {
                 self.groups += 1;
                 let (tx, done) = oneshot::channel();
                 let state = LaneState {
-                    writers: Some(writers),
+                    writers: Some(Ok(writers)),
                     queue: VecDeque::new(),
                     running: false,
                     closing: false,
-                    failed: None,
                     done: Some(tx),
                 };
-                let lane = Lane { state: Mutex::new(state), schema: self.schema.clone(), shared: self.shared.clone() };
+                let lane = Lane { state: Mutex::new(state), schema: self.schema.clone() };
                 self.lane = Some(Arc::new(lane));
                 self.inflight.push_back(InFlight { done, arrow_bytes: 0 });
             }
             self.lane_bytes += part.get_array_memory_size();
             self.rows += take;
-            self.staged_rows += take;
             self.staged.push(part);
             if self.rows == self.row_group_size {
-                self.cut();
-            } else if self.staged_rows >= MIN_ROWS {
-                self.hand_over();
-            }
-            // bounded memory: wait while too much is queued
-            while self.shared.queued.load(Ordering::Acquire) > QUEUED {
-                self.shared.drained.notified().await;
+                self.cut().await?;
+            } else if self.staged.iter().map(RecordBatch::num_rows).sum::<usize>() >= MIN_ROWS {
+                self.hand_over().await?;
             }
         }
         self.drain(false).await
@@ -258,7 +230,7 @@ impl ParallelWriter {
 
     /// Encodes what is left, appends it, writes the footer and completes the upload.
     pub async fn close(mut self) -> anyhow::Result<()> {
-        self.cut();
+        self.cut().await?;
         self.drain(true).await?;
         self.file.finish()?;
         self.send().await?;
@@ -266,19 +238,18 @@ impl ParallelWriter {
         Ok(())
     }
 
-    /// Hands the staged rows to the lane being filled.
-    fn hand_over(&mut self) {
-        if let Some(lane) = &self.lane {
-            if !self.staged.is_empty() {
-                lane.push(std::mem::take(&mut self.staged));
-            }
+    /// Hands the staged rows to the lane being filled, waiting while [`QUEUED`] groups are.
+    async fn hand_over(&mut self) -> anyhow::Result<()> {
+        if let (Some(lane), false) = (&self.lane, self.staged.is_empty()) {
+            let permit = self.permits.clone().acquire_owned().await?;
+            lane.push((std::mem::take(&mut self.staged), permit));
         }
-        self.staged_rows = 0;
+        Ok(())
     }
 
     /// Closes the lane being filled, if any: its row group is complete.
-    fn cut(&mut self) {
-        self.hand_over();
+    async fn cut(&mut self) -> anyhow::Result<()> {
+        self.hand_over().await?;
         if let Some(lane) = self.lane.take() {
             lane.close();
             if let Some(f) = self.inflight.back_mut() {
@@ -286,6 +257,7 @@ impl ParallelWriter {
             }
             self.rows = 0;
         }
+        Ok(())
     }
 
     /// Appends encoded row groups in order: those done, and (or, with `all`, every one) the

@@ -39,8 +39,7 @@ use crate::config::{Checker, Spec};
 use crate::event::{Batch, Event, Kind};
 use crate::metrics::ComponentMetrics;
 use crate::rows::{
-    conform, encode_export, encode_export_with, encode_rows, export_schema, infer_rows_schema, schema_covers,
-    with_time_unit,
+    conform, encode_export_with, encode_rows, export_schema, infer_rows_schema, schema_covers, with_time_unit,
 };
 use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
@@ -514,22 +513,21 @@ pub(crate) fn encode_layout(
         Arc::new(arrow_schema::Schema::new(schema.fields()[..n].to_vec()))
     };
     let encode = |part: &[&Event]| {
-        if typed.is_empty() {
-            return match layout {
-                ParquetLayout::Export => encode_export(part, meta),
-                _ => encode_rows(part, &base, meta),
-            };
-        }
-        let (rb, typed_cols) = match layout {
-            ParquetLayout::Export => {
-                // the typed columns in the same pass over each event as the layout's
-                let mut b = typed.builders(part.len());
-                (encode_export_with(part, meta, |ev| b.append(ev))?, b.finish())
+        let mut b = typed.builders(part.len());
+        let rb = match layout {
+            // the typed columns in the same pass over each event as the layout's
+            ParquetLayout::Export => encode_export_with(part, meta, |ev| b.append(ev))?,
+            _ => {
+                let rb = encode_rows(part, &base, meta)?;
+                part.iter().for_each(|ev| b.append(ev));
+                rb
             }
-            _ => (encode_rows(part, &base, meta)?, typed.encode(part)),
         };
+        if typed.is_empty() {
+            return Ok(rb);
+        }
         let mut cols = rb.columns().to_vec();
-        cols.extend(typed_cols);
+        cols.extend(b.finish());
         Ok(RecordBatch::try_new(schema.clone(), cols)?)
     };
     // one chunk is encoded here: handing it to the pool would only make this thread wait
@@ -786,7 +784,7 @@ mod tests {
             br#"{"actor":{"id":"x"},"messageSource":"audit","enqueuedTime":"2022-07-25T21:54:40Z","future":1,"other":"y"}"#,
         ))
         .unwrap();
-        let rb = encode_export(&[&ev], true).unwrap();
+        let rb = crate::rows::encode_export(&[&ev], true).unwrap();
         let col = |n: &str| rb.column_by_name(n).unwrap().clone();
         let s = arrow_cast::display::ArrayFormatter::try_new(col("extra").as_ref(), &Default::default())
             .unwrap()

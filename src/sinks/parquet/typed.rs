@@ -103,13 +103,6 @@ impl TypedColumns {
         self.cols.iter().map(|(n, _, t)| Field::new(n, t.arrow(), true)).collect()
     }
 
-    /// One array per typed column for these events.
-    pub fn encode(&self, events: &[&Event]) -> Vec<ArrayRef> {
-        let mut b = self.builders(events.len());
-        events.iter().for_each(|ev| b.append(ev));
-        b.finish()
-    }
-
     /// Builders of the typed columns, filled an event at a time: every column's value of an
     /// event is looked up while that event's fields are in cache.
     pub fn builders(&self, capacity: usize) -> TypedBuilders<'_> {
