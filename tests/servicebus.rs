@@ -26,8 +26,15 @@ fn one_hundred_thousand_messages_exactly_once_across_three_sigkills_and_windows_
     assert_eq!(bus.stats(sb::QUEUE).available, n);
     let mut child = bus.start("a", &[]);
     for kill in 1..=3u64 {
-        // a random moment in the next fifth of the queue
-        let at = n * kill / 5 + rand::random::<u64>() % (n / 5);
+        // Each kill lands on an instance that has connected and completed messages of its own:
+        // a random moment in the next fifth of the queue, but never one the killed instance
+        // before it had already passed (a poll every 50 ms can overshoot a fifth's start).
+        let connected = kill as usize;
+        bus.wait("the instance connected", LONG, |b| {
+            b.log("a").matches("connected to Service Bus").count() >= connected
+        });
+        let done = bus.stats(sb::QUEUE).completed;
+        let at = (n * kill / 5 + rand::random::<u64>() % (n / 5)).max(done + n / 50);
         bus.wait(&format!("{at} messages completed"), LONG, |b| b.stats(sb::QUEUE).completed >= at);
         signal(&child, libc::SIGKILL);
         let _ = wait_output(child, Duration::from_secs(30));
