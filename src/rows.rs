@@ -26,6 +26,41 @@ const EXPORT_STRINGS: [&str; 8] =
 const EXPORT_JSON: [&str; 7] =
     ["telemetry", "properties", "enrichments", "messageProperties", "actor", "resource", "updated"];
 
+/// Where a top-level key of an export message goes in the export layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// [`EXPORT_STRINGS`]`[i]`
+    String(usize),
+    /// [`EXPORT_JSON`]`[i]`
+    Json(usize),
+    /// `extra` (or `enqueuedTime`, which has a column of its own)
+    Other,
+}
+
+/// The slot of `key`: a `match` on the names of [`EXPORT_STRINGS`] and [`EXPORT_JSON`] (a test
+/// keeps the two in step), which the compiler turns into a few length and byte tests instead
+/// of a string comparison per name; once per key of every message.
+fn export_slot(key: &str) -> Slot {
+    match key {
+        "applicationId" => Slot::String(0),
+        "messageSource" => Slot::String(1),
+        "messageType" => Slot::String(2),
+        "deviceId" => Slot::String(3),
+        "schema" => Slot::String(4),
+        "templateId" => Slot::String(5),
+        "module" => Slot::String(6),
+        "component" => Slot::String(7),
+        "telemetry" => Slot::Json(0),
+        "properties" => Slot::Json(1),
+        "enrichments" => Slot::Json(2),
+        "messageProperties" => Slot::Json(3),
+        "actor" => Slot::Json(4),
+        "resource" => Slot::Json(5),
+        "updated" => Slot::Json(6),
+        _ => Slot::Other,
+    }
+}
+
 /// The Arrow type of every timestamp column built (window output built as columns uses it too,
 /// so that its files and files written from rows share a schema): microseconds, UTC-adjusted,
 /// which every common reader opens as a timestamp. Spark (and so Fabric, Synapse and
@@ -129,14 +164,15 @@ pub fn encode_export_with(
             if k == "enqueuedTime" {
                 continue;
             }
-            if let Some(i) = EXPORT_STRINGS.iter().position(|s| *s == k) {
+            let slot = export_slot(k);
+            if let Slot::String(i) = slot {
                 match &v {
                     ValRef::Str(s) => strings[i].append_value(s),
                     ValRef::Null => strings[i].append_null(),
                     other => strings[i].append_value(other.to_json()),
                 }
                 seen_s[i] = true;
-            } else if let Some(i) = EXPORT_JSON.iter().position(|s| *s == k) {
+            } else if let Slot::Json(i) = slot {
                 if v.is_null() {
                     jsons[i].append_null();
                 } else {
@@ -396,4 +432,24 @@ pub fn conform(rows: &RecordBatch, schema: &SchemaRef) -> anyhow::Result<RecordB
         })
         .collect::<anyhow::Result<Vec<ArrayRef>>>()?;
     Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `export_slot` and the column name lists say the same: every name goes to its own
+    /// column, and other keys (near misses included) go to `extra`.
+    #[test]
+    fn export_slots_follow_the_column_names() {
+        for (i, name) in EXPORT_STRINGS.iter().enumerate() {
+            assert_eq!(export_slot(name), Slot::String(i), "{name}");
+        }
+        for (i, name) in EXPORT_JSON.iter().enumerate() {
+            assert_eq!(export_slot(name), Slot::Json(i), "{name}");
+        }
+        for other in ["enqueuedTime", "", "deviceid", "deviceId ", "telemetr", "Telemetry", "extra", "schemas"] {
+            assert_eq!(export_slot(other), Slot::Other, "{other:?}");
+        }
+    }
 }
