@@ -18,7 +18,7 @@ fn python() -> String {
     std::env::var("W1_PYTHON").expect("W1_PYTHON names a Python with deltalake and pyspark: run scripts/test")
 }
 
-/// What `tests/python/delta_read.py` tells of a table.
+/// What `tests/python/delta_read.py` tells of a table, whose statistics count its rows.
 fn read_table(url: &str, options: &BTreeMap<String, String>, spark: bool) -> serde_json::Value {
     let script = root().join("tests/python/delta_read.py");
     let opts = serde_json::to_string(options).unwrap();
@@ -29,7 +29,10 @@ fn read_table(url: &str, options: &BTreeMap<String, String>, spark: bool) -> ser
     let out = std::process::Command::new(python()).args(&args).output().expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "reading {url} failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect(&stdout)
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).expect(&stdout);
+    // every data file's statistics are read by delta-rs, and their record counts are the rows
+    assert_eq!(v["stats_records"], v["count"], "the add actions' numRecords against the rows of {url}");
+    v
 }
 
 /// The raw rows of a table in the shape of [`expected_raw`], duplicates counted.

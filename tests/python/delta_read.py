@@ -1,7 +1,8 @@
 """Reads a centralflow Delta table as users do: with delta-rs's Python package (`deltalake` from
 PyPI) and, for a local table, its data files with PySpark. Prints one JSON object:
   rows: [deviceId, enqueuedTime in microseconds, telemetry JSON text] for a raw table
-  count, columns (name -> Arrow type), partition_columns, history (oldest first: version,
+  count, columns (name -> Arrow type), partition_columns, stats_records (the numRecords of
+  the data files' statistics, summed), history (oldest first: version,
   operation, queryId, epochId), txn (the table's txn version of each queryId in the history),
   spark (count, files and column types of the table's data files read by PySpark) or null.
 Usage: delta_read.py URL STORAGE_OPTIONS_JSON [spark]
@@ -25,6 +26,10 @@ if "enqueuedTime" in t.column_names:
     ts = t.column("enqueuedTime").cast("int64").to_pylist()
     tele = t.column("telemetry").to_pylist()
     out["rows"] = [[d, x, y] for d, x, y in zip(dev, ts, tele)]
+# the data files' statistics as delta-rs reads them: their record counts must add up to the rows
+import pyarrow as pa
+adds = pa.table(dt.get_add_actions(flatten=True))
+out["stats_records"] = sum(adds.column("num_records").to_pylist())
 history = []
 for h in sorted(dt.history(), key=lambda h: h["version"]):
     p = h.get("operationParameters") or {}

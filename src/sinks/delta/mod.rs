@@ -6,6 +6,9 @@
 //! `partition_by`: `date` and `hour` are made from the event time, any other name is a column of
 //! the layout or a typed column.
 //!
+//! Data files are written by `files.rs` on the Parquet sink's encoder, so rows are encoded on
+//! every core while the sink goes on, and described by `stats.rs` as delta-rs describes its own.
+//!
 //! Delivery: data files are written as rows arrive (a data file no commit names is invisible to
 //! every reader); at each checkpoint barrier the epoch's files are closed and their `add` actions
 //! kept in the checkpoint; once the checkpoint is durable they are committed as **one** Delta
@@ -23,12 +26,11 @@ use anyhow::{bail, Context};
 use arrow_array::{ArrayRef, Date32Array, Int32Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use async_trait::async_trait;
-use deltalake_core::kernel::engine::arrow_conversion::TryIntoKernel as _;
+use deltalake_core::kernel::engine::arrow_conversion::{TryIntoArrow as _, TryIntoKernel as _};
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{Action, Add, StructField, StructType, Transaction};
 use deltalake_core::logstore::{default_logstore, LogStoreRef, StorageConfig};
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
-use deltalake_core::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake_core::{DeltaTable, DeltaTableError};
 use parquet::file::properties::WriterProperties;
 use schemars::JsonSchema;
@@ -45,6 +47,12 @@ use crate::sinks::parquet::{
     check_columns, detect_layout, encode_layout, layout_schema, ColumnSpec, Compression, ParquetLayout, TypedColumns,
 };
 use crate::storage::{self, Location};
+
+mod files;
+mod stats;
+
+use files::DataFiles;
+use stats::Indexed;
 
 /// Writes a Delta Lake table, one commit per checkpoint epoch.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -226,7 +234,8 @@ pub struct DeltaSink {
     at: TableAt,
     app_id: String,
     table: Option<DeltaTable>,
-    writer: Option<RecordBatchWriter>,
+    /// The epoch's open data files, in the table's current schema.
+    files: Option<DataFiles>,
     /// Files closed during the current epoch (before a schema change).
     early: Vec<Add>,
     pending: Vec<Pending>,
@@ -257,7 +266,7 @@ impl DeltaSink {
             at,
             app_id,
             table: None,
-            writer: None,
+            files: None,
             early: Vec::new(),
             pending: Vec::new(),
             shift: 0,
@@ -338,7 +347,7 @@ impl DeltaSink {
         out
     }
 
-    /// The table, created with `schema` if there is none yet, and its writer.
+    /// The table, created with `schema` if there is none yet, and its open files.
     async fn ensure_table(&mut self, schema: &SchemaRef) -> anyhow::Result<()> {
         if self.table.is_none() {
             self.table = self.at.load().await?;
@@ -364,7 +373,7 @@ impl DeltaSink {
             tracing::info!(table = %self.display(), "created the Delta table");
             self.table = Some(table);
         }
-        if self.writer.is_none() {
+        if self.files.is_none() {
             let table = self.table.as_ref().expect("loaded");
             let parts = table.snapshot()?.metadata().partition_columns().to_vec();
             if parts != self.cfg.partition_by {
@@ -374,16 +383,36 @@ impl DeltaSink {
                     self.cfg.partition_by
                 );
             }
-            self.writer = Some(RecordBatchWriter::for_table(table)?.with_writer_properties(self.props.clone()));
+            self.files = Some(self.open_files()?);
         }
         Ok(())
+    }
+
+    /// Data files in the table's current schema.
+    fn open_files(&self) -> anyhow::Result<DataFiles> {
+        let table = self.table.as_ref().expect("loaded");
+        let state = table.snapshot()?;
+        let mapping = state.table_config().column_mapping_mode;
+        if mapping.is_some_and(|m| m != delta_kernel::table_features::ColumnMappingMode::None) {
+            bail!("the Delta table at {} uses column mapping, which this sink does not write", self.display());
+        }
+        let metadata = state.metadata();
+        let schema: Schema =
+            (&metadata.parse_schema()?).try_into_arrow().context("the Delta table's schema in Arrow")?;
+        DataFiles::new(
+            table.object_store(),
+            Arc::new(schema),
+            metadata.partition_columns(),
+            self.props.clone(),
+            Indexed::from_config(metadata.configuration()),
+        )
     }
 
     /// Adds the columns of `schema` that the table lacks (a commit of its own, after closing
     /// the files written so far in the old schema); fails on a column whose type the table's
     /// column cannot hold.
     async fn evolve(&mut self, schema: &SchemaRef) -> anyhow::Result<SchemaRef> {
-        let current = self.writer.as_ref().expect("open").arrow_schema();
+        let current = self.files.as_ref().expect("open").schema().clone();
         if schema_covers(&current, schema) {
             return Ok(current);
         }
@@ -403,7 +432,7 @@ impl DeltaSink {
                 Err(_) => new.push(f.as_ref().clone().with_nullable(true)),
             }
         }
-        let adds = self.writer.as_mut().expect("open").flush().await?;
+        let adds = self.files.take().expect("open").close().await?;
         self.early.extend(adds);
         let fields: Vec<StructField> =
             new.iter().map(|f| f.try_into_kernel()).collect::<Result<_, _>>().context("new columns as Delta fields")?;
@@ -415,9 +444,11 @@ impl DeltaSink {
             .await
             .with_context(|| format!("adding columns {names:?} to the Delta table at {}", self.at.loc.display))?;
         tracing::info!(table = %self.display(), columns = ?names, "added columns to the Delta table");
-        self.writer = Some(RecordBatchWriter::for_table(&table)?.with_writer_properties(self.props.clone()));
         self.table = Some(table);
-        Ok(self.writer.as_ref().expect("open").arrow_schema())
+        let files = self.open_files()?;
+        let schema = files.schema().clone();
+        self.files = Some(files);
+        Ok(schema)
     }
 
     async fn write_events(&mut self, events: &[&Event]) -> anyhow::Result<()> {
@@ -437,10 +468,10 @@ impl DeltaSink {
             cols.extend(time_cols.iter().map(|(_, a)| a.slice(at, n)));
             at += n;
             let rb = conform(&RecordBatch::try_new(schema.clone(), cols)?, &table_schema)?;
-            self.writer
+            self.files
                 .as_mut()
                 .expect("open")
-                .write(rb)
+                .write(&rb)
                 .await
                 .with_context(|| format!("writing to {}", self.display()))?;
         }
@@ -499,8 +530,8 @@ impl Sink for DeltaSink {
 
     async fn flush(&mut self, epoch: u64) -> anyhow::Result<Vec<u8>> {
         let mut adds = std::mem::take(&mut self.early);
-        if let Some(w) = self.writer.as_mut() {
-            adds.extend(w.flush().await.with_context(|| format!("closing data files of {}", self.at.loc.display))?);
+        if let Some(f) = self.files.take() {
+            adds.extend(f.close().await.with_context(|| format!("closing data files of {}", self.at.loc.display))?);
         }
         if !adds.is_empty() {
             self.metrics.bytes_out.inc_by(adds.iter().map(|a| a.size.max(0) as u64).sum());
@@ -613,6 +644,99 @@ mod tests {
             assert_eq!(txn_version(&t, "centralflow/p/lake/i").await.unwrap(), run);
             assert_eq!(t.snapshot().unwrap().log_data().num_files(), run as usize, "run {run} kept");
         }
+    }
+
+    /// Our data files are described as delta-rs describes its own: the same rows written by
+    /// delta-rs's `RecordBatchWriter` and by `DataFiles` (several row groups, two partitions,
+    /// nulls, sub-millisecond times, negative numbers) give the same partition values, partition
+    /// folders and statistics, and the files hold the same rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_files_are_described_as_delta_rs_describes_them() {
+        use arrow_array::{BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray};
+        use deltalake_core::writer::{DeltaWriter as _, RecordBatchWriter};
+        let dir = tempfile::tempdir().unwrap();
+        let fields = vec![
+            Field::new("deviceId", DataType::Utf8, true),
+            Field::new("t", DataType::Timestamp(arrow_schema::TimeUnit::Microsecond, Some("UTC".into())), true),
+            Field::new("v", DataType::Float64, true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("ok", DataType::Boolean, true),
+            Field::new("date", DataType::Date32, true),
+        ];
+        let st: StructType = (&Schema::new(fields)).try_into_kernel().unwrap();
+        let at = TableAt::open(dir.path().to_str().unwrap(), &BTreeMap::new()).unwrap();
+        let table = DeltaTable::new(at.log_store.clone())
+            .create()
+            .with_columns(st.fields().cloned())
+            .with_partition_columns(vec!["date".to_string()])
+            .await
+            .unwrap();
+        let metadata = table.snapshot().unwrap().metadata().clone();
+        let schema: SchemaRef = Arc::new((&metadata.parse_schema().unwrap()).try_into_arrow().unwrap());
+        let n = 1000i64;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter(
+                (0..n).map(|i| (i % 9 != 0).then(|| format!("dev-{:03}", (i * 37) % 101))),
+            )),
+            Arc::new(
+                TimestampMicrosecondArray::from_iter(
+                    (0..n).map(|i| (i % 11 != 0).then_some(1_700_000_000_000_000 + i * 1234)),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(Float64Array::from_iter((0..n).map(|i| (i % 7 != 0).then_some((i as f64 - 400.0) / 3.0)))),
+            Arc::new(Int64Array::from_iter((0..n).map(|i| (i % 13 != 0).then_some(500 - i)))),
+            Arc::new(BooleanArray::from_iter((0..n).map(|i| (i % 5 != 0).then_some(i % 3 == 0)))),
+            Arc::new(Date32Array::from_iter((0..n).map(|i| Some(19_000 + (i % 2) as i32)))),
+        ];
+        let rows = RecordBatch::try_new(schema.clone(), cols).unwrap();
+        let props = Compression::Zstd.writer_properties().set_max_row_group_row_count(Some(128)).build();
+
+        let mut theirs = RecordBatchWriter::for_table(&table).unwrap().with_writer_properties(props.clone());
+        theirs.write(rows.clone()).await.unwrap();
+        let theirs = theirs.flush().await.unwrap();
+        let config = metadata.configuration().clone();
+        let mut ours =
+            DataFiles::new(table.object_store(), schema, &["date".to_string()], props, Indexed::from_config(&config))
+                .unwrap();
+        ours.write(&rows.slice(0, 300)).await.unwrap();
+        ours.write(&rows.slice(300, 700)).await.unwrap();
+        let ours = ours.close().await.unwrap();
+
+        let described = |adds: &[Add]| {
+            let mut v: Vec<_> = adds
+                .iter()
+                .map(|a| {
+                    let folder = a.path.rsplit_once('/').map(|(d, _)| d.to_string());
+                    let stats: serde_json::Value = serde_json::from_str(a.stats.as_deref().unwrap()).unwrap();
+                    (format!("{:?}", a.partition_values.iter().collect::<BTreeMap<_, _>>()), folder, stats)
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        let (got, want) = (described(&ours), described(&theirs));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got, want);
+        let read = |adds: &[Add]| {
+            let mut all = Vec::new();
+            for a in adds {
+                let path = dir.path().join(&a.path);
+                let file = std::fs::File::open(&path).unwrap();
+                let b = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+                for rb in b.build().unwrap() {
+                    let rb = rb.unwrap();
+                    let text = arrow_cast::display::ArrayFormatter::try_new(rb.column(0), &Default::default()).unwrap();
+                    for i in 0..rb.num_rows() {
+                        all.push(format!("{} {}", a.path.split('/').next().unwrap(), text.value(i)));
+                    }
+                }
+            }
+            all.sort();
+            all
+        };
+        assert_eq!(read(&ours), read(&theirs));
+        assert_eq!(read(&ours).len(), n as usize);
     }
 
     /// A column whose type the table's cannot hold is an error naming it, not a dropped value.

@@ -25,6 +25,7 @@ use parquet::arrow::arrow_writer::{
 };
 use parquet::arrow::ArrowWriter;
 use parquet::errors::ParquetError;
+use parquet::file::metadata::ParquetMetaData;
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 use rayon::prelude::*;
@@ -228,14 +229,16 @@ impl ParallelWriter {
         (bytes as f64 * self.ratio) as usize
     }
 
-    /// Encodes what is left, appends it, writes the footer and completes the upload.
-    pub async fn close(mut self) -> anyhow::Result<()> {
+    /// Encodes what is left, appends it, writes the footer and completes the upload; returns
+    /// the file's metadata and size in bytes.
+    pub async fn close(mut self) -> anyhow::Result<(ParquetMetaData, usize)> {
         self.cut().await?;
         self.drain(true).await?;
-        self.file.finish()?;
+        let meta = self.file.finish()?;
+        let size = self.file.bytes_written();
         self.send().await?;
         self.out.shutdown().await?;
-        Ok(())
+        Ok((meta, size))
     }
 
     /// Hands the staged rows to the lane being filled, waiting while [`QUEUED`] groups are.
@@ -380,7 +383,9 @@ mod tests {
             theirs.write(&b).unwrap();
             assert!(ours.bytes_written() + ours.in_progress_size() > 0);
         }
-        ours.close().await.unwrap();
+        let (meta, size) = ours.close().await.unwrap();
+        assert_eq!(meta.file_metadata().num_rows(), at);
+        assert_eq!(size as u64, std::fs::metadata(dir.path().join("f.parquet")).unwrap().len());
         let (want_groups, want, want_schema) = read(theirs.into_inner().unwrap());
         let (groups, got, schema) = read(std::fs::read(dir.path().join("f.parquet")).unwrap());
         assert_eq!(groups, want_groups);

@@ -44,7 +44,7 @@ use crate::rows::{
 use crate::runtime::{BuildCx, Sink};
 use crate::storage::{self, Location};
 
-mod encoder;
+pub(crate) mod encoder;
 mod partition;
 mod typed;
 use encoder::ParallelWriter;
@@ -132,6 +132,18 @@ impl Compression {
             .set_compression(compression)
             .set_created_by(format!("centralflow {}", env!("CARGO_PKG_VERSION")))
     }
+}
+
+/// The properties of a file of `schema`: dictionaries for text columns only (numbers and times
+/// rarely repeat enough to pay for one, and building it cost CPU on every value).
+pub(crate) fn file_props(props: &WriterProperties, schema: &SchemaRef) -> WriterProperties {
+    let mut b = props.clone().into_builder().set_dictionary_enabled(false);
+    for f in schema.fields() {
+        if f.data_type() == &DataType::Utf8 {
+            b = b.set_column_dictionary_enabled(f.name().as_str().into(), true);
+        }
+    }
+    b.build()
 }
 
 /// The unit of the timestamp columns written.
@@ -331,13 +343,7 @@ impl ParquetSink {
     /// Writer properties for a file: dictionary encoding only for string columns, where it pays
     /// (device ids, message types); for numbers and timestamps it costs time and saves nothing.
     fn file_props(&self, schema: &SchemaRef) -> WriterProperties {
-        let mut b = self.props.clone().into_builder().set_dictionary_enabled(false);
-        for f in schema.fields() {
-            if f.data_type() == &DataType::Utf8 {
-                b = b.set_column_dictionary_enabled(f.name().as_str().into(), true);
-            }
-        }
-        b.build()
+        file_props(&self.props, schema)
     }
 
     fn file_name(&mut self) -> String {
