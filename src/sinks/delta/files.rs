@@ -93,10 +93,14 @@ impl DataFiles {
                 })?;
                 key.push((!v.is_null()).then(|| v.serialize()));
             }
-            let g = *index.entry(key.clone()).or_insert_with(|| {
-                groups.push((key, Vec::new()));
-                groups.len() - 1
-            });
+            let g = match index.get(&key) {
+                Some(g) => *g,
+                None => {
+                    index.insert(key.clone(), groups.len());
+                    groups.push((key, Vec::new()));
+                    groups.len() - 1
+                }
+            };
             groups[g].1.push(row as u32);
         }
         let whole = groups.len() == 1;
