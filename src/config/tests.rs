@@ -645,4 +645,9 @@ fn delta_partition_columns_are_checked_where_they_are_written() {
     valid("    layout: export\n    partition_by: [deviceId, site]\n    columns: {enrichments.site: {type: string, name: site}}\n")
         .unwrap();
     assert_errors(&with("    app_id: ' '\n"), &["sinks.lake.app_id: must not be empty (line 10, column 13)"]);
+    valid("    row_group_size: 1000\n").unwrap();
+    assert_errors(
+        &with("    row_group_size: 0\n"),
+        &["sinks.lake.row_group_size: must be at least 1 (line 10, column 21)"],
+    );
 }

@@ -44,7 +44,8 @@ use crate::path::FieldPath;
 use crate::rows::{conform, export_schema, schema_covers, type_covers};
 use crate::runtime::{BuildCx, Sink};
 use crate::sinks::parquet::{
-    check_columns, detect_layout, encode_layout, layout_schema, ColumnSpec, Compression, ParquetLayout, TypedColumns,
+    check_columns, d_row_group, detect_layout, encode_layout, layout_schema, ColumnSpec, Compression, ParquetLayout,
+    TypedColumns,
 };
 use crate::storage::{self, Location};
 
@@ -83,6 +84,11 @@ pub struct DeltaConfig {
     /// `zstd` (default), `snappy` or `none`.
     #[serde(default)]
     pub compression: Compression,
+    /// Rows per row group of the data files (default 122,880, as the Parquet sink's and
+    /// DuckDB's). An open row group's encoded pages stay in memory until it is full, so this
+    /// bounds the memory of every open data file.
+    #[serde(default = "d_row_group")]
+    pub row_group_size: usize,
     /// The `appId` of this sink's `txn` actions (default:
     /// `centralflow/{pipeline}/{sink}/{instance}`). Two writers must never share one.
     #[serde(default)]
@@ -103,6 +109,9 @@ impl Spec for DeltaConfig {
             cx.valid(&format!("{ptr}/partition_time"), p);
         }
         cx.storage_options(&format!("{ptr}/storage"), &self.storage);
+        if self.row_group_size == 0 {
+            cx.error(&format!("{ptr}/row_group_size"), "must be at least 1");
+        }
         check_columns(ptr, cx, &self.columns, self.layout, self.metadata_columns);
         let typed: Vec<&str> = self.columns.iter().map(|(p, s)| s.name(p)).collect();
         let export: Vec<String> =
@@ -253,7 +262,7 @@ impl DeltaSink {
     pub async fn new(cfg: DeltaConfig, cx: &BuildCx<'_>) -> anyhow::Result<DeltaSink> {
         let at = TableAt::open(&cfg.url, &cfg.storage)?;
         storage::probe(&at.loc).await?;
-        let props = cfg.compression.writer_properties().build();
+        let props = cfg.compression.writer_properties().set_max_row_group_row_count(Some(cfg.row_group_size)).build();
         let app_id =
             cfg.app_id.clone().unwrap_or_else(|| format!("centralflow/{}/{}/{}", cx.pipeline, cx.name, cx.instance));
         let layout = match cfg.layout {

@@ -104,7 +104,7 @@ pub struct ParquetConfig {
     pub storage: BTreeMap<String, String>,
 }
 
-fn d_row_group() -> usize {
+pub(crate) fn d_row_group() -> usize {
     122_880
 }
 fn d_prefix() -> String {
