@@ -24,6 +24,9 @@ use super::stats::{add_action, Indexed};
 use crate::sinks::parquet::encoder::ParallelWriter;
 use crate::sinks::parquet::file_props;
 
+/// A partition's values as Delta writes them (`None` for null), in the table's partition order.
+type Key = Vec<Option<String>>;
+
 /// One open data file.
 struct Open {
     values: IndexMap<String, Scalar>,
@@ -44,7 +47,7 @@ pub(super) struct DataFiles {
     file_schema: SchemaRef,
     props: WriterProperties,
     indexed: Indexed,
-    open: HashMap<Vec<Option<String>>, Open>,
+    open: HashMap<Key, Open>,
 }
 
 impl DataFiles {
@@ -83,35 +86,30 @@ impl DataFiles {
         }
         // rows of one partition in their order; a batch is usually one partition
         let cols: Vec<&dyn Array> = self.partition.iter().map(|(_, i)| rows.column(*i).as_ref()).collect();
-        let mut groups: Vec<(Vec<Option<String>>, Vec<u32>)> = Vec::new();
-        let mut index: HashMap<Vec<Option<String>>, usize> = HashMap::new();
+        // per partition: its key (the serialized values), its values and its rows
+        let mut groups: Vec<(Key, IndexMap<String, Scalar>, Vec<u32>)> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
         for row in 0..rows.num_rows() {
-            let mut key = Vec::with_capacity(cols.len());
+            let mut scalars = Vec::with_capacity(cols.len());
             for (c, (name, _)) in cols.iter().zip(&self.partition) {
-                let v = Scalar::from_array(*c, row).with_context(|| {
+                scalars.push(Scalar::from_array(*c, row).with_context(|| {
                     format!("partition column `{name}` is {}, not a Delta partition type", c.data_type())
-                })?;
-                key.push((!v.is_null()).then(|| v.serialize()));
+                })?);
             }
+            let key: Key = scalars.iter().map(|v| (!v.is_null()).then(|| v.serialize())).collect();
             let g = match index.get(&key) {
                 Some(g) => *g,
                 None => {
+                    let values = self.partition.iter().map(|(name, _)| name.clone()).zip(scalars).collect();
                     index.insert(key.clone(), groups.len());
-                    groups.push((key, Vec::new()));
+                    groups.push((key, values, Vec::new()));
                     groups.len() - 1
                 }
             };
-            groups[g].1.push(row as u32);
+            groups[g].2.push(row as u32);
         }
         let whole = groups.len() == 1;
-        for (key, rows_of) in groups {
-            let first = rows_of[0] as usize;
-            let values: IndexMap<String, Scalar> = self
-                .partition
-                .iter()
-                .zip(&cols)
-                .map(|((name, _), c)| (name.clone(), Scalar::from_array(*c, first).expect("checked above")))
-                .collect();
+        for (key, values, rows_of) in groups {
             let part = if whole {
                 data.clone()
             } else {
@@ -123,7 +121,7 @@ impl DataFiles {
     }
 
     /// The open file of a partition, opened if there is none.
-    fn file(&mut self, key: Vec<Option<String>>, values: IndexMap<String, Scalar>) -> anyhow::Result<&mut Open> {
+    fn file(&mut self, key: Key, values: IndexMap<String, Scalar>) -> anyhow::Result<&mut Open> {
         if !self.open.contains_key(&key) {
             let dir: Vec<String> = values.iter().map(|(k, v)| format!("{k}={}", v.serialize_encoded())).collect();
             let name = format!("part-00000-{}-c000{}.parquet", uuid::Uuid::new_v4(), suffix(&self.props));
