@@ -39,6 +39,8 @@ struct FastCompare {
     var: crate::path::FieldPath,
     literal: String,
     negate: bool,
+    /// `var` is `messageSource`, which the decoder has read already.
+    message_source: bool,
 }
 
 /// A handle to an object of the event being evaluated. Only valid during that evaluation.
@@ -332,6 +334,12 @@ impl Expr {
 
 impl FastCompare {
     fn eval(&self, ev: &Event) -> bool {
+        // `messageSource` as the decoder read it, without looking the field up
+        if self.message_source {
+            if let Some(s) = ev.decoded_message_source() {
+                return (s.as_str() == self.literal) != self.negate;
+            }
+        }
         let eq = self.var.get_str(ev).is_some_and(|s| crate::event::eq_short(&s, &self.literal));
         eq != self.negate
     }
@@ -368,7 +376,8 @@ fn fast_compare(src: &str) -> Option<FastCompare> {
         return None;
     }
     let var = crate::path::FieldPath::parse(var).ok()?;
-    Some(FastCompare { var, literal: lit[1..lit.len() - 1].to_string(), negate })
+    let message_source = var.as_str() == "messageSource";
+    Some(FastCompare { var, literal: lit[1..lit.len() - 1].to_string(), negate, message_source })
 }
 
 #[cfg(test)]
@@ -430,6 +439,40 @@ mod tests {
         assert!(fast_compare(r#"a == "x" || b == "y""#).is_none());
         assert!(fast_compare(r#"a == "x\"y""#).is_none());
         assert!(fast_compare("a == b").is_none());
+    }
+
+    /// `messageSource` compared as the decoder read it agrees with the interpreter: known and
+    /// unknown values, a duplicate key (the first counts, as a lookup finds it), and after the
+    /// field was changed.
+    #[test]
+    fn message_source_from_the_decoder_agrees_with_the_interpreter() {
+        let base = r#""enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"a":1}"#;
+        let mut events: Vec<Event> = [
+            r#""messageSource":"telemetry""#,
+            r#""messageSource":"properties""#,
+            r#""messageSource":"somethingNew""#,
+            r#""messageSource":"telemetry","messageSource":"properties""#,
+            r#""messageSource":"properties","messageSource":"telemetry""#,
+        ]
+        .iter()
+        .map(|ms| ev(&format!("{{{ms},{base}}}")))
+        .collect();
+        let mut changed = ev(&format!(r#"{{"messageSource":"telemetry",{base}}}"#));
+        changed.set(&["messageSource"], Value::Str("properties".into()));
+        events.push(changed);
+        assert_eq!(events[0].decoded_message_source(), Some(crate::event::MessageSource::Telemetry));
+        assert_eq!(events[5].decoded_message_source(), None, "changed since decoding");
+        for lit in ["telemetry", "properties", "somethingNew", "other"] {
+            for op in ["==", "!="] {
+                let compiled = Expr::compile(&format!("messageSource {op} \"{lit}\"")).unwrap();
+                assert!(compiled.fast.is_some());
+                for (i, e) in events.iter().enumerate() {
+                    let fast = compiled.eval_bool(e).unwrap();
+                    let slow = compiled.eval_bool_interpreted(e).unwrap();
+                    assert_eq!(fast, slow, "messageSource {op} {lit:?}, event {i}");
+                }
+            }
+        }
     }
 
     fn arb_value() -> impl Strategy<Value = String> {

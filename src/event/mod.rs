@@ -290,6 +290,16 @@ impl Event {
         }
     }
 
+    /// The export message's `messageSource` as the decoder read it (the first `messageSource`
+    /// key, as a lookup finds it), while no field has changed since decoding and the value is
+    /// one this version knows; `None` otherwise (read the field).
+    pub fn decoded_message_source(&self) -> Option<MessageSource> {
+        match self.kind {
+            Kind::Export(s) if s != MessageSource::Other && !self.root_raw.is_empty() => Some(s),
+            _ => None,
+        }
+    }
+
     /// Whether every top-level key is one of the export format's (see [`crate::path`]).
     pub fn has_only_export_keys(&self) -> bool {
         self.known_keys

@@ -414,7 +414,8 @@ pub(super) fn decode(text: &str, proj: Option<&Projection>, out: Out<'_>) -> R<(
             },
             KeyKind::MessageSource => {
                 let s = sc.plain_string(text)?;
-                env.source = Some(MessageSource::parse(s));
+                // the first one, as a lookup of the field finds it
+                env.source = env.source.or(Some(MessageSource::parse(s)));
                 Val::Str(build::raw_span(text, s))
             }
             KeyKind::EnqueuedTime => {

@@ -146,7 +146,8 @@ impl<'de, 's> Visitor<'de> for RootSeed<'s> {
                 KeyKind::MessageSource => {
                     let CowStr(s) =
                         map.next_value().map_err(|e| de::Error::custom(format!("messageSource: {}", strip_pos(&e))))?;
-                    env.source = Some(MessageSource::parse(&s));
+                    // the first one, as a lookup of the field finds it
+                    env.source = env.source.or(Some(MessageSource::parse(&s)));
                     Val::Str(text_of(base, arena, &s))
                 }
                 KeyKind::EnqueuedTime => {
