@@ -8,6 +8,7 @@
 //! - a batch of rows put in a file's schema ([`conform`], [`schema_covers`]);
 //! - one timestamp type for every time column ([`ts_type`]).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -136,6 +137,13 @@ fn push_meta(events: &[&Event], cols: &mut Vec<ArrayRef>) {
     cols.push(Arc::new(q.finish()));
 }
 
+const TEXT_COLUMNS: usize = EXPORT_STRINGS.len() + EXPORT_JSON.len();
+
+thread_local! {
+    /// Bytes per row of the export layout's text columns in this thread's last batch.
+    static TEXT_PER_ROW: Cell<[usize; TEXT_COLUMNS]> = const { Cell::new([32; TEXT_COLUMNS]) };
+}
+
 /// Encodes export messages.
 pub fn encode_export(events: &[&Event], metadata_columns: bool) -> anyhow::Result<RecordBatch> {
     encode_export_with(events, metadata_columns, |_| {})
@@ -149,10 +157,12 @@ pub fn encode_export_with(
     mut also: impl FnMut(&Event),
 ) -> anyhow::Result<RecordBatch> {
     let n = events.len();
-    let mut strings: Vec<StringBuilder> =
-        (0..EXPORT_STRINGS.len()).map(|_| StringBuilder::with_capacity(n, n * 24)).collect();
-    let mut jsons: Vec<StringBuilder> =
-        (0..EXPORT_JSON.len()).map(|_| StringBuilder::with_capacity(n, n * 64)).collect();
+    // text capacity from the bytes per row of this thread's last batch: a builder that grows
+    // copies its text again (into fresh pages, which fault)
+    let per_row = TEXT_PER_ROW.with(Cell::get);
+    let with_room = |b: usize| StringBuilder::with_capacity(n, n * b + 64);
+    let mut strings: Vec<StringBuilder> = per_row[..EXPORT_STRINGS.len()].iter().map(|b| with_room(*b)).collect();
+    let mut jsons: Vec<StringBuilder> = per_row[EXPORT_STRINGS.len()..].iter().map(|b| with_room(*b)).collect();
     let mut extra = StringBuilder::new();
     let mut time = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut buf = String::new();
@@ -175,6 +185,9 @@ pub fn encode_export_with(
             } else if let Slot::Json(i) = slot {
                 if v.is_null() {
                     jsons[i].append_null();
+                } else if let Some(raw) = if let ValRef::Obj(o) = &v { o.raw_json() } else { None } {
+                    // an object as it came: its text, copied once
+                    jsons[i].append_value(raw);
                 } else {
                     buf.clear();
                     v.write_json(&mut buf);
@@ -210,6 +223,14 @@ pub fn encode_export_with(
         }
         time.append_option((ev.time != NO_TIME).then_some(ts_value(ev.time)));
         also(ev);
+    }
+    if n > 0 {
+        let mut per_row = [0; TEXT_COLUMNS];
+        for (b, t) in strings.iter().chain(&jsons).zip(&mut per_row) {
+            // an eighth more than last time: rows vary
+            *t = b.values_slice().len().div_ceil(n) * 9 / 8;
+        }
+        TEXT_PER_ROW.with(|c| c.set(per_row));
     }
     let mut cols: Vec<ArrayRef> = Vec::new();
     let mut strings = strings.into_iter();

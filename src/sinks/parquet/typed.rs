@@ -75,6 +75,10 @@ impl ColumnSpec {
 /// The typed columns of a sink, in the order of their names (the map's order).
 pub struct TypedColumns {
     cols: Vec<(String, FieldPath, ColumnType)>,
+    /// Per column: the telemetry key its path names (`temperature`, `telemetry.temperature`),
+    /// and whether the path is bare; such columns are read from one lookup of the telemetry
+    /// object per event instead of a path lookup each (see [`TypedBuilders::append`]).
+    tele: Vec<Option<(String, bool)>>,
 }
 
 impl TypedColumns {
@@ -84,7 +88,8 @@ impl TypedColumns {
             let p = FieldPath::parse(path).map_err(|e| anyhow::anyhow!("columns.{path}: {e}"))?;
             cols.push((s.name(path).to_string(), p, s.ty()));
         }
-        Ok(TypedColumns { cols })
+        let tele = cols.iter().map(|(_, p, _)| telemetry_key(p)).collect();
+        Ok(TypedColumns { cols, tele })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -107,13 +112,23 @@ impl TypedColumns {
     /// event is looked up while that event's fields are in cache.
     pub fn builders(&self, capacity: usize) -> TypedBuilders<'_> {
         let b = self.cols.iter().map(|(_, _, t)| Builder::new(*t, capacity)).collect();
-        TypedBuilders { cols: &self.cols, b }
+        TypedBuilders { cols: &self.cols, tele: &self.tele, b }
+    }
+}
+
+/// The telemetry key a path names: `telemetry.K` (`true`: written bare, `K`), if it names one.
+fn telemetry_key(p: &FieldPath) -> Option<(String, bool)> {
+    match p.parts() {
+        [t, k] if t == "telemetry" => Some((k.clone(), false)),
+        [k] if !p.is_export_key() && k != "meta" => Some((k.clone(), true)),
+        _ => None,
     }
 }
 
 /// The typed columns being built (see [`TypedColumns::builders`]).
 pub struct TypedBuilders<'a> {
     cols: &'a [(String, FieldPath, ColumnType)],
+    tele: &'a [Option<(String, bool)>],
     b: Vec<Builder>,
 }
 
@@ -142,8 +157,28 @@ impl Builder {
 impl TypedBuilders<'_> {
     /// Appends `ev`'s value (or null) to every column.
     pub fn append(&mut self, ev: &Event) {
-        for ((_, p, _), b) in self.cols.iter().zip(&mut self.b) {
-            let v = p.get(ev);
+        // What `FieldPath::get` answers for a telemetry key of an event that is not projected,
+        // from one lookup of the telemetry object for all such columns: a bare `K` is the
+        // telemetry object's `K` when every top-level key is the export format's (else a
+        // top-level `K` could come first); `telemetry.K` is the first `telemetry` field's `K`.
+        let direct = ev.projection().is_none();
+        let (mut bare_obj, mut first_obj) = (None, None);
+        if direct {
+            if ev.has_only_export_keys() && self.tele.iter().any(|k| matches!(k, Some((_, true)))) {
+                bare_obj = Some(ev.own_telemetry());
+            }
+            if self.tele.iter().any(|k| matches!(k, Some((_, false)))) {
+                if let Some(ValRef::Obj(o)) = ev.own_get("telemetry") {
+                    first_obj = Some(o);
+                }
+            }
+        }
+        for (((_, p, _), key), b) in self.cols.iter().zip(self.tele).zip(&mut self.b) {
+            let v = match (key, bare_obj, first_obj) {
+                (Some((k, true)), Some(t), _) => t.and_then(|t| t.get(k)),
+                (Some((k, false)), _, Some(o)) => o.get(k),
+                _ => p.get(ev),
+            };
             match b {
                 Builder::Double(b) => b.append_option(v.and_then(|v| as_double(&v))),
                 Builder::Long(b) => b.append_option(v.and_then(|v| as_long(&v))),
@@ -218,6 +253,63 @@ fn as_micros(v: &ValRef<'_>) -> Option<i64> {
 mod tests {
     use super::*;
     use std::borrow::Cow;
+
+    /// The one-lookup path for telemetry keys answers what a path lookup per column does, for
+    /// bare and `telemetry.` paths, a top-level field by a telemetry name, a missing or null
+    /// telemetry, nested paths and envelope fields.
+    #[test]
+    fn columns_read_from_telemetry_equal_path_lookups() {
+        use arrow_array::Array as _;
+        let msgs = [
+            r#"{"messageSource":"telemetry","deviceId":"d1","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"temperature":21.5,"status":"ok","n":3,"BloodPressure":{"Systolic":71}}}"#,
+            r#"{"messageSource":"telemetry","deviceId":"d2","enqueuedTime":"2026-11-01T00:00:00Z","temperature":99,"telemetry":{"temperature":1.5,"status":"hot"}}"#,
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":null,"status":"x"}"#,
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z"}"#,
+            r#"{"messageSource":"telemetry","enqueuedTime":"2026-11-01T00:00:00Z","telemetry":{"n":"7","temperature":"warm"}}"#,
+        ];
+        let mut spec = BTreeMap::new();
+        for (path, ty) in [
+            ("temperature", ColumnType::Double),
+            ("telemetry.temperature", ColumnType::Double),
+            ("status", ColumnType::String),
+            ("telemetry.status", ColumnType::String),
+            ("n", ColumnType::Long),
+            ("BloodPressure.Systolic", ColumnType::Long),
+            ("deviceId", ColumnType::String),
+        ] {
+            spec.insert(path.to_string(), ColumnSpec::Type(ty));
+        }
+        let typed = TypedColumns::new(&spec).unwrap();
+        let events: Vec<Event> =
+            msgs.iter().map(|m| crate::model::decode::decode_one(bytes::Bytes::from(m.to_string())).unwrap()).collect();
+        let mut b = typed.builders(events.len());
+        for ev in &events {
+            b.append(ev);
+        }
+        let cols = b.finish();
+        for ((name, p, ty), col) in typed.cols.iter().zip(&cols) {
+            for (row, ev) in events.iter().enumerate() {
+                let want = p.get(ev);
+                let got = if col.is_null(row) {
+                    None
+                } else {
+                    Some(arrow_cast::display::array_value_to_string(col, row).unwrap())
+                };
+                let want = match ty {
+                    ColumnType::Double => want.and_then(|v| as_double(&v)).map(|f| f.to_string()),
+                    ColumnType::Long => want.and_then(|v| as_long(&v)).map(|i| i.to_string()),
+                    ColumnType::String => match want {
+                        Some(ValRef::Str(s)) => Some(s.to_string()),
+                        _ => None,
+                    },
+                    _ => unreachable!(),
+                };
+                assert_eq!(got, want, "column {name}, message {row}");
+            }
+        }
+        // the cases above are not all null
+        assert!(cols.iter().all(|c| c.null_count() < events.len()));
+    }
 
     #[test]
     fn double_takes_floats_and_integers_only() {
