@@ -96,14 +96,28 @@ fn stats(values: &IndexMap<String, Scalar>, meta: &ParquetMetaData, indexed: &In
             _ => None,
         });
         let binary = col.physical_type() == Type::BYTE_ARRAY && logical != Some(LogicalType::String);
-        let (mut lo, mut hi, mut null_count): (Option<Bound>, Option<Bound>, u64) = (None, None, 0);
+        let (mut lo, mut hi, mut null_count): (Option<Bound>, Option<Bound>, Option<u64>) = (None, None, Some(0));
+        // a row group without statistics (a column written without them) leaves the file's
+        // bounds and null count unknown: none are given rather than ones that are wrong
+        let mut bounded = !binary;
         for g in meta.row_groups() {
-            let Some(s) = g.column(i).statistics() else { continue };
-            null_count += s.null_count_opt().unwrap_or(0);
-            if binary {
+            let Some(s) = g.column(i).statistics() else {
+                (null_count, bounded) = (None, false);
+                break;
+            };
+            null_count = null_count.zip(s.null_count_opt()).map(|(a, b)| a + b);
+            if !bounded {
                 continue;
             }
-            if let (Some(a), Some(b)) = (bound(s, logical.as_ref(), true), bound(s, logical.as_ref(), false)) {
+            let (Some(a), Some(b)) = (bound(s, logical.as_ref(), true), bound(s, logical.as_ref(), false)) else {
+                // a chunk with nulls only has no bounds, and needs none; other chunks without
+                // them leave the file's unknown
+                if s.null_count_opt() != Some(g.num_rows() as u64) {
+                    bounded = false;
+                }
+                continue;
+            };
+            {
                 lo = Some(match lo {
                     Some(l) if l.less(&a) => l,
                     _ => a,
@@ -114,8 +128,10 @@ fn stats(values: &IndexMap<String, Scalar>, meta: &ParquetMetaData, indexed: &In
                 });
             }
         }
-        insert(&mut nulls, parts, Value::from(null_count));
-        if let (Some(lo), Some(hi)) = (lo, hi) {
+        if let Some(n) = null_count {
+            insert(&mut nulls, parts, Value::from(n));
+        }
+        if let (true, Some(lo), Some(hi)) = (bounded, lo, hi) {
             insert(&mut min, parts, lo.json());
             insert(&mut max, parts, hi.json());
         }
@@ -228,5 +244,46 @@ fn insert(into: &mut Map<String, Value>, path: &[String], value: Value) {
             }
         }
         [] => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+    use parquet::arrow::ArrowWriter;
+    use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+    /// A column written without statistics (the export layout's JSON text) has neither bounds
+    /// nor a null count in the file's statistics: a count of 0 would tell readers it has no
+    /// nulls. Columns with statistics keep theirs, over every row group.
+    #[test]
+    fn a_column_without_statistics_has_no_bounds_and_no_null_count() {
+        let json: ArrayRef = Arc::new(StringArray::from(vec![Some("{\"a\":1}"), None, Some("{\"a\":2}"), None]));
+        let v: ArrayRef = Arc::new(Float64Array::from(vec![Some(2.5), None, Some(-1.0), Some(7.0)]));
+        let rows = RecordBatch::try_from_iter(vec![("telemetry", json), ("v", v)]).unwrap();
+        let props = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(2))
+            .set_column_statistics_enabled("telemetry".into(), EnabledStatistics::None)
+            .build();
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, rows.schema(), Some(props)).unwrap();
+        w.write(&rows).unwrap();
+        let meta = w.close().unwrap();
+        let file = parquet::file::serialized_reader::SerializedFileReader::new(bytes::Bytes::from(buf)).unwrap();
+        use parquet::file::reader::FileReader as _;
+        assert_eq!(file.metadata().num_row_groups(), 2, "{meta:?}");
+        let got = stats(&IndexMap::new(), file.metadata(), &Indexed::First(None));
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "numRecords": 4,
+                "minValues": {"v": -1.0},
+                "maxValues": {"v": 7.0},
+                "nullCount": {"v": 1},
+            })
+        );
     }
 }
