@@ -112,7 +112,8 @@ impl TypedColumns {
     /// event is looked up while that event's fields are in cache.
     pub fn builders(&self, capacity: usize) -> TypedBuilders<'_> {
         let b = self.cols.iter().map(|(_, _, t)| Builder::new(*t, capacity)).collect();
-        TypedBuilders { cols: &self.cols, tele: &self.tele, b }
+        let any = |bare: bool| self.tele.iter().any(|k| matches!(k, Some((_, x)) if *x == bare));
+        TypedBuilders { cols: &self.cols, tele: &self.tele, any_bare: any(true), any_prefixed: any(false), b }
     }
 }
 
@@ -129,6 +130,9 @@ fn telemetry_key(p: &FieldPath) -> Option<(String, bool)> {
 pub struct TypedBuilders<'a> {
     cols: &'a [(String, FieldPath, ColumnType)],
     tele: &'a [Option<(String, bool)>],
+    /// Some column is a bare telemetry key; some is `telemetry.K` (decided once, not per event).
+    any_bare: bool,
+    any_prefixed: bool,
     b: Vec<Builder>,
 }
 
@@ -164,10 +168,10 @@ impl TypedBuilders<'_> {
         let direct = ev.projection().is_none();
         let (mut bare_obj, mut first_obj) = (None, None);
         if direct {
-            if ev.has_only_export_keys() && self.tele.iter().any(|k| matches!(k, Some((_, true)))) {
+            if ev.has_only_export_keys() && self.any_bare {
                 bare_obj = Some(ev.own_telemetry());
             }
-            if self.tele.iter().any(|k| matches!(k, Some((_, false)))) {
+            if self.any_prefixed {
                 if let Some(ValRef::Obj(o)) = ev.own_get("telemetry") {
                     first_obj = Some(o);
                 }
