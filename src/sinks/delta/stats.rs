@@ -117,16 +117,14 @@ fn stats(values: &IndexMap<String, Scalar>, meta: &ParquetMetaData, indexed: &In
                 }
                 continue;
             };
-            {
-                lo = Some(match lo {
-                    Some(l) if l.less(&a) => l,
-                    _ => a,
-                });
-                hi = Some(match hi {
-                    Some(h) if b.less(&h) => h,
-                    _ => b,
-                });
-            }
+            lo = Some(match lo {
+                Some(l) if l.less(&a) => l,
+                _ => a,
+            });
+            hi = Some(match hi {
+                Some(h) if b.less(&h) => h,
+                _ => b,
+            });
         }
         if let Some(n) = null_count {
             insert(&mut nulls, parts, Value::from(n));

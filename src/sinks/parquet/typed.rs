@@ -79,6 +79,9 @@ pub struct TypedColumns {
     /// and whether the path is bare; such columns are read from one lookup of the telemetry
     /// object per event instead of a path lookup each (see [`TypedBuilders::append`]).
     tele: Vec<Option<(String, bool)>>,
+    /// Some column is a bare telemetry key; some is `telemetry.K`.
+    any_bare: bool,
+    any_prefixed: bool,
 }
 
 impl TypedColumns {
@@ -88,8 +91,10 @@ impl TypedColumns {
             let p = FieldPath::parse(path).map_err(|e| anyhow::anyhow!("columns.{path}: {e}"))?;
             cols.push((s.name(path).to_string(), p, s.ty()));
         }
-        let tele = cols.iter().map(|(_, p, _)| telemetry_key(p)).collect();
-        Ok(TypedColumns { cols, tele })
+        let tele: Vec<_> = cols.iter().map(|(_, p, _)| telemetry_key(p)).collect();
+        let any = |bare: bool| tele.iter().any(|k| matches!(k, Some((_, x)) if *x == bare));
+        let (any_bare, any_prefixed) = (any(true), any(false));
+        Ok(TypedColumns { cols, tele, any_bare, any_prefixed })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,8 +117,7 @@ impl TypedColumns {
     /// event is looked up while that event's fields are in cache.
     pub fn builders(&self, capacity: usize) -> TypedBuilders<'_> {
         let b = self.cols.iter().map(|(_, _, t)| Builder::new(*t, capacity)).collect();
-        let any = |bare: bool| self.tele.iter().any(|k| matches!(k, Some((_, x)) if *x == bare));
-        TypedBuilders { cols: &self.cols, tele: &self.tele, any_bare: any(true), any_prefixed: any(false), b }
+        TypedBuilders { cols: self, b }
     }
 }
 
@@ -128,11 +132,7 @@ fn telemetry_key(p: &FieldPath) -> Option<(String, bool)> {
 
 /// The typed columns being built (see [`TypedColumns::builders`]).
 pub struct TypedBuilders<'a> {
-    cols: &'a [(String, FieldPath, ColumnType)],
-    tele: &'a [Option<(String, bool)>],
-    /// Some column is a bare telemetry key; some is `telemetry.K` (decided once, not per event).
-    any_bare: bool,
-    any_prefixed: bool,
+    cols: &'a TypedColumns,
     b: Vec<Builder>,
 }
 
@@ -168,16 +168,16 @@ impl TypedBuilders<'_> {
         let direct = ev.projection().is_none();
         let (mut bare_obj, mut first_obj) = (None, None);
         if direct {
-            if ev.has_only_export_keys() && self.any_bare {
+            if ev.has_only_export_keys() && self.cols.any_bare {
                 bare_obj = Some(ev.own_telemetry());
             }
-            if self.any_prefixed {
+            if self.cols.any_prefixed {
                 if let Some(ValRef::Obj(o)) = ev.own_get("telemetry") {
                     first_obj = Some(o);
                 }
             }
         }
-        for (((_, p, _), key), b) in self.cols.iter().zip(self.tele).zip(&mut self.b) {
+        for (((_, p, _), key), b) in self.cols.cols.iter().zip(&self.cols.tele).zip(&mut self.b) {
             let v = match (key, bare_obj, first_obj) {
                 (Some((k, true)), Some(t), _) => t.and_then(|t| t.get(k)),
                 (Some((k, false)), _, Some(o)) => o.get(k),

@@ -226,8 +226,8 @@ async fn put_token(cbs: &mut RequestLink, auth: &Auth, audience: &str) -> anyhow
 /// `RequestResponseChannel`). An unsettled send through fe2o3-amqp (0.16.2, still so in 0.17.0)
 /// can wait forever: it records the delivery as unsettled only after it has handed the transfer
 /// to the session, so a disposition that comes back before then finds nothing to settle. On
-/// loopback under load that happened in about 1 of 5 runs of a test; here it would have cost a
-/// reconnect after `CALL_TIMEOUT`. The answer is what tells whether a request worked, so the
+/// loopback with the CPU loaded that hung a test in 1 to 3 of 15 runs; here it would have cost
+/// a reconnect after `CALL_TIMEOUT`. The answer is what tells whether a request worked, so the
 /// disposition carries nothing this needs.
 struct RequestLink {
     sender: Sender,
