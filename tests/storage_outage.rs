@@ -235,10 +235,16 @@ fn outage(kind: Kind) {
     peer.bring_back();
 
     // the pipeline goes on by itself; the last third after it is back
-    wait_until("ready again", W, || {
+    // (not `wait_until`: a failure here shows what is still not ready, and the log)
+    let back = Instant::now();
+    loop {
         let b = ready_body(&api);
-        !b.contains("storage ") && b.contains("\"ready\":true")
-    });
+        if !b.contains("storage ") && b.contains("\"ready\":true") {
+            break;
+        }
+        assert!(back.elapsed() < W, "ready again: not within {W:?}; /health/ready: {b}\n{}", run.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     publish(&queue, thirds[2]);
     wait_until("everything acknowledged", W, || amqp_depth(&queue) == (0, 0));
     let log = run.stop(W);
