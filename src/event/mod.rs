@@ -139,7 +139,33 @@ pub struct Meta {
     pub enqueued: Nanos,
     /// Source-specific metadata: AMQP headers, Event Hubs properties and annotations
     /// (`iotcentral-device-id`, ...). Read as `meta.NAME`.
-    pub attrs: Vec<(Box<str>, String)>,
+    pub attrs: Vec<(AttrKey, String)>,
+}
+
+/// A metadata attribute's name: borrowed for the names set on every message (no allocation, to
+/// make and to drop, per message and per event), owned for any other.
+pub type AttrKey = std::borrow::Cow<'static, str>;
+
+/// `name` as an attribute key.
+pub fn attr_key(name: &str) -> AttrKey {
+    const KNOWN: [&str; 12] = [
+        "iotcentral-application-id",
+        "iotcentral-device-id",
+        "iotcentral-message-source",
+        "iotcentral-message-type",
+        "iotcentral-template-id",
+        "iotcentral-module-id",
+        "iotcentral-component-name",
+        "message-id",
+        "delivery-count",
+        "x-opt-sequence-number",
+        "x-opt-enqueued-time",
+        "x-opt-offset",
+    ];
+    match KNOWN.iter().find(|k| **k == name) {
+        Some(k) => AttrKey::Borrowed(k),
+        None => AttrKey::Owned(name.to_string()),
+    }
 }
 
 impl Meta {

@@ -34,6 +34,6 @@ pub fn decoder(format: MessageFormat, time: Option<&Path>, device_id: Option<&Pa
 
 /// The device a transport names: the `iotcentral-device-id` property (IoT Central sets it on
 /// messages to Event Hubs, Service Bus and AMQP), among a message's metadata.
-pub fn transport_device(attrs: &[(Box<str>, String)]) -> Option<&str> {
+pub fn transport_device(attrs: &[(crate::event::AttrKey, String)]) -> Option<&str> {
     attrs.iter().find(|(k, _)| &**k == "iotcentral-device-id").map(|(_, v)| v.as_str())
 }

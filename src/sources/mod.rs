@@ -45,7 +45,7 @@ pub fn decode_test_record(
     cfg: &SourceConfig,
     raw: bytes::Bytes,
     received: crate::event::Nanos,
-    attributes: &[(Box<str>, String)],
+    attributes: &[(crate::event::AttrKey, String)],
     projection: Option<&std::sync::Arc<crate::projection::Projection>>,
 ) -> Vec<Result<crate::event::Event, String>> {
     use crate::model::generic::Transport;

@@ -127,7 +127,7 @@ pub struct Input {
     pub node: usize,
     pub records: Vec<Record>,
     pub partition: u32,
-    pub attributes: Vec<(Box<str>, String)>,
+    pub attributes: Vec<(crate::event::AttrKey, String)>,
     /// The arrival time, for sources that stamp one (device-bridge requests without a timestamp).
     pub received: Nanos,
 }
@@ -364,7 +364,7 @@ fn check_input(ri: RawInput, plan: &Plan, ptr: &str, dir: &Path, cx: &mut Checke
         return None;
     };
     let records = records_of(&ri, ptr, dir, received, cx)?;
-    let attributes = ri.attributes.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect();
+    let attributes = ri.attributes.into_iter().map(|(k, v)| (k.into(), v)).collect();
     Some(Input { node, records, partition: ri.partition, attributes, received })
 }
 

@@ -276,11 +276,11 @@ impl AmqpSource {
             return Ok(());
         }
         let origin = format!("{}#{tag}", self.cfg.queue);
-        let mut attrs: Vec<(Box<str>, String)> = Vec::new();
+        let mut attrs: Vec<(crate::event::AttrKey, String)> = Vec::new();
         if let Some(headers) = d.properties.headers() {
             for (k, v) in headers.inner() {
                 if k.as_str().starts_with("iotcentral-") {
-                    attrs.push((k.as_str().into(), amqp_value_string(v)));
+                    attrs.push((crate::event::attr_key(k.as_str()), amqp_value_string(v)));
                 }
             }
         }

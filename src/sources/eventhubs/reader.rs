@@ -450,7 +450,7 @@ fn convert(
 ) -> Pos {
     let offset = ev.offset().clone().unwrap_or_default();
     let body = Bytes::copy_from_slice(ev.event_data().body().unwrap_or_default());
-    let mut attrs: Vec<(Box<str>, String)> = Vec::with_capacity(8);
+    let mut attrs: Vec<(crate::event::AttrKey, String)> = Vec::with_capacity(8);
     attrs.push(("x-opt-sequence-number".into(), seq.to_string()));
     attrs.push(("x-opt-offset".into(), offset.clone()));
     if enqueued_ms != i64::MIN {
@@ -468,7 +468,7 @@ fn convert(
     annotations.sort_by(|a, b| a.0.cmp(b.0));
     for (k, v) in annotations {
         if !attrs.iter().any(|(a, _)| **a == **k) {
-            attrs.push((k.as_str().into(), amqp_value_string(v)));
+            attrs.push((crate::event::attr_key(k), amqp_value_string(v)));
         }
     }
     if let Some(props) = ev.event_data().properties() {
@@ -477,7 +477,7 @@ fn convert(
         props.sort_by(|a, b| a.0.cmp(b.0));
         for (k, v) in props {
             if !attrs.iter().any(|(a, _)| **a == **k) {
-                attrs.push((k.as_str().into(), simple_value_string(v)));
+                attrs.push((crate::event::attr_key(k), simple_value_string(v)));
             }
         }
     }

@@ -104,7 +104,8 @@ pub struct ServiceBusSource {
     linger: Duration,
     quiet: Option<Duration>,
     /// Processed messages: hash -> forget after (Unix ms; 0 while not completed).
-    processed: HashMap<u128, i64>,
+    /// Its keys are xxh3 digests already: ahash, not SipHash, which showed in the profile.
+    processed: HashMap<u128, i64, ahash::RandomState>,
     held: VecDeque<Held>,
     generation: u64,
     received: u64,
@@ -125,7 +126,7 @@ impl ServiceBusSource {
         let entity = cfg.entity().map_err(anyhow::Error::msg)?;
         let address = cfg.address().map_err(anyhow::Error::msg)?;
         let auth = Auth::new(&cfg)?;
-        let mut processed = HashMap::new();
+        let mut processed = HashMap::default();
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
             let st: State =
                 postcard::from_bytes(state).context("servicebus source state in the checkpoint is corrupt")?;
@@ -378,7 +379,7 @@ struct Meta {
     enqueued: Nanos,
     locked_until: Option<i64>,
     delivery_count: u32,
-    attrs: Vec<(Box<str>, String)>,
+    attrs: Vec<(crate::event::AttrKey, String)>,
 }
 
 impl Meta {
@@ -398,14 +399,16 @@ impl Meta {
                     ("x-opt-sequence-number", Value::Long(s)) => m.sequence = *s,
                     ("x-opt-enqueued-time", Value::Timestamp(t)) => m.enqueued = t.milliseconds() * 1_000_000,
                     ("x-opt-locked-until", Value::Timestamp(t)) => m.locked_until = Some(t.milliseconds()),
-                    (k, v) if k.starts_with("iotcentral-") => m.attrs.push((k.into(), value_string(v))),
+                    (k, v) if k.starts_with("iotcentral-") => {
+                        m.attrs.push((crate::event::attr_key(k), value_string(v)))
+                    }
                     _ => {}
                 }
             }
         }
         if let Some(p) = &msg.application_properties {
             for (k, v) in p.0.iter() {
-                m.attrs.push((k.as_str().into(), simple_string(v)));
+                m.attrs.push((crate::event::attr_key(k), simple_string(v)));
             }
         }
         if let Some(id) = &m.message_id {

@@ -72,7 +72,7 @@ impl Held {
             offset: s.offset,
             origin: s.origin.map(Arc::from),
             enqueued: s.enqueued,
-            attrs: s.attrs.into_iter().map(|(k, v)| (k.into_boxed_str(), v)).collect(),
+            attrs: s.attrs.into_iter().map(|(k, v)| (k.into(), v)).collect(),
         };
         Ok(ev)
     }
