@@ -121,13 +121,6 @@ fn canonical_time(s: &str) -> String {
     centralflow::time::format_rfc3339(centralflow::time::parse_rfc3339(s).expect("a time"))
 }
 
-/// How many whole lines the sink has written so far. While a run writes, or after a SIGKILL, the
-/// file may end in part of a line (a restart truncates it to the committed length), so only
-/// newline-terminated lines count, and nothing is parsed.
-fn complete_lines(path: &Path) -> usize {
-    std::fs::read(path).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0)
-}
-
 /// centralflow's answer, from the JSON lines its sink wrote (read once the run has ended).
 fn centralflow_rows(path: &Path) -> (Joined, usize) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
@@ -237,12 +230,12 @@ fn run_through_rabbitmq_with_a_kill_equals_duckdb_asof_join() {
     // first run: killed once part of the output is there
     let mut child = start();
     let t = Instant::now();
-    while complete_lines(&out) < 5_000 && t.elapsed() < Duration::from_secs(60) {
+    while count_lines(&out) < 5_000 && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(50));
     }
     signal(&child, libc::SIGKILL);
     let _ = child.wait();
-    let rows_at_kill = complete_lines(&out);
+    let rows_at_kill = count_lines(&out);
     let log = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
     assert!(rows_at_kill > 0 && rows_at_kill < expected.len(), "killed midway ({rows_at_kill} rows)\n{}", log());
     // second run: until every row is there and the queue is drained
@@ -250,13 +243,13 @@ fn run_through_rabbitmq_with_a_kill_equals_duckdb_asof_join() {
     let t = Instant::now();
     loop {
         let (ready, unacked) = amqp_depth(&queue);
-        if complete_lines(&out) >= expected.len() && ready == 0 && unacked == 0 {
+        if count_lines(&out) >= expected.len() && ready == 0 && unacked == 0 {
             break;
         }
         assert!(
             t.elapsed() < Duration::from_secs(120),
             "timed out: {} rows, queue {ready}/{unacked}\n{}",
-            complete_lines(&out),
+            count_lines(&out),
             log()
         );
         std::thread::sleep(Duration::from_millis(200));

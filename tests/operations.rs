@@ -310,11 +310,6 @@ checkpoint:
     )
 }
 
-/// Complete lines so far (the writer may be in the middle of one).
-fn count_lines(p: &Path) -> usize {
-    std::fs::read(p).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0)
-}
-
 fn lines(p: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(p)
         .unwrap_or_default()

@@ -27,6 +27,13 @@ use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 
+/// Whole lines in a file a running pipeline writes (JSONL): while it writes, or after a SIGKILL
+/// (a restart truncates the file to what was committed), the file may end in part of a line,
+/// so only newline-terminated lines count and nothing is parsed.
+pub fn count_lines(p: &Path) -> usize {
+    std::fs::read(p).map(|b| b.iter().filter(|&&c| c == b'\n').count()).unwrap_or(0)
+}
+
 /// The `centralflow` binary under test.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_centralflow"))
