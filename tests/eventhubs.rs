@@ -324,9 +324,7 @@ sinks:
     }
     let child = c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let meta = dir.join("meta.jsonl");
-    hub.wait("every event written", LONG, |_| {
-        std::fs::read_to_string(&meta).map(|t| t.lines().count() >= 200).unwrap_or(false)
-    });
+    hub.wait("every event written", LONG, |_| count_lines(&meta) >= 200);
     signal(&child, libc::SIGTERM);
     ok(&wait_output(child, LONG));
     let appended = hub.appended.lock().unwrap().clone();
