@@ -8,6 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::blob_export::*;
@@ -197,4 +198,72 @@ fn a_local_file_is_read_once_it_is_complete() {
     assert_eq!(raw.len(), 2 * DEVICES * PER_DEVICE);
     let dead = std::fs::read_to_string(dir.path().join("out/dead-letters.jsonl")).unwrap_or_default();
     assert_eq!(dead, "", "no partial line was read");
+}
+
+/// The URL may be the container, the application's folder or one partition's folder: each reads
+/// every file below it once, with each partition folder's own watermark, whether the source
+/// follows the export or lists it once (`follow: false`, with `layout: iotcentral` or `auto`).
+/// Partition 1 runs three minutes behind partition 0, so files read as one partition, or in path
+/// order, would put its windows behind the watermark: late.
+#[test]
+fn the_url_may_be_the_application_or_a_partition_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("container");
+    let c = Container::local(&root);
+    let mut files = Vec::new();
+    for m in 0..4 {
+        files.push((blob_path(0, m + 3), file_body(0, m + 3)));
+        files.push((blob_path(1, m), file_body(1, m)));
+    }
+    c.put_many(files);
+    let keys = |parts: &[u32]| -> BTreeMap<(String, String), usize> {
+        let (p0, p1) = ((3..7).map(|m| (0, m)), (0..4).map(|m| (1, m)));
+        p0.chain(p1).filter(|(p, _)| parts.contains(p)).flat_map(|(p, m)| file_keys(p, m)).map(|k| (k, 1)).collect()
+    };
+    let shipped = std::fs::read_to_string("pipelines/blob-export-to-parquet.yaml").unwrap();
+    let variants = [
+        ("follow", shipped.clone()),
+        ("listed", shipped.replace("follow: true", "follow: false")),
+        ("listed-auto", shipped.replace("follow: true", "follow: false").replace("layout: iotcentral", "layout: auto")),
+    ];
+    for (name, yaml) in variants {
+        assert_ne!(yaml, "", "{name}");
+        let pipeline = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&pipeline, yaml).unwrap();
+        let mut whole: Option<Vec<BTreeMap<String, String>>> = None;
+        let inputs = [(root.clone(), vec![0, 1]), (root.join(APP), vec![0, 1]), (root.join(APP).join("1"), vec![1])];
+        for (k, (input, parts)) in inputs.into_iter().enumerate() {
+            let out = dir.path().join(format!("out-{name}-{k}"));
+            let mut c = cmd(&["replay", "--no-progress", pipeline.to_str().unwrap()]);
+            c.env("CENTRALFLOW_INPUT", &input)
+                .env("CENTRALFLOW_OUTPUT", &out)
+                .env("CENTRALFLOW_STATE", dir.path().join(format!("state-{name}-{k}")))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            ok(&wait_output(c.spawn().unwrap(), Duration::from_secs(120)));
+            let at = format!("{name}, URL {}", input.display());
+            let mut raw = BTreeMap::new();
+            for r in read_rows(&out.join("raw")) {
+                *raw.entry((r["deviceId"].clone(), r["enqueuedTime"].clone())).or_default() += 1;
+            }
+            assert_eq!(raw, keys(&parts), "{at}: every message once");
+            assert!(read_rows(&out.join("late")).is_empty(), "{at}: nothing late");
+            let dead = std::fs::read_to_string(out.join("dead-letters.jsonl")).unwrap_or_default();
+            assert_eq!(dead, "", "{at}");
+            let mut agg = read_rows(&out.join("agg"));
+            agg.sort();
+            let expect: Vec<_> = match &whole {
+                None => agg.clone(),
+                Some(w) => {
+                    let mine = |r: &&BTreeMap<String, String>| {
+                        parts.iter().any(|p| r["deviceId"].starts_with(&format!("dev-{p}-")))
+                    };
+                    w.iter().filter(mine).cloned().collect()
+                }
+            };
+            assert_eq!(agg.len(), 8 * DEVICES * parts.len() / 2, "{at}: a window per device and minute");
+            assert_eq!(agg, expect, "{at}: the windows of the whole container's run");
+            whole.get_or_insert(agg);
+        }
+    }
 }

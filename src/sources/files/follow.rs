@@ -28,7 +28,7 @@ use anyhow::Context;
 use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::listing::{parse_blob_layout, wanted, FileEntry};
+use super::listing::{parse_minute_path, wanted, FileEntry};
 use super::tree::{minute_key, ListCounts, PartitionDir, Tree};
 use super::{FilesSource, Position};
 use crate::event::Nanos;
@@ -142,6 +142,9 @@ impl Scan<'_> {
         pending: &mut HashMap<String, (u64, chrono::DateTime<chrono::Utc>)>,
     ) -> anyhow::Result<Found> {
         let parts = self.tree.partitions().await?;
+        // the file in progress at the last checkpoint
+        let current = pos.parts.iter().find_map(|(p, s)| s.current.as_ref().map(|(rel, line)| (p, rel, *line)));
+        let is_current = |f: &RoundFile| current.is_some_and(|(p, rel, _)| *p == f.part && *rel == f.rel);
         let mut files: Vec<(FileEntry, RoundFile)> = Vec::new();
         let mut seen = HashMap::new();
         for part in &parts {
@@ -159,7 +162,9 @@ impl Scan<'_> {
                     let key = meta.location.to_string();
                     let settled = pending.get(&key) == Some(&now);
                     seen.insert(key, now);
-                    if !settled {
+                    // the file in progress settled before it was begun: left out of a round, it
+                    // would be forgotten as gone (`read_round`) and read again from its start
+                    if !settled && !is_current(&file) {
                         continue;
                     }
                 }
@@ -168,8 +173,6 @@ impl Scan<'_> {
         }
         *pending = seen;
         // the file in progress first, then by minute, partition and name
-        let current = pos.parts.iter().find_map(|(p, s)| s.current.as_ref().map(|(rel, line)| (p, rel, *line)));
-        let is_current = |f: &RoundFile| current.is_some_and(|(p, rel, _)| *p == f.part && *rel == f.rel);
         files.sort_by(|a, b| {
             (!is_current(&a.1), a.0.minute, a.0.partition, a.0.path.as_ref()).cmp(&(
                 !is_current(&b.1),
@@ -193,11 +196,13 @@ impl Scan<'_> {
         if !wanted(&rel_url, self.extensions) {
             return None;
         }
-        let (_, minute) = parse_blob_layout(&rel_url)?;
         let rel = match part.rel.as_str() {
             "" => rel_url.clone(),
             p => rel_url.strip_prefix(p)?.strip_prefix('/')?.to_string(),
         };
+        // from the folders below the partition's: the URL may be the application's folder, or
+        // the partition's itself, and then the path from the URL has no partition or app-id
+        let minute = parse_minute_path(&rel)?;
         let entry = FileEntry {
             path: meta.location.clone(),
             size: meta.size,

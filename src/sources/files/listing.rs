@@ -60,7 +60,10 @@ pub(super) async fn list_files(
         if !wanted(&rel, &cfg.extensions) {
             continue;
         }
-        let (partition, minute) = parse_blob_layout(&rel).map(|(p, m)| (p, Some(m))).unwrap_or((0, None));
+        // the whole path: the URL may be the application's folder or a partition's, below which
+        // the path has no app-id or partition
+        let (partition, minute) =
+            parse_blob_layout(m.location.as_ref()).map(|(p, m)| (p, Some(m))).unwrap_or((0, None));
         files.push(FileEntry {
             display: loc.describe(&m.location).into(),
             path: m.location,
@@ -116,15 +119,28 @@ pub(super) fn parse_blob_layout(rel: &str) -> Option<(u32, Nanos)> {
     if segs.len() < 8 {
         return None;
     }
-    let n = segs.len();
     // the layout may sit below a prefix: match from the end
-    let (part, y, mo, d, h, mi) = (segs[n - 7], segs[n - 6], segs[n - 5], segs[n - 4], segs[n - 3], segs[n - 2]);
+    let partition = segs[segs.len() - 7].parse::<u32>().ok()?;
+    Some((partition, minute_of(&segs[segs.len() - 6..segs.len() - 1])?))
+}
+
+/// `{YYYY}/{MM}/{dd}/{hh}/{mm}/{file}`, a path relative to a partition folder → the minute.
+pub(super) fn parse_minute_path(rel: &str) -> Option<Nanos> {
+    let segs: Vec<&str> = rel.split('/').collect();
+    if segs.len() < 6 {
+        return None;
+    }
+    minute_of(&segs[segs.len() - 6..segs.len() - 1])
+}
+
+/// The minute that folders `[YYYY, MM, dd, hh, mm]` name.
+fn minute_of(folders: &[&str]) -> Option<Nanos> {
     let num = |s: &str, len: usize| {
         (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u32>().ok()).flatten()
     };
-    let partition = part.parse::<u32>().ok()?;
+    let [y, mo, d, h, mi] = folders else { return None };
     let ts = format!("{:04}-{:02}-{:02}T{:02}:{:02}:00Z", num(y, 4)?, num(mo, 2)?, num(d, 2)?, num(h, 2)?, num(mi, 2)?);
-    Some((partition, crate::time::parse_rfc3339(&ts)?))
+    crate::time::parse_rfc3339(&ts)
 }
 
 #[cfg(test)]
@@ -140,5 +156,10 @@ mod tests {
         assert!(parse_blob_layout("app/x/2026/11/01/13/05/f").is_none());
         assert!(parse_blob_layout("app/0/26/11/01/13/05/f").is_none());
         assert!(parse_blob_layout("export.jsonl").is_none());
+        // below a partition folder (follow lists each one, wherever the URL points)
+        assert_eq!(parse_minute_path("2026/11/01/13/05/a1b2.json"), Some(m));
+        assert!(parse_minute_path("0/2026/11/01/13/05/a1b2.json").is_some(), "the file's own folders decide");
+        assert!(parse_minute_path("2026/11/01/13/a1b2.json").is_none());
+        assert!(parse_minute_path("2026/11/1/13/05/a1b2.json").is_none());
     }
 }
