@@ -205,9 +205,83 @@ impl Link {
         let res: MgmtResponse = tokio::time::timeout(CALL_TIMEOUT, self.mgmt.call(req))
             .await
             .map_err(|_| anyhow::anyhow!("{op}: no answer in {CALL_TIMEOUT:?}"))?
-            .map_err(|e| anyhow::anyhow!("{op}: {e}"))?;
+            .map_err(|e| match e {
+                MgmtError::Status(s) => anyhow::Error::new(MgmtStatus {
+                    op,
+                    code: s.code.0.get(),
+                    description: s.description.unwrap_or_default(),
+                }),
+                e => anyhow::anyhow!("{op}: {e}"),
+            })?;
         Ok(res.0)
     }
+}
+
+/// A `$management` request the namespace answered with an error status.
+#[derive(Debug)]
+pub struct MgmtStatus {
+    pub op: &'static str,
+    pub code: u16,
+    pub description: String,
+}
+
+impl std::fmt::Display for MgmtStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: status {}: {}", self.op, self.code, self.description)
+    }
+}
+
+impl std::error::Error for MgmtStatus {}
+
+/// Whether the namespace refused a request because a message's lock is lost (status 410, the
+/// `com.microsoft:message-lock-lost` condition), and not for a reason that says nothing of the
+/// locks (no answer, a lost link, a busy namespace).
+pub fn lock_lost(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<MgmtStatus>().is_some_and(|s| s.code == 410)
+}
+
+/// What renews locks: the link, or a stand-in in the tests of [`renew_each`].
+pub(super) trait RenewLocks {
+    async fn renew_locks(&mut self, tokens: &[[u8; 16]]) -> anyhow::Result<Vec<i64>>;
+}
+
+impl RenewLocks for Link {
+    async fn renew_locks(&mut self, tokens: &[[u8; 16]]) -> anyhow::Result<Vec<i64>> {
+        Link::renew_locks(self, tokens).await
+    }
+}
+
+/// Renews the locks of `tokens`: each one's new expiry (Unix ms), or `None` for a lock that is
+/// lost. The namespace refuses a whole request for one lost lock, so a refused request is
+/// halved until the lost ones are found (k lost among n cost about 2k·log2(n) more requests);
+/// giving up on the whole request would let every other lock in it run out. Any other error
+/// ends the renewal: the connection is made again.
+pub(super) async fn renew_each<R: RenewLocks>(r: &mut R, tokens: &[[u8; 16]]) -> anyhow::Result<Vec<Option<i64>>> {
+    let mut out = vec![None; tokens.len()];
+    // the ranges of `tokens` still to renew
+    let mut work = Vec::new();
+    work.push(0..tokens.len());
+    while let Some(range) = work.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        match r.renew_locks(&tokens[range.clone()]).await {
+            Ok(times) => {
+                for (i, t) in range.zip(times) {
+                    out[i] = Some(t);
+                }
+            }
+            Err(e) if lock_lost(&e) => {
+                if range.len() > 1 {
+                    let mid = range.start + range.len() / 2;
+                    work.push(mid..range.end);
+                    work.push(range.start..mid);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 async fn put_token(cbs: &mut RequestLink, auth: &Auth, audience: &str) -> anyhow::Result<i64> {
@@ -377,6 +451,58 @@ mod tests {
             "SharedAccessSignature sr=sb%3A%2F%2Fns.servicebus.windows.net%2Fq\
              &sig=Z%2B6BLPu5z1O7CUS4t%2FqSp8qQbFea7wTvKxD0%2FHUZdqk%3D&se=1700000000&skn=listen"
         );
+    }
+
+    /// Stands in for the namespace: refuses a request naming a lost lock as a whole (410), as
+    /// Service Bus and the emulator do, or every request (no answer).
+    struct Namespace {
+        lost: Vec<[u8; 16]>,
+        silent: bool,
+        calls: usize,
+    }
+
+    impl RenewLocks for Namespace {
+        async fn renew_locks(&mut self, tokens: &[[u8; 16]]) -> anyhow::Result<Vec<i64>> {
+            self.calls += 1;
+            if self.silent {
+                anyhow::bail!("com.microsoft:renew-lock: no answer in 30s");
+            }
+            if tokens.iter().any(|t| self.lost.contains(t)) {
+                let status =
+                    MgmtStatus { op: "com.microsoft:renew-lock", code: 410, description: "The lock was lost.".into() };
+                return Err(anyhow::Error::new(status).context("renewing"));
+            }
+            Ok(tokens.iter().map(|t| 1_000 + t[0] as i64).collect())
+        }
+    }
+
+    fn tokens(n: u8) -> Vec<[u8; 16]> {
+        (0..n).map(|i| [i; 16]).collect()
+    }
+
+    #[tokio::test]
+    async fn a_lost_lock_costs_only_itself_its_renewal() {
+        let all = tokens(200);
+        let mut ns = Namespace { lost: vec![all[17], all[150]], silent: false, calls: 0 };
+        let out = renew_each(&mut ns, &all).await.unwrap();
+        for (i, t) in out.iter().enumerate() {
+            let want = if i == 17 || i == 150 { None } else { Some(1_000 + i as i64) };
+            assert_eq!(*t, want, "token {i}");
+        }
+        // halving: about 2 * 2 * log2(200) requests, not one per token
+        assert!(ns.calls <= 2 * 2 * 8 + 1, "{} requests", ns.calls);
+        let mut ok = Namespace { lost: vec![], silent: false, calls: 0 };
+        assert!(renew_each(&mut ok, &all).await.unwrap().iter().all(Option::is_some));
+        assert_eq!(ok.calls, 1);
+    }
+
+    #[tokio::test]
+    async fn no_answer_is_not_a_lost_lock() {
+        // the error names the operation, com.microsoft:renew-lock: that says nothing of the locks
+        let mut ns = Namespace { lost: vec![], silent: true, calls: 0 };
+        let e = renew_each(&mut ns, &tokens(10)).await.unwrap_err();
+        assert!(!lock_lost(&e), "{e:#}");
+        assert_eq!(ns.calls, 1, "given up at once: the connection is made again");
     }
 
     #[test]

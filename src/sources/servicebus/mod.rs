@@ -183,6 +183,19 @@ impl ServiceBusSource {
         self.received = 0;
     }
 
+    /// On a new connection: a message remembered until it comes back comes back only while
+    /// connected, so however long the outage (or the stop since the checkpoint), it is
+    /// remembered for [`FORGET_AFTER`] from now. Else an outage longer than that forgot it, and
+    /// its redelivered copy was processed again.
+    fn forget_from_now(&mut self) {
+        let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
+        for f in self.processed.values_mut() {
+            if *f != 0 && *f < forget {
+                *f = forget;
+            }
+        }
+    }
+
     /// Handles one delivery: its events go to `events`, a message that cannot be decoded is
     /// dead-lettered.
     async fn on_delivery(
@@ -348,21 +361,26 @@ impl ServiceBusSource {
             .collect();
         for chunk in due.chunks(link::RENEW_CHUNK) {
             let tokens: Vec<[u8; 16]> = chunk.iter().map(|&i| self.held[i].tag.unwrap()).collect();
-            match link.renew_locks(&tokens).await {
-                Ok(times) => {
-                    for (&i, t) in chunk.iter().zip(times) {
-                        self.held[i].locked_until = t;
+            let mut lost = 0;
+            for (&i, t) in chunk.iter().zip(link::renew_each(&mut **link, &tokens).await?) {
+                let h = &mut self.held[i];
+                match t {
+                    Some(t) => {
+                        h.locked_until = t;
+                        // the span of a renewed lock is the whole lock duration (one that waited
+                        // in the prefetch had only its rest at receipt)
+                        h.span = (t - now).max(1000);
+                        self.renewals += 1;
                     }
-                    self.renewals += chunk.len() as u64;
-                }
-                // a lock already lost: its message comes back and is recognised
-                Err(e) if format!("{e:#}").contains("410") || format!("{e:#}").to_lowercase().contains("lock") => {
-                    tracing::warn!("renewing {} locks failed: {e:#}", tokens.len());
-                    for &i in chunk {
-                        self.held[i].locked_until = 0;
+                    // a lock already lost: its message comes back and is recognised
+                    None => {
+                        h.locked_until = 0;
+                        lost += 1;
                     }
                 }
-                Err(e) => return Err(e),
+            }
+            if lost > 0 {
+                tracing::warn!("{lost} of {} message locks were lost before renewal", chunk.len());
             }
         }
         if !due.is_empty() {
@@ -439,8 +457,9 @@ fn message_id_string(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),
-        MessageId::Uuid(u) => format!("{:?}", u),
-        MessageId::Binary(b) => format!("{:?}", b),
+        // as Microsoft's clients show them: a GUID, hex digits
+        MessageId::Uuid(u) => uuid::Uuid::from(u.clone()).hyphenated().to_string(),
+        MessageId::Binary(b) => b.iter().map(|x| format!("{x:02x}")).collect(),
     }
 }
 
@@ -590,6 +609,7 @@ impl ServiceBusSource {
                 Ok(()) => {
                     self.generation += 1;
                     self.received = 0;
+                    self.forget_from_now();
                     tracing::info!(entity = %self.entity, "connected to Service Bus");
                     cx.metrics.connected.set(1);
                     crate::metrics::set_ready(&self.name, true, "connected");
@@ -615,20 +635,26 @@ impl ServiceBusSource {
             crate::secret::redact(&format!("{e:#}"))
         );
         let sleep = tokio::time::sleep(*backoff);
+        tokio::pin!(sleep);
         *backoff = (*backoff * 2).min(Duration::from_secs(30));
-        tokio::select! {
-            c = cx.control() => match c {
-                Control::Barrier(e) => {
-                    self.marks.push_back(self.mark(e));
-                    cx.barrier(e, self.snapshot_state()).await?;
-                }
-                Control::Commit(e) => self.commit_on(e).await?,
-                Control::Stop | Control::Shutdown => return Ok(std::ops::ControlFlow::Break(EndReason::Stopped)),
-                Control::Flush(_) => {}
-            },
-            _ = sleep => {}
+        // the whole backoff, serving checkpoints meanwhile (each one ending it would try again
+        // at every checkpoint interval, however long the outage)
+        loop {
+            tokio::select! {
+                c = cx.control() => match c {
+                    Control::Barrier(e) => {
+                        // as when connected: a commit of a later epoch is the final one (`commit`)
+                        self.epoch = e;
+                        self.marks.push_back(self.mark(e));
+                        cx.barrier(e, self.snapshot_state()).await?;
+                    }
+                    Control::Commit(e) => self.commit_on(e).await?,
+                    Control::Stop | Control::Shutdown => return Ok(std::ops::ControlFlow::Break(EndReason::Stopped)),
+                    Control::Flush(_) => {}
+                },
+                _ = &mut sleep => return Ok(std::ops::ControlFlow::Continue(())),
+            }
         }
-        Ok(std::ops::ControlFlow::Continue(()))
     }
 
     async fn on_control(
