@@ -72,6 +72,11 @@ const PROGRAMS: &[&str] = &[
     "[.telemetry[]?.value | numbers | . * 1000 | round]",
     "path(..) | select(length == 2)",
     "[.. | strings] | length",
+    // where jaq's own definitions differ from libjq's (ours are libjq's: program.rs)
+    ".telemetry | from_entries",
+    ".enrichments | to_entries | map({name: .key, Value: .value}) | from_entries",
+    "[.device.id, .component, .missing, 3, true] | join(\"/\")",
+    "[nan, (infinite | isinfinite), (-1 | sqrt)]",
 ];
 
 /// Where jaq is known to answer differently from jq 1.7 (jaq's manual lists them); each is
@@ -82,6 +87,9 @@ const DIVERGENT: &[(&str, &str)] = &[
     ("12345678901234567890 | floor", "`floor` of an integer beyond 2^53: jaq keeps the literal, jq rounds it to a double"),
     ("1 / 0", "division by zero: jq raises an error, jaq gives infinity"),
     ("{(null): 1}", "a key that is not a string: jq raises an error, jaq builds an object that is not JSON (the jq transform dead-letters such a record)"),
+    (r#"{"a":1,"b":2,"c":3} | del(.a) | keys_unsorted"#, "`del` moves the last key into the deleted one's place: jaq `[\"c\",\"b\"]`, jq `[\"b\",\"c\"]`"),
+    ("10 / 2 | tostring", "a whole float as text: jaq `\"5.0\"`, jq `\"5\"`"),
+    (r#""abc" * 0"#, "a string repeated 0 times: jaq `null`, jq `\"\"`"),
 ];
 
 fn python() -> String {

@@ -97,6 +97,20 @@ impl MessageDecoder {
             match decode_object_projected(raw.clone(), proj) {
                 // `messageSource` was only nested: a record of another shape
                 Err(e) if e == NO_MESSAGE_SOURCE => {}
+                // `messageSource` but not the export layout: a JQ transformation that kept it
+                // (IoT Central's `.` passes its transform input through, whose telemetry is an
+                // array), when it decodes as a record of any shape; else the export reason
+                Err(e) => {
+                    let mut generic = Vec::with_capacity(1);
+                    decode_generic_with(raw, &self.generic, transport, |r| generic.push(r));
+                    return match generic.iter().position(Result::is_err) {
+                        None => generic.into_iter().for_each(&mut *out),
+                        Some(i) => {
+                            let other = generic.swap_remove(i).unwrap_err();
+                            out(Err(format!("{e} (and as a record of any shape: {other})")))
+                        }
+                    };
+                }
                 r => return out(r),
             }
         }
@@ -151,5 +165,22 @@ mod tests {
         // a broken export message keeps the export decoder's reason
         let bad = r#"{"messageSource":"telemetry","enqueuedTime":"soon"}"#;
         assert!(kinds(MessageFormat::Auto, bad)[0].as_ref().unwrap_err().contains("enqueuedTime"));
+        // transformed, keeping messageSource: IoT Central's `.` (its transform input, telemetry
+        // an array) and a program's own shape; records of any shape, with their time
+        let passed = r#"{"messageSource":"telemetry","Timestamp":"2026-11-01T00:00:05Z","enqueuedTime":"2026-11-01T00:00:05Z","telemetry":[{"name":"t1","value":3.5}],"device":{"id":"d1"}}"#;
+        let own = r#"{"messageSource":"telemetry","Timestamp":"2026-11-01T00:00:00Z","T1":1}"#;
+        for body in [passed, own] {
+            let got = decoder(MessageFormat::Auto).decode(Bytes::from(body), None, &Transport::NONE);
+            let ev = got[0].as_ref().unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert!(matches!(ev.kind, crate::event::Kind::Row), "{body}");
+            assert_eq!(
+                ev.time,
+                crate::time::parse_rfc3339(&body[body.find("Timestamp").unwrap() + 12..][..20]).unwrap()
+            );
+        }
+        // neither: both reasons
+        let neither = r#"{"messageSource":"telemetry","telemetry":[1]}"#;
+        let e = kinds(MessageFormat::Auto, neither)[0].clone().unwrap_err();
+        assert!(e.contains("telemetry: invalid type") && e.contains("as a record of any shape: no usable time"), "{e}");
     }
 }

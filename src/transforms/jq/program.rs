@@ -34,6 +34,20 @@ def range($from; $upto; $by): if $by > 0 then $from | while(. < $upto; . + $by) 
 def range($from; $upto): range($from; $upto; 1);
 def range($upto): range(0; $upto);";
 
+/// Definitions as libjq 1.8 has them, where jaq's give other results on IoT Central's data
+/// (checked against libjq in tests/jq_compat.rs): `from_entries` takes `name` and `Key` keys
+/// and `Value` values (jaq's only `key`: `[{name, value}]`, IoT Central's telemetry, became
+/// `{null: ...}`); `join` writes null as "" (jaq: "null"); `halt_error` ends the record with an
+/// error naming its input (jaq's prints it to the process's stderr and exits the process).
+const LIBJQ_DEFS: &str = r#"
+def from_entries: reduce .[] as $x ({}; . + { ($x | .key // .Key // .name // .Name):
+  ($x | if has("value") then .value else .Value end) });
+def join($x): reduce .[] as $i (null; (if . == null then "" else . + $x end) +
+  ($i | if . == null then "" elif type == "boolean" or type == "number" then tojson else . end)) // "";
+def halt_error($exit_code): if $exit_code == 0 then halt
+  else error("halt_error(\($exit_code)): \(if type == "string" then . else tojson end)") end;
+def halt_error: halt_error(5);"#;
+
 /// The data type our programs run with: jaq's JSON values, and a look-up table whose every use
 /// is a guard check.
 pub struct Guarded;
@@ -179,7 +193,8 @@ impl Program {
     /// Compiles a program; errors say what was expected where (line and column in the program).
     pub fn compile(code: &str) -> Result<Program, String> {
         let guarded = jaq_core::load::parse(GUARDED_DEFS, |p| p.defs()).expect("the guarded definitions parse");
-        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs()).chain(guarded);
+        let libjq = jaq_core::load::parse(LIBJQ_DEFS, |p| p.defs()).expect("the libjq definitions parse");
+        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs()).chain(guarded).chain(libjq);
         let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
         // modules are told apart by path: the main program is "", `iotc` is "iotc"
         let read = |imp: Import<&str, String>| match *imp.path {
@@ -235,10 +250,19 @@ impl Program {
             let ctx = Ctx::<Guarded>::new(GuardedLut(&self.filter.lut), Vars::new([]));
             let mut outs = Vec::new();
             for v in self.filter.id.run((ctx, input)) {
-                match jaq_core::unwrap_valr(v) {
+                match v {
                     Ok(v) if outs.len() < max_outputs => outs.push(v),
                     Ok(_) => return Err(RunError::TooMany(max_outputs)),
-                    Err(e) => return Err(RunError::Jq(e.to_string())),
+                    // not jaq_core::unwrap_valr, which ends the process on `halt`
+                    Err(exn) => match exn.get_err() {
+                        Ok(e) => return Err(RunError::Jq(e.to_string())),
+                        // `halt`: the program ends here, with what it emitted, as jq's does
+                        Err(exn) => match exn.get_halt() {
+                            Ok(0) => return Ok(outs),
+                            Ok(code) => return Err(RunError::Jq(format!("the program halted with exit code {code}"))),
+                            Err(_) => return Err(RunError::Jq("the program stopped".into())),
+                        },
+                    },
                 }
             }
             Ok(outs)
@@ -260,9 +284,39 @@ pub fn parse(json: &str) -> Result<Val, String> {
     jaq_json::read::parse_single(json.as_bytes()).map_err(|e| e.to_string())
 }
 
-/// A value as compact JSON text, as jq prints it with `-c`.
+/// A value as compact JSON text, as jq prints it with `-c`: NaN as null and ±Infinity as the
+/// largest finite number (jaq prints `NaN` and `Infinity`, which are not JSON: the output was
+/// refused as malformed).
 pub fn to_json(v: &Val) -> String {
-    v.to_string()
+    let s = v.to_string();
+    if !(s.contains("NaN") || s.contains("Infinity")) {
+        return s;
+    }
+    finite(v).map_or(s, |f| f.to_string())
+}
+
+/// `v` with its non-finite numbers as jq prints them; `None` when it has none.
+fn finite(v: &Val) -> Option<Val> {
+    use jaq_json::{Num, Rc};
+    match v {
+        Val::Num(Num::Float(f)) if f.is_nan() => Some(Val::Null),
+        Val::Num(Num::Float(f)) if f.is_infinite() => Some(Val::Num(Num::Float(f.signum() * f64::MAX))),
+        Val::Arr(a) => {
+            let mapped: Vec<Option<Val>> = a.iter().map(finite).collect();
+            mapped.iter().any(Option::is_some).then(|| {
+                let items = a.iter().zip(mapped).map(|(x, m)| m.unwrap_or_else(|| x.clone()));
+                Val::Arr(Rc::new(items.collect()))
+            })
+        }
+        Val::Obj(o) => {
+            let mapped: Vec<Option<Val>> = o.values().map(finite).collect();
+            mapped.iter().any(Option::is_some).then(|| {
+                let items = o.iter().zip(mapped).map(|((k, x), m)| (k.clone(), m.unwrap_or_else(|| x.clone())));
+                Val::Obj(Rc::new(items.collect()))
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +366,24 @@ mod tests {
     #[test]
     fn deep_recursion_is_stopped_before_the_stack_ends() {
         assert_eq!(stopped("def f: 1 + f; f", 5000), Err(RunError::TooDeep));
+    }
+
+    #[test]
+    fn halt_ends_the_record_not_the_process() {
+        assert_eq!(run1("1, halt, 2", "null").unwrap(), vec!["1"]);
+        let e = run1(r#"1, ("bad" | halt_error(3)), 2"#, "null").unwrap_err();
+        assert!(matches!(&e, RunError::Jq(m) if m.contains("halt_error(3): bad")), "{e}");
+        let e = run1("halt_error", r#"{"a":1}"#).unwrap_err();
+        // the error is a jq string: its text shows the input's quotes escaped
+        assert!(matches!(&e, RunError::Jq(m) if m.contains(r#"halt_error(5): {\"a\":1}"#)), "{e}");
+        assert_eq!(run1(r#""x" | halt_error(0)"#, "null").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn non_finite_numbers_print_as_jq_prints_them() {
+        let out = run1("[.a / .b, (-1 | sqrt), (0 | log), {x: (1 / 0)}]", r#"{"a":1,"b":0}"#).unwrap();
+        assert_eq!(out, vec!["[1.7976931348623157e308,null,-1.7976931348623157e308,{\"x\":1.7976931348623157e308}]"]);
+        assert_eq!(run1("[.a, \"NaN\"]", r#"{"a":1.5}"#).unwrap(), vec![r#"[1.5,"NaN"]"#]);
     }
 
     #[test]
