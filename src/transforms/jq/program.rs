@@ -48,6 +48,37 @@ def halt_error($exit_code): if $exit_code == 0 then halt
   else error("halt_error(\($exit_code)): \(if type == "string" then . else tojson end)") end;
 def halt_error: halt_error(5);"#;
 
+/// `fromjson` within the decoders' limits (see [`natives`]); defined before jaq_json's
+/// definitions, whose `tonumber` and the like call it.
+const FROMJSON_DEF: &str = "def fromjson: _json_within_limits | _fromjson;";
+
+/// jaq's natives, with jaq's `fromjson` also as `_fromjson`, and `_json_within_limits`: the
+/// input when it is text within the limits the decoders keep (nesting, see
+/// [`crate::model::limits`]), else an error. Our `fromjson` ([`FROMJSON_DEF`]) is the two:
+/// jaq's reader recurses once per level of nesting, and `"[" * 100000 + "]" * 100000 |
+/// fromjson`, 200 KB of a message, overflowed the thread's stack and ended the process (libjq
+/// refuses it: depth limit).
+fn natives() -> impl Iterator<Item = jaq_core::native::Fun<Guarded>> {
+    let jaq = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+    let unchecked = jaq_json::funs().filter(|f| f.0 == "fromjson").map(|(_, args, f)| ("_fromjson", args, f));
+    jaq.chain(unchecked).chain(std::iter::once(within_limits()))
+}
+
+/// `_json_within_limits` (see [`natives`]); generic as jaq's own natives are, so that the data
+/// type's values are known to be [`Val`].
+fn within_limits<D: for<'a> DataT<V<'a> = Val>>() -> jaq_core::native::Fun<D> {
+    jaq_core::native::run(("_json_within_limits", jaq_core::native::v(0), |cv| {
+        let checked = match &cv.1 {
+            Val::TStr(b) => match std::str::from_utf8(b) {
+                Ok(text) => crate::model::limits::check_value_limits(text).map_err(|e| format!("fromjson: {e}")),
+                Err(_) => Ok(()), // jaq's reader words invalid UTF-8
+            },
+            _ => Ok(()), // jaq's fromjson words the type error
+        };
+        jaq_core::native::bome(checked.map(|()| cv.1).map_err(jaq_core::Error::str))
+    }))
+}
+
 /// The data type our programs run with: jaq's JSON values, and a look-up table whose every use
 /// is a guard check.
 pub struct Guarded;
@@ -194,8 +225,10 @@ impl Program {
     pub fn compile(code: &str) -> Result<Program, String> {
         let guarded = jaq_core::load::parse(GUARDED_DEFS, |p| p.defs()).expect("the guarded definitions parse");
         let libjq = jaq_core::load::parse(LIBJQ_DEFS, |p| p.defs()).expect("the libjq definitions parse");
-        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(jaq_json::defs()).chain(guarded).chain(libjq);
-        let funs = jaq_core::funs().chain(jaq_std::funs()).chain(jaq_json::funs());
+        let fromjson = jaq_core::load::parse(FROMJSON_DEF, |p| p.defs()).expect("fromjson parses");
+        let defs = jaq_core::defs().chain(jaq_std::defs()).chain(fromjson).chain(jaq_json::defs());
+        let defs = defs.chain(guarded).chain(libjq);
+        let funs = natives();
         // modules are told apart by path: the main program is "", `iotc` is "iotc"
         let read = |imp: Import<&str, String>| match *imp.path {
             "iotc" => Ok(File { code: IOTC_MODULE.to_string(), path: "iotc".to_string() }),
@@ -377,6 +410,21 @@ mod tests {
         // the error is a jq string: its text shows the input's quotes escaped
         assert!(matches!(&e, RunError::Jq(m) if m.contains(r#"halt_error(5): {\"a\":1}"#)), "{e}");
         assert_eq!(run1(r#""x" | halt_error(0)"#, "null").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn fromjson_refuses_what_would_end_the_stack() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let input = to_json(&Val::from(deep));
+        let e = run1("fromjson", &input).unwrap_err();
+        assert!(matches!(&e, RunError::Jq(m) if m.contains("nested more than")), "{e}");
+        assert_eq!(run1(r#"try fromjson catch "bad""#, &input).unwrap(), vec![r#""bad""#]);
+        assert_eq!(run1("fromjson | .a", r#""{\"a\":[1,{\"b\":2}]}""#).unwrap(), vec![r#"[1,{"b":2}]"#]);
+        assert!(run1("fromjson", "3").is_err(), "not text");
+        // jaq's own definitions that parse text call the same one
+        let e = run1("tonumber", &input).unwrap_err();
+        assert!(matches!(&e, RunError::Jq(m) if m.contains("nested more than")), "{e}");
+        assert_eq!(run1("tonumber", r#""12.5""#).unwrap(), vec!["12.5"]);
     }
 
     #[test]
