@@ -2,7 +2,7 @@
 //! barriers, partition changes, the end of their input and the coordinator's controls.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -83,11 +83,21 @@ fn snapshot(t: &dyn Transform, node: usize, epoch: Option<u64>) -> Result<Report
     })
 }
 
+/// A batch that took this long makes the next one run with `block_in_place` (see
+/// [`transform`]); below it, the hand-off would cost more than it frees.
+const SLOW_BATCH: Duration = Duration::from_millis(20);
+
+fn multi_thread() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+}
+
 /// A transform: processes batches in order, snapshots at barriers, adopts partition state.
 pub(super) async fn transform(mut t: Box<dyn Transform>, cx: TransformCx, mut inputs: Inputs, outputs: Outputs) {
     let mut em = Emitter::new(&cx.ports).with_columnar(&cx.columnar);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // until a batch shows the transform is quick, as if it were not
+    let mut last_took = SLOW_BATCH;
     loop {
         let item = tokio::select! {
             it = inputs.recv() => it,
@@ -107,8 +117,18 @@ pub(super) async fn transform(mut t: Box<dyn Transform>, cx: TransformCx, mut in
                 cx.metrics.events_in.inc_by(b.len() as u64);
                 let batch = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
                 let t0 = Instant::now();
-                t.process(batch, &mut em);
-                cx.metrics.batch_seconds.observe(t0.elapsed().as_secs_f64());
+                if last_took >= SLOW_BATCH && multi_thread() {
+                    // A batch that takes long (a heavy jq program) would hold this worker, and
+                    // with it the task it woke last: tokio keeps that one in the worker's own
+                    // slot, where no other worker takes it. It was the source's, which then
+                    // renewed no Service Bus lock for 27 s. block_in_place hands the worker's
+                    // queue to another thread first.
+                    tokio::task::block_in_place(|| t.process(batch, &mut em));
+                } else {
+                    t.process(batch, &mut em);
+                }
+                last_took = t0.elapsed();
+                cx.metrics.batch_seconds.observe(last_took.as_secs_f64());
                 if emit(&mut em, &outputs, &cx.metrics).await.is_err() {
                     return;
                 }
