@@ -73,6 +73,57 @@ fn lock_renewal_keeps_messages_held_past_three_lock_durations() {
     bus.assert_raw_exactly_once();
 }
 
+/// A pipeline too busy to take what the source hands over (a slow jq program here, about 0.2 s
+/// a message in a debug build; in production a sink retrying through a storage outage) keeps
+/// the source waiting in one hand-over for longer than a lock lasts: batches of 30 take 6 s
+/// each, the lock lasts 5 s (Service Bus's shortest), and the source waits once the 4 batches
+/// the pipeline queues are full. Renewal goes on meanwhile, and deliveries that arrive
+/// meanwhile are taken so that theirs is too: no lock runs out, nothing is delivered twice.
+#[test]
+fn locks_are_renewed_while_the_pipeline_is_too_busy_to_take_messages() {
+    const N: usize = 210;
+    let bus = Bus::new(To::Queue, Duration::from_secs(5));
+    let lines = bus.simulated(N as u64, 200, 36);
+    bus.publish(&lines);
+    let yaml = r#"name: busy
+sources:
+  bus:
+    type: servicebus
+    connection_string: ${SERVICEBUS_CONNECTION_STRING}
+    queue: ${SERVICEBUS_QUEUE}
+    batch_size: 30
+    quiet_checkpoint: 0s
+transforms:
+  slow:
+    type: jq
+    inputs: [bus]
+    input: export
+    timeout: 10s
+    program: 'reduce range(80000) as $i (.; .)'
+sinks:
+  out:
+    type: jsonl
+    inputs: [slow]
+    path: ${CENTRALFLOW_OUTPUT}/busy.jsonl
+checkpoint:
+  url: ${CENTRALFLOW_STATE}/busy
+  interval: 1s
+"#;
+    let child = bus.start_yaml(
+        "a",
+        yaml,
+        &[("CENTRALFLOW_LOG", "info,fe2o3_amqp=error,centralflow::sources::servicebus=debug")],
+    );
+    bus.wait("the queue drained", LONG, Bus::drained);
+    let log = bus.stop(child, "a");
+    let s = bus.stats(sb::QUEUE);
+    assert!(s.lock_renewals > 0, "{s:?}");
+    assert_eq!((s.redeliveries, s.lock_expiries, s.completed), (0, 0, N as u64), "{s:?}\n{log}");
+    let out = std::fs::read_to_string(bus.out().join("busy.jsonl")).unwrap();
+    let keys: std::collections::BTreeSet<&str> = out.lines().collect();
+    assert_eq!((out.lines().count(), keys.len()), (N, N), "every message once");
+}
+
 /// Link credit is topped up as messages arrive, so the namespace keeps sending while a
 /// checkpoint is pending, but never past `max_held` locked messages: with a prefetch of 100 and
 /// `max_held: 300` (a checkpoint asked for at 300 held), the locked count climbs to 300 and no

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -164,7 +164,6 @@ impl Bus {
     /// Starts the shipped pipeline with more settings of its source (YAML lines, indented
     /// as the source's keys), e.g. `    renew_locks: false\n`.
     pub fn start_with(&self, instance: &str, source_settings: &str, extra: &[(&str, &str)]) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(instance)).unwrap();
         let path = if source_settings.is_empty() {
             root().join("pipelines/servicebus-to-parquet.yaml")
         } else {
@@ -173,6 +172,18 @@ impl Bus {
             let yaml = format!("{}{source_settings}{}", &shipped[..at], &shipped[at..]);
             pipeline(self.dir.path(), &format!("{instance}.yaml"), &yaml)
         };
+        self.spawn(instance, &path, extra)
+    }
+
+    /// Starts `centralflow run` of a pipeline of its own (in the test's folder), with the same
+    /// environment.
+    pub fn start_yaml(&self, instance: &str, yaml: &str, extra: &[(&str, &str)]) -> Child {
+        let path = pipeline(self.dir.path(), &format!("{instance}.yaml"), yaml);
+        self.spawn(instance, &path, extra)
+    }
+
+    fn spawn(&self, instance: &str, path: &Path, extra: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(instance)).unwrap();
         let mut c = cmd(&["run", path.to_str().unwrap()]);
         for (k, v) in self.env(instance) {
             c.env(k, v);

@@ -115,6 +115,9 @@ pub struct ServiceBusSource {
     last_sequence: i64,
     skipped: u64,
     renewals: u64,
+    /// Received while a hand-over waited ([`ServiceBusSource::renewing`]): events, dead letters,
+    /// bytes; handed over after it.
+    later: (Vec<Event>, Vec<Event>, u64),
     committed: prometheus_client::metrics::counter::Counter,
 }
 
@@ -154,6 +157,7 @@ impl ServiceBusSource {
             last_sequence: -1,
             skipped: 0,
             renewals: 0,
+            later: Default::default(),
             committed: cx.metrics.committed.clone(),
             cfg,
         })
@@ -550,11 +554,11 @@ impl Source for ServiceBusSource {
                     }
                 }
                 _ = linger => {
-                    flush(cx, &mut events, &mut dead).await?;
+                    self.hand_over(cx, &mut events, &mut dead).await?;
                     deadline = None;
                 }
                 _ = quiet => {
-                    flush(cx, &mut events, &mut dead).await?;
+                    self.hand_over(cx, &mut events, &mut dead).await?;
                     deadline = None;
                     self.asked_checkpoint = true;
                     cx.request_checkpoint();
@@ -667,11 +671,18 @@ impl ServiceBusSource {
     ) -> anyhow::Result<Option<EndReason>> {
         match c {
             Control::Barrier(e) => {
-                flush(cx, events, dead).await?;
+                self.hand_over(cx, events, dead).await?;
                 *deadline = None;
                 self.epoch = e;
                 self.marks.push_back(self.mark(e));
-                cx.barrier(e, self.snapshot_state()).await?;
+                let snapshot = self.snapshot_state();
+                let (sent, lost) = self.renewing(cx.barrier(e, snapshot)).await;
+                sent?;
+                // received after the mark: they follow the barrier
+                if self.take_later(cx, events, dead) {
+                    *deadline = Some(tokio::time::Instant::now() + self.linger);
+                }
+                self.renewal_failed(cx, events, dead, lost).await?;
             }
             Control::Commit(e) => {
                 if let Err(err) = self.commit_on(e).await {
@@ -714,7 +725,7 @@ impl ServiceBusSource {
             *deadline = Some(tokio::time::Instant::now() + self.linger);
         }
         if events.len() >= self.cfg.batch_size {
-            flush(cx, events, dead).await?;
+            self.hand_over(cx, events, dead).await?;
             *deadline = None;
         }
         if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.max_held() as f64 * self.cfg.checkpoint_at {
@@ -768,6 +779,107 @@ impl ServiceBusSource {
             }
         }
         Ok(())
+    }
+
+    /// Hands the events over ([`flush`]), renewing locks while the pipeline is too busy to take
+    /// them ([`ServiceBusSource::renewing`]), until nothing received meanwhile is left: a
+    /// barrier's mark, taken next, covers every message received so far.
+    async fn hand_over(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let (sent, lost) = self.renewing(flush(cx, events, dead)).await;
+            sent?;
+            if !self.take_later(cx, events, dead) {
+                return self.renewal_failed(cx, events, dead, lost).await;
+            }
+            self.renewal_failed(cx, events, dead, lost).await?;
+        }
+    }
+
+    /// Moves what was received during a hand-over to `events` and `dead`; whether there was any.
+    fn take_later(&mut self, cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> bool {
+        let (ev, dl, bytes) = std::mem::take(&mut self.later);
+        cx.metrics.bytes_in.inc_by(bytes);
+        let any = !ev.is_empty() || !dl.is_empty();
+        events.extend(ev);
+        dead.extend(dl);
+        any
+    }
+
+    /// Awaits `work`, a hand-over to the pipeline, keeping the messages held meanwhile: the
+    /// pipeline takes nothing while it is busy, and a sink retrying through a storage outage
+    /// keeps it busy for minutes, past every lock (each lock that runs out costs a delivery, and
+    /// Service Bus dead-letters a message after ten). So every half second the deliveries that
+    /// have arrived are taken (into [`ServiceBusSource::later`]; a prefetched delivery's lock
+    /// runs from when it was sent, and it can be renewed only once received) and
+    /// [`ServiceBusSource::housekeeping`] renews what is due. `max_held` still bounds what is
+    /// taken. The error of a step that failed comes back beside `work`'s result: the connection
+    /// is made again once the hand-over is done ([`ServiceBusSource::renewal_failed`]).
+    async fn renewing<T>(&mut self, work: impl std::future::Future<Output = T>) -> (T, Option<anyhow::Error>) {
+        tokio::pin!(work);
+        let period = Duration::from_millis(500);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed = None;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut work => return (r, failed),
+                _ = tick.tick(), if failed.is_none() => {
+                    failed = match self.take_buffered().await {
+                        Ok(()) => self.housekeeping().await.err(),
+                        Err(e) => Some(e),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Takes the deliveries that have arrived, into [`ServiceBusSource::later`].
+    async fn take_buffered(&mut self) -> anyhow::Result<()> {
+        use futures::FutureExt;
+        let (mut events, mut dead, mut bytes) = std::mem::take(&mut self.later);
+        let mut result = Ok(());
+        // recv is cancel safe: a delivery not ready yet stays with the link
+        while let Some(r) = self.link.as_mut().and_then(|l| l.receiver.recv::<Body<Value>>().now_or_never()) {
+            match r {
+                Ok(d) => match self.on_delivery(Box::new(d), &mut events, &mut dead).await {
+                    Ok(n) => bytes += n,
+                    Err(e) => {
+                        result = Err(e.context("taking a delivery while the pipeline was busy"));
+                        break;
+                    }
+                },
+                Err(e) => {
+                    result =
+                        Err(anyhow::anyhow!("lost the Service Bus link ({})", crate::secret::redact(&e.to_string())));
+                    break;
+                }
+            }
+        }
+        self.later = (events, dead, bytes);
+        result?;
+        self.top_up_credit().await
+    }
+
+    async fn renewal_failed(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        lost: Option<anyhow::Error>,
+    ) -> anyhow::Result<()> {
+        match lost {
+            Some(e) => {
+                tracing::warn!("{e:#}; reconnecting");
+                self.lost_connection(cx, events, dead).await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Once a second: lock renewal, the token, and forgetting old completions.
