@@ -306,7 +306,13 @@ impl Program {
             Err(payload) => match payload.downcast_ref::<Stop>() {
                 Some(Stop::Time) => Err(RunError::Timeout(timeout)),
                 Some(Stop::Depth) => Err(RunError::TooDeep),
-                None => std::panic::resume_unwind(payload),
+                // a panic inside jaq (a size that overflows, `"x" * 4611686018427387904`) is
+                // about this record; jaq has no unsafe code, so nothing is left inconsistent
+                None => {
+                    let what = payload.downcast_ref::<&str>().map(|s| s.to_string());
+                    let what = what.or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_default();
+                    Err(RunError::Jq(format!("the jq engine failed on this record: {what}")))
+                }
             },
         }
     }
@@ -425,6 +431,13 @@ mod tests {
         let e = run1("tonumber", &input).unwrap_err();
         assert!(matches!(&e, RunError::Jq(m) if m.contains("nested more than")), "{e}");
         assert_eq!(run1("tonumber", r#""12.5""#).unwrap(), vec!["12.5"]);
+    }
+
+    #[test]
+    fn a_panic_in_the_engine_is_the_records_error() {
+        let e = run1(r#""abcde" * .n"#, r#"{"n":4611686018427387904}"#).unwrap_err();
+        assert!(matches!(&e, RunError::Jq(m) if m.contains("the jq engine failed")), "{e}");
+        assert_eq!(run1(".+1", "1").unwrap(), vec!["2"], "and the thread goes on");
     }
 
     #[test]
