@@ -115,6 +115,9 @@ pub struct ServiceBusSource {
     last_sequence: i64,
     skipped: u64,
     renewals: u64,
+    /// When the connection was lost (Unix ms): the time until then does not count towards
+    /// [`FORGET_AFTER`] ([`ServiceBusSource::resume_forgetting`]).
+    disconnected_at: Option<i64>,
     /// Received while a hand-over waited ([`ServiceBusSource::renewing`]): events, dead letters,
     /// bytes; handed over after it.
     later: (Vec<Event>, Vec<Event>, u64),
@@ -133,9 +136,11 @@ impl ServiceBusSource {
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
             let st: State =
                 postcard::from_bytes(state).context("servicebus source state in the checkpoint is corrupt")?;
-            // what the checkpoint covers may come back once its locks run out
+            // what the checkpoint covers may come back once its locks run out; how long ago the
+            // stop was is not known, and nothing comes back before the first connection: each is
+            // remembered for FORGET_AFTER from now at least
             let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
-            processed = st.processed.into_iter().map(|(h, f)| (h, if f == 0 { forget } else { f })).collect();
+            processed = st.processed.into_iter().map(|(h, f)| (h, f.max(forget))).collect();
         }
         Ok(ServiceBusSource {
             entity,
@@ -158,6 +163,7 @@ impl ServiceBusSource {
             skipped: 0,
             renewals: 0,
             later: Default::default(),
+            disconnected_at: None,
             committed: cx.metrics.committed.clone(),
             cfg,
         })
@@ -185,19 +191,38 @@ impl ServiceBusSource {
         }
         self.generation += 1;
         self.received = 0;
+        self.disconnected_at = Some(now_ms());
     }
 
     /// On a new connection: a message remembered until it comes back comes back only while
-    /// connected, so however long the outage (or the stop since the checkpoint), it is
-    /// remembered for [`FORGET_AFTER`] from now. Else an outage longer than that forgot it, and
-    /// its redelivered copy was processed again.
-    fn forget_from_now(&mut self) {
-        let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
+    /// connected, so the outage does not count: each deadline moves on by its length. (Counting
+    /// it forgot messages over an outage longer than [`FORGET_AFTER`], and their redelivered
+    /// copies were processed again; starting afresh at each connection would forget nothing
+    /// while the connection keeps dropping.)
+    fn resume_forgetting(&mut self) {
+        let Some(lost) = self.disconnected_at.take() else { return };
+        let outage = (now_ms() - lost).max(0);
         for f in self.processed.values_mut() {
-            if *f != 0 && *f < forget {
-                *f = forget;
+            if *f != 0 {
+                *f += outage;
             }
         }
+    }
+
+    /// Asks for a checkpoint once the held messages near `max_held` (the namespace sends no
+    /// more until some are completed).
+    fn near_max_held(&mut self, cx: &mut SourceCx) {
+        if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.max_held() as f64 * self.cfg.checkpoint_at {
+            self.asked_checkpoint = true;
+            cx.request_checkpoint();
+        }
+    }
+
+    /// A barrier's mark: what was received on this connection so far is covered by `epoch`.
+    fn take_mark(&mut self, epoch: u64) {
+        // a commit of a later epoch than the last barrier's is the final one (`commit`)
+        self.epoch = epoch;
+        self.marks.push_back(self.mark(epoch));
     }
 
     /// Handles one delivery: its events go to `events`, a message that cannot be decoded is
@@ -554,12 +579,10 @@ impl Source for ServiceBusSource {
                     }
                 }
                 _ = linger => {
-                    self.hand_over(cx, &mut events, &mut dead).await?;
-                    deadline = None;
+                    self.hand_over(cx, &mut events, &mut dead, &mut deadline).await?;
                 }
                 _ = quiet => {
-                    self.hand_over(cx, &mut events, &mut dead).await?;
-                    deadline = None;
+                    self.hand_over(cx, &mut events, &mut dead, &mut deadline).await?;
                     self.asked_checkpoint = true;
                     cx.request_checkpoint();
                 }
@@ -613,7 +636,7 @@ impl ServiceBusSource {
                 Ok(()) => {
                     self.generation += 1;
                     self.received = 0;
-                    self.forget_from_now();
+                    self.resume_forgetting();
                     tracing::info!(entity = %self.entity, "connected to Service Bus");
                     cx.metrics.connected.set(1);
                     crate::metrics::set_ready(&self.name, true, "connected");
@@ -647,9 +670,7 @@ impl ServiceBusSource {
             tokio::select! {
                 c = cx.control() => match c {
                     Control::Barrier(e) => {
-                        // as when connected: a commit of a later epoch is the final one (`commit`)
-                        self.epoch = e;
-                        self.marks.push_back(self.mark(e));
+                        self.take_mark(e);
                         cx.barrier(e, self.snapshot_state()).await?;
                     }
                     Control::Commit(e) => self.commit_on(e).await?,
@@ -671,17 +692,17 @@ impl ServiceBusSource {
     ) -> anyhow::Result<Option<EndReason>> {
         match c {
             Control::Barrier(e) => {
-                self.hand_over(cx, events, dead).await?;
-                *deadline = None;
-                self.epoch = e;
-                self.marks.push_back(self.mark(e));
+                // the mark covers what was received so far, whose events go before the barrier;
+                // what is received while they wait follows it
+                self.take_mark(e);
                 let snapshot = self.snapshot_state();
-                let (sent, lost) = self.renewing(cx.barrier(e, snapshot)).await;
+                let before = async {
+                    flush(cx, events, dead).await?;
+                    cx.barrier(e, snapshot).await
+                };
+                let (sent, lost) = self.renewing(before).await;
                 sent?;
-                // received after the mark: they follow the barrier
-                if self.take_later(cx, events, dead) {
-                    *deadline = Some(tokio::time::Instant::now() + self.linger);
-                }
+                self.take_later(cx, events, dead, deadline);
                 self.renewal_failed(cx, events, dead, lost).await?;
             }
             Control::Commit(e) => {
@@ -725,13 +746,9 @@ impl ServiceBusSource {
             *deadline = Some(tokio::time::Instant::now() + self.linger);
         }
         if events.len() >= self.cfg.batch_size {
-            self.hand_over(cx, events, dead).await?;
-            *deadline = None;
+            self.hand_over(cx, events, dead, deadline).await?;
         }
-        if !self.asked_checkpoint && self.held.len() as f64 >= self.cfg.max_held() as f64 * self.cfg.checkpoint_at {
-            self.asked_checkpoint = true;
-            cx.request_checkpoint();
-        }
+        self.near_max_held(cx);
         if let Err(e) = self.top_up_credit().await {
             tracing::warn!("{e:#}; reconnecting");
             return self.lost_connection(cx, events, dead).await;
@@ -782,32 +799,35 @@ impl ServiceBusSource {
     }
 
     /// Hands the events over ([`flush`]), renewing locks while the pipeline is too busy to take
-    /// them ([`ServiceBusSource::renewing`]), until nothing received meanwhile is left: a
-    /// barrier's mark, taken next, covers every message received so far.
+    /// them ([`ServiceBusSource::renewing`]); what was received meanwhile is the next batch.
     async fn hand_over(
         &mut self,
         cx: &mut SourceCx,
         events: &mut Vec<Event>,
         dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
     ) -> anyhow::Result<()> {
-        loop {
-            let (sent, lost) = self.renewing(flush(cx, events, dead)).await;
-            sent?;
-            if !self.take_later(cx, events, dead) {
-                return self.renewal_failed(cx, events, dead, lost).await;
-            }
-            self.renewal_failed(cx, events, dead, lost).await?;
-        }
+        let (sent, lost) = self.renewing(flush(cx, events, dead)).await;
+        sent?;
+        self.take_later(cx, events, dead, deadline);
+        self.renewal_failed(cx, events, dead, lost).await
     }
 
-    /// Moves what was received during a hand-over to `events` and `dead`; whether there was any.
-    fn take_later(&mut self, cx: &mut SourceCx, events: &mut Vec<Event>, dead: &mut Vec<Event>) -> bool {
+    /// Moves what was received during a hand-over to `events` and `dead`, to leave with the next
+    /// batch (`deadline`: its linger).
+    fn take_later(
+        &mut self,
+        cx: &mut SourceCx,
+        events: &mut Vec<Event>,
+        dead: &mut Vec<Event>,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) {
         let (ev, dl, bytes) = std::mem::take(&mut self.later);
         cx.metrics.bytes_in.inc_by(bytes);
-        let any = !ev.is_empty() || !dl.is_empty();
+        *deadline = (!ev.is_empty() || !dl.is_empty()).then(|| tokio::time::Instant::now() + self.linger);
         events.extend(ev);
         dead.extend(dl);
-        any
+        self.near_max_held(cx);
     }
 
     /// Awaits `work`, a hand-over to the pipeline, keeping the messages held meanwhile: the
@@ -844,8 +864,14 @@ impl ServiceBusSource {
         use futures::FutureExt;
         let (mut events, mut dead, mut bytes) = std::mem::take(&mut self.later);
         let mut result = Ok(());
-        // recv is cancel safe: a delivery not ready yet stays with the link
-        while let Some(r) = self.link.as_mut().and_then(|l| l.receiver.recv::<Body<Value>>().now_or_never()) {
+        // recv is cancel safe: a delivery not ready yet stays with the link. No more than
+        // `max_held` at once: a message that cannot be decoded is settled at once and not held,
+        // so credit would keep coming for a stream of them.
+        let limit = self.cfg.max_held() as usize;
+        while events.len() + dead.len() < limit {
+            let Some(r) = self.link.as_mut().and_then(|l| l.receiver.recv::<Body<Value>>().now_or_never()) else {
+                break;
+            };
             match r {
                 Ok(d) => match self.on_delivery(Box::new(d), &mut events, &mut dead).await {
                     Ok(n) => bytes += n,
