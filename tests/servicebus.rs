@@ -269,3 +269,35 @@ fn two_instances_drain_one_queue_exactly_once_and_their_partial_windows_merge_to
     let windows = bus.assert_windows_match_replay();
     eprintln!("{windows} merged windows equal to the replay");
 }
+
+/// A namespace that cannot be reached: the source tries again after a backoff that doubles
+/// (0.2 s, 0.4 s, ... up to 30 s), whatever the checkpoints do meanwhile. Checkpoints every
+/// 200 ms used to end each wait, so it tried again five times a second for as long as the
+/// outage lasted.
+#[test]
+fn an_unreachable_namespace_is_retried_with_a_growing_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    // a port nothing listens on
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let conn = format!(
+        "Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true"
+    );
+    let log = dir.path().join("stderr.log");
+    let mut c = cmd(&["run", "pipelines/servicebus-to-parquet.yaml"]);
+    c.env("SERVICEBUS_CONNECTION_STRING", &conn)
+        .env("SERVICEBUS_QUEUE", "nowhere")
+        .env("CENTRALFLOW_OUTPUT", dir.path().join("out"))
+        .env("CENTRALFLOW_STATE", dir.path().join("state"))
+        .env("CENTRALFLOW_CHECKPOINT_INTERVAL", "200ms")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let child = c.spawn().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    signal(&child, libc::SIGTERM);
+    let out = wait_output(child, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(out.status.success(), "{:?}\n{text}", out.status);
+    let attempts = text.matches("cannot reach Service Bus").count();
+    // at 0, 0.2, 0.6, 1.4, 3.0 s (and 6.2 s): five or six in six seconds
+    assert!((4..=7).contains(&attempts), "{attempts} attempts in 6 s:\n{text}");
+}

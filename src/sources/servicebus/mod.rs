@@ -935,3 +935,18 @@ impl ServiceBusSource {
         flush(cx, events, dead).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_read_as_microsofts_clients_show_them() {
+        let guid = uuid::Uuid::parse_str("6e9d8f3c-2b1a-4c8e-9f0d-1a2b3c4d5e6f").unwrap();
+        assert_eq!(message_id_string(&MessageId::Uuid(guid.into())), "6e9d8f3c-2b1a-4c8e-9f0d-1a2b3c4d5e6f");
+        let bin = fe2o3_amqp::types::primitives::Binary::from(vec![0x0a, 0xff, 0x00]);
+        assert_eq!(message_id_string(&MessageId::Binary(bin)), "0aff00");
+        assert_eq!(message_id_string(&MessageId::Ulong(42)), "42");
+        assert_eq!(message_id_string(&MessageId::String("m-1".into())), "m-1");
+    }
+}
