@@ -28,7 +28,7 @@ use anyhow::Context;
 use object_store::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
-use super::listing::{parse_minute_path, wanted, FileEntry};
+use super::listing::{parse_minute_key, parse_minute_path, wanted, FileEntry};
 use super::tree::{minute_key, ListCounts, PartitionDir, Tree};
 use super::{FilesSource, Position};
 use crate::event::Nanos;
@@ -74,7 +74,7 @@ impl PartPos {
         if rel > self.last.as_str() {
             self.last = rel.to_string();
         }
-        let Some(newest) = parse_minute(minute_of(&self.last)) else { return };
+        let Some(newest) = parse_minute_key(minute_of(&self.last)) else { return };
         let horizon = minute_key(newest.saturating_sub(lookback));
         if horizon > self.horizon {
             self.horizon = horizon;
@@ -82,13 +82,6 @@ impl PartPos {
             self.done = keep;
         }
     }
-}
-
-/// `YYYY/MM/dd/hh/mm` as a time.
-fn parse_minute(key: &str) -> Option<Nanos> {
-    let b: Vec<&str> = key.split('/').collect();
-    let [y, mo, d, h, mi] = b.as_slice() else { return None };
-    crate::time::parse_rfc3339(&format!("{y}-{mo}-{d}T{h}:{mi}:00Z"))
 }
 
 /// A file of a round: its partition folder and its path in it.

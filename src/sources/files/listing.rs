@@ -121,7 +121,7 @@ pub(super) fn parse_blob_layout(rel: &str) -> Option<(u32, Nanos)> {
     }
     // the layout may sit below a prefix: match from the end
     let partition = segs[segs.len() - 7].parse::<u32>().ok()?;
-    Some((partition, minute_of(&segs[segs.len() - 6..segs.len() - 1])?))
+    Some((partition, minute_of_folders(&segs[segs.len() - 6..segs.len() - 1])?))
 }
 
 /// `{YYYY}/{MM}/{dd}/{hh}/{mm}/{file}`, a path relative to a partition folder → the minute.
@@ -130,11 +130,16 @@ pub(super) fn parse_minute_path(rel: &str) -> Option<Nanos> {
     if segs.len() < 6 {
         return None;
     }
-    minute_of(&segs[segs.len() - 6..segs.len() - 1])
+    minute_of_folders(&segs[segs.len() - 6..segs.len() - 1])
+}
+
+/// A minute key `YYYY/MM/dd/hh/mm`, as the layout's folders write it, as a time.
+pub(super) fn parse_minute_key(key: &str) -> Option<Nanos> {
+    minute_of_folders(&key.split('/').collect::<Vec<_>>())
 }
 
 /// The minute that folders `[YYYY, MM, dd, hh, mm]` name.
-fn minute_of(folders: &[&str]) -> Option<Nanos> {
+fn minute_of_folders(folders: &[&str]) -> Option<Nanos> {
     let num = |s: &str, len: usize| {
         (s.len() == len && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<u32>().ok()).flatten()
     };

@@ -587,10 +587,8 @@ impl Source for ServiceBusSource {
                     cx.request_checkpoint();
                 }
                 _ = tick.tick() => {
-                    if let Err(e) = self.housekeeping().await {
-                        tracing::warn!("{e:#}; reconnecting");
-                        self.lost_connection(cx, &mut events, &mut dead).await?;
-                    }
+                    let failed = self.housekeeping().await.err();
+                    self.reconnect_on(cx, &mut events, &mut dead, failed).await?;
                 }
                 d = link.receiver.recv::<Body<Value>>() => {
                     if d.is_ok() {
@@ -703,7 +701,7 @@ impl ServiceBusSource {
                 let (sent, lost) = self.renewing(before).await;
                 sent?;
                 self.take_later(cx, events, dead, deadline);
-                self.renewal_failed(cx, events, dead, lost).await?;
+                self.reconnect_on(cx, events, dead, lost).await?;
             }
             Control::Commit(e) => {
                 if let Err(err) = self.commit_on(e).await {
@@ -749,11 +747,8 @@ impl ServiceBusSource {
             self.hand_over(cx, events, dead, deadline).await?;
         }
         self.near_max_held(cx);
-        if let Err(e) = self.top_up_credit().await {
-            tracing::warn!("{e:#}; reconnecting");
-            return self.lost_connection(cx, events, dead).await;
-        }
-        Ok(())
+        let failed = self.top_up_credit().await.err();
+        self.reconnect_on(cx, events, dead, failed).await
     }
 
     /// One result of the receive link: a delivery is taken; an error means the link is lost and
@@ -785,17 +780,21 @@ impl ServiceBusSource {
         dead: &mut Vec<Event>,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> anyhow::Result<()> {
-        use futures::FutureExt;
         for _ in 0..READY_BURST {
-            let Some(link) = self.link.as_mut() else { break };
-            // recv is cancel safe: a delivery not ready yet stays with the link
-            let Some(r) = link.receiver.recv::<Body<Value>>().now_or_never() else { break };
-            let r = r.map(Box::new);
+            let Some(r) = self.ready_delivery() else { break };
             if !self.on_recv(cx, r, events, dead, deadline).await? {
                 break;
             }
         }
         Ok(())
+    }
+
+    /// A delivery that has arrived already, without waiting; `None` when there is none (or no
+    /// link). recv is cancel safe: a delivery not ready yet stays with the link.
+    fn ready_delivery(&mut self) -> Option<Result<Box<Delivery>, fe2o3_amqp::link::RecvError>> {
+        use futures::FutureExt;
+        let r = self.link.as_mut()?.receiver.recv::<Body<Value>>().now_or_never()?;
+        Some(r.map(Box::new))
     }
 
     /// Hands the events over ([`flush`]), renewing locks while the pipeline is too busy to take
@@ -810,7 +809,7 @@ impl ServiceBusSource {
         let (sent, lost) = self.renewing(flush(cx, events, dead)).await;
         sent?;
         self.take_later(cx, events, dead, deadline);
-        self.renewal_failed(cx, events, dead, lost).await
+        self.reconnect_on(cx, events, dead, lost).await
     }
 
     /// Moves what was received during a hand-over to `events` and `dead`, to leave with the next
@@ -838,7 +837,7 @@ impl ServiceBusSource {
     /// runs from when it was sent, and it can be renewed only once received) and
     /// [`ServiceBusSource::housekeeping`] renews what is due. `max_held` still bounds what is
     /// taken. The error of a step that failed comes back beside `work`'s result: the connection
-    /// is made again once the hand-over is done ([`ServiceBusSource::renewal_failed`]).
+    /// is made again once the hand-over is done ([`ServiceBusSource::reconnect_on`]).
     async fn renewing<T>(&mut self, work: impl std::future::Future<Output = T>) -> (T, Option<anyhow::Error>) {
         tokio::pin!(work);
         let period = Duration::from_millis(500);
@@ -861,19 +860,15 @@ impl ServiceBusSource {
 
     /// Takes the deliveries that have arrived, into [`ServiceBusSource::later`].
     async fn take_buffered(&mut self) -> anyhow::Result<()> {
-        use futures::FutureExt;
         let (mut events, mut dead, mut bytes) = std::mem::take(&mut self.later);
         let mut result = Ok(());
-        // recv is cancel safe: a delivery not ready yet stays with the link. No more than
-        // `max_held` at once: a message that cannot be decoded is settled at once and not held,
-        // so credit would keep coming for a stream of them.
+        // no more than `max_held` at once: a message that cannot be decoded is settled at once
+        // and not held, so credit would keep coming for a stream of them
         let limit = self.cfg.max_held() as usize;
         while events.len() + dead.len() < limit {
-            let Some(r) = self.link.as_mut().and_then(|l| l.receiver.recv::<Body<Value>>().now_or_never()) else {
-                break;
-            };
+            let Some(r) = self.ready_delivery() else { break };
             match r {
-                Ok(d) => match self.on_delivery(Box::new(d), &mut events, &mut dead).await {
+                Ok(d) => match self.on_delivery(d, &mut events, &mut dead).await {
                     Ok(n) => bytes += n,
                     Err(e) => {
                         result = Err(e.context("taking a delivery while the pipeline was busy"));
@@ -892,14 +887,15 @@ impl ServiceBusSource {
         self.top_up_credit().await
     }
 
-    async fn renewal_failed(
+    /// After a step on the connection: if it `failed`, the connection is made again.
+    async fn reconnect_on(
         &mut self,
         cx: &mut SourceCx,
         events: &mut Vec<Event>,
         dead: &mut Vec<Event>,
-        lost: Option<anyhow::Error>,
+        failed: Option<anyhow::Error>,
     ) -> anyhow::Result<()> {
-        match lost {
+        match failed {
             Some(e) => {
                 tracing::warn!("{e:#}; reconnecting");
                 self.lost_connection(cx, events, dead).await
