@@ -212,6 +212,63 @@ fn malformed_messages_land_in_the_dead_letter_queue_with_reasons_read_back_by_th
     assert_eq!(file.lines().count(), 50);
 }
 
+/// Dead letters across kills: a message that cannot be decoded is dead-lettered where a good one
+/// is completed, at the commit that covers its record, so a kill loses neither (settled at
+/// receipt, every poison message received since the last checkpoint was in the
+/// `$DeadLetterQueue` while the restarted pipeline had cut its record from the output).
+#[test]
+fn dead_letters_are_recorded_once_and_dead_lettered_once_across_sigkills() {
+    let bus = Bus::new(To::Queue, Duration::from_secs(3));
+    let n = 30_000u64;
+    let good = bus.simulated(n, 200, 37);
+    let mut all = Vec::new();
+    let mut bad = Vec::new();
+    for (i, l) in good.iter().enumerate() {
+        if i % 50 == 25 {
+            let b = format!("not an export {i}");
+            bad.push(b.clone());
+            all.push(b);
+        }
+        all.push(l.clone());
+    }
+    bus.record_input(&good);
+    bus.publish_bodies(&all);
+    let total = all.len() as u64;
+    let mut child = bus.start("a", &[]);
+    for kill in 1..=3u64 {
+        let connected = kill as usize;
+        bus.wait("the instance connected", LONG, |b| {
+            b.log("a").matches("connected to Service Bus").count() >= connected
+        });
+        let s = bus.stats(sb::QUEUE);
+        let done = s.completed + s.dead_lettered;
+        let at = (total * kill / 5 + rand::random::<u64>() % (total / 5)).max(done + total / 50);
+        bus.wait(&format!("{at} messages settled"), LONG, |b| {
+            let s = b.stats(sb::QUEUE);
+            s.completed + s.dead_lettered >= at
+        });
+        signal(&child, libc::SIGKILL);
+        let _ = wait_output(child, Duration::from_secs(30));
+        bus.wait("the killed instance's locks expired", LONG, |b| b.stats(sb::QUEUE).locked == 0);
+        child = bus.start("a", &[]);
+    }
+    bus.wait("the queue drained", LONG, Bus::drained);
+    bus.stop(child, "a");
+    bus.assert_raw_exactly_once();
+    let s = bus.stats(sb::QUEUE);
+    assert!(s.redeliveries > 0, "the kills left locked messages to redeliver: {s:?}");
+    assert_eq!(s.dead_lettered, bad.len() as u64, "{s:?}");
+    let file = std::fs::read_to_string(bus.out().join("dead-letters-a.jsonl")).unwrap();
+    let mut recorded: Vec<String> = file
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["payload"].as_str().unwrap().to_string())
+        .collect();
+    recorded.sort();
+    bad.sort();
+    assert_eq!(recorded.len(), bad.len(), "dead-letter records: one per poison message");
+    assert_eq!(recorded, bad);
+}
+
 #[test]
 fn reads_a_topic_subscription() {
     let bus = Bus::new(To::Topic, Duration::from_secs(30));

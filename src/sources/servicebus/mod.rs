@@ -20,14 +20,19 @@
 //! have run out, or that was not confirmed, is remembered for [`FORGET_AFTER`] (longer than the
 //! longest lock, five minutes) in case its message comes back.
 //!
-//! A message that cannot be decoded is dead-lettered to the entity's `$DeadLetterQueue`
-//! (rejected with `com.microsoft:dead-letter`, `DeadLetterReason` = the reason,
-//! `DeadLetterErrorDescription` = its origin) and goes to the source's `dead_letter` output.
+//! A message that cannot be decoded goes to the source's `dead_letter` output at once, and to
+//! the entity's `$DeadLetterQueue` (rejected with `com.microsoft:dead-letter`,
+//! `DeadLetterReason` = the reason, `DeadLetterErrorDescription` = its origin) where a good
+//! message would be completed: at the commit of the checkpoint that covers its record. Settled
+//! at receipt, a crash before that checkpoint lost the record (the restarted pipeline cut the
+//! output back, and the message was in the `$DeadLetterQueue`, never delivered again). It is
+//! remembered like a processed message, with its reason, so a copy redelivered after a lost lock
+//! or a crash is dead-lettered again without a second record.
 //!
 //! The connection is re-established with backoff, forever; the state shows in logs, in the
 //! `source_connected` metric and in `/health/ready`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +43,6 @@ use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::types::definitions::{Error as AmqpError, ErrorCondition, Fields};
 use fe2o3_amqp::types::messaging::{Body, Message, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Symbol, Value};
-use serde::{Deserialize, Serialize};
 
 use crate::event::{Event, Nanos, NO_TIME};
 use crate::model::decode::Projection;
@@ -51,23 +55,15 @@ use link::{Auth, Link};
 
 mod config;
 mod link;
-
-/// How long a completion that may not have taken effect is remembered (Service Bus locks last
-/// at most five minutes; a message whose lock ran out comes back soon after).
-pub const FORGET_AFTER: Duration = Duration::from_secs(600);
+mod memory;
+pub use memory::FORGET_AFTER;
+use memory::{DeadNote, Memory, State};
 
 /// Deliveries taken at once when they are already there (a barrier waits for at most this many).
 const READY_BURST: usize = 256;
 
 /// A received message with its delivery state (several hundred bytes: handled boxed).
 type Delivery = fe2o3_amqp::link::delivery::Delivery<Body<Value>>;
-
-/// What a checkpoint keeps: hashes of processed messages not known to be completed, with the
-/// time (Unix ms) after which each may be forgotten (0: not yet completed).
-#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
-struct State {
-    processed: Vec<(u128, i64)>,
-}
 
 /// A received message not yet completed.
 struct Held {
@@ -80,6 +76,8 @@ struct Held {
     /// The lock span, learnt at receipt.
     span: i64,
     hash: u128,
+    /// Dead-lettered, not completed, at the commit.
+    dead: bool,
 }
 
 /// A barrier: the last delivery before it, on which connection.
@@ -103,9 +101,8 @@ pub struct ServiceBusSource {
     decoder: MessageDecoder,
     linger: Duration,
     quiet: Option<Duration>,
-    /// Processed messages: hash -> forget after (Unix ms; 0 while not completed).
-    /// Its keys are xxh3 digests already: ahash, not SipHash, which showed in the profile.
-    processed: HashMap<u128, i64, ahash::RandomState>,
+    /// Processed messages, to recognise their redelivered copies.
+    memory: Memory,
     held: VecDeque<Held>,
     generation: u64,
     received: u64,
@@ -115,9 +112,6 @@ pub struct ServiceBusSource {
     last_sequence: i64,
     skipped: u64,
     renewals: u64,
-    /// When the connection was lost (Unix ms): the time until then does not count towards
-    /// [`FORGET_AFTER`] ([`ServiceBusSource::resume_forgetting`]).
-    disconnected_at: Option<i64>,
     /// Received while a hand-over waited ([`ServiceBusSource::renewing`]): events, dead letters,
     /// bytes; handed over after it.
     later: (Vec<Event>, Vec<Event>, u64),
@@ -132,15 +126,10 @@ impl ServiceBusSource {
         let entity = cfg.entity().map_err(anyhow::Error::msg)?;
         let address = cfg.address().map_err(anyhow::Error::msg)?;
         let auth = Auth::new(&cfg)?;
-        let mut processed = HashMap::default();
+        let mut memory = Memory::default();
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
-            let st: State =
-                postcard::from_bytes(state).context("servicebus source state in the checkpoint is corrupt")?;
-            // what the checkpoint covers may come back once its locks run out; how long ago the
-            // stop was is not known, and nothing comes back before the first connection: each is
-            // remembered for FORGET_AFTER from now at least
-            let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
-            processed = st.processed.into_iter().map(|(h, f)| (h, f.max(forget))).collect();
+            let st = State::decode(state).context("servicebus source state in the checkpoint is corrupt")?;
+            memory = Memory::restore(st, now_ms());
         }
         Ok(ServiceBusSource {
             entity,
@@ -152,7 +141,7 @@ impl ServiceBusSource {
             decoder: crate::sources::message::decoder(cfg.format, cfg.time.as_deref(), cfg.device_id.as_deref())?,
             linger: cfg.linger.get()?,
             quiet: Some(cfg.quiet_checkpoint.get()?).filter(|d| !d.is_zero()),
-            processed,
+            memory,
             held: VecDeque::new(),
             generation: 0,
             received: 0,
@@ -163,14 +152,13 @@ impl ServiceBusSource {
             skipped: 0,
             renewals: 0,
             later: Default::default(),
-            disconnected_at: None,
             committed: cx.metrics.committed.clone(),
             cfg,
         })
     }
 
     fn snapshot_state(&self) -> Vec<u8> {
-        let st = State { processed: self.processed.iter().map(|(h, f)| (*h, *f)).collect() };
+        let st = self.memory.state();
         postcard::to_allocvec(&st).unwrap_or_default()
     }
 
@@ -181,32 +169,9 @@ impl ServiceBusSource {
     /// The connection is gone, and the deliveries on it: their messages come back when their
     /// locks run out, and are recognised then.
     fn forget_link(&mut self) {
-        let forget = now_ms() + FORGET_AFTER.as_millis() as i64;
-        for h in self.held.drain(..) {
-            if let Some(f) = self.processed.get_mut(&h.hash) {
-                if *f == 0 {
-                    *f = forget;
-                }
-            }
-        }
+        self.memory.disconnected(self.held.drain(..).map(|h| h.hash), now_ms());
         self.generation += 1;
         self.received = 0;
-        self.disconnected_at = Some(now_ms());
-    }
-
-    /// On a new connection: a message remembered until it comes back comes back only while
-    /// connected, so the outage does not count: each deadline moves on by its length. (Counting
-    /// it forgot messages over an outage longer than [`FORGET_AFTER`], and their redelivered
-    /// copies were processed again; starting afresh at each connection would forget nothing
-    /// while the connection keeps dropping.)
-    fn resume_forgetting(&mut self) {
-        let Some(lost) = self.disconnected_at.take() else { return };
-        let outage = (now_ms() - lost).max(0);
-        for f in self.processed.values_mut() {
-            if *f != 0 {
-                *f += outage;
-            }
-        }
     }
 
     /// Asks for a checkpoint once the held messages near `max_held` (the namespace sends no
@@ -241,12 +206,9 @@ impl ServiceBusSource {
         if m.sequence >= 0 {
             self.last_sequence = self.last_sequence.max(m.sequence);
         }
-        let body = match body_bytes(msg.body) {
-            Ok(b) => b,
-            Err(reason) => {
-                self.dead_letter(info, Bytes::new(), &reason, &m, dead).await?;
-                return Ok(0);
-            }
+        let (body, unreadable) = match body_bytes(msg.body) {
+            Ok(b) => (b, None),
+            Err(reason) => (Bytes::new(), Some(reason)),
         };
         let len = body.len() as u64;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -255,10 +217,12 @@ impl ServiceBusSource {
         hasher.update(&body);
         let hash = hasher.digest128();
         let locked_until = m.locked_until.unwrap_or(now + 30_000);
-        let held = Held { n: self.received, info, tag, locked_until, span: (locked_until - now).max(1000), hash };
-        if m.delivery_count > 0 && self.processed.contains_key(&hash) {
+        let mut held =
+            Held { n: self.received, info, tag, locked_until, span: (locked_until - now).max(1000), hash, dead: false };
+        if m.delivery_count > 0 && self.memory.knows(hash) {
             // processed already (before a lost lock, a reconnect or the restored checkpoint)
-            self.processed.insert(hash, 0);
+            self.memory.hold(hash);
+            held.dead = self.memory.dead_note(hash).is_some();
             self.held.push_back(held);
             self.skipped += 1;
             if self.skipped <= 10 || self.skipped % 1000 == 0 {
@@ -270,15 +234,19 @@ impl ServiceBusSource {
             return Ok(len);
         }
         let origin = m.origin(&self.entity);
+        if let Some(reason) = unreadable {
+            self.dead_letter(held, body, &reason, &origin, dead);
+            return Ok(len);
+        }
         let transport =
             Transport { enqueued: m.enqueued, device_id: crate::sources::message::transport_device(&m.attrs) };
         let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
         if !out.iter().any(|r| r.is_ok()) {
             let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
-            self.dead_letter(held.info, body, &reason, &m, dead).await?;
+            self.dead_letter(held, body, &reason, &origin, dead);
             return Ok(len);
         }
-        self.processed.insert(hash, 0);
+        self.memory.hold(hash);
         self.held.push_back(held);
         let origin: Arc<str> = origin.into();
         let mut left = out.iter().filter(|r| r.is_ok()).count();
@@ -300,29 +268,40 @@ impl ServiceBusSource {
         Ok(len)
     }
 
-    /// Moves a message to the entity's `$DeadLetterQueue` with the reason and its origin.
-    async fn dead_letter(
-        &mut self,
-        info: DeliveryInfo,
-        body: Bytes,
-        reason: &str,
-        m: &Meta,
-        dead: &mut Vec<Event>,
-    ) -> anyhow::Result<()> {
-        let origin = m.origin(&self.entity);
-        let short: String = reason.chars().take(1024).collect();
-        let mut fields = Fields::new();
-        fields.insert(Symbol::from("DeadLetterReason"), Value::String(short.clone()));
-        fields.insert(Symbol::from("DeadLetterErrorDescription"), Value::String(format!("centralflow: {origin}")));
-        let err = AmqpError {
-            condition: ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter")),
-            description: Some(short),
-            info: Some(Box::new(fields)),
-        };
-        let link = self.link.as_ref().context("dead-lettering a message: no link")?;
-        link.receiver.reject(info, err).await.context("dead-lettering a message")?;
-        self.committed.inc();
-        dead.push(Event::dead_letter(body, reason, &origin, &self.name));
+    /// A message that cannot be decoded: its record goes to the `dead_letter` output now, and the
+    /// message to the entity's `$DeadLetterQueue` at the commit that covers the record.
+    fn dead_letter(&mut self, mut held: Held, body: Bytes, reason: &str, origin: &str, dead: &mut Vec<Event>) {
+        let note =
+            DeadNote { reason: reason.chars().take(1024).collect(), description: format!("centralflow: {origin}") };
+        held.dead = true;
+        self.memory.hold_dead(held.hash, note);
+        self.held.push_back(held);
+        dead.push(Event::dead_letter(body, reason, origin, &self.name));
+    }
+
+    /// Settles the messages of a commit: completes the good ones, dead-letters the others.
+    async fn settle(link: &mut Link, done: &[Held], memory: &Memory) -> anyhow::Result<()> {
+        if done.iter().any(|h| !h.dead) {
+            link.receiver
+                .accept_all(done.iter().filter(|h| !h.dead).map(|h| h.info.clone()))
+                .await
+                .map_err(|e| anyhow::anyhow!("completing: {e}"))?;
+        }
+        for h in done.iter().filter(|h| h.dead) {
+            let note = memory.dead_note(h.hash).cloned().unwrap_or_else(|| DeadNote {
+                reason: "dead-lettered by centralflow".into(),
+                description: "centralflow".into(),
+            });
+            let mut fields = Fields::new();
+            fields.insert(Symbol::from("DeadLetterReason"), Value::String(note.reason.clone()));
+            fields.insert(Symbol::from("DeadLetterErrorDescription"), Value::String(note.description));
+            let err = AmqpError {
+                condition: ErrorCondition::Custom(Symbol::from("com.microsoft:dead-letter")),
+                description: Some(note.reason),
+                info: Some(Box::new(fields)),
+            };
+            link.receiver.reject(h.info.clone(), err).await.context("dead-lettering a message")?;
+        }
         Ok(())
     }
 
@@ -344,19 +323,13 @@ impl ServiceBusSource {
         }
         let done: Vec<Held> = self.held.drain(..n).collect();
         let now = now_ms();
-        let sent = link.receiver.accept_all(done.iter().map(|h| h.info.clone())).await;
-        let confirmed = match sent {
+        let confirmed = match Self::settle(link, &done, &self.memory).await {
             Ok(()) => link.round_trip(self.last_sequence + 1).await,
-            Err(e) => Err(anyhow::anyhow!("completing: {e}")),
+            Err(e) => Err(e),
         };
-        let forget = now + FORGET_AFTER.as_millis() as i64;
         for h in &done {
-            // a lock that ran out (or nearly) may have made the completion void: remember
-            if confirmed.is_ok() && h.locked_until > now + 2000 {
-                self.processed.remove(&h.hash);
-            } else if let Some(f) = self.processed.get_mut(&h.hash) {
-                *f = forget;
-            }
+            // a lock that ran out (or nearly) may have made the settlement void: remember
+            self.memory.settled(h.hash, confirmed.is_ok() && h.locked_until > now + 2000, now);
         }
         confirmed?;
         self.committed.inc_by(n as u64);
@@ -634,7 +607,7 @@ impl ServiceBusSource {
                 Ok(()) => {
                     self.generation += 1;
                     self.received = 0;
-                    self.resume_forgetting();
+                    self.memory.reconnected(now_ms());
                     tracing::info!(entity = %self.entity, "connected to Service Bus");
                     cx.metrics.connected.set(1);
                     crate::metrics::set_ready(&self.name, true, "connected");
@@ -862,8 +835,7 @@ impl ServiceBusSource {
     async fn take_buffered(&mut self) -> anyhow::Result<()> {
         let (mut events, mut dead, mut bytes) = std::mem::take(&mut self.later);
         let mut result = Ok(());
-        // no more than `max_held` at once: a message that cannot be decoded is settled at once
-        // and not held, so credit would keep coming for a stream of them
+        // no more than `max_held` at once
         let limit = self.cfg.max_held() as usize;
         while events.len() + dead.len() < limit {
             let Some(r) = self.ready_delivery() else { break };
@@ -907,7 +879,7 @@ impl ServiceBusSource {
     /// Once a second: lock renewal, the token, and forgetting old completions.
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let now = now_ms();
-        self.processed.retain(|_, f| *f == 0 || *f > now);
+        self.memory.expire(now);
         if self.cfg.renew_locks {
             self.renew().await?;
         }
