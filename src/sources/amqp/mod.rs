@@ -2,9 +2,9 @@
 //! duplicates across connection faults and crashes.
 //!
 //! Acknowledgements wait for the checkpoint that covers a delivery: at `Commit(n)` the source
-//! acknowledges (`multiple`) up to the last delivery before barrier `n`, then confirms that the
-//! broker processed the acknowledgement with a synchronous call on the same channel (a passive
-//! queue declaration, which also gives the queue depth for the lag metric).
+//! acknowledges (`multiple`) up to the last delivery before barrier `n` and commits the
+//! channel's transaction (`tx.commit`): once the broker answers, it has the acknowledgement. A
+//! passive queue declaration then reads the queue depth for the lag metric.
 //!
 //! Delivery tags die with a channel, so after a reconnect every unacknowledged delivery comes
 //! back (`redelivered`). The source remembers which messages it has processed but not yet had
@@ -14,10 +14,15 @@
 //! restarted process skips the redeliveries of what the restored state already contains.
 //! Messages delivered for the first time are never skipped.
 //!
-//! A message that cannot be decoded is published, with the reason and its origin in headers, to
-//! the queue's dead-letter exchange when it has one, else to a dead-letter queue
-//! (`{queue}.dead-letter` unless configured), confirmed by the broker, then acknowledged; it also
-//! goes to the source's `dead_letter` output. It never blocks the queue.
+//! A message that cannot be decoded goes to the source's `dead_letter` output at once. It is
+//! published, with the reason and its origin in headers, to the queue's dead-letter exchange
+//! when it has one, else to a dead-letter queue (`{queue}.dead-letter` unless configured), at
+//! the commit of the checkpoint that holds its record, in one AMQP transaction with that
+//! commit's acknowledgements (the channel is in `tx.select` mode). (Published and acknowledged
+//! at receipt, a crash before that checkpoint lost the record; published with confirms before
+//! the acknowledgement, a crash between them published it twice.) It is remembered like a
+//! processed message, with its reason, so a copy redelivered after a crash is published again
+//! without a second record. It never blocks the queue.
 //!
 //! The connection is re-established with backoff, forever; the state shows in logs, in the
 //! `source_connected` metric and in `/health/ready`.
@@ -33,8 +38,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
@@ -54,6 +59,31 @@ mod config;
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct State {
     processed: Vec<(u128, u32)>,
+    /// Of those, the messages to dead-letter: (hash, reason, origin).
+    dead: Vec<(u128, String, String)>,
+}
+
+/// A checkpoint written before dead letters were published at the commit (no `dead`).
+#[derive(Deserialize)]
+struct StateV1 {
+    processed: Vec<(u128, u32)>,
+}
+
+impl State {
+    fn decode(bytes: &[u8]) -> Result<State, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| match postcard::from_bytes::<StateV1>(bytes) {
+            Ok(v1) => Ok(State { processed: v1.processed, dead: Vec::new() }),
+            Err(_) => Err(e),
+        })
+    }
+}
+
+/// A delivery on the current channel to dead-letter at the commit that covers it.
+struct ToDeadLetter {
+    tag: u64,
+    hash: u128,
+    body: Vec<u8>,
+    props: BasicProperties,
 }
 
 /// A barrier: the last delivery before it, on which channel.
@@ -66,8 +96,9 @@ struct Mark {
 
 struct Link {
     _conn: Connection,
+    /// In transaction mode (`tx.select`): dead letters and acknowledgements are committed
+    /// together.
     channel: Channel,
-    publisher: Channel,
     consumer: Consumer,
 }
 
@@ -88,6 +119,10 @@ pub struct AmqpSource {
     delivered: VecDeque<(u64, Option<u128>)>,
     /// Per hash, deliveries on the current channel that stand for processed copies.
     outstanding: HashMap<u128, u32>,
+    /// Processed messages that go to the dead-letter queue: hash -> (reason, origin).
+    dead_notes: HashMap<u128, (String, String)>,
+    /// Deliveries on the current channel to dead-letter at their commit.
+    to_dead_letter: VecDeque<ToDeadLetter>,
     generation: u64,
     last_tag: u64,
     acked_to: u64,
@@ -107,9 +142,11 @@ impl AmqpSource {
             anyhow::bail!("an amqp source never ends: use `centralflow run`, not `replay`");
         }
         let mut processed = HashMap::new();
+        let mut dead_notes = HashMap::new();
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
-            let st: State = postcard::from_bytes(state).context("amqp source state in the checkpoint is corrupt")?;
+            let st = State::decode(state).context("amqp source state in the checkpoint is corrupt")?;
             processed = st.processed.into_iter().map(|(h, n)| (h, (n, 0))).collect();
+            dead_notes = st.dead.into_iter().map(|(h, r, o)| (h, (r, o))).collect();
         }
         let linger = cfg.linger.get()?;
         let quiet = Some(cfg.quiet_checkpoint.get()?).filter(|d| !d.is_zero());
@@ -128,6 +165,8 @@ impl AmqpSource {
             processed,
             delivered: VecDeque::new(),
             outstanding: HashMap::new(),
+            dead_notes,
+            to_dead_letter: VecDeque::new(),
             generation: 0,
             last_tag: 0,
             acked_to: 0,
@@ -147,6 +186,9 @@ impl AmqpSource {
         let conn = Connection::connect(self.cfg.url.expose(), props).await.context("connecting")?;
         let channel = conn.create_channel().await.context("opening a channel")?;
         channel.basic_qos(self.cfg.prefetch, BasicQosOptions::default()).await.context("basic.qos")?;
+        // a checkpoint's dead letters and acknowledgements take effect together (tx.commit), so a
+        // crash between them neither loses a dead letter nor publishes one twice
+        channel.tx_select().await.context("tx.select")?;
         let q: ShortString = self.cfg.queue.as_str().into();
         if let Some(d) = &self.cfg.declare {
             let mut args = FieldTable::default();
@@ -202,10 +244,8 @@ impl AmqpSource {
                     .await?;
             }
         }
-        let publisher = conn.create_channel().await.context("opening the dead-letter channel")?;
-        publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         if self.dead_letter_exchange.is_none() {
-            publisher
+            channel
                 .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue(true), FieldTable::default())
                 .await
                 .with_context(|| format!("declaring the dead-letter queue {}", self.dead_letter_queue))?;
@@ -219,18 +259,21 @@ impl AmqpSource {
             )
             .await
             .with_context(|| format!("consuming from {}", self.cfg.queue))?;
-        Ok(Link { _conn: conn, channel, publisher, consumer })
+        Ok(Link { _conn: conn, channel, consumer })
     }
 
-    /// The barrier mark: the last delivery still to acknowledge (dead letters are acknowledged
-    /// on their own, and acknowledging an acknowledged tag closes the channel).
+    /// The barrier mark: the last delivery still to acknowledge (acknowledging an acknowledged
+    /// tag closes the channel).
     fn mark(&self, epoch: u64) -> Mark {
         let tag = self.delivered.back().map(|d| d.0).unwrap_or(self.acked_to);
         Mark { epoch, generation: self.generation, tag }
     }
 
     fn snapshot_state(&self) -> Vec<u8> {
-        let st = State { processed: self.processed.iter().map(|(h, (n, _))| (*h, *n)).collect() };
+        let st = State {
+            processed: self.processed.iter().map(|(h, (n, _))| (*h, *n)).collect(),
+            dead: self.dead_notes.iter().map(|(h, (r, o))| (*h, r.clone(), o.clone())).collect(),
+        };
         postcard::to_allocvec(&st).unwrap_or_default()
     }
 
@@ -239,18 +282,14 @@ impl AmqpSource {
         self.generation += 1;
         self.delivered.clear();
         self.outstanding.clear();
+        self.to_dead_letter.clear();
         self.last_tag = 0;
         self.acked_to = 0;
     }
 
-    /// Handles one delivery; returns the events to emit and records that could not be decoded.
-    async fn on_delivery(
-        &mut self,
-        link: &Link,
-        d: lapin::message::Delivery,
-        events: &mut Vec<Event>,
-        dead: &mut Vec<Event>,
-    ) -> anyhow::Result<()> {
+    /// Handles one delivery: its events go to `events`, the record of a message that cannot be
+    /// decoded to `dead` (the message is dead-lettered at its commit).
+    fn on_delivery(&mut self, d: lapin::message::Delivery, events: &mut Vec<Event>, dead: &mut Vec<Event>) {
         let tag = d.delivery_tag;
         self.last_tag = tag;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -266,6 +305,9 @@ impl AmqpSource {
             // already processed (before a reconnect or before the restored checkpoint)
             *self.outstanding.entry(h).or_default() += 1;
             self.delivered.push_back((tag, Some(h)));
+            if self.dead_notes.contains_key(&h) {
+                self.to_dead_letter.push_back(ToDeadLetter { tag, hash: h, body: d.data, props: d.properties });
+            }
             self.skipped += 1;
             if self.skipped <= 10 || self.skipped % 1000 == 0 {
                 tracing::info!(
@@ -273,7 +315,7 @@ impl AmqpSource {
                     "redelivered message already processed: acknowledged at the next checkpoint"
                 );
             }
-            return Ok(());
+            return;
         }
         let origin = format!("{}#{tag}", self.cfg.queue);
         let mut attrs: Vec<(crate::event::AttrKey, String)> = Vec::new();
@@ -286,25 +328,23 @@ impl AmqpSource {
         }
         let body = Bytes::from(d.data);
         let enqueued = sent_time(&d.properties);
+        let props = d.properties;
         let transport = Transport { enqueued, device_id: crate::sources::message::transport_device(&attrs) };
         let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
         let good = out.iter().filter(|r| r.is_ok()).count();
-        if good == 0 {
-            let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
-            self.dead_letter(link, &body, &reason, &origin, &d.properties).await?;
-            link.channel
-                .basic_ack(tag, BasicAckOptions { multiple: false })
-                .await
-                .context("acknowledging a dead-lettered message")?;
-            self.committed.inc();
-            dead.push(Event::dead_letter(body, &reason, &origin, &self.name));
-            return Ok(());
-        }
         let e = self.processed.entry(h).or_insert((0, self.epoch));
         e.0 += 1;
         e.1 = self.epoch;
         *self.outstanding.entry(h).or_default() += 1;
         self.delivered.push_back((tag, Some(h)));
+        if good == 0 {
+            // published to the dead-letter queue at the commit that holds its record
+            let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
+            self.to_dead_letter.push_back(ToDeadLetter { tag, hash: h, body: body.to_vec(), props });
+            self.dead_notes.insert(h, (reason.clone(), origin.clone()));
+            dead.push(Event::dead_letter(body, &reason, &origin, &self.name));
+            return;
+        }
         for r in out {
             match r {
                 Ok(mut ev) => {
@@ -317,7 +357,6 @@ impl AmqpSource {
                 Err(reason) => dead.push(Event::dead_letter(body.clone(), &reason, &origin, &self.name)),
             }
         }
-        Ok(())
     }
 
     async fn dead_letter(
@@ -337,20 +376,15 @@ impl AmqpSource {
             Some(x) => (x.as_str(), self.cfg.queue.as_str()),
             None => ("", self.dead_letter_queue.as_str()),
         };
-        let confirm = link
-            .publisher
+        // part of the channel's transaction: it takes effect with the commit's tx.commit
+        link.channel
             .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, properties)
             .await
-            .context("publishing a dead letter")?
-            .await
-            .context("confirming a dead letter")?;
-        if confirm.is_nack() {
-            anyhow::bail!("the broker refused the dead letter of {origin}");
-        }
+            .with_context(|| format!("publishing the dead letter of {origin}"))?;
         Ok(())
     }
 
-    /// Acknowledges what checkpoint `epoch` covers and confirms the broker processed it.
+    /// Dead-letters and acknowledges what checkpoint `epoch` covers, in one transaction.
     async fn commit_on(&mut self, link: Option<&Link>, epoch: u64) -> anyhow::Result<()> {
         // a checkpoint completed: the one asked for, or one that started before the request (a
         // request made while a checkpoint is running is not queued), so ask again when needed
@@ -364,18 +398,27 @@ impl AmqpSource {
         // lost connection without confirmation): after 10 epochs without being seen again
         let horizon = epoch.saturating_sub(10);
         self.processed.retain(|_, (n, seen)| *n > 0 && (*seen >= horizon || *seen == 0));
+        if !self.dead_notes.is_empty() {
+            self.dead_notes.retain(|h, _| self.processed.contains_key(h));
+        }
         let Some(link) = link else { return Ok(()) };
         if mark.generation != self.generation || mark.tag <= self.acked_to {
             return Ok(()); // those tags died with their channel: redeliveries are acknowledged later
         }
-        // Acknowledge up to the last delivery of the checkpoint that is still unacknowledged:
-        // dead-lettered messages were settled one by one already, and acknowledging a settled
-        // tag again is a channel error ("unknown delivery tag").
+        // the dead letters it covers, and the acknowledgements, in one transaction
+        while self.to_dead_letter.front().is_some_and(|d| d.tag <= mark.tag) {
+            let d = self.to_dead_letter.front().unwrap();
+            let (reason, origin) = self.dead_notes.get(&d.hash).cloned().unwrap_or_default();
+            self.dead_letter(link, &d.body, &reason, &origin, &d.props).await?;
+            self.to_dead_letter.pop_front();
+        }
+        // acknowledge up to the last delivery of the checkpoint that is still unacknowledged
         let covered = self.delivered.iter().take_while(|(t, _)| *t <= mark.tag).count();
         if let Some(&(last, _)) = covered.checked_sub(1).and_then(|i| self.delivered.get(i)) {
             link.channel.basic_ack(last, BasicAckOptions { multiple: true }).await.context("acknowledging")?;
         }
-        // a synchronous call on the same channel: once it returns, the broker has processed the ack
+        // once tx.commit-ok is back, the broker has the dead letters and the acknowledgements
+        link.channel.tx_commit().await.context("committing acknowledgements and dead letters")?;
         let q = link
             .channel
             .queue_declare(
@@ -384,7 +427,7 @@ impl AmqpSource {
                 FieldTable::default(),
             )
             .await
-            .context("confirming acknowledgements")?;
+            .context("reading the queue's depth")?;
         metrics::global()
             .consumer_lag
             .get_or_create(&metrics::PartitionLabel { component: self.name.clone(), partition: "0".into() })
@@ -404,6 +447,7 @@ impl AmqpSource {
                     p.0 = p.0.saturating_sub(1);
                     if p.0 == 0 {
                         self.processed.remove(&h);
+                        self.dead_notes.remove(&h);
                     }
                 }
             }
@@ -491,7 +535,7 @@ impl Source for AmqpSource {
                 d = l.consumer.next() => match d {
                     Some(Ok(delivery)) => {
                         last_delivery = tokio::time::Instant::now();
-                        self.take_delivery(cx, delivery, &mut link, &mut events, &mut dead, &mut deadline).await?;
+                        self.take_delivery(cx, delivery, &mut events, &mut dead, &mut deadline).await?;
                     }
                     Some(Err(e)) => {
                         tracing::warn!("lost the broker connection ({}); reconnecting", crate::secret::redact(&e.to_string()));
@@ -614,24 +658,17 @@ impl AmqpSource {
     }
 
     /// Takes one delivery: decodes it into `events` (or `dead`), sends a full batch on, and asks
-    /// for a checkpoint when enough deliveries wait for their acknowledgement. A connection
-    /// problem drops `link`.
+    /// for a checkpoint when enough deliveries wait for their acknowledgement.
     async fn take_delivery(
         &mut self,
         cx: &mut SourceCx,
         delivery: lapin::message::Delivery,
-        link: &mut Option<Link>,
         events: &mut Vec<Event>,
         dead: &mut Vec<Event>,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> anyhow::Result<()> {
-        let link_ref = link.as_ref().unwrap();
         cx.metrics.bytes_in.inc_by(delivery.data.len() as u64);
-        if let Err(e) = self.on_delivery(link_ref, delivery, events, dead).await {
-            tracing::warn!("connection problem while handling a delivery: {e:#}");
-            *link = None;
-            return Ok(());
-        }
+        self.on_delivery(delivery, events, dead);
         if deadline.is_none() {
             *deadline = Some(tokio::time::Instant::now() + self.linger);
         }
