@@ -134,6 +134,35 @@ fn bad_tokens_and_bad_bodies_are_refused_and_dead_lettered_good_ones_answered_af
     assert!(dead.iter().all(|d| d["origin"].as_str().unwrap().starts_with("webhook 127.0.0.1:")));
 }
 
+/// A refused body is answered once a durable checkpoint holds its dead letter: the sender does
+/// not send it again, so a kill right after the answer must not lose the record. (Answered as
+/// soon as the record was queued, it waited for the 30 s checkpoint and the kill lost it.)
+#[test]
+fn a_refused_body_is_answered_once_its_dead_letter_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "sources:\n  hook:\n    type: webhook\n    address: 127.0.0.1:0\n    token: ${{TOKEN}}\nsinks:\n  out:\n    type: jsonl\n    inputs: [hook]\n    path: {}\n  rejected:\n    type: jsonl\n    inputs: [hook.dead_letter]\n    path: {}\ncheckpoint:\n  url: {}\n  interval: 30s\n",
+        dir.path().join("out.jsonl").display(),
+        dir.path().join("dead.jsonl").display(),
+        dir.path().join("state").display()
+    );
+    let p = pipeline(dir.path(), "refused.yaml", &yaml);
+    let (run, port) = start(&p, &[("TOKEN", TOKEN)]);
+    let url = format!("http://127.0.0.1:{port}/");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let t0 = Instant::now();
+    let (s, _, text) = rt.block_on(post(&url, Some(TOKEN), "{\"messageSource\": \"telemetry\", "));
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "a checkpoint is asked for at once: {:?}", t0.elapsed());
+    signal(&run.child, libc::SIGKILL);
+    let _ = run.finish(T);
+    let (run, _) = start(&p, &[("TOKEN", TOKEN)]);
+    stop(run);
+    let dead = jsonl(&dir.path().join("dead.jsonl"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0]["payload"].as_str().unwrap().starts_with("{\"messageSource\""), "{dead:?}");
+}
+
 #[test]
 fn a_full_queue_answers_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();

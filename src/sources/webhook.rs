@@ -16,7 +16,9 @@
 //!   `Retry-After`. If a process dies while holding requests, the sender retries them, so a
 //!   crash can duplicate but not lose.
 //! - Bad bodies: over 256 KiB → 413, malformed JSON or an invalid bridge device id → 400; each
-//!   also goes to the source's `dead_letter` output with the reason.
+//!   also goes to the source's `dead_letter` output with the reason, and is answered, like a good
+//!   one, once the checkpoint that holds its dead letter is durable (the sender does not send a
+//!   refused body again, so a record lost in a crash would be lost for good).
 //! - Optional TLS with a certificate chain and key from PEM files.
 
 use std::collections::VecDeque;
@@ -233,10 +235,13 @@ pub fn bridge_to_export(v: &Value, received: crate::event::Nanos) -> Result<Stri
     serde_json::to_string(&Value::Object(out)).map_err(|e| e.to_string())
 }
 
-/// What the HTTP side hands to the source task.
-enum Incoming {
-    Events { events: Vec<Event>, dead: Vec<Event>, respond: oneshot::Sender<()>, permit: OwnedSemaphorePermit },
-    Dead { dead: Vec<Event>, _permit: OwnedSemaphorePermit },
+/// What the HTTP side hands to the source task: a request's events and dead letters (either may
+/// be empty), and where to say that a checkpoint holds them.
+struct Incoming {
+    events: Vec<Event>,
+    dead: Vec<Event>,
+    respond: oneshot::Sender<()>,
+    permit: OwnedSemaphorePermit,
 }
 
 /// A request waiting for its answer, and its place in the bounded queue.
@@ -472,12 +477,9 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     };
     let n = app.seq.fetch_add(1, Ordering::Relaxed) + 1;
     let origin = format!("webhook {peer} #{n}");
-    // A refused body is answered with its reason only once its dead letter is in the source's
-    // queue; if the source is stopping (the queue is closed), the sender is told to send again.
-    let dead = |payload: Bytes, reason: &str, permit| {
-        let ev = Event::dead_letter(payload, reason, &origin, &app.name);
-        app.tx.send(Incoming::Dead { dead: vec![ev], _permit: permit }).is_ok()
-    };
+    // A refused body is answered with its reason only once a checkpoint holds its dead letter;
+    // if the source stops first, the sender is told to send again.
+    let dead = |payload: Bytes, reason: &str| vec![Event::dead_letter(payload, reason, &origin, &app.name)];
     let body = match read {
         Ok(b) => b,
         Err(Ok(prefix)) => {
@@ -485,10 +487,10 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
                 "body of more than {MAX_RECORD_BYTES} bytes{} (IoT Central's message limit); the dead letter keeps the first {MAX_RECORD_BYTES}",
                 declared.map(|d| format!(" ({d} declared)")).unwrap_or_default()
             );
-            if !dead(prefix, &reason, permit) {
-                return busy(&app, "stopping; send again later");
-            }
-            return plain(StatusCode::PAYLOAD_TOO_LARGE, &reason);
+            return match hand_over(&app, Vec::new(), dead(prefix, &reason), permit).await {
+                Ok(()) => plain(StatusCode::PAYLOAD_TOO_LARGE, &reason),
+                Err(r) => r,
+            };
         }
         Err(Err(e)) => return plain(StatusCode::BAD_REQUEST, &e),
     };
@@ -497,10 +499,10 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     let record = match record_of(app.format, &body, received) {
         Ok(r) => r,
         Err(reason) => {
-            if !dead(body, &reason, permit) {
-                return busy(&app, "stopping; send again later");
-            }
-            return plain(StatusCode::BAD_REQUEST, &reason);
+            return match hand_over(&app, Vec::new(), dead(body, &reason), permit).await {
+                Ok(()) => plain(StatusCode::BAD_REQUEST, &reason),
+                Err(r) => r,
+            };
         }
     };
     let out = app.decoder.decode(record, app.projection.as_ref(), &Transport::NONE);
@@ -519,22 +521,33 @@ async fn handle(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<Sock
     if events.is_empty() {
         let reason =
             bad.first().and_then(|e| e.get_str("reason").map(str::to_string)).unwrap_or_else(|| "no message".into());
-        if app.tx.send(Incoming::Dead { dead: bad, _permit: permit }).is_err() {
-            return busy(&app, "stopping; send again later");
-        }
-        return plain(StatusCode::BAD_REQUEST, &reason);
+        return match hand_over(&app, Vec::new(), bad, permit).await {
+            Ok(()) => plain(StatusCode::BAD_REQUEST, &reason),
+            Err(r) => r,
+        };
     }
     let count = events.len();
-    let (respond, done) = oneshot::channel();
-    if app.tx.send(Incoming::Events { events, dead: bad, respond, permit }).is_err() {
-        return busy(&app, "stopping; send again later");
-    }
-    match done.await {
+    match hand_over(&app, events, bad, permit).await {
         Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], format!("{{\"accepted\":{count}}}"))
             .into_response(),
-        // the pipeline stopped before a checkpoint covered the request: the sender retries
-        Err(_) => busy(&app, "not processed; send again"),
+        Err(r) => r,
     }
+}
+
+/// Hands a request's events and dead letters to the source task and waits until a durable
+/// checkpoint holds them. `Err`: the answer to give instead, "send again" (the source is
+/// stopping, or stopped before a checkpoint covered the request).
+async fn hand_over(
+    app: &App,
+    events: Vec<Event>,
+    dead: Vec<Event>,
+    permit: OwnedSemaphorePermit,
+) -> Result<(), Response> {
+    let (respond, done) = oneshot::channel();
+    if app.tx.send(Incoming { events, dead, respond, permit }).is_err() {
+        return Err(busy(app, "stopping; send again later"));
+    }
+    done.await.map_err(|_| busy(app, "not processed; send again"))
 }
 
 /// The export record a request body stands for: the body itself, or, for a device-bridge
@@ -612,19 +625,13 @@ impl Source for WebhookSource {
                     }
                     Control::Stop | Control::Shutdown => {
                         app.stopping.store(true, Ordering::Relaxed);
-                        // what handlers queued before the close goes into the final checkpoint
-                        // (a refused request was already answered with its reason); after it, a
-                        // handler's send fails and it answers "send again"
+                        // what handlers queued before the close goes into the final checkpoint;
+                        // after it, a handler's send fails and it answers "send again"
                         rx.close();
                         while let Ok(m) = rx.try_recv() {
-                            match m {
-                                Incoming::Events { events: evs, dead: bad, respond, permit } => {
-                                    events.extend(evs);
-                                    dead.extend(bad);
-                                    self.waiting.push((respond, permit));
-                                }
-                                Incoming::Dead { dead: d, _permit } => dead.extend(d),
-                            }
+                            events.extend(m.events);
+                            dead.extend(m.dead);
+                            self.waiting.push((m.respond, m.permit));
                         }
                         flush(cx, &mut events, &mut dead).await?;
                         // what was sent goes into the final checkpoint; answered at its commit
@@ -640,10 +647,10 @@ impl Source for WebhookSource {
                     deadline = None;
                 }
                 m = rx.recv() => match m {
-                    Some(Incoming::Events { events: evs, dead: bad, respond, permit }) => {
-                        events.extend(evs);
-                        dead.extend(bad);
-                        self.waiting.push((respond, permit));
+                    Some(m) => {
+                        events.extend(m.events);
+                        dead.extend(m.dead);
+                        self.waiting.push((m.respond, m.permit));
                         if !asked {
                             cx.request_checkpoint();
                             asked = true;
@@ -654,12 +661,6 @@ impl Source for WebhookSource {
                         if events.len() >= self.cfg.batch_size {
                             flush(cx, &mut events, &mut dead).await?;
                             deadline = None;
-                        }
-                    }
-                    Some(Incoming::Dead { dead: d, _permit }) => {
-                        dead.extend(d);
-                        if deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + self.linger);
                         }
                     }
                     None => return Ok(EndReason::Stopped),
