@@ -11,6 +11,12 @@
 //! retrying cannot change (not found, already exists, precondition failed, forbidden,
 //! unauthenticated) are returned at once.
 //!
+//! A body that breaks off with a transient error after object_store's own resumption is read on
+//! from where it broke, by a ranged get of the same object (`if_match` its ETag: export blobs
+//! are written whole, so a changed ETag is a different object, an error), retried like any
+//! request ([`Retrying::resuming`]). Before, the reader got the error, and a file source
+//! dead-lettered the rest of the file.
+//!
 //! While a request is failing, or has had no answer for [`STALLED`], `/health/ready` carries a
 //! component `storage LOCATION` that is not ready and says what is wrong; it is removed when
 //! requests succeed again.
@@ -26,8 +32,8 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
 };
 
 /// A request without an answer for this long makes the location not ready (it keeps waiting).
@@ -101,6 +107,61 @@ impl Retrying {
                 first_delay: FIRST_DELAY,
             }),
         }
+    }
+
+    /// `body`, the stream of a get that returned `range` of the object `meta`, read on from
+    /// where it breaks off with a transient error.
+    fn resuming(
+        &self,
+        location: &Path,
+        options: &GetOptions,
+        meta: &ObjectMeta,
+        range: Range<u64>,
+        body: BoxStream<'static, Result<Bytes>>,
+    ) -> BoxStream<'static, Result<Bytes>> {
+        let this = self.clone();
+        let location = location.clone();
+        let same = GetOptions {
+            if_match: meta.e_tag.clone().or_else(|| options.if_match.clone()),
+            version: meta.version.clone().or_else(|| options.version.clone()),
+            ..options.clone()
+        };
+        let end = range.end;
+        futures::stream::unfold(Some((body, range.start)), move |state| {
+            let (this, location, same) = (this.clone(), location.clone(), same.clone());
+            async move {
+                let (mut body, mut at) = state?;
+                loop {
+                    match body.next().await {
+                        None => return None,
+                        Some(Ok(b)) => {
+                            at += b.len() as u64;
+                            return Some((Ok(b), Some((body, at))));
+                        }
+                        Some(Err(e)) if transient(&e) && at < end => {
+                            tracing::warn!(
+                                location = %this.health.component, path = %location, at, error = %e,
+                                "reading an object broke off; reading on from where it broke"
+                            );
+                            let opts = GetOptions { range: Some((at..end).into()), ..same.clone() };
+                            let again = retry(&this.health, "read on in", &location, || {
+                                this.inner.get_opts(&location, opts.clone())
+                            });
+                            body = match again.await.map(|r| r.payload) {
+                                Ok(GetResultPayload::Stream(b)) => b,
+                                Ok(_) => {
+                                    let source = format!("{location}: a resumed read answered with a file").into();
+                                    return Some((Err(object_store::Error::NotSupported { source }), None));
+                                }
+                                Err(e) => return Some((Err(e), None)),
+                            };
+                        }
+                        Some(Err(e)) => return Some((Err(e), None)),
+                    }
+                }
+            }
+        })
+        .boxed()
     }
 
     async fn again<T, F, Fut>(&self, what: &str, path: &Path, op: F) -> Result<T>
@@ -181,7 +242,15 @@ impl ObjectStore for Retrying {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.again("get", location, || self.inner.get_opts(location, options.clone())).await
+        let got = self.again("get", location, || self.inner.get_opts(location, options.clone())).await?;
+        let GetResult { payload, meta, range, attributes } = got;
+        let payload = match payload {
+            GetResultPayload::Stream(body) if !options.head => {
+                GetResultPayload::Stream(self.resuming(location, &options, &meta, range.clone(), body))
+            }
+            other => other,
+        };
+        Ok(GetResult { payload, meta, range, attributes })
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
@@ -467,5 +536,112 @@ mod tests {
         futures::future::try_join(a, b).await.unwrap();
         up.complete().await.unwrap();
         assert_eq!(mem.get(&path).await.unwrap().bytes().await.unwrap().as_ref(), b"hello world");
+    }
+
+    /// A store whose get bodies break off after 3,000 bytes (`breaks` of them), after which
+    /// the next `refuse` gets are refused (the outage goes on), and the object is replaced if
+    /// `replace` is set.
+    #[derive(Debug)]
+    struct Breaking {
+        inner: InMemory,
+        breaks: AtomicUsize,
+        refuse: AtomicUsize,
+        replace: std::sync::atomic::AtomicBool,
+        gets: AtomicUsize,
+    }
+
+    impl std::fmt::Display for Breaking {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Breaking")
+        }
+    }
+
+    fn refused() -> object_store::Error {
+        object_store::Error::Generic { store: "Breaking", source: "connection reset".into() }
+    }
+
+    #[async_trait]
+    impl ObjectStore for Breaking {
+        async fn put_opts(&self, l: &Path, p: PutPayload, o: PutOptions) -> Result<PutResult> {
+            self.inner.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(&self, l: &Path, o: PutMultipartOptions) -> Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> Result<GetResult> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            if self.refuse.load(Ordering::SeqCst) > 0 {
+                self.refuse.fetch_sub(1, Ordering::SeqCst);
+                return Err(refused());
+            }
+            let got = self.inner.get_opts(l, o).await?;
+            if self.breaks.load(Ordering::SeqCst) == 0 {
+                return Ok(got);
+            }
+            self.breaks.fetch_sub(1, Ordering::SeqCst);
+            self.refuse.store(3, Ordering::SeqCst);
+            let (meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
+            let all = got.bytes().await?;
+            if self.replace.load(Ordering::SeqCst) {
+                self.inner.put(l, PutPayload::from(vec![b'z'; all.len()])).await?;
+            }
+            let head = all.slice(..all.len().min(3000));
+            let chunks: Vec<Result<Bytes>> =
+                head.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).chain([Err(refused())]).collect();
+            let payload = GetResultPayload::Stream(futures::stream::iter(chunks).boxed());
+            Ok(GetResult { payload, meta, range, attributes })
+        }
+        fn delete_stream(&self, l: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(l)
+        }
+        fn list(&self, p: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list(p)
+        }
+        async fn list_with_delimiter(&self, p: Option<&Path>) -> Result<ListResult> {
+            self.inner.list_with_delimiter(p).await
+        }
+        async fn copy_opts(&self, f: &Path, t: &Path, o: CopyOptions) -> Result<()> {
+            self.inner.copy_opts(f, t, o).await
+        }
+    }
+
+    fn breaking(breaks: usize, replace: bool) -> Arc<Breaking> {
+        Arc::new(Breaking {
+            inner: InMemory::new(),
+            breaks: AtomicUsize::new(breaks),
+            refuse: AtomicUsize::new(0),
+            replace: std::sync::atomic::AtomicBool::new(replace),
+            gets: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_read_on_from_where_it_broke() {
+        let store = breaking(0, false);
+        let path = Path::from("export/0/2026/12/08/02/45/09_abc.json");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        store.inner.put(&path, PutPayload::from(data.clone())).await.unwrap();
+        // the first body and the first resumed one break off, each followed by three refusals
+        store.breaks.store(2, Ordering::SeqCst);
+        let r = quick(store.clone(), None, "mem://unit-resume");
+        let got = r.get(&path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got.as_ref() == data.as_slice(), "the bytes read on are the object's, in order");
+        // 1 get, 3 refused + 1 resumed (breaks at 6,000), 3 refused + 1 resumed
+        assert_eq!(store.gets.load(Ordering::SeqCst), 9);
+        // a range is read on within its range
+        store.breaks.store(1, Ordering::SeqCst);
+        let part = r.get_range(&path, 1000..8000).await.unwrap();
+        assert!(part.as_ref() == &data[1000..8000]);
+    }
+
+    #[tokio::test]
+    async fn a_body_is_not_read_on_from_an_object_replaced_meanwhile() {
+        let store = breaking(1, true);
+        let path = Path::from("a/replaced.json");
+        store.inner.put(&path, PutPayload::from(vec![b'a'; 10_000])).await.unwrap();
+        let r = quick(store.clone(), None, "mem://unit-replaced");
+        let e = r.get(&path).await.unwrap().bytes().await.unwrap_err();
+        assert!(matches!(e, object_store::Error::Precondition { .. }), "{e}");
     }
 }
