@@ -101,6 +101,43 @@ fn blob_export_layout_is_read_in_time_order_within_a_range() {
     assert_eq!(devices, ["p0m5", "p1m5", "p0m6", "p1m7"], "minute, then partition; outside the range left out");
 }
 
+/// A file that breaks off (here a gzip stream cut short; in object storage, a body that fails
+/// for good) gives every line before the break, a dead letter for the line it cut, and one for
+/// the break naming the line it came after; the next file is read whole. (Before, the lines
+/// decoded ahead of the break and those in the buffer being filled were dropped, and the
+/// dead letter named no line.)
+#[test]
+fn a_file_that_breaks_off_gives_its_lines_before_the_break() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let mut text = String::new();
+    for i in 0..60_000 {
+        text.push_str(&msg(&format!("a{i}"), "2026-11-01T00:00:01Z"));
+        text.push('\n');
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(text.as_bytes()).unwrap();
+    let whole = gz.finish().unwrap();
+    std::fs::write(input.join("a.jsonl.gz"), &whole[..whole.len() * 7 / 10]).unwrap();
+    std::fs::write(input.join("b.jsonl"), format!("{}\n", msg("b0", "2026-11-01T00:00:02Z"))).unwrap();
+    let p = to_jsonl(dir.path(), input.to_str().unwrap(), "");
+    ok(&run(&["replay", p.to_str().unwrap()], &[], T));
+    let out = lines(&dir.path().join("out.jsonl"));
+    let devices: Vec<&str> = out.iter().map(|v| v["deviceId"].as_str().unwrap()).collect();
+    let before = devices.len() - 1;
+    assert_eq!(devices[before], "b0", "the next file is read");
+    assert!(before > 30_000 && before < 60_000, "{before} lines before the break");
+    let expected: Vec<String> = (0..before).map(|i| format!("a{i}")).collect();
+    assert!(devices[..before].iter().zip(&expected).all(|(d, e)| d == e), "every line before the break, in order");
+    let dl = lines(&dir.path().join("dl.jsonl"));
+    assert_eq!(dl.len(), 2, "{dl:?}");
+    let cut = before as u64 + 1;
+    assert!(dl[0]["origin"].as_str().unwrap().ends_with(&format!("a.jsonl.gz:{cut}")), "{dl:?}");
+    let reason = dl[1]["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("the file broke off after line {cut}")), "{reason}");
+}
+
 #[test]
 fn bad_input_goes_to_dead_letters_with_reasons_and_origins() {
     let dir = tempfile::tempdir().unwrap();
