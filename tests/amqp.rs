@@ -87,3 +87,62 @@ fn poison_messages_go_to_the_dead_letter_queue_with_reasons() {
     assert_eq!(dl.lines().count(), 200, "also on the dead_letter output");
     rt.block_on(amqp_delete(&s.queue));
 }
+
+/// Poison messages through a dead-letter exchange named in `dead_letter_exchange` (declared by
+/// its owner, not by the source) reach the queue bound to it. One that does not exist is an
+/// error at connection that names it, retried, instead of a channel closed at every commit.
+#[test]
+fn poison_messages_through_a_dead_letter_exchange_and_one_that_does_not_exist() {
+    use lapin::options::*;
+    let s = setup(2_000, Some(100));
+    let (dlx, bound) = (unique("cf-dlx-"), unique("cf-dlx-q-"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let (kind, opts) = (lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default());
+        ch.exchange_declare(dlx.as_str().into(), kind, opts, Default::default()).await.unwrap();
+        ch.queue_declare(bound.as_str().into(), QueueDeclareOptions::default(), Default::default()).await.unwrap();
+        let bind = QueueBindOptions::default();
+        ch.queue_bind(bound.as_str().into(), dlx.as_str().into(), "".into(), bind, Default::default()).await.unwrap();
+        let _ = conn.close(200, "done".into()).await;
+    });
+    let yaml = |exchange: &str| {
+        format!(
+            "sources:\n  exports:\n    type: amqp\n    url: ${{CENTRALFLOW_AMQP_URL}}\n    queue: {}\n    declare: {{ durable: true }}\n    dead_letter_exchange: {exchange}\nsinks:\n  out:\n    type: jsonl\n    inputs: [exports]\n    path: {}\n  dl:\n    type: jsonl\n    inputs: [exports.dead_letter]\n    path: {}\ncheckpoint:\n  url: {}\n  interval: 1s\n",
+            s.queue,
+            s.dir.path().join("out.jsonl").display(),
+            s.dir.path().join("dl.jsonl").display(),
+            s.dir.path().join("state").display()
+        )
+    };
+    let env = [("CENTRALFLOW_AMQP_URL", amqp_url())];
+    // an exchange that does not exist: said, and nothing taken from the queue
+    let p = pipeline(s.dir.path(), "missing.yaml", &yaml("cf-no-such-exchange"));
+    let mut c = cmd(&["run", p.to_str().unwrap()]);
+    c.envs(env.clone());
+    let mut run = Logged::spawn(c);
+    run.wait_for("the dead-letter exchange cf-no-such-exchange does not exist", Duration::from_secs(60));
+    run.stop(Duration::from_secs(60));
+    assert_eq!(amqp_depth(&s.queue), (2_020, 0), "nothing was taken");
+    // the exchange that exists
+    let p = pipeline(s.dir.path(), "dlx.yaml", &yaml(&dlx));
+    let mut c = cmd(&["run", p.to_str().unwrap()]);
+    c.envs(env);
+    let run = Logged::spawn(c);
+    drain(&s);
+    run.stop(Duration::from_secs(60));
+    let letters = rt.block_on(amqp_drain(&bound));
+    assert_eq!(letters.len(), 20, "1% poison, through the exchange");
+    assert!(letters.iter().all(|(h, _)| h["x-centralflow-queue"] == s.queue), "{letters:?}");
+    let records = std::fs::read_to_string(s.dir.path().join("dl.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 20);
+    rt.block_on(async {
+        let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let _ = ch.queue_delete(bound.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = ch.exchange_delete(dlx.as_str().into(), ExchangeDeleteOptions::default()).await;
+        let _ = conn.close(200, "done".into()).await;
+    });
+    rt.block_on(amqp_delete(&s.queue));
+}

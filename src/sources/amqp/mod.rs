@@ -22,7 +22,9 @@
 //! at receipt, a crash before that checkpoint lost the record; published with confirms before
 //! the acknowledgement, a crash between them published it twice.) It is remembered like a
 //! processed message, with its reason, so a copy redelivered after a crash is published again
-//! without a second record. It never blocks the queue.
+//! without a second record. (RabbitMQ makes a transaction atomic only within one queue, so a
+//! broker crash during `tx.commit` could still lose or repeat a dead letter.) It never blocks
+//! the queue.
 //!
 //! The connection is re-established with backoff, forever; the state shows in logs, in the
 //! `source_connected` metric and in `/health/ready`.
@@ -78,13 +80,31 @@ impl State {
     }
 }
 
-/// A delivery on the current channel to dead-letter at the commit that covers it.
+/// A delivery on the current channel to dead-letter at the commit that covers it, with its
+/// reason and origin.
 struct ToDeadLetter {
     tag: u64,
-    hash: u128,
     body: Vec<u8>,
     props: BasicProperties,
+    reason: String,
+    origin: String,
 }
+
+/// A processed message not known to be acknowledged: its copies, and when one was last seen (in
+/// commits made while connected, and in Unix ms).
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    copies: u32,
+    commit: u64,
+    at_ms: i64,
+}
+
+/// A processed message not seen again for this many commits made while connected and this
+/// long is forgotten (its acknowledgement took effect without being confirmed, or it was
+/// restored from a checkpoint taken before its acknowledgement): long enough for the broker to
+/// requeue what a dead connection held, which it may notice only at a missed heartbeat.
+const FORGET_COMMITS: u64 = 10;
+const FORGET_MS: i64 = 5 * 60 * 1000;
 
 /// A barrier: the last delivery before it, on which channel.
 #[derive(Debug, Clone, Copy)]
@@ -113,8 +133,8 @@ pub struct AmqpSource {
     linger: Duration,
     /// See [`AmqpConfig::quiet_checkpoint`]; `None` when turned off.
     quiet: Option<Duration>,
-    /// Processed messages not yet acknowledged (confirmed): hash -> (copies, epoch last seen).
-    processed: HashMap<u128, (u32, u64)>,
+    /// Processed messages not yet acknowledged (confirmed).
+    processed: HashMap<u128, Seen>,
     /// Deliveries on the current channel not yet acknowledged: (tag, hash of a processed message).
     delivered: VecDeque<(u64, Option<u128>)>,
     /// Per hash, deliveries on the current channel that stand for processed copies.
@@ -123,11 +143,12 @@ pub struct AmqpSource {
     dead_notes: HashMap<u128, (String, String)>,
     /// Deliveries on the current channel to dead-letter at their commit.
     to_dead_letter: VecDeque<ToDeadLetter>,
+    /// Commits made while connected (the age of what is remembered).
+    commits: u64,
     generation: u64,
     last_tag: u64,
     acked_to: u64,
     marks: VecDeque<Mark>,
-    epoch: u64,
     asked_checkpoint: bool,
     dead_letter_exchange: Option<String>,
     dead_letter_queue: String,
@@ -145,7 +166,8 @@ impl AmqpSource {
         let mut dead_notes = HashMap::new();
         if let Some(state) = cx.restored.as_deref().filter(|s| !s.is_empty()) {
             let st = State::decode(state).context("amqp source state in the checkpoint is corrupt")?;
-            processed = st.processed.into_iter().map(|(h, n)| (h, (n, 0))).collect();
+            let at_ms = crate::time::now_nanos() / 1_000_000;
+            processed = st.processed.into_iter().map(|(h, n)| (h, Seen { copies: n, commit: 0, at_ms })).collect();
             dead_notes = st.dead.into_iter().map(|(h, r, o)| (h, (r, o))).collect();
         }
         let linger = cfg.linger.get()?;
@@ -167,11 +189,11 @@ impl AmqpSource {
             outstanding: HashMap::new(),
             dead_notes,
             to_dead_letter: VecDeque::new(),
+            commits: 0,
             generation: 0,
             last_tag: 0,
             acked_to: 0,
             marks: VecDeque::new(),
-            epoch: 0,
             asked_checkpoint: false,
             dead_letter_exchange,
             dead_letter_queue,
@@ -244,11 +266,22 @@ impl AmqpSource {
                     .await?;
             }
         }
-        if self.dead_letter_exchange.is_none() {
-            channel
-                .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue(true), FieldTable::default())
-                .await
-                .with_context(|| format!("declaring the dead-letter queue {}", self.dead_letter_queue))?;
+        match &self.dead_letter_exchange {
+            None => {
+                channel
+                    .queue_declare(self.dead_letter_queue.as_str().into(), durable_queue(true), FieldTable::default())
+                    .await
+                    .with_context(|| format!("declaring the dead-letter queue {}", self.dead_letter_queue))?;
+            }
+            // a dead letter published to an exchange that does not exist closes the channel at
+            // every commit: said here, at once, instead
+            Some(dlx) => {
+                let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+                channel
+                    .exchange_declare(dlx.as_str().into(), ExchangeKind::Fanout, passive, FieldTable::default())
+                    .await
+                    .with_context(|| format!("the dead-letter exchange {dlx} does not exist"))?;
+            }
         }
         let consumer = channel
             .basic_consume(
@@ -271,7 +304,7 @@ impl AmqpSource {
 
     fn snapshot_state(&self) -> Vec<u8> {
         let st = State {
-            processed: self.processed.iter().map(|(h, (n, _))| (*h, *n)).collect(),
+            processed: self.processed.iter().map(|(h, s)| (*h, s.copies)).collect(),
             dead: self.dead_notes.iter().map(|(h, (r, o))| (*h, r.clone(), o.clone())).collect(),
         };
         postcard::to_allocvec(&st).unwrap_or_default()
@@ -299,14 +332,16 @@ impl AmqpSource {
         }
         hasher.update(&d.data);
         let h = hasher.digest128();
-        let copies = self.processed.get(&h).map_or(0, |(n, _)| *n);
+        let copies = self.processed.get(&h).map_or(0, |s| s.copies);
+        let seen = Seen { copies, commit: self.commits, at_ms: crate::time::now_nanos() / 1_000_000 };
         let standing = self.outstanding.get(&h).copied().unwrap_or(0);
         if d.redelivered && copies > standing {
             // already processed (before a reconnect or before the restored checkpoint)
+            self.processed.insert(h, seen);
             *self.outstanding.entry(h).or_default() += 1;
             self.delivered.push_back((tag, Some(h)));
-            if self.dead_notes.contains_key(&h) {
-                self.to_dead_letter.push_back(ToDeadLetter { tag, hash: h, body: d.data, props: d.properties });
+            if let Some((reason, origin)) = self.dead_notes.get(&h).cloned() {
+                self.to_dead_letter.push_back(ToDeadLetter { tag, body: d.data, props: d.properties, reason, origin });
             }
             self.skipped += 1;
             if self.skipped <= 10 || self.skipped % 1000 == 0 {
@@ -332,16 +367,16 @@ impl AmqpSource {
         let transport = Transport { enqueued, device_id: crate::sources::message::transport_device(&attrs) };
         let out = self.decoder.decode(body.clone(), self.projection.as_ref(), &transport);
         let good = out.iter().filter(|r| r.is_ok()).count();
-        let e = self.processed.entry(h).or_insert((0, self.epoch));
-        e.0 += 1;
-        e.1 = self.epoch;
+        self.processed.insert(h, Seen { copies: copies + 1, ..seen });
         *self.outstanding.entry(h).or_default() += 1;
         self.delivered.push_back((tag, Some(h)));
         if good == 0 {
             // published to the dead-letter queue at the commit that holds its record
             let reason = out.iter().find_map(|r| r.as_ref().err().cloned()).unwrap_or_else(|| "empty record".into());
-            self.to_dead_letter.push_back(ToDeadLetter { tag, hash: h, body: body.to_vec(), props });
-            self.dead_notes.insert(h, (reason.clone(), origin.clone()));
+            let short: String = reason.chars().take(1024).collect();
+            let d = ToDeadLetter { tag, body: body.to_vec(), props, reason: short.clone(), origin: origin.clone() };
+            self.to_dead_letter.push_back(d);
+            self.dead_notes.insert(h, (short, origin.clone()));
             dead.push(Event::dead_letter(body, &reason, &origin, &self.name));
             return;
         }
@@ -394,22 +429,29 @@ impl AmqpSource {
             mark = self.marks.pop_front();
         }
         let Some(mark) = mark else { return Ok(()) };
-        // forget old processed entries that can no longer be redelivered (acknowledged before a
-        // lost connection without confirmation): after 10 epochs without being seen again
-        let horizon = epoch.saturating_sub(10);
-        self.processed.retain(|_, (n, seen)| *n > 0 && (*seen >= horizon || *seen == 0));
-        if !self.dead_notes.is_empty() {
-            self.dead_notes.retain(|h, _| self.processed.contains_key(h));
-        }
+        // nothing comes back while disconnected: only connected commits age what is remembered
         let Some(link) = link else { return Ok(()) };
+        self.commits += 1;
+        self.forget_old();
         if mark.generation != self.generation || mark.tag <= self.acked_to {
             return Ok(()); // those tags died with their channel: redeliveries are acknowledged later
         }
         // the dead letters it covers, and the acknowledgements, in one transaction
+        if self.to_dead_letter.front().is_some_and(|d| d.tag <= mark.tag) && self.dead_letter_exchange.is_none() {
+            // the queue may have been deleted since the connection declared it: a message the
+            // default exchange cannot route is dropped without a word
+            link.channel
+                .queue_declare(
+                    self.dead_letter_queue.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("the dead-letter queue {} is gone", self.dead_letter_queue))?;
+        }
         while self.to_dead_letter.front().is_some_and(|d| d.tag <= mark.tag) {
             let d = self.to_dead_letter.front().unwrap();
-            let (reason, origin) = self.dead_notes.get(&d.hash).cloned().unwrap_or_default();
-            self.dead_letter(link, &d.body, &reason, &origin, &d.props).await?;
+            self.dead_letter(link, &d.body, &d.reason, &d.origin, &d.props).await?;
             self.to_dead_letter.pop_front();
         }
         // acknowledge up to the last delivery of the checkpoint that is still unacknowledged
@@ -419,19 +461,6 @@ impl AmqpSource {
         }
         // once tx.commit-ok is back, the broker has the dead letters and the acknowledgements
         link.channel.tx_commit().await.context("committing acknowledgements and dead letters")?;
-        let q = link
-            .channel
-            .queue_declare(
-                self.cfg.queue.as_str().into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await
-            .context("reading the queue's depth")?;
-        metrics::global()
-            .consumer_lag
-            .get_or_create(&metrics::PartitionLabel { component: self.name.clone(), partition: "0".into() })
-            .set(q.message_count() as i64);
         self.acked_to = mark.tag;
         self.committed.inc_by(covered as u64);
         while self.delivered.front().is_some_and(|(t, _)| *t <= mark.tag) {
@@ -444,15 +473,42 @@ impl AmqpSource {
                     }
                 }
                 if let Some(p) = self.processed.get_mut(&h) {
-                    p.0 = p.0.saturating_sub(1);
-                    if p.0 == 0 {
+                    p.copies = p.copies.saturating_sub(1);
+                    if p.copies == 0 {
                         self.processed.remove(&h);
                         self.dead_notes.remove(&h);
                     }
                 }
             }
         }
+        // the depth for the lag metric: committed already, so a failure here is only logged
+        let depth = link.channel.queue_declare(
+            self.cfg.queue.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        );
+        match depth.await {
+            Ok(q) => {
+                let label = metrics::PartitionLabel { component: self.name.clone(), partition: "0".into() };
+                metrics::global().consumer_lag.get_or_create(&label).set(q.message_count() as i64);
+            }
+            Err(e) => tracing::warn!("reading the depth of {}: {e}", self.cfg.queue),
+        }
         Ok(())
+    }
+
+    /// Forgets processed messages that can no longer come back: not outstanding on this channel,
+    /// and not seen for [`FORGET_COMMITS`] connected commits and [`FORGET_MS`].
+    fn forget_old(&mut self) {
+        let now = crate::time::now_nanos() / 1_000_000;
+        let (commits, outstanding) = (self.commits, &self.outstanding);
+        self.processed.retain(|h, s| {
+            s.copies > 0
+                && (outstanding.contains_key(h) || s.commit + FORGET_COMMITS > commits || s.at_ms + FORGET_MS > now)
+        });
+        if !self.dead_notes.is_empty() {
+            self.dead_notes.retain(|h, _| self.processed.contains_key(h));
+        }
     }
 }
 
@@ -634,7 +690,6 @@ impl AmqpSource {
             Control::Barrier(e) => {
                 flush(cx, events, dead).await?;
                 *deadline = None;
-                self.epoch = e;
                 self.marks.push_back(self.mark(e));
                 cx.barrier(e, self.snapshot_state()).await?;
             }
