@@ -43,7 +43,20 @@ const MAX_DELAY: Duration = Duration::from_secs(10);
 
 /// Whether sending the same request again may succeed.
 pub fn transient(e: &object_store::Error) -> bool {
-    matches!(e, object_store::Error::Generic { .. } | object_store::Error::JoinError { .. })
+    match e {
+        object_store::Error::Generic { source, .. } => !ignores_the_range(&source.to_string()),
+        object_store::Error::JoinError { .. } => true,
+        _ => false,
+    }
+}
+
+/// A ranged get answered without the range asked for (a server or proxy that ignores `Range`):
+/// asked again, it answers the same. object_store's error type for it is private: it is known by
+/// its words.
+fn ignores_the_range(text: &str) -> bool {
+    text.contains("non-partial response when range requested")
+        || text.contains("Content-Range")
+        || (text.starts_with("Requested ") && text.contains(", got "))
 }
 
 /// The health of one location, shared by its requests.
@@ -119,45 +132,55 @@ impl Retrying {
         range: Range<u64>,
         body: BoxStream<'static, Result<Bytes>>,
     ) -> BoxStream<'static, Result<Bytes>> {
+        // without an ETag or a version, bytes read on could be another object's
+        if meta.e_tag.is_none() && meta.version.is_none() {
+            return body;
+        }
         let this = self.clone();
         let location = location.clone();
-        let same = GetOptions {
-            if_match: meta.e_tag.clone().or_else(|| options.if_match.clone()),
-            version: meta.version.clone().or_else(|| options.version.clone()),
-            ..options.clone()
-        };
+        let same = GetOptions { if_match: meta.e_tag.clone(), version: meta.version.clone(), ..options.clone() };
         let end = range.end;
-        futures::stream::unfold(Some((body, range.start)), move |state| {
+        // (the body, where it is, the wait before reading on again after a body that broke off
+        // before giving a byte)
+        let start = (body, range.start, Duration::ZERO);
+        futures::stream::unfold(Some(start), move |state| {
             let (this, location, same) = (this.clone(), location.clone(), same.clone());
             async move {
-                let (mut body, mut at) = state?;
+                let (mut body, mut at, mut idle) = state?;
                 loop {
-                    match body.next().await {
-                        None => return None,
+                    let e = match body.next().await {
                         Some(Ok(b)) => {
                             at += b.len() as u64;
-                            return Some((Ok(b), Some((body, at))));
+                            return Some((Ok(b), Some((body, at, Duration::ZERO))));
                         }
-                        Some(Err(e)) if transient(&e) && at < end => {
-                            tracing::warn!(
-                                location = %this.health.component, path = %location, at, error = %e,
-                                "reading an object broke off; reading on from where it broke"
-                            );
-                            let opts = GetOptions { range: Some((at..end).into()), ..same.clone() };
-                            let again = retry(&this.health, "read on in", &location, || {
-                                this.inner.get_opts(&location, opts.clone())
-                            });
-                            body = match again.await.map(|r| r.payload) {
-                                Ok(GetResultPayload::Stream(b)) => b,
-                                Ok(_) => {
-                                    let source = format!("{location}: a resumed read answered with a file").into();
-                                    return Some((Err(object_store::Error::NotSupported { source }), None));
-                                }
-                                Err(e) => return Some((Err(e), None)),
-                            };
-                        }
-                        Some(Err(e)) => return Some((Err(e), None)),
+                        None if at >= end => return None,
+                        None => object_store::Error::Generic {
+                            store: "storage",
+                            source: format!("{location}: the body ended at byte {at} of {end}").into(),
+                        },
+                        Some(Err(e)) => e,
+                    };
+                    if !transient(&e) {
+                        return Some((Err(e), None));
                     }
+                    tracing::warn!(
+                        location = %this.health.component, path = %location, at, error = %e,
+                        "reading an object broke off; reading on from where it broke"
+                    );
+                    this.health.trouble(&format!("reading {location} broke off at byte {at}: {e}"));
+                    tokio::time::sleep(idle).await;
+                    idle = (idle * 2).clamp(this.health.first_delay, MAX_DELAY);
+                    let opts = GetOptions { range: Some((at..end).into()), ..same.clone() };
+                    let again =
+                        retry(&this.health, "read on in", &location, || this.inner.get_opts(&location, opts.clone()));
+                    body = match again.await.map(|r| r.payload) {
+                        Ok(GetResultPayload::Stream(b)) => b,
+                        Ok(_) => {
+                            let source = format!("{location}: a resumed read answered with a file").into();
+                            return Some((Err(object_store::Error::NotSupported { source }), None));
+                        }
+                        Err(e) => return Some((Err(e), None)),
+                    };
                 }
             }
         })
@@ -547,6 +570,10 @@ mod tests {
         breaks: AtomicUsize,
         refuse: AtomicUsize,
         replace: std::sync::atomic::AtomicBool,
+        /// The body just ends, without an error.
+        truncate: std::sync::atomic::AtomicBool,
+        /// The answer has no ETag.
+        no_etag: std::sync::atomic::AtomicBool,
         gets: AtomicUsize,
     }
 
@@ -580,14 +607,18 @@ mod tests {
             }
             self.breaks.fetch_sub(1, Ordering::SeqCst);
             self.refuse.store(3, Ordering::SeqCst);
-            let (meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
+            let (mut meta, range, attributes) = (got.meta.clone(), got.range.clone(), got.attributes.clone());
+            if self.no_etag.load(Ordering::SeqCst) {
+                meta.e_tag = None;
+            }
             let all = got.bytes().await?;
             if self.replace.load(Ordering::SeqCst) {
                 self.inner.put(l, PutPayload::from(vec![b'z'; all.len()])).await?;
             }
             let head = all.slice(..all.len().min(3000));
+            let end = if self.truncate.load(Ordering::SeqCst) { vec![] } else { vec![Err(refused())] };
             let chunks: Vec<Result<Bytes>> =
-                head.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).chain([Err(refused())]).collect();
+                head.chunks(1000).map(|c| Ok(Bytes::copy_from_slice(c))).chain(end).collect();
             let payload = GetResultPayload::Stream(futures::stream::iter(chunks).boxed());
             Ok(GetResult { payload, meta, range, attributes })
         }
@@ -611,6 +642,8 @@ mod tests {
             breaks: AtomicUsize::new(breaks),
             refuse: AtomicUsize::new(0),
             replace: std::sync::atomic::AtomicBool::new(replace),
+            truncate: std::sync::atomic::AtomicBool::new(false),
+            no_etag: std::sync::atomic::AtomicBool::new(false),
             gets: AtomicUsize::new(0),
         })
     }
@@ -633,6 +666,30 @@ mod tests {
         store.breaks.store(1, Ordering::SeqCst);
         let part = r.get_range(&path, 1000..8000).await.unwrap();
         assert!(part.as_ref() == &data[1000..8000]);
+        // a body that just ends early is read on too
+        store.truncate.store(true, Ordering::SeqCst);
+        store.breaks.store(1, Ordering::SeqCst);
+        assert!(r.get(&path).await.unwrap().bytes().await.unwrap().as_ref() == data.as_slice());
+    }
+
+    #[tokio::test]
+    async fn a_body_without_an_etag_is_not_read_on() {
+        let store = breaking(1, false);
+        store.no_etag.store(true, Ordering::SeqCst);
+        let path = Path::from("a/untagged.json");
+        store.inner.put(&path, PutPayload::from(vec![b'a'; 10_000])).await.unwrap();
+        let r = quick(store.clone(), None, "mem://unit-untagged");
+        let e = r.get(&path).await.unwrap().bytes().await.unwrap_err();
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_server_that_ignores_the_range_is_not_asked_again() {
+        let generic = |text: &str| object_store::Error::Generic { store: "S3", source: text.to_string().into() };
+        assert!(!transient(&generic("Received non-partial response when range requested")));
+        assert!(!transient(&generic("Requested 3000..10000, got 0..10000")));
+        assert!(transient(&generic("error sending request: connection refused")));
     }
 
     #[tokio::test]
