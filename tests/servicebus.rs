@@ -144,12 +144,21 @@ fn held_messages_stop_at_max_held_while_a_checkpoint_is_pending() {
 }
 
 /// The same with renewal off: locks run out, Service Bus redelivers, and the copies are
-/// recognised as processed (completed, not written again).
+/// recognised as processed (completed, not written again). Poison messages among them too: a
+/// redelivered copy is dead-lettered at a later commit, without a second dead-letter record.
 #[test]
 fn with_lock_renewal_off_redelivered_copies_are_not_processed_twice() {
     let bus = Bus::new(To::Queue, Duration::from_secs(2));
     let lines = bus.simulated(2000, 200, 33);
-    bus.publish(&lines);
+    bus.record_input(&lines);
+    let mut all = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if i % 100 == 50 {
+            all.push(format!("poison {i}"));
+        }
+        all.push(l.clone());
+    }
+    bus.publish_bodies(&all);
     let settings = "    checkpoint_at: 1.0\n    quiet_checkpoint: 0s\n    renew_locks: false\n";
     let child =
         bus.start_with("a", settings, &[("CENTRALFLOW_CHECKPOINT_INTERVAL", "5s"), ("SERVICEBUS_PREFETCH", "5000")]);
@@ -160,6 +169,9 @@ fn with_lock_renewal_off_redelivered_copies_are_not_processed_twice() {
     assert_eq!(s.lock_renewals, 0, "{s:?}");
     assert!(log.contains("redelivered message already processed"), "{log}");
     bus.assert_raw_exactly_once();
+    assert_eq!(s.dead_lettered, 20, "{s:?}");
+    let file = std::fs::read_to_string(bus.out().join("dead-letters-a.jsonl")).unwrap();
+    assert_eq!(file.lines().count(), 20, "one dead-letter record per poison message");
 }
 
 #[test]

@@ -62,11 +62,15 @@ struct Breaks<R> {
 
 impl<R: Read> Read for Breaks<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut error = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if error.is_some() {
+            return Ok(0); // ended: the reader under it is not asked again
+        }
         loop {
             match self.inner.read(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    *error = Some(e);
                     return Ok(0);
                 }
                 ok => return ok,
