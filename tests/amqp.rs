@@ -100,11 +100,12 @@ fn poison_messages_through_a_dead_letter_exchange_and_one_that_does_not_exist() 
     rt.block_on(async {
         let conn = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
         let ch = conn.create_channel().await.unwrap();
-        let (kind, opts) = (lapin::ExchangeKind::Fanout, ExchangeDeclareOptions::default());
+        // a topic exchange: the source's passive check does not depend on the type
+        let (kind, opts) = (lapin::ExchangeKind::Topic, ExchangeDeclareOptions::default());
         ch.exchange_declare(dlx.as_str().into(), kind, opts, Default::default()).await.unwrap();
         ch.queue_declare(bound.as_str().into(), QueueDeclareOptions::default(), Default::default()).await.unwrap();
         let bind = QueueBindOptions::default();
-        ch.queue_bind(bound.as_str().into(), dlx.as_str().into(), "".into(), bind, Default::default()).await.unwrap();
+        ch.queue_bind(bound.as_str().into(), dlx.as_str().into(), "#".into(), bind, Default::default()).await.unwrap();
         let _ = conn.close(200, "done".into()).await;
     });
     let yaml = |exchange: &str| {

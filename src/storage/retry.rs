@@ -56,6 +56,9 @@ pub fn transient(e: &object_store::Error) -> bool {
 fn ignores_the_range(text: &str) -> bool {
     text.contains("non-partial response when range requested")
         || text.contains("Content-Range")
+        || text.starts_with("Range started at")
+        || text.starts_with("Wanted range starting at")
+        || text.starts_with("Invalid range")
         || (text.starts_with("Requested ") && text.contains(", got "))
 }
 
@@ -84,6 +87,15 @@ impl Health {
             crate::metrics::clear_ready(&self.component);
             tracing::info!(location = %self.component, after_s = since.elapsed().as_secs(), "storage answers again");
         }
+    }
+}
+
+/// Marks its location fine when dropped.
+struct Recovered(Arc<Health>);
+
+impl Drop for Recovered {
+    fn drop(&mut self) {
+        self.0.fine();
     }
 }
 
@@ -132,10 +144,9 @@ impl Retrying {
         range: Range<u64>,
         body: BoxStream<'static, Result<Bytes>>,
     ) -> BoxStream<'static, Result<Bytes>> {
-        // without an ETag or a version, bytes read on could be another object's
-        if meta.e_tag.is_none() && meta.version.is_none() {
-            return body;
-        }
+        // without an ETag or a version, bytes read on could be another object's: such a body
+        // is only checked for its length
+        let can_resume = meta.e_tag.is_some() || meta.version.is_some();
         let this = self.clone();
         let location = location.clone();
         let same = GetOptions { if_match: meta.e_tag.clone(), version: meta.version.clone(), ..options.clone() };
@@ -151,16 +162,21 @@ impl Retrying {
                     let e = match body.next().await {
                         Some(Ok(b)) => {
                             at += b.len() as u64;
-                            return Some((Ok(b), Some((body, at, Duration::ZERO))));
+                            // an empty chunk is no progress: the wait before reading on stays
+                            let idle = if b.is_empty() { idle } else { Duration::ZERO };
+                            return Some((Ok(b), Some((body, at, idle))));
                         }
                         None if at >= end => return None,
+                        // broke off after its last byte: the body is whole (an empty range
+                        // cannot be asked for)
+                        Some(Err(e)) if at >= end && transient(&e) => return None,
                         None => object_store::Error::Generic {
                             store: "storage",
                             source: format!("{location}: the body ended at byte {at} of {end}").into(),
                         },
                         Some(Err(e)) => e,
                     };
-                    if !transient(&e) {
+                    if !transient(&e) || !can_resume {
                         return Some((Err(e), None));
                     }
                     tracing::warn!(
@@ -168,6 +184,9 @@ impl Retrying {
                         "reading an object broke off; reading on from where it broke"
                     );
                     this.health.trouble(&format!("reading {location} broke off at byte {at}: {e}"));
+                    // however this attempt ends (read on, failed for good, or dropped while
+                    // waiting), the location is not left marked as in trouble by it
+                    let _recovered = Recovered(this.health.clone());
                     tokio::time::sleep(idle).await;
                     idle = (idle * 2).clamp(this.health.first_delay, MAX_DELAY);
                     let opts = GetOptions { range: Some((at..end).into()), ..same.clone() };
@@ -673,6 +692,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_that_breaks_off_after_its_last_byte_is_whole() {
+        let store = breaking(1, false);
+        let path = Path::from("a/small.json");
+        store.inner.put(&path, PutPayload::from(vec![b's'; 2_500])).await.unwrap();
+        let r = quick(store.clone(), None, "mem://unit-small");
+        let got = tokio::time::timeout(Duration::from_secs(10), async { r.get(&path).await?.bytes().await });
+        assert_eq!(got.await.expect("no endless retry of an empty range").unwrap().len(), 2_500);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        assert!(!crate::metrics::readiness().1.iter().any(|(n, _, _)| n == "storage mem://unit-small"));
+    }
+
+    #[tokio::test]
     async fn a_body_without_an_etag_is_not_read_on() {
         let store = breaking(1, false);
         store.no_etag.store(true, Ordering::SeqCst);
@@ -689,6 +720,7 @@ mod tests {
         let generic = |text: &str| object_store::Error::Generic { store: "S3", source: text.to_string().into() };
         assert!(!transient(&generic("Received non-partial response when range requested")));
         assert!(!transient(&generic("Requested 3000..10000, got 0..10000")));
+        assert!(!transient(&generic("Range started at 10000 and ended at 10000")));
         assert!(transient(&generic("error sending request: connection refused")));
     }
 
@@ -700,5 +732,7 @@ mod tests {
         let r = quick(store.clone(), None, "mem://unit-replaced");
         let e = r.get(&path).await.unwrap().bytes().await.unwrap_err();
         assert!(matches!(e, object_store::Error::Precondition { .. }), "{e}");
+        // the location is not left marked as in trouble by the attempt
+        assert!(!crate::metrics::readiness().1.iter().any(|(n, _, _)| n == "storage mem://unit-replaced"));
     }
 }

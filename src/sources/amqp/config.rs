@@ -140,7 +140,16 @@ impl Spec for AmqpConfig {
         if !(self.checkpoint_at > 0.0 && self.checkpoint_at <= 1.0) {
             cx.error(&format!("{ptr}/checkpoint_at"), "must be a share in (0, 1]");
         }
+        // the default exchange cannot be declared, nor route by the source queue's name
+        let default_exchange =
+            "is empty: the default exchange cannot take dead letters (leave it out to use `dead_letter_queue`)";
+        if self.dead_letter_exchange.as_deref().is_some_and(|x| x.trim().is_empty()) {
+            cx.error(&format!("{ptr}/dead_letter_exchange"), default_exchange);
+        }
         if let Some(d) = &self.declare {
+            if d.dead_letter_exchange.as_deref().is_some_and(|x| x.trim().is_empty()) {
+                cx.error(&format!("{ptr}/declare/dead_letter_exchange"), default_exchange);
+            }
             for (i, b) in d.bindings.iter().enumerate() {
                 if !["topic", "direct", "fanout", "headers"].contains(&b.exchange_type.as_str()) {
                     cx.error(
@@ -153,5 +162,25 @@ impl Spec for AmqpConfig {
     }
     fn ports(&self) -> Vec<crate::runtime::Port> {
         crate::runtime::SOURCE_PORTS.to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_empty_dead_letter_exchange_is_refused_where_it_is_written() {
+        let text = |setting: &str| {
+            format!("sources:\n  q:\n    type: amqp\n    url: ${{URL}}\n    queue: exports\n{setting}sinks:\n  o:\n    type: console\n    inputs: [q]\n")
+        };
+        let env = |k: &str| (k == "URL").then(|| "amqp://127.0.0.1:5672/%2f".to_string());
+        assert!(crate::config::load_str(&text("    dead_letter_exchange: dlx\n"), "t", &env).is_ok());
+        let e = crate::config::load_str(&text("    dead_letter_exchange: \"\"\n"), "t", &env).unwrap_err();
+        assert!(
+            e[0].to_string().contains("dead_letter_exchange") && e[0].to_string().contains("default exchange"),
+            "{e:?}"
+        );
+        let declared = "    declare: { dead_letter_exchange: \"\" }\n";
+        let e = crate::config::load_str(&text(declared), "t", &env).unwrap_err();
+        assert!(format!("{e:?}").contains("sources.q.declare.dead_letter_exchange"), "{e:?}");
     }
 }

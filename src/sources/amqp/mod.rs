@@ -102,7 +102,8 @@ struct Seen {
 /// A processed message not seen again for this many commits made while connected and this
 /// long is forgotten (its acknowledgement took effect without being confirmed, or it was
 /// restored from a checkpoint taken before its acknowledgement): long enough for the broker to
-/// requeue what a dead connection held, which it may notice only at a missed heartbeat.
+/// requeue what a dead connection held, which it may notice only at missed heartbeats (so at
+/// least three of the connection's heartbeat intervals).
 const FORGET_COMMITS: u64 = 10;
 const FORGET_MS: i64 = 5 * 60 * 1000;
 
@@ -115,7 +116,7 @@ struct Mark {
 }
 
 struct Link {
-    _conn: Connection,
+    conn: Connection,
     /// In transaction mode (`tx.select`): dead letters and acknowledgements are committed
     /// together.
     channel: Channel,
@@ -145,6 +146,8 @@ pub struct AmqpSource {
     to_dead_letter: VecDeque<ToDeadLetter>,
     /// Commits made while connected (the age of what is remembered).
     commits: u64,
+    /// How long what is remembered lasts unseen ([`FORGET_MS`], or three heartbeats).
+    forget_ms: i64,
     generation: u64,
     last_tag: u64,
     acked_to: u64,
@@ -190,6 +193,7 @@ impl AmqpSource {
             dead_notes,
             to_dead_letter: VecDeque::new(),
             commits: 0,
+            forget_ms: FORGET_MS,
             generation: 0,
             last_tag: 0,
             acked_to: 0,
@@ -292,7 +296,7 @@ impl AmqpSource {
             )
             .await
             .with_context(|| format!("consuming from {}", self.cfg.queue))?;
-        Ok(Link { _conn: conn, channel, consumer })
+        Ok(Link { conn, channel, consumer })
     }
 
     /// The barrier mark: the last delivery still to acknowledge (acknowledging an acknowledged
@@ -498,13 +502,15 @@ impl AmqpSource {
     }
 
     /// Forgets processed messages that can no longer come back: not outstanding on this channel,
-    /// and not seen for [`FORGET_COMMITS`] connected commits and [`FORGET_MS`].
+    /// and not seen for [`FORGET_COMMITS`] connected commits and `forget_ms`.
     fn forget_old(&mut self) {
         let now = crate::time::now_nanos() / 1_000_000;
         let (commits, outstanding) = (self.commits, &self.outstanding);
         self.processed.retain(|h, s| {
             s.copies > 0
-                && (outstanding.contains_key(h) || s.commit + FORGET_COMMITS > commits || s.at_ms + FORGET_MS > now)
+                && (outstanding.contains_key(h)
+                    || s.commit + FORGET_COMMITS > commits
+                    || s.at_ms + self.forget_ms > now)
         });
         if !self.dead_notes.is_empty() {
             self.dead_notes.retain(|h, _| self.processed.contains_key(h));
@@ -643,6 +649,8 @@ impl AmqpSource {
                     cx.metrics.reconnects.inc();
                 }
                 self.new_channel();
+                let heartbeat = l.conn.configuration().heartbeat() as i64;
+                self.forget_ms = FORGET_MS.max(3 * heartbeat * 1000);
                 tracing::info!(queue = %self.cfg.queue, "connected to the broker");
                 cx.metrics.connected.set(1);
                 metrics::set_ready(&self.name, true, "connected");
