@@ -203,6 +203,8 @@ impl Retrying {
                 }
             }
         })
+        // a consumer may poll again after the end (delta-rs does), which `unfold` forbids
+        .fuse()
         .boxed()
     }
 
@@ -685,6 +687,10 @@ mod tests {
         store.breaks.store(1, Ordering::SeqCst);
         let part = r.get_range(&path, 1000..8000).await.unwrap();
         assert!(part.as_ref() == &data[1000..8000]);
+        // the body may be polled again after its end (delta-rs does)
+        let mut body = r.get(&path).await.unwrap().into_stream();
+        while body.next().await.is_some() {}
+        assert!(body.next().await.is_none() && body.next().await.is_none());
         // a body that just ends early is read on too
         store.truncate.store(true, Ordering::SeqCst);
         store.breaks.store(1, Ordering::SeqCst);
