@@ -37,3 +37,13 @@ pub fn decoder(format: MessageFormat, time: Option<&Path>, device_id: Option<&Pa
 pub fn transport_device(attrs: &[(crate::event::AttrKey, String)]) -> Option<&str> {
     attrs.iter().find(|(k, _)| &**k == "iotcentral-device-id").map(|(_, v)| v.as_str())
 }
+
+/// A source's checkpointed state as postcard wrote it, or as the version before wrote it (`Old`,
+/// brought up to date by `upgrade`): postcard is not self-describing, so older bytes lack a
+/// field added at the end and are read in the older shape. The error is the current shape's.
+pub fn decode_state<New: serde::de::DeserializeOwned, Old: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    upgrade: impl FnOnce(Old) -> New,
+) -> Result<New, postcard::Error> {
+    postcard::from_bytes(bytes).or_else(|e| postcard::from_bytes::<Old>(bytes).map(upgrade).map_err(|_| e))
+}

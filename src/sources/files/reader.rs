@@ -54,23 +54,23 @@ impl<R: Read> Read for Counting<R> {
 
 const CHUNK: usize = 4 << 20;
 
-/// A reader whose first error ends its input; the error is kept for after what came before it.
+/// A reader whose first error ends its input; the error is kept for after what came before it
+/// ([`Breaks::broke_off`]).
 struct Breaks<R> {
     inner: R,
-    error: Arc<std::sync::Mutex<Option<std::io::Error>>>,
+    error: Option<std::io::Error>,
 }
 
 impl<R: Read> Read for Breaks<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let mut error = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if error.is_some() {
+        if self.error.is_some() {
             return Ok(0); // ended: the reader under it is not asked again
         }
         loop {
             match self.inner.read(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    *error = Some(e);
+                    self.error = Some(e);
                     return Ok(0);
                 }
                 ok => return ok,
@@ -79,15 +79,17 @@ impl<R: Read> Read for Breaks<R> {
     }
 }
 
-/// The error a [`Breaks`] reader met, if any (after `lines` lines of a JSON-lines file).
-fn broke_off(error: &std::sync::Mutex<Option<std::io::Error>>, lines: Option<u64>) -> anyhow::Result<()> {
-    let Some(e) = error.lock().unwrap_or_else(|p| p.into_inner()).take() else { return Ok(()) };
-    let at = lines.map(|n| format!(" after line {n}")).unwrap_or_default();
-    Err(anyhow::Error::new(e).context(format!("the file broke off{at}")))
+impl<R> Breaks<R> {
+    /// The error met, if any (after `lines` lines of a JSON-lines file).
+    fn broke_off(&mut self, lines: Option<u64>) -> anyhow::Result<()> {
+        let Some(e) = self.error.take() else { return Ok(()) };
+        let at = lines.map(|n| format!(" after line {n}")).unwrap_or_default();
+        Err(anyhow::Error::new(e).context(format!("the file broke off{at}")))
+    }
 }
 
 /// Reads into `buf[start..]` until it is full or the input ends; returns (filled length, eof).
-fn fill(input: &mut Box<dyn Read + Send>, buf: &mut [u8], start: usize) -> std::io::Result<(usize, bool)> {
+fn fill(input: &mut impl Read, buf: &mut [u8], start: usize) -> std::io::Result<(usize, bool)> {
     let mut len = start;
     while len < buf.len() {
         let n = input.read(&mut buf[len..])?;
@@ -166,8 +168,7 @@ impl Reader {
         }
         // a read error ends the input as if the file ended there: the lines before it go on
         // (a line it cut is a dead letter), then the error, naming the line it came after
-        let broke = Arc::new(std::sync::Mutex::new(None));
-        let mut input: Box<dyn Read + Send> = Box::new(Breaks { inner: self.open(f)?, error: broke.clone() });
+        let mut input = Breaks { inner: self.open(f)?, error: None };
         // One buffer: the decoding jobs take copies of their lines, so it is refilled while they
         // run. It only grows for a line longer than a chunk, or to hold a whole JSON-array file.
         let mut cur: Vec<u8> = vec![0; CHUNK];
@@ -183,7 +184,7 @@ impl Reader {
                 (len, eof) = fill(&mut input, &mut cur, len)?;
             }
             self.emit_array_file(idx, Bytes::copy_from_slice(&cur[..len]), skip, tx)?;
-            return broke_off(&broke, None);
+            return input.broke_off(None);
         }
         let mut line_no: u64 = 0; // lines fully consumed
         let mut ahead = VecDeque::new();
@@ -217,7 +218,7 @@ impl Reader {
             (len, eof) = fill(&mut input, &mut cur, tail)?;
         }
         self.finish(&mut ahead, tx)?;
-        broke_off(&broke, Some(line_no))
+        input.broke_off(Some(line_no))
     }
 
     /// A local, uncompressed JSON-lines file, opened for [`Reader::read_mapped`]; `None` for

@@ -30,10 +30,7 @@ struct StateV1 {
 
 impl State {
     pub(super) fn decode(bytes: &[u8]) -> Result<State, postcard::Error> {
-        postcard::from_bytes(bytes).or_else(|e| match postcard::from_bytes::<StateV1>(bytes) {
-            Ok(v1) => Ok(State { processed: v1.processed, dead: Vec::new() }),
-            Err(_) => Err(e),
-        })
+        crate::sources::message::decode_state(bytes, |v1: StateV1| State { processed: v1.processed, dead: Vec::new() })
     }
 }
 

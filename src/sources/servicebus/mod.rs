@@ -76,8 +76,6 @@ struct Held {
     /// The lock span, learnt at receipt.
     span: i64,
     hash: u128,
-    /// Dead-lettered, not completed, at the commit.
-    dead: bool,
 }
 
 /// A barrier: the last delivery before it, on which connection.
@@ -217,12 +215,10 @@ impl ServiceBusSource {
         hasher.update(&body);
         let hash = hasher.digest128();
         let locked_until = m.locked_until.unwrap_or(now + 30_000);
-        let mut held =
-            Held { n: self.received, info, tag, locked_until, span: (locked_until - now).max(1000), hash, dead: false };
+        let held = Held { n: self.received, info, tag, locked_until, span: (locked_until - now).max(1000), hash };
         if m.delivery_count > 0 && self.memory.knows(hash) {
             // processed already (before a lost lock, a reconnect or the restored checkpoint)
             self.memory.hold(hash);
-            held.dead = self.memory.dead_note(hash).is_some();
             self.held.push_back(held);
             self.skipped += 1;
             if self.skipped <= 10 || self.skipped % 1000 == 0 {
@@ -270,28 +266,29 @@ impl ServiceBusSource {
 
     /// A message that cannot be decoded: its record goes to the `dead_letter` output now, and the
     /// message to the entity's `$DeadLetterQueue` at the commit that covers the record.
-    fn dead_letter(&mut self, mut held: Held, body: Bytes, reason: &str, origin: &str, dead: &mut Vec<Event>) {
+    fn dead_letter(&mut self, held: Held, body: Bytes, reason: &str, origin: &str, dead: &mut Vec<Event>) {
         let note =
             DeadNote { reason: reason.chars().take(1024).collect(), description: format!("centralflow: {origin}") };
-        held.dead = true;
         self.memory.hold_dead(held.hash, note);
         self.held.push_back(held);
         dead.push(Event::dead_letter(body, reason, origin, &self.name));
     }
 
-    /// Settles the messages of a commit: completes the good ones, dead-letters the others.
+    /// Settles the messages of a commit: completes the good ones, dead-letters those the memory
+    /// has a [`DeadNote`] for.
     async fn settle(link: &mut Link, done: &[Held], memory: &Memory) -> anyhow::Result<()> {
-        if done.iter().any(|h| !h.dead) {
-            link.receiver
-                .accept_all(done.iter().filter(|h| !h.dead).map(|h| h.info.clone()))
-                .await
-                .map_err(|e| anyhow::anyhow!("completing: {e}"))?;
+        let mut good = Vec::with_capacity(done.len());
+        let mut dead = Vec::new();
+        for h in done {
+            match memory.dead_note(h.hash) {
+                Some(note) => dead.push((h.info.clone(), note.clone())),
+                None => good.push(h.info.clone()),
+            }
         }
-        for h in done.iter().filter(|h| h.dead) {
-            let note = memory.dead_note(h.hash).cloned().unwrap_or_else(|| DeadNote {
-                reason: "dead-lettered by centralflow".into(),
-                description: "centralflow".into(),
-            });
+        if !good.is_empty() {
+            link.receiver.accept_all(good).await.map_err(|e| anyhow::anyhow!("completing: {e}"))?;
+        }
+        for (info, note) in dead {
             let mut fields = Fields::new();
             fields.insert(Symbol::from("DeadLetterReason"), Value::String(note.reason.clone()));
             fields.insert(Symbol::from("DeadLetterErrorDescription"), Value::String(note.description));
@@ -300,7 +297,7 @@ impl ServiceBusSource {
                 description: Some(note.reason),
                 info: Some(Box::new(fields)),
             };
-            link.receiver.reject(h.info.clone(), err).await.context("dead-lettering a message")?;
+            link.receiver.reject(info, err).await.context("dead-lettering a message")?;
         }
         Ok(())
     }
